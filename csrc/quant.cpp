@@ -1,0 +1,5 @@
+#include "registry.h"
+
+namespace py = pybind11;
+
+void register_quant(py::module_& m) {}

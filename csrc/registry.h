@@ -1,0 +1,8 @@
+#pragma once
+#include <pybind11/pybind11.h>
+
+// One registration function per kernel family (csrc/<family>.cpp).
+void register_quant(pybind11::module_& m);
+void register_norm(pybind11::module_& m);
+void register_attention(pybind11::module_& m);
+void register_sampling(pybind11::module_& m);

@@ -1,0 +1,1 @@
+"""llama-engine: a performance-first inference engine for Llama-architecture models."""
