@@ -1,0 +1,4 @@
+"""C++ kernels (``llama_engine._C``) behind torch-facing wrappers: float32 CPU tensors."""
+from llama_engine.kernels.cpu.ops import (  # noqa: F401
+    paged_attention, rms_norm, rope, sample, silu_and_mul, store_kv)
+from llama_engine.kernels.cpu.quant import dequantize, quant_matmul  # noqa: F401
