@@ -1,5 +1,217 @@
+// Quantized matmul and dequantization for GGUF block formats Q4_0, Q4_1, Q8_0 (CPU).
+// Pipeline and integer semantics: see quant_common.h. This file picks the instruction set
+// at run time, splits the work over OpenMP threads and exposes the pybind11 functions.
+#include <omp.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "quant_avx2.h"
+#include "quant_avx512.h"
+#include "quant_common.h"
+#include "quant_scalar.h"
 #include "registry.h"
 
 namespace py = pybind11;
 
-void register_quant(py::module_& m) {}
+namespace quant {
+namespace {
+
+// Weight rows decoded at once by one thread: a multiple of kTileRows, small enough to stay
+// in L1 next to the activations (16 rows x K=1536 bytes = 24 KiB).
+constexpr int kChunkRows = 16;
+// Activation rows one work item multiplies against its decoded chunk: each chunk is decoded
+// once per this many rows, and the tile's quantized activations (~2.3 bytes per element)
+// stay in L2.
+constexpr int kActTileRows = 64;
+
+enum class Isa : int { Auto = 0, Scalar = 1, Avx2 = 2, Avx512 = 3 };
+
+const KernelSet& best_kernels() {
+    static const KernelSet& best = avx512::supported() ? avx512::kernels
+                                   : avx2::supported() ? avx2::kernels
+                                                       : scalar::kernels;
+    return best;
+}
+
+const KernelSet& kernels_for(Isa isa) {
+    switch (isa) {
+        case Isa::Auto: return best_kernels();
+        case Isa::Scalar: return scalar::kernels;
+        case Isa::Avx2:
+            if (!avx2::supported()) throw std::runtime_error("this CPU lacks AVX2/FMA/F16C");
+            return avx2::kernels;
+        case Isa::Avx512:
+            if (!avx512::supported()) throw std::runtime_error("this CPU lacks AVX-512 VNNI");
+            return avx512::kernels;
+    }
+    throw std::invalid_argument("unknown instruction set");
+}
+
+QType parse_qtype(const std::string& name) {
+    if (name == "Q4_0") return QType::Q4_0;
+    if (name == "Q4_1") return QType::Q4_1;
+    if (name == "Q8_0") return QType::Q8_0;
+    throw std::invalid_argument("unsupported packed format " + name);
+}
+
+// Owns the quantized copy of x for the duration of one matmul.
+struct ActBuffers {
+    std::vector<int8_t> q;
+    std::vector<int32_t> bias;
+    std::vector<float> d, s;
+
+    QuantizedActs quantize(const KernelSet& k, const float* x, int M, int K, int offset) {
+        const int nb = K / kBlock;
+        q.resize(static_cast<size_t>(M) * K);
+        bias.resize(offset != 0 ? static_cast<size_t>(M) * K / kGroup : 0);
+        d.resize(static_cast<size_t>(M) * nb);
+        s.resize(static_cast<size_t>(M) * nb);
+        constexpr int kRowsPerTask = 4;
+#pragma omp parallel for schedule(static) if (M >= 2 * kRowsPerTask)
+        for (int row0 = 0; row0 < M; row0 += kRowsPerTask)
+            k.quantize_acts(x, row0, std::min(M, row0 + kRowsPerTask), offset, q.data(),
+                            offset != 0 ? bias.data() : nullptr, d.data(), s.data(), K);
+        return {q.data(), offset != 0 ? bias.data() : nullptr, d.data(), s.data(), K, nb};
+    }
+};
+
+// A thread's decode buffer for kChunkRows weight rows; rows past N stay zero (d = 0).
+struct ChunkBuffer {
+    std::vector<uint8_t> vals;
+    std::vector<float> d, m;
+    DecodedRows rows;
+
+    ChunkBuffer(int K) : vals(static_cast<size_t>(kChunkRows) * K),
+                         d(static_cast<size_t>(kChunkRows) * (K / kBlock)),
+                         m(static_cast<size_t>(kChunkRows) * (K / kBlock)),
+                         rows{vals.data(), d.data(), m.data(), K, K / kBlock} {}
+
+    void clear_rows_from(int first) {
+        const int nb = rows.nb;
+        std::fill(vals.begin() + static_cast<size_t>(first) * rows.K, vals.end(), 0);
+        std::fill(d.begin() + static_cast<size_t>(first) * nb, d.end(), 0.0f);
+        std::fill(m.begin() + static_cast<size_t>(first) * nb, m.end(), 0.0f);
+    }
+};
+
+// y[M, N] = x[M, K] @ W^T, W given as N packed rows of `row_bytes` bytes.
+void matmul(const KernelSet& k, QType t, const float* x, int M, int K, const uint8_t* w, int N,
+            float* y) {
+    ActBuffers act_buffers;
+    const bool has_min = format_info(t).has_min;
+    const QuantizedActs acts = act_buffers.quantize(k, x, M, K, weight_offset(t, k));
+    const int64_t row_bytes = static_cast<int64_t>(K / kBlock) * format_info(t).block_bytes;
+    const int n_chunks = (N + kChunkRows - 1) / kChunkRows;
+    const int m_tiles = (M + kActTileRows - 1) / kActTileRows;
+#pragma omp parallel
+    {
+        ChunkBuffer buffer(K);
+#pragma omp for collapse(2) schedule(dynamic)
+        for (int m_tile = 0; m_tile < m_tiles; ++m_tile) {
+            for (int chunk = 0; chunk < n_chunks; ++chunk) {
+                const int n0 = chunk * kChunkRows;
+                const int chunk_rows = std::min(kChunkRows, N - n0);
+                k.decode_rows(t, w + n0 * row_bytes, row_bytes, chunk_rows, buffer.rows);
+                if (chunk_rows < kChunkRows) buffer.clear_rows_from(chunk_rows);
+                const int m0 = m_tile * kActTileRows;
+                const int m1 = std::min(M, m0 + kActTileRows);
+                for (int r0 = 0; r0 < chunk_rows; r0 += kTileRows) {
+                    const int valid = std::min(kTileRows, chunk_rows - r0);
+                    for (int c0 = m0; c0 < m1; c0 += k.max_tile_acts) {
+                        const int n_acts = std::min(k.max_tile_acts, m1 - c0);
+                        k.tile(buffer.rows, r0, valid, acts, c0, n_acts, has_min,
+                               y + static_cast<int64_t>(c0) * N + n0 + r0, N);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Bit-exact with llama_engine.quant.dequantize: w = d * q (+ m), each op rounded to float.
+void dequantize(QType t, const uint8_t* w, int N, int K, float* out) {
+    const FormatInfo f = format_info(t);
+    const int nb = K / kBlock;
+    const int64_t row_bytes = static_cast<int64_t>(nb) * f.block_bytes;
+    const int offset = weight_offset(t, scalar::kernels);  // scalar decoder's byte offset
+#pragma omp parallel
+    {
+        std::vector<uint8_t> vals(K);
+        std::vector<float> d(nb), m(nb);
+        DecodedRows row{vals.data(), d.data(), m.data(), K, nb};
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; ++n) {
+            scalar::decode_rows(t, w + n * row_bytes, row_bytes, 1, row);
+            float* dst = out + static_cast<int64_t>(n) * K;
+            for (int b = 0; b < nb; ++b)
+                for (int j = 0; j < kBlock; ++j) {
+                    const float q = static_cast<float>(vals[b * kBlock + j] - offset);
+                    const float scaled = d[b] * q;
+                    dst[b * kBlock + j] = f.has_min ? scaled + m[b] : scaled;
+                }
+        }
+    }
+}
+
+using FloatArray = py::array_t<float, py::array::c_style>;
+using ByteArray = py::array_t<uint8_t, py::array::c_style>;
+
+void check_packed(const ByteArray& w, QType t, int N, int K) {
+    if (K <= 0 || K % kBlock != 0) throw std::invalid_argument("K must be a positive multiple of 32");
+    const int64_t row_bytes = static_cast<int64_t>(K / kBlock) * format_info(t).block_bytes;
+    if (w.ndim() != 2 || w.shape(0) != N || w.shape(1) != row_bytes)
+        throw std::invalid_argument("packed weight must be uint8 [N, K / 32 * block_bytes]");
+}
+
+void py_quant_matmul(const FloatArray& x, const ByteArray& w, const std::string& qtype, int N,
+                     FloatArray& out, int isa) {
+    const QType t = parse_qtype(qtype);
+    if (x.ndim() != 2 || out.ndim() != 2) throw std::invalid_argument("x and out must be 2-D");
+    const int M = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
+    check_packed(w, t, N, K);
+    if (out.shape(0) != M || out.shape(1) != N) throw std::invalid_argument("out must be [M, N]");
+    const KernelSet& k = kernels_for(static_cast<Isa>(isa));
+    const float* x_ptr = x.data();
+    const uint8_t* w_ptr = w.data();
+    float* out_ptr = out.mutable_data();
+    py::gil_scoped_release release;
+    if (M > 0 && N > 0) matmul(k, t, x_ptr, M, K, w_ptr, N, out_ptr);
+}
+
+void py_dequantize(const ByteArray& w, const std::string& qtype, int N, int K, FloatArray& out) {
+    const QType t = parse_qtype(qtype);
+    check_packed(w, t, N, K);
+    if (out.ndim() != 2 || out.shape(0) != N || out.shape(1) != K)
+        throw std::invalid_argument("out must be float32 [N, K]");
+    const uint8_t* w_ptr = w.data();
+    float* out_ptr = out.mutable_data();
+    py::gil_scoped_release release;
+    dequantize(t, w_ptr, N, K, out_ptr);
+}
+
+}  // namespace
+}  // namespace quant
+
+void register_quant(py::module_& m) {
+    using namespace pybind11::literals;
+    m.def("quant_matmul", &quant::py_quant_matmul,
+          "out[M, N] = x[M, K] @ dequantize(w)^T with int8-quantized activations; isa: "
+          "0 auto, 1 scalar, 2 avx2, 3 avx512_vnni",
+          "x"_a.noconvert(), "w"_a.noconvert(), "qtype"_a, "n"_a, "out"_a.noconvert(), "isa"_a = 0);
+    m.def("dequantize", &quant::py_dequantize, "out[N, K] = dequantized packed rows w",
+          "w"_a.noconvert(), "qtype"_a, "n"_a, "k"_a, "out"_a.noconvert());
+    m.def("quant_isa", [] { return std::string(quant::best_kernels().name); },
+          "instruction set the quantized matmul uses on this CPU");
+    m.def("quant_isa_supported", [](int isa) {
+        switch (static_cast<quant::Isa>(isa)) {
+            case quant::Isa::Avx2: return quant::avx2::supported();
+            case quant::Isa::Avx512: return quant::avx512::supported();
+            default: return true;
+        }
+    }, "whether an instruction set (1 scalar, 2 avx2, 3 avx512_vnni) runs on this CPU", "isa"_a);
+}
