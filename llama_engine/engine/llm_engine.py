@@ -1,0 +1,254 @@
+"""The engine core: requests in, one scheduled model step at a time, outputs out."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from llama_engine.engine.block_manager import BlockManager
+from llama_engine.engine.model_runner import ModelRunner, kv_bytes_per_token
+from llama_engine.engine.sampler import SampledToken, sample
+from llama_engine.engine.scheduler import Scheduler
+from llama_engine.engine.sequence import Sequence
+from llama_engine.loader import load_model
+from llama_engine.model.llama import Llama
+from llama_engine.outputs import CompletionOutput, RequestOutput
+from llama_engine.sampling_params import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GIB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # GGUF file or HF folder; None = the default SmolLM2
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
+    dequantize: bool = False  # unpack GGUF block formats instead of running them packed
+    device: str = "auto"
+    block_size: int = 16
+    kv_cache_bytes: int = 1 * GIB  # CPU pool size
+    gpu_memory_utilization: float = 0.9  # GPU: fraction of device memory for model + pool
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    detokenizers: dict[int, object] = field(default_factory=dict)  # seq id -> detokenizer
+    arrival: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if config.device == "auto" else config.device))
+        dtype_name = config.dtype if config.dtype != "auto" else (
+            "bfloat16" if self.device.type == "cuda" else "float32")
+        if dtype_name not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or auto, got {dtype_name!r}")
+        self.dtype = DTYPES[dtype_name]
+        loaded = load_model(config.model, self.dtype, config.dequantize)
+        self.model_id = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.model_config = loaded.config
+        self.model = Llama(loaded.config, loaded.weights).to(self.device)
+        num_blocks = self._num_kv_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device,
+                                  self.dtype)
+        limits = [loaded.config.max_position_embeddings, num_blocks * config.block_size]
+        if config.max_model_len:
+            limits.append(config.max_model_len)
+        self.max_model_len = min(limits)
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_model(cls, model: str | None = None, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig(model=model, **kwargs))
+
+    def _num_kv_blocks(self) -> int:
+        per_block = kv_bytes_per_token(self.model_config, self.dtype) * self.config.block_size
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - total * (1 - self.config.gpu_memory_utilization)
+        else:
+            budget = self.config.kv_cache_bytes
+        if budget < per_block:
+            raise ValueError(f"KV cache budget ({int(budget)} bytes) holds no block of "
+                             f"{per_block} bytes: raise kv_cache_bytes / gpu_memory_utilization")
+        return int(budget // per_block)
+
+    # ---- requests -------------------------------------------------------------------
+
+    def make_request(self, request_id: str, prompt: str | list[int],
+                     params: SamplingParams) -> Request:
+        """Tokenize and validate; raises ValueError naming the problem. No engine state
+        changes, so a front end may call it from another thread."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            ids, text = self.tokenizer.encode(prompt), prompt
+        else:
+            ids, text = list(prompt), None
+            vocab = self.model_config.vocab_size
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(ids)} tokens; the context limit is "
+                             f"{self.max_model_len}, which leaves no room to generate")
+        return Request(request_id, text, ids, params)
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already running")
+        self.requests[request.request_id] = request
+        seq = Sequence(request.request_id, 0, request.prompt_token_ids, request.params,
+                       request.arrival)
+        self._attach(request, seq)
+        self.scheduler.add(seq)
+        self.prompt_tokens_total += len(request.prompt_token_ids)
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams) -> None:
+        self.add(self.make_request(request_id, prompt, params))
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else []:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def _attach(self, request: Request, seq: Sequence) -> None:
+        from llama_engine.tokenizer import IncrementalDetokenizer
+        request.seqs.append(seq)
+        request.detokenizers[seq.seq_id] = IncrementalDetokenizer(
+            self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
+
+    # ---- stepping -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled model step; returns the outputs of the requests it advanced."""
+        step = self.scheduler.schedule()
+        if step.empty:
+            return []
+        logits = self.runner.execute(step)
+        samplers: list[Sequence] = []
+        rows: list[int] = []  # the logits row each sampler reads (forked siblings share one)
+        for s in step.scheduled:
+            samples = s.samples
+            s.seq.num_computed_tokens += s.num_tokens
+            self.block_manager.commit(s.seq)
+            if samples:
+                row = rows[-1] + 1 if rows else 0
+                for seq in self._fork_if_first_token(s.seq):
+                    samplers.append(seq)
+                    rows.append(row)
+        touched: dict[str, Request] = {}
+        if samplers:
+            picked = sample(logits[torch.tensor(rows, device=logits.device)], samplers)
+            for seq, token in zip(samplers, picked):
+                request = self.requests[seq.request_id]
+                self._append(request, seq, token)
+                touched[request.request_id] = request
+        return [self._output(r) for r in touched.values()]
+
+    def _fork_if_first_token(self, seq: Sequence) -> list[Sequence]:
+        """n > 1: the prompt was computed once; its samples fork here, sharing its blocks."""
+        request = self.requests[seq.request_id]
+        if seq.num_output_tokens > 0 or len(request.seqs) == request.params.n:
+            return [seq]
+        family = [seq]
+        for index in range(1, request.params.n):
+            child = seq.fork(index)
+            self.block_manager.fork(seq, child)
+            self.scheduler.add_running(child)
+            self._attach(request, child)
+            family.append(child)
+        return family
+
+    def _append(self, request: Request, seq: Sequence, token: SampledToken) -> None:
+        p = seq.params
+        seq.token_ids.append(token.token_id)
+        seq.cumulative_logprob += token.logprob
+        if token.top_logprobs is not None:
+            seq.logprobs.append(token.top_logprobs)
+        self.generation_tokens_total += 1
+        previous_len = len(seq.text)
+        seq.text += request.detokenizers[seq.seq_id].step([token.token_id])
+        if token.token_id in p.stop_token_ids:
+            self._finish(seq, "stop", token.token_id)
+        elif not p.ignore_eos and token.token_id in self.tokenizer.stop_token_ids:
+            self._finish(seq, "stop", None)
+        elif self._hit_stop_string(seq, previous_len):
+            pass
+        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            self._finish(seq, "length", None)
+        elif seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length", None)
+
+    def _hit_stop_string(self, seq: Sequence, previous_len: int) -> bool:
+        for stop in seq.params.stop_strings:
+            at = seq.text.find(stop, max(0, previous_len - len(stop) + 1))
+            if at >= 0:
+                keep = len(stop) if seq.params.include_stop_str_in_output else 0
+                seq.text = seq.text[:at + keep]
+                self._finish(seq, "stop", stop)
+                return True
+        return False
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = []
+        holdback = max((len(s) for s in request.params.stop_strings), default=1) - 1
+        for seq in sorted(request.seqs, key=lambda s: s.index):
+            # Hold back what could be the start of a stop string until it is decided.
+            text = seq.text if seq.is_finished or not holdback else seq.text[:-holdback]
+            outputs.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=seq.output_token_ids,
+                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                cumulative_logprob=seq.cumulative_logprob, finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason))
+        finished = request.finished
+        if finished:
+            self.requests.pop(request.request_id, None)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                             outputs, finished, request.seqs[0].num_cached_tokens)
+
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "num_waiting": len(self.scheduler.waiting),
+            "num_running": len(self.scheduler.running),
+            "kv_cache_usage": bm.usage(),
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+        }

@@ -1,0 +1,86 @@
+"""Owns the model and its paged KV cache, and turns a scheduled step into logits.
+
+This is the one place that knows both the model and the cache layout: it flattens the
+step's sequences into one batch of tokens, builds the ``attend`` function the model calls
+for each layer (store new keys/values, then paged attention), and returns the logits of
+each sequence that samples this step.
+"""
+from __future__ import annotations
+
+import torch
+
+from llama_engine import kernels
+from llama_engine.config import ModelConfig
+from llama_engine.engine.scheduler import SchedulerOutput
+from llama_engine.model.llama import Llama
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element
+
+
+class ModelRunner:
+    def __init__(self, model: Llama, num_blocks: int, block_size: int,
+                 device: torch.device, kv_dtype: torch.dtype):
+        c = model.config
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.scale = c.head_dim ** -0.5
+        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=kv_dtype, device=device)
+                         for _ in range(c.num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=kv_dtype, device=device)
+                         for _ in range(c.num_layers)]
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for cache in (*self.k_caches, *self.v_caches):
+            cache[dst] = cache[src]
+
+    def _inputs(self, step: SchedulerOutput) -> dict[str, torch.Tensor]:
+        ids, positions, slots, cu_q, ctx_lens = [], [], [], [0], []
+        max_blocks = max(len(s.seq.block_table) for s in step.scheduled)
+        tables = []
+        for s in step.scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            end = start + s.num_tokens
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // self.block_size] * self.block_size + p % self.block_size
+                      for p in range(start, end)]
+            cu_q.append(cu_q[-1] + s.num_tokens)
+            ctx_lens.append(end)
+            tables.append(table + [0] * (max_blocks - len(table)))
+
+        def tensor(values, dtype=torch.int32):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        return dict(input_ids=tensor(ids, torch.long), positions=tensor(positions, torch.long),
+                    slot_mapping=tensor(slots, torch.long), cu_seqlens_q=tensor(cu_q),
+                    context_lens=tensor(ctx_lens), block_tables=tensor(tables))
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> torch.Tensor:
+        """Run one step; returns float32 logits [number of sampling sequences, vocab] in the
+        order of ``step.scheduled`` (sequences whose chunk does not reach the end skip)."""
+        self._copy_blocks(step.block_copies)
+        x = self._inputs(step)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
+            kernels.store_kv(k, v, k_cache, v_cache, x["slot_mapping"])
+            return kernels.paged_attention(q, k_cache, v_cache, x["block_tables"],
+                                           x["context_lens"], x["cu_seqlens_q"], self.scale)
+
+        hidden = self.model(x["input_ids"], x["positions"], attend)
+        last = [int(x["cu_seqlens_q"][i + 1]) - 1
+                for i, s in enumerate(step.scheduled) if s.samples]
+        if not last:
+            return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
+        return self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])

@@ -1,0 +1,63 @@
+"""The offline API: ``LLM(model=...)``, ``llm.generate(...)``, ``llm.chat(...)``."""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence as Seq
+
+from llama_engine.engine.llm_engine import EngineConfig, LLMEngine
+from llama_engine.outputs import RequestOutput
+from llama_engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """Load a model (``None``: the default SmolLM2-135M-Instruct GGUF) and generate.
+
+    Keyword arguments go to ``EngineConfig`` (block_size, kv_cache_bytes, max_num_seqs,
+    max_num_batched_tokens, max_model_len, enable_prefix_caching, dtype, dequantize, device).
+    """
+
+    def __init__(self, model: str | None = None, **engine_kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for one prompt or many (strings or token-id lists), all scheduled
+        together; returns one RequestOutput per prompt, in order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts must not be empty")
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        requests = [self.engine.make_request(f"offline-{next(self._ids)}", p, sp)
+                    for p, sp in zip(prompts, params)]
+        for r in requests:
+            self.engine.add(r)
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(requests):
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[r.request_id] for r in requests]
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | None = None,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or many, then generate."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        tok = self.engine.tokenizer
+        prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tools=tools)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params)

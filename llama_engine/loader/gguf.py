@@ -1,0 +1,115 @@
+"""GGUF loader: metadata -> ModelConfig, tensors -> packed or dense weights."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from llama_engine.config import ModelConfig
+from llama_engine.loader import LoadedModel, ModelLoadError, Weight
+from llama_engine.quant import BLOCK_BYTES, PackedWeight, dequantize as dequantize_packed
+
+DENSE_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+# GGUF tensor name (after "blk.N.") -> our name
+LAYER_TENSORS = {
+    "attn_norm.weight": "attn_norm", "attn_q.weight": "wq", "attn_k.weight": "wk",
+    "attn_v.weight": "wv", "attn_output.weight": "wo", "ffn_norm.weight": "ffn_norm",
+    "ffn_gate.weight": "w_gate", "ffn_up.weight": "w_up", "ffn_down.weight": "w_down",
+}
+GLOBAL_TENSORS = {"token_embd.weight": "embed", "output_norm.weight": "norm",
+                  "output.weight": "lm_head", "rope_freqs.weight": "rope_freqs"}
+
+
+def _open(path: str):
+    import gguf
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises many types on damaged files
+        size = os.path.getsize(path)
+        raise ModelLoadError(f"{path}: cannot read GGUF ({size} bytes; truncated or damaged?): "
+                             f"{type(e).__name__}: {e}") from e
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        if default is None:
+            raise ModelLoadError(f"GGUF metadata lacks '{key}'")
+        return default
+    return f.contents()
+
+
+def read_config(reader) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"unsupported architecture '{arch}' (general.architecture); "
+                             "llama-engine runs 'llama' models")
+    p = f"{arch}."
+    hidden = int(_field(reader, p + "embedding_length"))
+    heads = int(_field(reader, p + "attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    vocab = _field(reader, p + "vocab_size", 0) or len(reader.fields["tokenizer.ggml.tokens"].data)
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, p + "feed_forward_length")),
+        num_layers=int(_field(reader, p + "block_count")),
+        num_heads=heads,
+        num_kv_heads=int(_field(reader, p + "attention.head_count_kv", heads)),
+        head_dim=int(_field(reader, p + "attention.key_length", hidden // heads)),
+        max_position_embeddings=int(_field(reader, p + "context_length", 2048)),
+        rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in names,
+    )
+
+
+def _unpermute_rows(w: Weight, n_heads: int) -> Weight:
+    """llama.cpp's converter interleaves the two rotary halves of each Q/K head; undo it
+    so the model can use the HF "rotate half" convention for every format."""
+    rows = w.shape[0]
+    head_dim = rows // n_heads
+    order = torch.arange(rows).view(n_heads, 2, head_dim // 2).transpose(1, 2).reshape(rows)
+    inverse = torch.argsort(order)
+    return w.select_rows(inverse) if isinstance(w, PackedWeight) else w[inverse].contiguous()
+
+
+def _tensor(t, dtype: torch.dtype, dequantize: bool) -> Weight:
+    type_name = t.tensor_type.name
+    data = np.array(t.data)  # copy out of the file's memory map
+    if type_name in DENSE_TYPES:
+        raw = torch.from_numpy(data.view(np.uint16) if type_name == "BF16" else data)
+        if type_name == "BF16":
+            raw = raw.view(torch.bfloat16)
+        return raw.reshape([int(d) for d in reversed(t.shape)]).to(dtype)
+    if type_name in BLOCK_BYTES:
+        cols, rows = int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1
+        packed = PackedWeight(torch.from_numpy(data).reshape(rows, -1), type_name, rows, cols)
+        return dequantize_packed(packed).to(dtype) if dequantize else packed
+    raise ModelLoadError(f"tensor '{t.name}' has type {type_name}, which llama-engine cannot "
+                         f"use (supported: {', '.join([*DENSE_TYPES, *BLOCK_BYTES])})")
+
+
+def load_gguf(path: str, dtype: torch.dtype, dequantize: bool) -> LoadedModel:
+    from llama_engine.tokenizer import Tokenizer
+    reader = _open(path)
+    config = read_config(reader)
+    weights: dict[str, Weight] = {}
+    for t in reader.tensors:
+        if t.name in GLOBAL_TENSORS:
+            name = GLOBAL_TENSORS[t.name]
+        elif t.name.startswith("blk.") and t.name.split(".", 2)[2] in LAYER_TENSORS:
+            _, layer, rest = t.name.split(".", 2)
+            name = f"layers.{layer}.{LAYER_TENSORS[rest]}"
+        else:
+            raise ModelLoadError(f"tensor '{t.name}' is not part of a llama model")
+        weights[name] = _tensor(t, dtype, dequantize)
+    for i in range(config.num_layers):
+        weights[f"layers.{i}.wq"] = _unpermute_rows(weights[f"layers.{i}.wq"], config.num_heads)
+        weights[f"layers.{i}.wk"] = _unpermute_rows(weights[f"layers.{i}.wk"], config.num_kv_heads)
+    if "rope_freqs" in weights:  # llama3 scaling, stored as per-frequency divisors
+        config.extra["rope_freq_factors"] = weights.pop("rope_freqs").float().tolist()
+    name = os.path.basename(path)
+    return LoadedModel(name, config, weights, Tokenizer.from_gguf(reader))

@@ -1,0 +1,143 @@
+"""The Llama model, whole, in one file: GQA attention, RoPE (llama3 scaling), SwiGLU,
+RMSNorm, tied or untied output head.
+
+The model only composes layers. Every hot op goes through ``llama_engine.kernels``, and
+attention over past tokens is the caller's business: ``forward`` takes an ``attend``
+function (layer index, q, k, v -> output) that the model runner builds over its paged KV
+cache, so nothing here knows how the cache is laid out.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from llama_engine import kernels
+from llama_engine.config import ModelConfig, rope_inv_freq
+from llama_engine.quant import PackedWeight
+
+Weight = torch.Tensor | PackedWeight
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def concat_rows(weights: list[Weight]) -> Weight:
+    """Stack [N_i, K] weights into one [sum N_i, K] so fused projections run as one matmul."""
+    if all(isinstance(w, PackedWeight) for w in weights) and len({w.qtype for w in weights}) == 1:
+        data = torch.cat([w.data for w in weights])
+        return PackedWeight(data, weights[0].qtype, data.shape[0], weights[0].cols)
+    dense = [kernels.dequantize(w) if isinstance(w, PackedWeight) else w for w in weights]
+    return torch.cat(dense)
+
+
+class Linear(nn.Module):
+    """y = x @ W^T, W dense or packed; the kernel is chosen by ``kernels.linear``."""
+
+    def __init__(self, weight: Weight):
+        super().__init__()
+        if isinstance(weight, PackedWeight):
+            self.packed = weight
+            self.weight = None
+        else:
+            self.packed = None
+            self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.packed if self.packed is not None else self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.float(), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, w: dict[str, Weight]):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.wqkv = Linear(concat_rows([w["wq"], w["wk"], w["wv"]]))
+        self.wo = Linear(w["wo"])
+
+    def forward(self, layer: int, x: torch.Tensor, positions: torch.Tensor,
+                cos_sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        q, k = kernels.rope(q.contiguous(), k.contiguous(), positions, cos_sin)
+        out = attend(layer, q, k, v.contiguous())
+        return self.wo(out.reshape(-1, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, w: dict[str, Weight]):
+        super().__init__()
+        self.w_gate_up = Linear(concat_rows([w["w_gate"], w["w_up"]]))
+        self.w_down = Linear(w["w_down"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(kernels.silu_and_mul(self.w_gate_up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, w: dict[str, Weight]):
+        super().__init__()
+        self.attn_norm = RMSNorm(w["attn_norm"], config.rms_norm_eps)
+        self.attn = Attention(config, w)
+        self.ffn_norm = RMSNorm(w["ffn_norm"], config.rms_norm_eps)
+        self.ffn = FeedForward(w)
+
+    def forward(self, layer: int, x: torch.Tensor, residual: torch.Tensor | None,
+                positions: torch.Tensor, cos_sin: torch.Tensor, attend: AttendFn
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.attn_norm(x, residual)
+        h = self.attn(layer, h, positions, cos_sin, attend)
+        h, residual = self.ffn_norm(h, residual)
+        return self.ffn(h), residual
+
+
+def rope_cache(config: ModelConfig, max_positions: int) -> torch.Tensor:
+    """[max_positions, head_dim]: cos in the first half of the columns, sin in the second."""
+    inv_freq = torch.tensor(rope_inv_freq(config), dtype=torch.float64)
+    angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+
+
+class Llama(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict[str, Weight]):
+        super().__init__()
+        self.config = config
+        self.embed = weights["embed"]
+        self.layers = nn.ModuleList(
+            Block(config, _layer_weights(weights, i)) for i in range(config.num_layers))
+        self.norm = RMSNorm(weights["norm"], config.rms_norm_eps)
+        head = self.embed if config.tie_word_embeddings else weights["lm_head"]
+        self.lm_head = Linear(head)
+        self.register_buffer("cos_sin", rope_cache(config, config.max_position_embeddings),
+                             persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attend: AttendFn) -> torch.Tensor:
+        """input_ids, positions: [T] for all tokens of the step; returns hidden [T, C]."""
+        x = kernels.embedding(input_ids, self.embed)
+        residual = None
+        for i, block in enumerate(self.layers):
+            x, residual = block(i, x, residual, positions, self.cos_sin, attend)
+        return self.norm(x, residual)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+
+def _layer_weights(weights: dict[str, Weight], i: int) -> dict[str, Weight]:
+    prefix = f"layers.{i}."
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
