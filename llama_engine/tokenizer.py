@@ -368,6 +368,8 @@ class Tokenizer:
         reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(path_or_reader)
         metadata = _read_tokenizer_metadata(reader)
         model_kind = _require(metadata, KEY_MODEL)
+        if model_kind not in (GGUF_MODEL_BYTE_LEVEL_BPE, GGUF_MODEL_SENTENCEPIECE_BPE):
+            raise ValueError(f"unsupported GGUF tokenizer model: {KEY_MODEL}={model_kind!r}")
         tokens = _require(metadata, KEY_TOKENS)
         token_types = metadata.get(KEY_TOKEN_TYPE) or [GGUFTokenType.NORMAL] * len(tokens)
         vocab: dict[str, int] = {}
@@ -376,11 +378,9 @@ class Tokenizer:
         if model_kind == GGUF_MODEL_BYTE_LEVEL_BPE:
             backend = _build_byte_level_backend(metadata, vocab)
             default_add_bos = metadata.get(KEY_PRE) in PRE_LLAMA3
-        elif model_kind == GGUF_MODEL_SENTENCEPIECE_BPE:
+        else:
             backend = _build_sentencepiece_backend(metadata, vocab)
             default_add_bos = True
-        else:
-            raise ValueError(f"unsupported GGUF tokenizer model: {KEY_MODEL}={model_kind!r}")
         _register_added_tokens(backend, tokens, token_types)
 
         ids = {key: _optional_id(metadata, key, len(tokens)) for key in (KEY_BOS_ID, KEY_EOS_ID, KEY_UNK_ID, KEY_PAD_ID)}
