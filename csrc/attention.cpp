@@ -1,5 +1,300 @@
+// Paged KV cache: storing new keys/values and causal attention of new query rows over each
+// sequence's cached tokens (decode rows and prefill chunks mixed in one call, GQA).
+//
+// Attention work is cut into tiles: one sequence, one KV head, a run of consecutive query
+// tokens, and for each token every query head of that KV head's group. A tile walks the
+// sequence's keys once, kKeyTile at a time, with an online softmax per query row, so each
+// K/V row is read once per tile rather than once per query head.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops_common.h"
 #include "registry.h"
 
 namespace py = pybind11;
+using namespace llama_ops;
 
-void register_attention(py::module_& m) {}
+namespace {
+
+constexpr int64_t kKeyTile = 16;        // keys scored together (one AVX-512 register wide)
+constexpr int64_t kRowBlock = 4;        // query rows sharing each loaded key column
+constexpr int64_t kTileRowTarget = 32;  // query rows (tokens x group heads) per tile
+// Below this many query rows in a tile, scoring keys by direct dot products beats
+// transposing the key tile first (decode steps have one token, i.e. `group` rows).
+constexpr int64_t kMinRowsForTransposedKeys = kRowBlock;
+
+void store_kv(py::array k, py::array v, py::array k_cache, py::array v_cache,
+              py::array slot_mapping) {
+    const TokenRows<float> k_rows = token_rows<float>(k, "k", 3);
+    const TokenRows<float> v_rows = token_rows<float>(v, "v", 3);
+    float* k_dst = dense_mutable<float>(k_cache, "k_cache", 4);
+    float* v_dst = dense_mutable<float>(v_cache, "v_cache", 4);
+    const int64_t* slots = dense<int64_t>(slot_mapping, "slot_mapping", 1);
+    const int64_t tokens = k_rows.tokens, width = k_rows.width;
+    if (v_rows.tokens != tokens || slot_mapping.shape(0) != tokens) {
+        fail("k, v and slot_mapping: same number of tokens expected");
+    }
+    for (py::ssize_t d = 1; d < 3; ++d) {
+        if (k.shape(d) != k_cache.shape(d + 1) || v.shape(d) != v_cache.shape(d + 1)) {
+            fail("k/v: [T, Hkv, D] must match the cache's [Hkv, D]");
+        }
+    }
+    if (k_cache.shape(0) != v_cache.shape(0) || k_cache.shape(1) != v_cache.shape(1)) {
+        fail("k_cache/v_cache: same block layout expected");
+    }
+    const int64_t capacity = k_cache.shape(0) * k_cache.shape(1);
+    for (int64_t t = 0; t < tokens; ++t) {
+        if (slots[t] >= capacity) fail("slot_mapping: slot beyond the cache");
+    }
+    py::gil_scoped_release release;
+#pragma omp parallel for schedule(static) if (worth_threading(tokens * width))
+    for (int64_t t = 0; t < tokens; ++t) {
+        if (slots[t] < 0) continue;  // padding token: nothing to store
+        std::memcpy(k_dst + slots[t] * width, k_rows.row(t), width * sizeof(float));
+        std::memcpy(v_dst + slots[t] * width, v_rows.row(t), width * sizeof(float));
+    }
+}
+
+// Everything a tile needs to find its queries, keys and values.
+struct AttentionProblem {
+    TokenRows<float> q;   // [T, H, D]
+    float* out;           // [T, H, D] dense
+    const float* k_cache; // [num_blocks, block_size, Hkv, D]
+    const float* v_cache;
+    const int32_t* block_tables;
+    int64_t max_blocks;
+    int64_t block_size, num_heads, num_kv_heads, head_dim;
+    float scale;
+};
+
+struct Tile {
+    int64_t seq, kv_head;
+    int64_t first_row;   // index into q of the tile's first token
+    int64_t tokens;      // consecutive tokens in the tile
+    int64_t first_pos;   // sequence position of the first token
+    const int32_t* blocks;
+};
+
+// Per-thread buffers, sized for the largest tile.
+struct TileScratch {
+    std::vector<float> q, acc, scores, keys_t, row_max, row_sum;
+    std::vector<const float*> k_ptr, v_ptr;
+
+    TileScratch(int64_t rows, int64_t head_dim)
+        : q(rows * head_dim), acc(rows * head_dim), scores(rows * kKeyTile),
+          keys_t(head_dim * kKeyTile), row_max(rows), row_sum(rows), k_ptr(kKeyTile),
+          v_ptr(kKeyTile) {}
+};
+
+// scores[r][j] = q_r . k_j, one dot product at a time (few rows: decode).
+LLAMA_SIMD_CLONES
+void score_keys_direct(const float* q, int64_t rows, int64_t head_dim,
+                       const float* const* keys, int64_t count, float* scores) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* q_row = q + r * head_dim;
+        for (int64_t j = 0; j < count; ++j) {
+            const float* key = keys[j];
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < head_dim; ++d) dot += q_row[d] * key[d];
+            scores[r * kKeyTile + j] = dot;
+        }
+    }
+}
+
+// Same scores with the key tile transposed to [D][kKeyTile]: each query element then
+// multiplies a whole register of keys, and kRowBlock rows share every key load. `rows`
+// must be a multiple of kRowBlock (the caller pads queries with zero rows).
+LLAMA_SIMD_CLONES
+void score_keys_transposed(const float* q, int64_t rows, int64_t head_dim,
+                           const float* const* keys, int64_t count, float* keys_t,
+                           float* scores) {
+    for (int64_t d = 0; d < head_dim; ++d) {
+        for (int64_t j = 0; j < kKeyTile; ++j) {
+            keys_t[d * kKeyTile + j] = j < count ? keys[j][d] : 0.0f;
+        }
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+        float block[kRowBlock][kKeyTile] = {};
+        for (int64_t d = 0; d < head_dim; ++d) {
+            const float* column = keys_t + d * kKeyTile;
+            for (int64_t r = 0; r < kRowBlock; ++r) {
+                const float q_value = q[(r0 + r) * head_dim + d];
+#pragma omp simd
+                for (int64_t j = 0; j < kKeyTile; ++j) block[r][j] += q_value * column[j];
+            }
+        }
+        for (int64_t r = 0; r < kRowBlock; ++r) {
+            std::memcpy(scores + (r0 + r) * kKeyTile, block[r], sizeof(block[r]));
+        }
+    }
+}
+
+// Online-softmax update of one query row with its scores against the first `valid` keys of
+// the tile (later keys are in this row's future): rescale the running sum and accumulator
+// to the new maximum, then add exp(score - max) * v_j.
+LLAMA_SIMD_CLONES
+void accumulate_row(float* row_scores, int64_t valid, const float* const* values,
+                    int64_t head_dim, float* row_max, float* row_sum, float* acc) {
+    float tile_max = row_scores[0];
+    for (int64_t j = 1; j < valid; ++j) tile_max = std::max(tile_max, row_scores[j]);
+    const float new_max = std::max(*row_max, tile_max);
+    const float rescale = exp_f32(*row_max - new_max);
+    float tile_sum = 0.0f;
+#pragma omp simd reduction(+ : tile_sum)
+    for (int64_t j = 0; j < valid; ++j) {
+        row_scores[j] = exp_f32(row_scores[j] - new_max);
+        tile_sum += row_scores[j];
+    }
+    *row_sum = *row_sum * rescale + tile_sum;
+    *row_max = new_max;
+    if (rescale != 1.0f) {
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) acc[d] *= rescale;
+    }
+    for (int64_t j = 0; j < valid; ++j) {
+        const float weight = row_scores[j];
+        const float* value = values[j];
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) acc[d] += weight * value[d];
+    }
+}
+
+void gather_scaled_queries(const AttentionProblem& p, const Tile& tile, int64_t group,
+                           int64_t padded_rows, float* q) {
+    const int64_t D = p.head_dim;
+    for (int64_t t = 0; t < tile.tokens; ++t) {
+        const float* token = p.q.row(tile.first_row + t) + tile.kv_head * group * D;
+        for (int64_t i = 0; i < group * D; ++i) q[t * group * D + i] = token[i] * p.scale;
+    }
+    std::fill(q + tile.tokens * group * D, q + padded_rows * D, 0.0f);
+}
+
+void attend_tile(const AttentionProblem& p, const Tile& tile, TileScratch& s) {
+    const int64_t D = p.head_dim, group = p.num_heads / p.num_kv_heads;
+    const int64_t rows = tile.tokens * group;
+    const bool transposed = rows >= kMinRowsForTransposedKeys;
+    const int64_t padded_rows = transposed ? (rows + kRowBlock - 1) / kRowBlock * kRowBlock : rows;
+    gather_scaled_queries(p, tile, group, padded_rows, s.q.data());
+    std::fill(s.acc.begin(), s.acc.begin() + rows * D, 0.0f);
+    std::fill(s.row_max.begin(), s.row_max.begin() + rows, -INFINITY);
+    std::fill(s.row_sum.begin(), s.row_sum.begin() + rows, 0.0f);
+    const int64_t kv_stride = p.num_kv_heads * D;  // elements between cache slots
+    const int64_t key_end = tile.first_pos + tile.tokens;  // the last token sees keys < this
+    for (int64_t key0 = 0; key0 < key_end; key0 += kKeyTile) {
+        const int64_t count = std::min(kKeyTile, key_end - key0);
+        for (int64_t j = 0; j < count; ++j) {
+            const int64_t pos = key0 + j;
+            const int64_t slot = int64_t{tile.blocks[pos / p.block_size]} * p.block_size +
+                                 pos % p.block_size;
+            const int64_t offset = slot * kv_stride + tile.kv_head * D;
+            s.k_ptr[j] = p.k_cache + offset;
+            s.v_ptr[j] = p.v_cache + offset;
+        }
+        if (transposed) {
+            score_keys_transposed(s.q.data(), padded_rows, D, s.k_ptr.data(), count,
+                                  s.keys_t.data(), s.scores.data());
+        } else {
+            score_keys_direct(s.q.data(), rows, D, s.k_ptr.data(), count, s.scores.data());
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t row_pos = tile.first_pos + r / group;
+            const int64_t valid = std::min(count, row_pos - key0 + 1);
+            if (valid <= 0) continue;  // the whole key tile lies in this row's future
+            accumulate_row(s.scores.data() + r * kKeyTile, valid, s.v_ptr.data(), D,
+                           &s.row_max[r], &s.row_sum[r], s.acc.data() + r * D);
+        }
+    }
+    for (int64_t t = 0; t < tile.tokens; ++t) {
+        float* out_token = p.out + (tile.first_row + t) * p.num_heads * D + tile.kv_head * group * D;
+        for (int64_t g = 0; g < group; ++g) {
+            const int64_t r = t * group + g;
+            const float inv_sum = 1.0f / s.row_sum[r];
+            for (int64_t d = 0; d < D; ++d) out_token[g * D + d] = s.acc[r * D + d] * inv_sum;
+        }
+    }
+}
+
+// Checks the per-sequence metadata and cuts every sequence's query rows into tiles.
+std::vector<Tile> plan_tiles(const AttentionProblem& p, const int32_t* context_lens,
+                             const int32_t* cu_seqlens_q, int64_t num_seqs, int64_t num_blocks,
+                             int64_t tokens_per_tile) {
+    std::vector<Tile> tiles;
+    for (int64_t i = 0; i < num_seqs; ++i) {
+        const int64_t q_start = cu_seqlens_q[i], q_end = cu_seqlens_q[i + 1];
+        const int64_t q_len = q_end - q_start, ctx = context_lens[i];
+        if (q_len < 0 || q_start < 0 || q_end > p.q.tokens) fail("cu_seqlens_q: bad offsets");
+        if (q_len == 0) continue;
+        if (q_len > ctx) fail("context_lens: shorter than the sequence's query rows");
+        const int64_t used_blocks = (ctx + p.block_size - 1) / p.block_size;
+        if (used_blocks > p.max_blocks) fail("block_tables: too few blocks for context_lens");
+        const int32_t* blocks = p.block_tables + i * p.max_blocks;
+        for (int64_t b = 0; b < used_blocks; ++b) {
+            if (blocks[b] < 0 || blocks[b] >= num_blocks) fail("block_tables: bad block id");
+        }
+        for (int64_t h = 0; h < p.num_kv_heads; ++h) {
+            for (int64_t t0 = 0; t0 < q_len; t0 += tokens_per_tile) {
+                const int64_t count = std::min(tokens_per_tile, q_len - t0);
+                tiles.push_back({i, h, q_start + t0, count, ctx - q_len + t0, blocks});
+            }
+        }
+    }
+    return tiles;
+}
+
+void paged_attention(py::array q, py::array k_cache, py::array v_cache, py::array block_tables,
+                     py::array context_lens, py::array cu_seqlens_q, float scale,
+                     py::array out) {
+    AttentionProblem p{token_rows<float>(q, "q", 3),
+                       dense_mutable<float>(out, "out", 3),
+                       dense<float>(k_cache, "k_cache", 4),
+                       dense<float>(v_cache, "v_cache", 4),
+                       dense<int32_t>(block_tables, "block_tables", 2),
+                       block_tables.shape(1),
+                       k_cache.shape(1), q.shape(1), k_cache.shape(2), q.shape(2),
+                       scale};
+    const int32_t* ctx = dense<int32_t>(context_lens, "context_lens", 1);
+    const int32_t* cu = dense<int32_t>(cu_seqlens_q, "cu_seqlens_q", 1);
+    const int64_t num_seqs = context_lens.shape(0);
+    for (py::ssize_t d = 0; d < 4; ++d) {
+        if (v_cache.shape(d) != k_cache.shape(d)) fail("v_cache: shape must match k_cache");
+    }
+    if (k_cache.shape(3) != p.head_dim) fail("k_cache: head dim must match q");
+    if (p.num_kv_heads == 0 || p.num_heads % p.num_kv_heads != 0) {
+        fail("q heads must be a multiple of the cache's KV heads");
+    }
+    if (out.shape(0) != p.q.tokens || out.shape(1) != p.num_heads || out.shape(2) != p.head_dim) {
+        fail("out: shape must match q");
+    }
+    if (cu_seqlens_q.shape(0) != num_seqs + 1 || block_tables.shape(0) < num_seqs) {
+        fail("cu_seqlens_q / block_tables: one entry per sequence expected");
+    }
+    const int64_t group = p.num_heads / p.num_kv_heads;
+    const int64_t tokens_per_tile = std::max<int64_t>(1, kTileRowTarget / group);
+    const std::vector<Tile> tiles =
+        plan_tiles(p, ctx, cu, num_seqs, k_cache.shape(0), tokens_per_tile);
+    const int64_t scratch_rows =
+        (tokens_per_tile * group + kRowBlock - 1) / kRowBlock * kRowBlock;
+    const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+    py::gil_scoped_release release;
+#pragma omp parallel if (n_tiles > 1)
+    {
+        TileScratch scratch(scratch_rows, p.head_dim);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n_tiles; ++i) attend_tile(p, tiles[i], scratch);
+    }
+}
+
+}  // namespace
+
+void register_attention(py::module_& m) {
+    m.def("store_kv", &store_kv, py::arg("k"), py::arg("v"), py::arg("k_cache"),
+          py::arg("v_cache"), py::arg("slot_mapping"),
+          "Copy k/v [T, Hkv, D] into the paged caches at slot_mapping (int64 [T]); "
+          "negative slots mark padding tokens and are skipped.");
+    m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k_cache"),
+          py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
+          py::arg("cu_seqlens_q"), py::arg("scale"), py::arg("out"),
+          "Causal GQA attention of q [T, H, D] over paged caches; writes out [T, H, D].");
+}

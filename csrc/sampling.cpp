@@ -1,5 +1,183 @@
+// Fused sampling: temperature, top-k, top-p and min-p with one uniform number per row, and
+// greedy rows, reproducing kernels/reference.py::sample token for token.
+//
+// The reference ranks the whole vocabulary; here only as much of the ranking is built as the
+// walk needs: the kept set is always a prefix of the ranking, so the ranked prefix grows in
+// doubling chunks (nth_element + sort) until the walk stops. Probabilities are computed in
+// double precision as in the reference, so the picks agree except at floating-point ties.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops_common.h"
 #include "registry.h"
 
 namespace py = pybind11;
+using namespace llama_ops;
 
-void register_sampling(py::module_& m) {}
+namespace {
+
+constexpr int64_t kFirstRankChunk = 64;  // typical top-p sets fit in the first chunk or two
+
+struct RowParams {
+    double temperature;
+    int64_t top_k;
+    double top_p, min_p, uniform;
+};
+
+// Lowest id among the largest logits.
+LLAMA_SIMD_CLONES
+int64_t argmax_row(const float* logits, int64_t vocab) {
+    float best = logits[0];
+#pragma omp simd reduction(max : best)
+    for (int64_t i = 0; i < vocab; ++i) best = std::max(best, logits[i]);
+    for (int64_t i = 0; i < vocab; ++i) {
+        if (logits[i] == best) return i;
+    }
+    return 0;  // only reachable when the row holds NaNs
+}
+
+// e[i] = exp(logits[i] / temperature - scaled_max); returns the sum of e (the softmax
+// denominator). Mirrors the reference's double-precision softmax of logits / temperature.
+LLAMA_SIMD_CLONES
+double row_exponentials(const float* logits, int64_t vocab, double temperature,
+                        double scaled_max, double* e) {
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < vocab; ++i) {
+        e[i] = exp_f64(static_cast<double>(logits[i]) / temperature - scaled_max);
+        sum += e[i];
+    }
+    return sum;
+}
+
+// Candidate ids ranked lazily: ids[0, sorted) are final (probability descending, lower id
+// first on ties); the rest are all ranked below them, in no particular order.
+class LazyRanking {
+  public:
+    LazyRanking(std::vector<int32_t>& ids, int64_t size, const double* e)
+        : ids_(ids), size_(size), e_(e) {}
+
+    int32_t at(int64_t rank) {
+        if (rank >= sorted_) extend(std::max({rank + 1, 2 * sorted_, kFirstRankChunk}));
+        return ids_[rank];
+    }
+
+    void extend(int64_t n) {
+        n = std::min(n, size_);
+        if (n <= sorted_) return;
+        auto ranks_before = [this](int32_t a, int32_t b) {
+            return e_[a] > e_[b] || (e_[a] == e_[b] && a < b);
+        };
+        auto first = ids_.begin() + sorted_, nth = ids_.begin() + n;
+        std::nth_element(first, nth - 1, ids_.begin() + size_, ranks_before);
+        std::sort(first, nth, ranks_before);
+        sorted_ = n;
+    }
+
+  private:
+    std::vector<int32_t>& ids_;
+    int64_t size_;
+    const double* e_;
+    int64_t sorted_ = 0;
+};
+
+// Ids whose probability reaches min_p times the largest one (all ids when min_p is 0).
+int64_t gather_candidates(const double* e, int64_t vocab, double inv_sum, double min_p,
+                          std::vector<int32_t>& ids) {
+    const double p_max = inv_sum;  // the top token's e is exp(0) = 1
+    const double threshold = min_p * p_max;
+    int64_t count = 0;
+    for (int64_t i = 0; i < vocab; ++i) {
+        if (min_p <= 0.0 || e[i] * inv_sum >= threshold) ids[count++] = static_cast<int32_t>(i);
+    }
+    return count;
+}
+
+// Number of leading ranks kept by top-p: rank r stays while the probability ranked before
+// it sums to less than top_p (computed as cumsum - p, as the reference does).
+int64_t top_p_prefix(LazyRanking& ranking, const double* e, double inv_sum, double top_p,
+                     int64_t limit) {
+    double cumulative = 0.0;
+    for (int64_t r = 0; r < limit; ++r) {
+        const double p = e[ranking.at(r)] * inv_sum;
+        cumulative += p;
+        if (cumulative - p >= top_p) return r;
+    }
+    return limit;
+}
+
+int64_t sample_row(const float* logits, int64_t vocab, const RowParams& row, double* e,
+                   std::vector<int32_t>& ids) {
+    if (row.temperature == 0.0) return argmax_row(logits, vocab);
+    const float max_logit = logits[argmax_row(logits, vocab)];
+    const double scaled_max = static_cast<double>(max_logit) / row.temperature;
+    const double inv_sum = 1.0 / row_exponentials(logits, vocab, row.temperature, scaled_max, e);
+    const int64_t candidates = gather_candidates(e, vocab, inv_sum, row.min_p, ids);
+    const int64_t limit = row.top_k > 0 ? std::min(row.top_k, candidates) : candidates;
+    LazyRanking ranking(ids, candidates, e);
+    const int64_t kept = row.top_p < 1.0 ? top_p_prefix(ranking, e, inv_sum, row.top_p, limit)
+                                         : limit;
+    double total = 0.0;
+    if (kept == candidates) {
+        for (int64_t i = 0; i < candidates; ++i) total += e[ids[i]] * inv_sum;
+    } else {
+        for (int64_t r = 0; r < kept; ++r) total += e[ranking.at(r)] * inv_sum;
+    }
+    const double target = row.uniform * total;
+    double running = 0.0;
+    for (int64_t r = 0; r < kept; ++r) {
+        const int32_t id = ranking.at(r);
+        running += e[id] * inv_sum;
+        if (running > target) return id;
+    }
+    return ranking.at(kept - 1);  // uniform == 1 (or rounding): the last kept rank
+}
+
+// top_k needs no check: any value <= 0 means no limit.
+void check_params(const double* temperature, const double* top_p, const double* min_p,
+                  const double* uniform, int64_t rows) {
+    for (int64_t i = 0; i < rows; ++i) {
+        if (!(temperature[i] >= 0.0)) fail("temperature: must be >= 0");
+        if (!(top_p[i] > 0.0)) fail("top_p: must be > 0");
+        if (!(min_p[i] >= 0.0 && min_p[i] <= 1.0)) fail("min_p: must lie in [0, 1]");
+        if (!(uniform[i] >= 0.0 && uniform[i] <= 1.0)) fail("uniform: must lie in [0, 1]");
+    }
+}
+
+void sample(py::array logits, py::array temperature, py::array top_k, py::array top_p,
+            py::array min_p, py::array uniform, py::array out) {
+    const float* logit_data = dense<float>(logits, "logits", 2);
+    const int64_t rows = logits.shape(0), vocab = logits.shape(1);
+    const double* temp = dense<double>(temperature, "temperature", 1);
+    const int64_t* k = dense<int64_t>(top_k, "top_k", 1);
+    const double* p = dense<double>(top_p, "top_p", 1);
+    const double* mp = dense<double>(min_p, "min_p", 1);
+    const double* u = dense<double>(uniform, "uniform", 1);
+    int64_t* picks = dense_mutable<int64_t>(out, "out", 1);
+    for (const py::array* a : {&temperature, &top_k, &top_p, &min_p, &uniform, &out}) {
+        if (a->shape(0) != rows) fail("sampling parameters: one value per row expected");
+    }
+    if (vocab <= 0 || vocab > INT32_MAX) fail("logits: vocabulary size out of range");
+    check_params(temp, p, mp, u, rows);
+    py::gil_scoped_release release;
+#pragma omp parallel if (rows > 1)
+    {
+        std::vector<double> e(vocab);
+        std::vector<int32_t> ids(vocab);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < rows; ++i) {
+            const RowParams row{temp[i], k[i], p[i], mp[i], u[i]};
+            picks[i] = sample_row(logit_data + i * vocab, vocab, row, e.data(), ids);
+        }
+    }
+}
+
+}  // namespace
+
+void register_sampling(py::module_& m) {
+    m.def("sample", &sample, py::arg("logits"), py::arg("temperature"), py::arg("top_k"),
+          py::arg("top_p"), py::arg("min_p"), py::arg("uniform"), py::arg("out"),
+          "One token per row of logits [B, V] float32; temperature/top_p/min_p/uniform "
+          "float64 [B], top_k int64 [B]; writes int64 ids to out [B].");
+}

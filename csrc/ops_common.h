@@ -1,0 +1,160 @@
+// Shared helpers for the non-matmul CPU kernels (norm.cpp, attention.cpp, sampling.cpp):
+// argument checks on numpy buffers, the multi-ISA attribute and vectorisable exp().
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace llama_ops {
+
+namespace py = pybind11;
+
+// Hot leaf functions are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and the
+// loader picks one from the CPU's features (GCC emits the __builtin_cpu_supports resolver).
+// Keep OpenMP regions out of these functions: outlined parallel bodies are not cloned.
+#define LLAMA_SIMD_CLONES \
+    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+// Below this much work an op stays on one thread: waking the team costs more than it saves.
+constexpr int64_t kMinParallelElements = 1 << 15;
+
+inline bool worth_threading(int64_t elements) { return elements >= kMinParallelElements; }
+
+[[noreturn]] inline void fail(const std::string& what) { throw std::invalid_argument(what); }
+
+template <class T>
+void require_dtype(const py::array& a, const char* name) {
+    if (!a.dtype().equal(py::dtype::of<T>())) {
+        fail(std::string(name) + ": unexpected dtype " + std::string(py::str(a.dtype())));
+    }
+}
+
+inline void require_ndim(const py::array& a, const char* name, py::ssize_t ndim) {
+    if (a.ndim() != ndim) {
+        fail(std::string(name) + ": expected " + std::to_string(ndim) + " dims, got " +
+             std::to_string(a.ndim()));
+    }
+}
+
+// A fully C-contiguous array of T with the given rank.
+template <class T>
+const T* dense(const py::array& a, const char* name, py::ssize_t ndim) {
+    require_dtype<T>(a, name);
+    require_ndim(a, name, ndim);
+    if (!(a.flags() & py::array::c_style)) fail(std::string(name) + ": must be C-contiguous");
+    return static_cast<const T*>(a.data());
+}
+
+template <class T>
+T* dense_mutable(py::array& a, const char* name, py::ssize_t ndim) {
+    dense<T>(a, name, ndim);
+    if (!a.writeable()) fail(std::string(name) + ": must be writeable");
+    return static_cast<T*>(a.mutable_data());
+}
+
+// A [tokens, ...] array whose dim 0 may have any stride (a slice of a fused projection)
+// while each token's remaining dims form one dense block of `width` elements.
+template <class T>
+struct TokenRows {
+    T* data;
+    int64_t tokens;
+    int64_t stride;  // elements between consecutive tokens
+    int64_t width;   // dense elements per token
+
+    T* row(int64_t t) const { return data + t * stride; }
+};
+
+template <class T>
+TokenRows<T> token_rows(py::array& a, const char* name, py::ssize_t ndim) {
+    require_dtype<T>(a, name);
+    require_ndim(a, name, ndim);
+    int64_t expected_stride = sizeof(T);
+    for (py::ssize_t d = ndim - 1; d >= 1; --d) {
+        if (a.shape(d) > 1 && a.strides(d) != expected_stride) {
+            fail(std::string(name) + ": every dim after the first must be dense");
+        }
+        expected_stride *= a.shape(d);
+    }
+    if (a.strides(0) % static_cast<py::ssize_t>(sizeof(T)) != 0 || a.strides(0) < 0) {
+        fail(std::string(name) + ": token stride must be a non-negative multiple of the item");
+    }
+    const int64_t width = expected_stride / static_cast<int64_t>(sizeof(T));
+    T* base = static_cast<T*>(const_cast<void*>(a.data()));
+    return {base, a.shape(0), a.strides(0) / static_cast<int64_t>(sizeof(T)), width};
+}
+
+// exp() written with plain arithmetic so that loops calling it vectorise: Cody-Waite range
+// reduction x = n*ln2 + r (|r| <= ln2/2), a Taylor polynomial in r, and 2^n built directly
+// in the exponent bits. Relative error stays within a few ulp over the clamped range.
+inline float exp_f32(float x) {
+    constexpr float kMaxArg = 88.0f;    // exp(88) < FLT_MAX
+    constexpr float kMinArg = -87.0f;   // exp(-87) > FLT_MIN: the 2^n trick needs a normal
+    constexpr float kLog2e = 1.44269504088896341f;
+    constexpr float kLn2Hi = 0.693359375f;  // few mantissa bits: n * kLn2Hi is exact
+    constexpr float kLn2Lo = -2.12194440e-4f;
+    constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to integer
+    x = x > kMaxArg ? kMaxArg : x;
+    x = x < kMinArg ? kMinArg : x;
+    const float shifted = x * kLog2e + kRoundShift;
+    const float n = shifted - kRoundShift;
+    const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits;
+    std::memcpy(&bits, &shifted, sizeof(bits));
+    const int32_t scale_bits = (bits - 0x4B400000 + 127) << 23;  // 2^n as a float
+    float scale;
+    std::memcpy(&scale, &scale_bits, sizeof(scale));
+    return p * scale;
+}
+
+// Double-precision variant; arguments below kMinArg return exactly 0 (the true value would be
+// subnormal, far below anything a probability walk can resolve).
+inline double exp_f64(double x) {
+    constexpr double kMaxArg = 709.0;
+    constexpr double kMinArg = -708.0;
+    constexpr double kLog2e = 1.4426950408889634;
+    constexpr double kLn2Hi = 6.93147180369123816490e-01;  // trailing zeros: n * kLn2Hi exact
+    constexpr double kLn2Lo = 1.90821492927058770002e-10;
+    constexpr double kRoundShift = 6755399441055744.0;  // 1.5 * 2^52
+    const bool underflow = x < kMinArg;
+    x = x > kMaxArg ? kMaxArg : x;
+    x = underflow ? kMinArg : x;
+    const double shifted = x * kLog2e + kRoundShift;
+    const double n = shifted - kRoundShift;
+    const double r = (x - n * kLn2Hi) - n * kLn2Lo;
+    // Taylor terms 1/k! for k = 13 .. 2; truncation error r^14/14! < 1e-17 at |r| <= ln2/2.
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    int64_t bits;
+    std::memcpy(&bits, &shifted, sizeof(bits));
+    const int64_t scale_bits = (bits - 0x4338000000000000LL + 1023) << 52;
+    double scale;
+    std::memcpy(&scale, &scale_bits, sizeof(scale));
+    return underflow ? 0.0 : p * scale;
+}
+
+}  // namespace llama_ops
