@@ -12,6 +12,8 @@ from pathlib import Path
 
 import gguf
 import pytest
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import pre_tokenizers
 
 from llama_engine.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
 
@@ -162,6 +164,58 @@ def test_from_pretrained_matches_transformers(reference, tmp_path: Path) -> None
     assert loaded.apply_chat_template(messages, tokenize=False) == reference.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False
     )
+
+
+# Whitespace runs before digits and non-ASCII numerals are where splitting digits first matters.
+DIGIT_SPLIT_TEXTS = ["a  1", "x   42 y", "\t\t7", "² and ½", "  1_\r9\n", "٣ ١٢"]
+
+
+def test_smollm_splits_digits_like_the_original_tokenizer(ours: Tokenizer, reference) -> None:
+    """tokenizer.ggml.pre = "smollm" means: every digit is its own pre-token, then GPT-2's split.
+
+    That is SmolLM2's own tokenizer.json (Digits + ByteLevel) and llama.cpp's "smollm" pre-type;
+    transformers' GGUF converter drops the digit step, so the reference is its tokenizer with the
+    original pre-tokenizer put back.
+    """
+    original = BackendTokenizer.from_str(reference.backend_tokenizer.to_str())
+    original.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    for text in DIGIT_SPLIT_TEXTS:
+        assert ours.encode(text) == original.encode(text).ids
+
+
+def _copy_gguf_metadata(source: Path, target: Path, overrides: dict[str, str]) -> Path:
+    """A tensor-less GGUF with source's metadata, some string values replaced."""
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(str(target), arch=reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = overrides.get(name, field.contents())
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(name, value, field.types[0], sub_type=field.types[-1])
+        else:
+            writer.add_key_value(name, value, field.types[0])
+    _finish_gguf(writer)
+    return target
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt2"])
+def test_pre_tokenizer_variants_match_transformers(smollm_gguf_path: Path, tmp_path: Path, pre: str) -> None:
+    """The same vocabulary under another tokenizer.ggml.pre: the split must follow the key."""
+    transformers = pytest.importorskip("transformers")
+    path = _copy_gguf_metadata(smollm_gguf_path, tmp_path / "variant.gguf", {"tokenizer.ggml.pre": pre})
+    expected = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ours_variant = Tokenizer.from_gguf(path)
+    for text in [*SAMPLE_TEXTS.values(), *DIGIT_SPLIT_TEXTS, "I'LL say it's 1234567 times"]:
+        assert ours_variant.encode(text) == expected.encode(text), text
+
+
+def test_unknown_pre_tokenizer_is_rejected(smollm_gguf_path: Path, tmp_path: Path) -> None:
+    path = _copy_gguf_metadata(smollm_gguf_path, tmp_path / "odd.gguf", {"tokenizer.ggml.pre": "no-such-pre"})
+    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.pre='no-such-pre'"):
+        Tokenizer.from_gguf(path)
 
 
 # --- streaming --------------------------------------------------------------------------------
@@ -330,6 +384,20 @@ def test_sentencepiece_decode_matches_processor(sentencepiece_pair, text: str) -
     ours, processor = sentencepiece_pair
     ids = processor.encode(text)
     assert ours.decode([processor.bos_id(), *ids]) == processor.decode(ids)
+
+
+SP_FUZZ_PIECES = [*SP_WORDS, " ", "  ", "\t", "\n", "\r", "日", "🎉", "ÆØ", "qz", "\u200d", "\u00a0", "▁", "<0x41>"]
+SP_FUZZ_CASES = 300
+
+
+def test_sentencepiece_random_texts_match_processor(sentencepiece_pair) -> None:
+    ours, processor = sentencepiece_pair
+    rng = random.Random(3)
+    for _ in range(SP_FUZZ_CASES):
+        text = "".join(rng.choices(SP_FUZZ_PIECES, k=rng.randint(1, 25)))
+        ids = processor.encode(text)
+        assert ours.encode(text, add_special_tokens=False) == ids, text
+        assert ours.decode(ids) == processor.decode(ids), text
 
 
 def test_sentencepiece_uses_byte_fallback(sentencepiece_pair) -> None:
