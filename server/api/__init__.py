@@ -1,0 +1,1 @@
+"""The API layer: validated request -> engine call -> response model, free of HTTP concerns."""

@@ -1,0 +1,99 @@
+"""The models this server has loaded, the names they answer to, and their admission limits."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from server.api.errors import APIError, ModelNotFoundError, ServerBusyError
+from server.api.tool_calls import ToolCallFormat, tool_format_for
+
+# How long a client told "busy" should wait before retrying; a CPU batch turns over in seconds.
+BUSY_RETRY_AFTER_S = 1
+
+
+@dataclass
+class ServedModel:
+    """One loaded model: its async engine and the server-side bookkeeping around it."""
+
+    model_id: str
+    engine: Any  # llama_engine.engine.async_engine.AsyncLLMEngine
+    max_running: int
+    max_waiting: int
+    aliases: list[str] = field(default_factory=list)
+    created: int = field(default_factory=lambda: int(time.time()))
+    in_flight: int = 0  # sequences admitted and not yet finished (running or waiting)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.max_model_len)
+
+    @property
+    def tool_format(self) -> ToolCallFormat:
+        return tool_format_for(self.tokenizer.chat_template or "")
+
+    @property
+    def capacity(self) -> int:
+        return self.max_running + self.max_waiting
+
+    @contextlib.contextmanager
+    def admit(self, sequences: int) -> Iterator[None]:
+        """Hold `sequences` slots while a request runs. Past the running batch plus the
+        waiting queue, refuse at once (503) rather than queue without bound; requests
+        already admitted are unaffected."""
+        if sequences > self.capacity:
+            raise APIError(f"request asks for {sequences} sequences but this server admits at most "
+                           f"{self.capacity} at once for model {self.model_id!r}", param="n",
+                           status=400)
+        if self.in_flight + sequences > self.capacity:
+            raise ServerBusyError(
+                f"model {self.model_id!r} is at capacity ({self.in_flight} sequences running "
+                f"or waiting, limit {self.capacity}); retry later", BUSY_RETRY_AFTER_S)
+        self.in_flight += sequences
+        try:
+            yield
+        finally:
+            self.in_flight -= sequences
+
+
+class ModelRegistry:
+    """Resolves a request's `model` (an id or an operator-defined alias) to a loaded model."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, ServedModel] = {}
+        self._aliases: dict[str, str] = {}
+
+    def add(self, model: ServedModel) -> None:
+        if model.model_id in self._models or model.model_id in self._aliases:
+            raise ValueError(f"model id {model.model_id!r} is already taken")
+        self._models[model.model_id] = model
+
+    def add_alias(self, alias: str, model_id: str) -> None:
+        if model_id not in self._models:
+            raise ValueError(f"alias {alias!r} points at unknown model id {model_id!r}; "
+                             f"loaded: {sorted(self._models)}")
+        if alias in self._models or alias in self._aliases:
+            raise ValueError(f"alias {alias!r} is already taken")
+        self._aliases[alias] = model_id
+        self._models[model_id].aliases.append(alias)
+
+    def resolve(self, name: str) -> ServedModel:
+        model_id = self._aliases.get(name, name)
+        if model_id not in self._models:
+            known = sorted([*self._models, *self._aliases])
+            raise ModelNotFoundError(f"model: unknown model {name!r}; available: {', '.join(known)}",
+                                     param="model")
+        return self._models[model_id]
+
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    @property
+    def default(self) -> ServedModel:
+        return next(iter(self._models.values()))

@@ -1,0 +1,125 @@
+"""`llama-engine serve`: load the models, build the app, serve until SIGTERM, then drain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from server.api.registry import ModelRegistry, ServedModel
+from server.http.app import DEFAULT_MAX_BODY_BYTES, build_app
+
+DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator says otherwise
+DEFAULT_PORT = 8321
+DEFAULT_MAX_WAITING = 256
+DEFAULT_DRAIN_TIMEOUT_S = 60.0
+API_KEY_ENV = "LLAMA_ENGINE_API_KEY"
+GIB = 1 << 30
+LOG = logging.getLogger("server")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", metavar="PATH", default=None,
+                        help="GGUF file or HF folder to serve (repeatable); default: SmolLM2-135M")
+    parser.add_argument("--alias", action="append", metavar="NAME=ID", default=[],
+                        help="extra name for a model id, e.g. llama3_8b_chat=SmolLM2-135M-Instruct.Q4_1")
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                        help="sequences that may wait beyond the running batch before 503")
+    parser.add_argument("--max-running", type=int, default=None,
+                        help="sequences counted as running (default: the engine's max_num_seqs)")
+    parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                        help="seconds SIGTERM waits for in-flight requests")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--kv-cache-gib", type=float, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--log-level", default="INFO")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for name in ("max_model_len", "max_num_seqs", "device", "dtype"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    if args.kv_cache_gib is not None:
+        kwargs["kv_cache_bytes"] = int(args.kv_cache_gib * GIB)
+    return kwargs
+
+
+def load_registry(args: argparse.Namespace) -> ModelRegistry:
+    from llama_engine.engine.async_engine import AsyncLLMEngine
+
+    registry = ModelRegistry()
+    for path in args.model or [None]:
+        engine = AsyncLLMEngine.from_model(path, **engine_kwargs(args))
+        max_running = args.max_running or getattr(getattr(engine, "config", None), "max_num_seqs",
+                                                  None) or args.max_num_seqs or 64
+        registry.add(ServedModel(engine.model_id, engine, max_running=max_running,
+                                 max_waiting=args.max_waiting))
+        LOG.info("loaded model %s (context %d tokens)", engine.model_id, engine.max_model_len)
+    for mapping in args.alias:
+        alias, sep, model_id = mapping.partition("=")
+        if not sep or not alias or not model_id:
+            raise SystemExit(f"--alias must look like NAME=MODEL_ID, got {mapping!r}")
+        registry.add_alias(alias, model_id)
+    return registry
+
+
+async def run_until_signalled(app: web.Application, host: str, port: int,
+                              drain_timeout_s: float) -> None:
+    """Serve until SIGTERM or SIGINT; then stop accepting, let in-flight requests finish
+    (up to the drain timeout), and only then return."""
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts its
+    # engine request and frees its KV blocks.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=drain_timeout_s,
+                           access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, shutdown_timeout=drain_timeout_s)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    LOG.info("serving on http://%s:%d", host, port)
+    print(f"llama-engine server listening on http://{host}:{port}", flush=True)
+    await stop.wait()
+    LOG.info("draining in-flight requests (up to %.0f s)", drain_timeout_s)
+    await runner.cleanup()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    registry = load_registry(args)
+    app = build_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    try:
+        await run_until_signalled(app, args.host, args.port, args.drain_timeout)
+    finally:
+        for model in registry.models():
+            await model.engine.shutdown()
+    LOG.info("stopped")
+
+
+def serve(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(_serve(args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m server.cli`: the same as `llama-engine serve`."""
+    parser = argparse.ArgumentParser(prog="llama-engine serve", description=__doc__)
+    add_serve_arguments(parser)
+    serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The aiohttp application: one table of routes drives both the handlers and /openapi.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Optional
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from server.api.errors import APIError, validation_error
+from server.api.generation import GenerationRunner
+from server.api.inference import InferenceService
+from server.api.openai_compat import OpenAIService
+from server.api.registry import ModelRegistry
+from server.http.metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
+from server.http.middleware import access_log_middleware, auth_middleware, error_middleware
+from server.http.sse import OPENAI_DONE, send_event_stream
+from server.schemas import llama_stack as ls
+from server.schemas.common import HealthResponse
+from server.schemas import openai as oa
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a prompt filling a 128k context is ~0.5 MB of text
+JSONL_CONTENT_TYPE = "application/jsonl"
+JSON_CONTENT_TYPE = "application/json"
+MAX_JSON_DEPTH_MESSAGE = "body: JSON is nested too deeply"
+
+REGISTRY_KEY = web.AppKey("registry", ModelRegistry)
+METRICS_KEY = web.AppKey("metrics", ServerMetrics)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One POST route: its request model, how it answers, and the service call behind it."""
+
+    path: str
+    summary: str
+    tag: str
+    request_model: type[BaseModel]
+    response_model: type[BaseModel]
+    call: Callable[[Any], Awaitable[Any]]
+    stream_call: Optional[Callable[[Any], Any]] = None  # for requests with stream=true
+    stream_model: Optional[type[BaseModel]] = None
+    jsonl: bool = False  # answers one response per line
+    done_marker: Optional[bytes] = None  # what ends the event stream, if anything
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
+    raw = await request.read()  # raises 413 past the body limit
+    try:
+        data = json.loads(raw or b"null", parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(MAX_JSON_DEPTH_MESSAGE, param="body") from None
+    except ValueError as exc:  # JSONDecodeError and non-UTF-8 bodies
+        raise APIError(f"body: invalid JSON: {exc}", param="body") from None
+    if not isinstance(data, dict):
+        raise APIError(f"body: must be a JSON object, got {type(data).__name__ if data is not None else 'nothing'}",
+                       param="body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    except RecursionError:
+        raise APIError(MAX_JSON_DEPTH_MESSAGE, param="body") from None
+
+
+def json_response(result: BaseModel) -> web.Response:
+    return web.Response(text=result.model_dump_json(), content_type=JSON_CONTENT_TYPE)
+
+
+def make_handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await parse_body(request, route.request_model)
+        if route.stream_call is not None and getattr(body, "stream", False):
+            return await send_event_stream(request, route.stream_call(body), route.done_marker)
+        result = await route.call(body)
+        if route.jsonl:
+            lines = "".join(item.model_dump_json() + "\n" for item in result)
+            return web.Response(text=lines, content_type=JSONL_CONTENT_TYPE)
+        return json_response(result)
+    return handler
+
+
+def inference_routes(registry: ModelRegistry, runner: GenerationRunner) -> list[Route]:
+    spec = InferenceService(registry, runner)
+    openai = OpenAIService(registry, runner)
+    return [
+        Route("/inference/completion", "Complete a prompt (spec Inference API).", "Inference",
+              ls.CompletionRequest, ls.CompletionResponse, spec.completion,
+              spec.completion_stream, ls.CompletionResponseStreamChunk),
+        Route("/inference/chat_completion", "Answer a dialog, with tools (spec Inference API).",
+              "Inference", ls.ChatCompletionRequest, ls.ChatCompletionResponse, spec.chat_completion,
+              spec.chat_completion_stream, ls.ChatCompletionResponseStreamChunk),
+        Route("/inference/batch_completion", "Complete a batch of prompts, scheduled together.",
+              "Inference", ls.BatchCompletionRequest, ls.CompletionResponse, spec.batch_completion,
+              jsonl=True),
+        Route("/inference/batch_chat_completion", "Answer a batch of dialogs, scheduled together.",
+              "Inference", ls.BatchChatCompletionRequest, ls.ChatCompletionResponse,
+              spec.batch_chat_completion, jsonl=True),
+        Route("/v1/completions", "OpenAI-compatible text completion.", "OpenAI",
+              oa.OpenAICompletionRequest, oa.OpenAICompletionResponse, openai.completion,
+              openai.completion_stream, oa.OpenAICompletionResponse, done_marker=OPENAI_DONE),
+        Route("/v1/chat/completions", "OpenAI-compatible chat completion.", "OpenAI",
+              oa.OpenAIChatCompletionRequest, oa.OpenAIChatCompletionResponse, openai.chat_completion,
+              openai.chat_completion_stream, oa.ChatCompletionChunk, done_marker=OPENAI_DONE),
+    ]
+
+
+async def health(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY_KEY]
+    return json_response(HealthResponse(status="ok", models=[m.model_id for m in registry.models()]))
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY].render()
+    return web.Response(body=body.encode("utf-8"), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+
+def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
+    from server.http.openapi import build_openapi
+
+    metrics = ServerMetrics(registry)
+    runner = GenerationRunner(listener=metrics)
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[
+        access_log_middleware(metrics), error_middleware, auth_middleware(api_key)])
+    app[REGISTRY_KEY] = registry
+    app[METRICS_KEY] = metrics
+    routes = inference_routes(registry, runner)
+    for route in routes:
+        app.router.add_post(route.path, make_handler(route))
+    openai = OpenAIService(registry, runner)
+    document = build_openapi(routes)
+
+    async def list_models(request: web.Request) -> web.Response:
+        return json_response(openai.list_models())
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/openapi.json", openapi_json)
+    return app

@@ -1,0 +1,92 @@
+"""The OpenAPI 3.1 document, generated from the route table and the pydantic models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from server.http.app import JSON_CONTENT_TYPE, JSONL_CONTENT_TYPE, Route
+from server.http.metrics import PROMETHEUS_CONTENT_TYPE
+from server.schemas.common import ErrorResponse, HealthResponse
+from server.schemas.openai import ModelList
+
+OPENAPI_VERSION = "3.1.0"
+REF_TEMPLATE = "#/components/schemas/{model}"
+SSE_CONTENT_TYPE = "text/event-stream"
+# What each route may refuse with, beside the 200.
+ERROR_STATUSES = {
+    "400": "Invalid request: the message names the field and the reason.",
+    "401": "Missing or wrong API key.",
+    "404": "Unknown model.",
+    "413": "Request body too large.",
+    "503": "Server at capacity; retry after the Retry-After header's seconds.",
+}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF_TEMPLATE.format(model=model.__name__)}
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {JSON_CONTENT_TYPE: {"schema": schema}}
+
+
+def _error_responses() -> dict[str, Any]:
+    return {status: {"description": text, "content": _json_content(_ref(ErrorResponse))}
+            for status, text in ERROR_STATUSES.items()}
+
+
+def _post_operation(route: Route) -> dict[str, Any]:
+    media = JSONL_CONTENT_TYPE if route.jsonl else JSON_CONTENT_TYPE
+    content: dict[str, Any] = {media: {"schema": _ref(route.response_model)}}
+    description = "One JSON response per line, in request order." if route.jsonl else "The response."
+    if route.stream_model is not None:
+        # With stream=true, each `data:` line of the event stream holds one of these.
+        content[SSE_CONTENT_TYPE] = {"schema": {"type": "string"},
+                                     "x-event-schema": _ref(route.stream_model)}
+        description += f" With stream=true, an event stream of {route.stream_model.__name__}."
+    return {
+        "summary": route.summary,
+        "tags": [route.tag],
+        "operationId": route.path.strip("/").replace("/", "_"),
+        "requestBody": {"required": True, "content": _json_content(_ref(route.request_model))},
+        "responses": {"200": {"description": description, "content": content}, **_error_responses()},
+    }
+
+
+def _get_operation(summary: str, tag: str, content: dict[str, Any]) -> dict[str, Any]:
+    return {"summary": summary, "tags": [tag],
+            "responses": {"200": {"description": summary, "content": content},
+                          "401": _error_responses()["401"]}}
+
+
+def _component_schemas(routes: list[Route]) -> dict[str, Any]:
+    entries: list[tuple[type[BaseModel], str]] = [(r.request_model, "validation") for r in routes]
+    responses = {r.response_model for r in routes} | {r.stream_model for r in routes if r.stream_model}
+    responses |= {ErrorResponse, HealthResponse, ModelList}
+    entries += [(m, "serialization") for m in sorted(responses, key=lambda m: m.__name__)]
+    _, schemas = models_json_schema(entries, ref_template=REF_TEMPLATE)
+    return schemas.get("$defs", {})
+
+
+def build_openapi(routes: list[Route]) -> dict[str, Any]:
+    paths: dict[str, Any] = {route.path: {"post": _post_operation(route)} for route in routes}
+    paths["/v1/models"] = {"get": _get_operation("List the loaded models.", "OpenAI",
+                                                 _json_content(_ref(ModelList)))}
+    paths["/health"] = {"get": {"summary": "Liveness.", "tags": ["Operations"], "security": [],
+                                "responses": {"200": {"description": "Serving.",
+                                                      "content": _json_content(_ref(HealthResponse))}}}}
+    paths["/metrics"] = {"get": _get_operation("Prometheus metrics.", "Operations",
+                                               {PROMETHEUS_CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}})}
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": "llama-engine", "version": "0.1.0",
+                 "description": "The llama-stack Inference API and an OpenAI-compatible API."},
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {"schemas": _component_schemas(routes),
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+    }
