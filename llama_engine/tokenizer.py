@@ -45,6 +45,13 @@ KEY_ADD_BOS = "tokenizer.ggml.add_bos_token"
 KEY_ADD_EOS = "tokenizer.ggml.add_eos_token"
 KEY_ADD_SPACE_PREFIX = "tokenizer.ggml.add_space_prefix"
 KEY_CHAT_TEMPLATE = "tokenizer.chat_template"
+# Chat-template variable name (also the tokenizer_config key) -> GGUF key of that token's id.
+GGUF_SPECIAL_TOKEN_KEYS = {
+    "bos_token": KEY_BOS_ID,
+    "eos_token": KEY_EOS_ID,
+    "unk_token": KEY_UNK_ID,
+    "pad_token": KEY_PAD_ID,
+}
 
 GGUF_MODEL_BYTE_LEVEL_BPE = "gpt2"
 GGUF_MODEL_SENTENCEPIECE_BPE = "llama"
@@ -222,16 +229,18 @@ def _register_added_tokens(backend: BackendTokenizer, tokens: Sequence[str], tok
     backend.add_tokens(user_defined)
 
 
-def _set_bos_eos_post_processor(
-    backend: BackendTokenizer, bos: tuple[str, int] | None, eos: tuple[str, int] | None
-) -> None:
-    """Have encode(add_special_tokens=True) wrap the ids in BOS/EOS when the model wants them."""
-    template = [f"{bos[0]}:0"] if bos else []
-    template.append("$A:0")
-    if eos:
-        template.append(f"{eos[0]}:0")
+# Names of the BOS/EOS slots in the post-processor template. Only the ids reach the output; fixed
+# names avoid TemplateProcessing's parser, which rejects token text containing ":".
+TEMPLATE_BOS_SLOT = "BOS"
+TEMPLATE_EOS_SLOT = "EOS"
+
+
+def _set_bos_eos_post_processor(backend: BackendTokenizer, bos_id: int | None, eos_id: int | None) -> None:
+    """Have encode(add_special_tokens=True) wrap the ids in BOS/EOS (None: not added)."""
+    slots = [(TEMPLATE_BOS_SLOT, bos_id), ("$A", None), (TEMPLATE_EOS_SLOT, eos_id)]
+    used = [(name, token_id) for name, token_id in slots if name == "$A" or token_id is not None]
     backend.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[token for token in (bos, eos) if token is not None]
+        single=[name for name, _ in used], special_tokens=[slot for slot in used if slot[1] is not None]
     )
 
 
@@ -246,6 +255,27 @@ def _optional_id(metadata: Mapping[str, Any], key: str, vocab_size: int) -> int 
     if token_id is None or not 0 <= int(token_id) < vocab_size:
         return None
     return int(token_id)
+
+
+def _build_gguf_backend(metadata: Mapping[str, Any]) -> tuple[BackendTokenizer, bool]:
+    """The `tokenizers` pipeline for a GGUF, and whether the model adds BOS when the file is silent."""
+    model_kind = _require(metadata, KEY_MODEL)
+    if model_kind not in (GGUF_MODEL_BYTE_LEVEL_BPE, GGUF_MODEL_SENTENCEPIECE_BPE):
+        raise ValueError(f"unsupported GGUF tokenizer model: {KEY_MODEL}={model_kind!r}")
+    tokens = _require(metadata, KEY_TOKENS)
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tokens):
+        vocab.setdefault(token, token_id)  # a duplicated spelling keeps its first id
+    if model_kind == GGUF_MODEL_BYTE_LEVEL_BPE:
+        backend = _build_byte_level_backend(metadata, vocab)
+        # llama.cpp's defaults: Llama 3 vocabularies start with BOS, GPT-2 style ones do not.
+        default_add_bos = metadata.get(KEY_PRE) in PRE_LLAMA3
+    else:
+        backend = _build_sentencepiece_backend(metadata, vocab)
+        default_add_bos = True
+    token_types = metadata.get(KEY_TOKEN_TYPE) or [GGUFTokenType.NORMAL] * len(tokens)
+    _register_added_tokens(backend, tokens, token_types)
+    return backend, default_add_bos
 
 
 # ================================================================================================
@@ -278,6 +308,26 @@ def _as_id_list(value: Any) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _hf_special_tokens(
+    backend: BackendTokenizer, config: Mapping[str, Any], special_map: Mapping[str, Any]
+) -> dict[str, str]:
+    """bos/eos/unk/pad token text from tokenizer_config, else special_tokens_map, if in the vocab."""
+    found = {}
+    for name in GGUF_SPECIAL_TOKEN_KEYS:
+        content = _token_content(config.get(name)) or _token_content(special_map.get(name))
+        if content is not None and backend.token_to_id(content) is not None:
+            found[name] = content
+    return found
+
+
+def _hf_raw_chat_template(folder: Path, config: Mapping[str, Any]) -> Any:
+    """tokenizer_config's chat_template, else chat_template.jinja (where newer transformers save it)."""
+    template_file = folder / HF_CHAT_TEMPLATE_FILE
+    if config.get("chat_template") is None and template_file.is_file():
+        return template_file.read_text(encoding="utf-8")
+    return config.get("chat_template")
 
 
 # ================================================================================================
@@ -367,36 +417,14 @@ class Tokenizer:
         """Build from a GGUF file's tokenizer.* metadata (pass the loader's GGUFReader to reuse it)."""
         reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(path_or_reader)
         metadata = _read_tokenizer_metadata(reader)
-        model_kind = _require(metadata, KEY_MODEL)
-        if model_kind not in (GGUF_MODEL_BYTE_LEVEL_BPE, GGUF_MODEL_SENTENCEPIECE_BPE):
-            raise ValueError(f"unsupported GGUF tokenizer model: {KEY_MODEL}={model_kind!r}")
-        tokens = _require(metadata, KEY_TOKENS)
-        token_types = metadata.get(KEY_TOKEN_TYPE) or [GGUFTokenType.NORMAL] * len(tokens)
-        vocab: dict[str, int] = {}
-        for token_id, token in enumerate(tokens):
-            vocab.setdefault(token, token_id)  # a duplicated spelling keeps its first id
-        if model_kind == GGUF_MODEL_BYTE_LEVEL_BPE:
-            backend = _build_byte_level_backend(metadata, vocab)
-            default_add_bos = metadata.get(KEY_PRE) in PRE_LLAMA3
-        else:
-            backend = _build_sentencepiece_backend(metadata, vocab)
-            default_add_bos = True
-        _register_added_tokens(backend, tokens, token_types)
-
-        ids = {key: _optional_id(metadata, key, len(tokens)) for key in (KEY_BOS_ID, KEY_EOS_ID, KEY_UNK_ID, KEY_PAD_ID)}
-        bos_id, eos_id = ids[KEY_BOS_ID], ids[KEY_EOS_ID]
+        backend, default_add_bos = _build_gguf_backend(metadata)
+        tokens = metadata[KEY_TOKENS]
+        ids = {name: _optional_id(metadata, key, len(tokens)) for name, key in GGUF_SPECIAL_TOKEN_KEYS.items()}
+        bos_id, eos_id = ids["bos_token"], ids["eos_token"]
         add_bos = bool(metadata.get(KEY_ADD_BOS, default_add_bos)) and bos_id is not None
         add_eos = bool(metadata.get(KEY_ADD_EOS, False)) and eos_id is not None
-        _set_bos_eos_post_processor(
-            backend, (tokens[bos_id], bos_id) if add_bos else None, (tokens[eos_id], eos_id) if add_eos else None
-        )
-        extra_stops = [_optional_id(metadata, key, len(tokens)) for key in (KEY_EOT_ID, KEY_EOM_ID)]
-        template_tokens = {
-            name: tokens[ids[key]]
-            for name, key in (("bos_token", KEY_BOS_ID), ("eos_token", KEY_EOS_ID), ("unk_token", KEY_UNK_ID),
-                              ("pad_token", KEY_PAD_ID))
-            if ids[key] is not None
-        }
+        _set_bos_eos_post_processor(backend, bos_id if add_bos else None, eos_id if add_eos else None)
+        extra_stops = (_optional_id(metadata, key, len(tokens)) for key in (KEY_EOT_ID, KEY_EOM_ID))
         return cls(
             backend,
             vocab_size=len(tokens),
@@ -404,7 +432,7 @@ class Tokenizer:
             eos_token_id=eos_id,
             extra_stop_token_ids=[token_id for token_id in extra_stops if token_id is not None],
             chat_template=metadata.get(KEY_CHAT_TEMPLATE),
-            template_tokens=template_tokens,
+            template_tokens={name: tokens[token_id] for name, token_id in ids.items() if token_id is not None},
         )
 
     @classmethod
@@ -419,11 +447,7 @@ class Tokenizer:
         special_map = _load_json_if_present(folder / HF_SPECIAL_TOKENS_MAP_FILE)
         generation = _load_json_if_present(folder / HF_GENERATION_CONFIG_FILE)
 
-        template_tokens = {}
-        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            content = _token_content(config.get(name)) or _token_content(special_map.get(name))
-            if content is not None and backend.token_to_id(content) is not None:
-                template_tokens[name] = content
+        template_tokens = _hf_special_tokens(backend, config, special_map)
         bos_id = cls._id_of(backend, template_tokens.get("bos_token"))
         eos_id = cls._id_of(backend, template_tokens.get("eos_token"))
         generation_eos = _as_id_list(generation.get("eos_token_id"))
@@ -437,16 +461,9 @@ class Tokenizer:
         if "add_bos_token" in config or "add_eos_token" in config:
             wants_bos = bool(config.get("add_bos_token")) and bos_id is not None
             wants_eos = bool(config.get("add_eos_token")) and eos_id is not None
-            _set_bos_eos_post_processor(
-                backend,
-                (backend.id_to_token(bos_id), bos_id) if wants_bos else None,
-                (backend.id_to_token(eos_id), eos_id) if wants_eos else None,
-            )
+            _set_bos_eos_post_processor(backend, bos_id if wants_bos else None, eos_id if wants_eos else None)
 
-        template_file = folder / HF_CHAT_TEMPLATE_FILE
-        raw_template = config.get("chat_template")
-        if raw_template is None and template_file.is_file():
-            raw_template = template_file.read_text(encoding="utf-8")
+        raw_template = _hf_raw_chat_template(folder, config)
         return cls(
             backend,
             vocab_size=backend.get_vocab_size(with_added_tokens=True),
