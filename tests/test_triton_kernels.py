@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 
 from llama_engine.kernels import reference  # noqa: E402
 from llama_engine.kernels import triton as tk  # noqa: E402
+from llama_engine.kernels.triton import attention as triton_attention  # noqa: E402
 from llama_engine.quant import dequantize, quantize  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -121,7 +122,7 @@ def _paged_cache(gen: torch.Generator, context_lens: list[int], block_size: int,
 
 def _check_attention(gen: torch.Generator, q_lens: list[int], context_lens: list[int],
                      block_size: int, kv_heads: int, group: int, head_dim: int,
-                     dtype: torch.dtype) -> None:
+                     dtype: torch.dtype, kv_splits: int | None = None) -> None:
     k_cache, v_cache, block_tables = _paged_cache(gen, context_lens, block_size, kv_heads,
                                                   head_dim, dtype)
     q = _randn(gen, sum(q_lens), kv_heads * group, head_dim, dtype=dtype)
@@ -130,7 +131,12 @@ def _check_attention(gen: torch.Generator, q_lens: list[int], context_lens: list
     scale = head_dim ** -0.5
     expected = reference.paged_attention(q, k_cache, v_cache, block_tables, lens,
                                          cu_seqlens_q, scale)
-    actual = tk.paged_attention(q, k_cache, v_cache, block_tables, lens, cu_seqlens_q, scale)
+    if kv_splits is None:
+        actual = tk.paged_attention(q, k_cache, v_cache, block_tables, lens, cu_seqlens_q,
+                                    scale)
+    else:
+        actual = triton_attention.paged_attention_split_kv(
+            q, k_cache, v_cache, block_tables, lens, cu_seqlens_q, scale, kv_splits)
     _assert_close(actual, expected, REDUCTION_TOLERANCE)
 
 
@@ -154,6 +160,24 @@ def test_paged_attention_decode_only(dtype: torch.dtype, group: int) -> None:
     n_seqs = _randint(gen, 2, 5)
     context_lens = [_randint(gen, 1, 60) for _ in range(n_seqs)]
     _check_attention(gen, [1] * n_seqs, context_lens, 8, 2, group, 64, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_splits", [2, 5])
+def test_paged_attention_split_kv_decode(dtype: torch.dtype, kv_splits: int) -> None:
+    gen = _generator(20 + kv_splits)
+    n_seqs = _randint(gen, 1, 4)
+    context_lens = [_randint(gen, 1, 90) for _ in range(n_seqs)]
+    _check_attention(gen, [1] * n_seqs, context_lens, 16, 2, 3, 64, dtype, kv_splits)
+
+
+@pytest.mark.parametrize("kv_splits", [3, 4])
+def test_paged_attention_split_kv_prefill(kv_splits: int) -> None:
+    """Splits of a prefill tile hold rows that see no key of the split at all."""
+    gen = _generator(30 + kv_splits)
+    q_lens = [_randint(gen, 10, 30), 1, 0, _randint(gen, 2, 9)]
+    context_lens = [q_lens[0], 40, 3, q_lens[3] + 50]
+    _check_attention(gen, q_lens, context_lens, 8, 1, 3, 32, torch.float32, kv_splits)
 
 
 def test_paged_attention_skips_empty_sequences() -> None:

@@ -12,6 +12,10 @@ The grid is sized from tensor shapes only (no device-to-host sync): sequence i g
 starting at cu_seqlens_q[i] // BLOCK_Q + i, an over-count that always leaves room for
 ceil(q_len / BLOCK_Q) tiles; each program finds its sequence by comparing its tile index
 with those starts, and surplus programs do nothing.
+
+When tiles x KV heads are too few to fill the GPU (small decode batches), a third grid
+dimension splits each tile's KV range (flash-decoding); the splits store unnormalised
+outputs with their softmax max/sum, and a second kernel merges them.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llama_engine.kernels.triton._launch import dot_operand_dtype, dot_precision, is_interpreter
+from llama_engine.kernels.triton._launch import (dot_operand_dtype, dot_precision,
+                                                  is_interpreter, sm_count)
 
 LOG2_E = 1.0 / math.log(2.0)
 # tl.dot needs every dimension >= 16 when compiled.
@@ -31,6 +36,10 @@ MIN_DOT_DIM = 16
 PREFILL_BLOCK_M = {True: 16, False: 64}
 BLOCK_N = {True: 16, False: 64}
 ATTENTION_WARPS = 4
+# Split-KV (flash-decoding): aim for this many programs per SM, with at most this many
+# splits of one tile's KV range.
+PROGRAMS_PER_SM = 2
+MAX_KV_SPLITS = 32
 ATTENTION_STAGES = 2
 
 
@@ -88,17 +97,56 @@ def _find_sequence(tile, cu_seqlens_q_ptr, n_seqs, BLOCK_Q: tl.constexpr,
 
 
 @triton.jit
+def _attend(q, q_positions, kv_lo, kv_hi, k_cache_ptr, v_cache_ptr, block_table_row,
+            kv_head_offset, cache_block_stride, cache_slot_stride, dims, dim_valid, scale_log2,
+            BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            D_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of q's rows over cache positions [kv_lo, kv_hi), causally masked.
+    Returns (unnormalised output, row sums, row maxima); log2 domain."""
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for kv_start in range(kv_lo, kv_hi, BLOCK_N):
+        kv_positions = kv_start + tl.arange(0, BLOCK_N)
+        kv_valid = kv_positions < kv_hi
+        physical_blocks = tl.load(block_table_row + kv_positions // BLOCK_SIZE,
+                                  mask=kv_valid, other=0).to(tl.int64)
+        kv_offsets = (physical_blocks * cache_block_stride
+                      + (kv_positions % BLOCK_SIZE) * cache_slot_stride + kv_head_offset)
+        k_t = tl.load(k_cache_ptr + kv_offsets[None, :] + dims[:, None],
+                      mask=kv_valid[None, :] & dim_valid[:, None], other=0.0)
+        scores = tl.dot(q, k_t.to(DOT_DTYPE), input_precision=DOT_PRECISION) * scale_log2
+        visible = (kv_positions[None, :] <= q_positions[:, None]) & kv_valid[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # A row that has seen no visible key yet keeps max -inf; shift it by 0 instead of
+        # computing -inf - -inf.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        correction = tl.exp2(row_max - shift)
+        probs = tl.exp2(scores - shift[:, None])
+        row_sum = row_sum * correction + tl.sum(probs, axis=1)
+        v = tl.load(v_cache_ptr + kv_offsets[:, None] + dims[None, :],
+                    mask=kv_valid[:, None] & dim_valid[None, :], other=0.0)
+        acc = acc * correction[:, None] + tl.dot(probs.to(DOT_DTYPE), v.to(DOT_DTYPE),
+                                                 input_precision=DOT_PRECISION)
+        row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit
 def _paged_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr,
-        cu_seqlens_q_ptr, scale_log2, n_seqs, head_dim,
-        q_token_stride, q_head_stride, out_token_stride, out_head_stride,
-        cache_block_stride, cache_slot_stride, cache_head_stride, block_table_stride,
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_stats_ptr,
+        block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, scale_log2, n_seqs, head_dim,
+        n_heads, rows_per_split, q_token_stride, q_head_stride, out_token_stride,
+        out_head_stride, cache_block_stride, cache_slot_stride, cache_head_stride,
+        block_table_stride,
         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
         TILE_SLACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        D_PAD: tl.constexpr, SEQS_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        D_PAD: tl.constexpr, SEQS_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     seq = _find_sequence(tile, cu_seqlens_q_ptr, n_seqs, BLOCK_Q, TILE_SLACK, SEQS_PAD)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
@@ -114,43 +162,57 @@ def _paged_attention_kernel(
         dims = tl.arange(0, D_PAD)
         dim_valid = dims < head_dim
         tokens = (q_start + q_in_seq).to(tl.int64)
+        row_mask = row_valid[:, None] & dim_valid[None, :]
         q = tl.load(q_ptr + tokens[:, None] * q_token_stride + heads[:, None] * q_head_stride
-                    + dims[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
-        q = q.to(DOT_DTYPE)
-
-        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        row_sum = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        # Causal: the tile's last query row bounds the keys any row of it can see.
+                    + dims[None, :], mask=row_mask, other=0.0)
+        # Causal: the tile's last query row bounds the keys any row of it can see. Splits
+        # cut that range into equal BLOCK_N-aligned chunks.
         kv_end = context_len - q_len + tl.minimum(q_tile_start + BLOCK_Q, q_len)
-        block_table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
-        for kv_start in range(0, kv_end, BLOCK_N):
-            kv_positions = kv_start + tl.arange(0, BLOCK_N)
-            kv_valid = kv_positions < kv_end
-            physical_blocks = tl.load(block_table_row + kv_positions // BLOCK_SIZE,
-                                      mask=kv_valid, other=0).to(tl.int64)
-            kv_offsets = (physical_blocks * cache_block_stride
-                          + (kv_positions % BLOCK_SIZE) * cache_slot_stride
-                          + kv_head * cache_head_stride)
-            kv_mask = kv_valid[None, :] & dim_valid[:, None]
-            k_t = tl.load(k_cache_ptr + kv_offsets[None, :] + dims[:, None], mask=kv_mask,
-                          other=0.0)
-            scores = tl.dot(q, k_t.to(DOT_DTYPE), input_precision=DOT_PRECISION) * scale_log2
-            visible = (kv_positions[None, :] <= q_positions[:, None]) & kv_valid[None, :]
-            scores = tl.where(visible, scores, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-            correction = tl.exp2(row_max - new_max)
-            probs = tl.exp2(scores - new_max[:, None])
-            row_sum = row_sum * correction + tl.sum(probs, axis=1)
-            v = tl.load(v_cache_ptr + kv_offsets[:, None] + dims[None, :],
-                        mask=kv_valid[:, None] & dim_valid[None, :], other=0.0)
-            acc = acc * correction[:, None] + tl.dot(probs.to(DOT_DTYPE), v.to(DOT_DTYPE),
-                                                     input_precision=DOT_PRECISION)
-            row_max = new_max
-        out = acc / tl.where(row_valid, row_sum, 1.0)[:, None]
-        tl.store(out_ptr + tokens[:, None] * out_token_stride + heads[:, None] * out_head_stride
-                 + dims[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=row_valid[:, None] & dim_valid[None, :])
+        chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_lo = split * chunk
+        acc, row_sum, row_max = _attend(
+            q.to(DOT_DTYPE), q_positions, kv_lo, tl.minimum(kv_lo + chunk, kv_end),
+            k_cache_ptr, v_cache_ptr,
+            block_tables_ptr + seq.to(tl.int64) * block_table_stride,
+            kv_head * cache_head_stride, cache_block_stride, cache_slot_stride, dims,
+            dim_valid, scale_log2, BLOCK_SIZE, BLOCK_M, BLOCK_N, D_PAD, DOT_DTYPE,
+            DOT_PRECISION)
+        if NUM_SPLITS == 1:
+            out = acc / tl.where(row_valid, row_sum, 1.0)[:, None]
+            tl.store(out_ptr + tokens[:, None] * out_token_stride
+                     + heads[:, None] * out_head_stride + dims[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        else:
+            partial_rows = split * rows_per_split + tokens * n_heads + heads
+            tl.store(partial_out_ptr + partial_rows[:, None] * head_dim + dims[None, :], acc,
+                     mask=row_mask)
+            tl.store(partial_stats_ptr + partial_rows * 2, row_max, mask=row_valid)
+            tl.store(partial_stats_ptr + partial_rows * 2 + 1, row_sum, mask=row_valid)
+
+
+@triton.jit
+def _combine_splits_kernel(partial_out_ptr, partial_stats_ptr, out_ptr, n_heads, head_dim,
+                           rows_per_split, out_token_stride, out_head_stride,
+                           NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                           D_PAD: tl.constexpr):
+    """Merge the per-split softmax states of one (token, head) row into the output."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_valid = splits < NUM_SPLITS
+    partial_rows = splits * rows_per_split + token * n_heads + head
+    row_max = tl.load(partial_stats_ptr + partial_rows * 2, mask=split_valid,
+                      other=float("-inf"))
+    row_sum = tl.load(partial_stats_ptr + partial_rows * 2 + 1, mask=split_valid, other=0.0)
+    # Split 0 always holds position 0, so the overall maximum is finite.
+    weights = tl.exp2(row_max - tl.max(row_max, axis=0))
+    dims = tl.arange(0, D_PAD)
+    dim_valid = dims < head_dim
+    acc = tl.load(partial_out_ptr + partial_rows[:, None] * head_dim + dims[None, :],
+                  mask=split_valid[:, None] & dim_valid[None, :], other=0.0)
+    out = tl.sum(acc * weights[:, None], axis=0) / tl.sum(row_sum * weights, axis=0)
+    tl.store(out_ptr + token * out_token_stride + head * out_head_stride + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dim_valid)
 
 
 def _query_tile(n_tokens: int, n_seqs: int, group: int) -> tuple[int, int]:
@@ -163,11 +225,28 @@ def _query_tile(n_tokens: int, n_seqs: int, group: int) -> tuple[int, int]:
     return block_q, block_m
 
 
+def _kv_splits_for(n_programs: int, device: torch.device) -> int:
+    """Split the KV range when tiles x heads alone would leave SMs idle (small decode
+    batches over long contexts), up to MAX_KV_SPLITS."""
+    wanted_programs = PROGRAMS_PER_SM * sm_count(device)
+    return max(1, min(MAX_KV_SPLITS, wanted_programs // n_programs))
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of q [T, H, D] over each sequence's paged KV cache; see
     ``reference.paged_attention`` for the exact contract. Returns [T, H, D] in q's dtype."""
+    return paged_attention_split_kv(q, k_cache, v_cache, block_tables, context_lens,
+                                    cu_seqlens_q, scale, num_kv_splits=None)
+
+
+def paged_attention_split_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             block_tables: torch.Tensor, context_lens: torch.Tensor,
+                             cu_seqlens_q: torch.Tensor, scale: float,
+                             num_kv_splits: int | None) -> torch.Tensor:
+    """paged_attention with each tile's KV range cut into num_kv_splits parts (None: pick
+    from the grid size and the SM count) whose softmax states a second kernel merges."""
     n_tokens, n_heads, head_dim = q.shape
     n_seqs, n_kv_heads = context_lens.shape[0], k_cache.shape[2]
     group = n_heads // n_kv_heads
@@ -182,16 +261,26 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     # With one token a tile, tiles map to tokens exactly and need no per-sequence slack.
     tile_slack = 1 if block_q > 1 else 0
     n_tiles = n_tokens // block_q + n_seqs * tile_slack
-    interpreting = is_interpreter()
-    _paged_attention_kernel[(n_tiles, n_kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q,
-        scale * LOG2_E, n_seqs, head_dim, q.stride(0), q.stride(1), out.stride(0),
-        out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
+    splits = num_kv_splits or _kv_splits_for(n_tiles * n_kv_heads, q.device)
+    rows_per_split = n_tokens * n_heads
+    partial_out = torch.empty((splits, rows_per_split, head_dim) if splits > 1 else (0,),
+                              dtype=torch.float32, device=q.device)
+    partial_stats = torch.empty((splits, rows_per_split, 2) if splits > 1 else (0,),
+                                dtype=torch.float32, device=q.device)
+    d_pad = max(MIN_DOT_DIM, triton.next_power_of_2(head_dim))
+    _paged_attention_kernel[(n_tiles, n_kv_heads, splits)](
+        q, k_cache, v_cache, out, partial_out, partial_stats, block_tables, context_lens,
+        cu_seqlens_q, scale * LOG2_E, n_seqs, head_dim, n_heads, rows_per_split,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, TILE_SLACK=tile_slack,
-        BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N[interpreting], D_PAD=max(MIN_DOT_DIM, triton.next_power_of_2(head_dim)),
-        SEQS_PAD=triton.next_power_of_2(n_seqs),
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N[is_interpreter()], D_PAD=d_pad,
+        SEQS_PAD=triton.next_power_of_2(n_seqs), NUM_SPLITS=splits,
         DOT_DTYPE=dot_operand_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
         num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES)
+    if splits > 1:
+        _combine_splits_kernel[(n_tokens, n_heads)](
+            partial_out, partial_stats, out, n_heads, head_dim, rows_per_split,
+            out.stride(0), out.stride(1), NUM_SPLITS=splits,
+            SPLITS_PAD=triton.next_power_of_2(splits), D_PAD=d_pad)
     return out
