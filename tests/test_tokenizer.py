@@ -7,6 +7,7 @@ sentencepiece processor of a tiny BPE model trained here (SentencePiece path).
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -216,6 +217,53 @@ def test_unknown_pre_tokenizer_is_rejected(smollm_gguf_path: Path, tmp_path: Pat
     path = _copy_gguf_metadata(smollm_gguf_path, tmp_path / "odd.gguf", {"tokenizer.ggml.pre": "no-such-pre"})
     with pytest.raises(ValueError, match=r"tokenizer\.ggml\.pre='no-such-pre'"):
         Tokenizer.from_gguf(path)
+
+
+def _save_reference_folder(reference, folder: Path, config_changes: dict, chat_template: str | None = None) -> Path:
+    reference.save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, **config_changes}), encoding="utf-8")
+    if chat_template is not None:
+        (folder / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+    return folder
+
+
+def test_from_pretrained_honours_config_bos_and_generation_eos(reference, tmp_path: Path) -> None:
+    """add_bos_token in tokenizer_config adds BOS; generation_config's eos list all stop generation."""
+    folder = _save_reference_folder(
+        reference, tmp_path, {"add_bos_token": True, "eos_token": {"content": "<|endoftext|>", "special": True}}
+    )
+    end_of_text, end_of_turn = (reference.convert_tokens_to_ids(t) for t in ("<|endoftext|>", SMOLLM_END_OF_TURN))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_turn, end_of_text]}))
+    loaded = Tokenizer.from_pretrained(folder)
+    text = SAMPLE_TEXTS["ascii"]
+    assert loaded.encode(text) == [reference.bos_token_id, *reference.encode(text, add_special_tokens=False)]
+    assert loaded.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False)
+    assert loaded.eos_token_id == end_of_text
+    assert {end_of_text, end_of_turn} <= loaded.stop_token_ids
+
+
+# Exercises tools, tojson options, extra variables, loop controls and raise_exception.
+CUSTOM_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'skip' %}{% continue %}{% endif %}"
+    "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if tools %}TOOLS {{ tools | tojson(indent=2) }}\n{% endif %}{{ greeting }}"
+    "{% if messages | length > 3 %}{{ raise_exception('conversation too long') }}{% endif %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+CUSTOM_TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"q": "<é & 日>"}}}]
+
+
+def test_custom_template_with_tools_matches_transformers(reference, tmp_path: Path) -> None:
+    folder = _save_reference_folder(reference, tmp_path, {}, chat_template=CUSTOM_TEMPLATE)
+    loaded = Tokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": "é 日 🎉"}, {"role": "skip", "content": "x"}]
+    kwargs = {"tools": CUSTOM_TOOLS, "greeting": "hey", "add_generation_prompt": True}
+    expected = reference.apply_chat_template(messages, chat_template=CUSTOM_TEMPLATE, tokenize=False, **kwargs)
+    assert loaded.apply_chat_template(messages, tokenize=False, **kwargs) == expected
+    with pytest.raises(ChatTemplateError, match="conversation too long"):
+        loaded.apply_chat_template(messages * 2)
 
 
 # --- streaming --------------------------------------------------------------------------------
