@@ -189,7 +189,7 @@ def _build_sentencepiece_backend(metadata: Mapping[str, Any], vocab: dict[str, i
     tokens = metadata[KEY_TOKENS]
     scores = _require(metadata, KEY_SCORES)
     token_types = metadata.get(KEY_TOKEN_TYPE) or [GGUFTokenType.NORMAL] * len(tokens)
-    unk_id = metadata.get(KEY_UNK_ID)
+    unk_id = _optional_id(metadata, KEY_UNK_ID, len(tokens))
     bpe = models.BPE(
         vocab=vocab,
         merges=_sentencepiece_merges(tokens, scores, token_types, vocab),
@@ -237,11 +237,16 @@ TEMPLATE_EOS_SLOT = "EOS"
 
 def _set_bos_eos_post_processor(backend: BackendTokenizer, bos_id: int | None, eos_id: int | None) -> None:
     """Have encode(add_special_tokens=True) wrap the ids in BOS/EOS (None: not added)."""
-    slots = [(TEMPLATE_BOS_SLOT, bos_id), ("$A", None), (TEMPLATE_EOS_SLOT, eos_id)]
-    used = [(name, token_id) for name, token_id in slots if name == "$A" or token_id is not None]
-    backend.post_processor = processors.TemplateProcessing(
-        single=[name for name, _ in used], special_tokens=[slot for slot in used if slot[1] is not None]
-    )
+    template: list[str] = []
+    slots: list[tuple[str, int]] = []
+    if bos_id is not None:
+        template.append(TEMPLATE_BOS_SLOT)
+        slots.append((TEMPLATE_BOS_SLOT, bos_id))
+    template.append("$A")
+    if eos_id is not None:
+        template.append(TEMPLATE_EOS_SLOT)
+        slots.append((TEMPLATE_EOS_SLOT, eos_id))
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=slots)
 
 
 def _end_of_turn_ids(backend: BackendTokenizer) -> set[int]:

@@ -299,6 +299,32 @@ def test_incremental_detokenizer_flushes_incomplete_character(ours: Tokenizer) -
     assert detokenizer.flush() == ours.decode(ids[:-1])[len(held):]
 
 
+class _WindowRecordingTokenizer:
+    """Forwards decode() to a real tokenizer and records how many ids each call decodes."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.window_sizes: list[int] = []
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.window_sizes.append(len(ids))
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+STREAM_WINDOW_BOUND = 16  # generous: a window spans the last emitted chunk plus held-back tokens
+
+
+def test_incremental_detokenizer_decodes_a_bounded_window(ours: Tokenizer) -> None:
+    text = " ".join([SAMPLE_TEXTS["ascii"], SAMPLE_TEXTS["emoji_zwj"], SAMPLE_TEXTS["cjk"]] * 10)
+    ids = ours.encode(text)
+    recorder = _WindowRecordingTokenizer(ours)
+    detokenizer = IncrementalDetokenizer(recorder, prompt_ids=ours.encode(SAMPLE_TEXTS["code"]))
+    streamed = "".join(detokenizer.step([token_id]) for token_id in ids) + detokenizer.flush()
+    assert streamed == text
+    assert len(ids) > 10 * STREAM_WINDOW_BOUND
+    assert max(recorder.window_sizes) <= STREAM_WINDOW_BOUND
+
+
 # --- chat template edge cases -----------------------------------------------------------------
 
 
@@ -434,7 +460,9 @@ def test_sentencepiece_decode_matches_processor(sentencepiece_pair, text: str) -
     assert ours.decode([processor.bos_id(), *ids]) == processor.decode(ids)
 
 
-SP_FUZZ_PIECES = [*SP_WORDS, " ", "  ", "\t", "\n", "\r", "日", "🎉", "ÆØ", "qz", "\u200d", "\u00a0", "▁", "<0x41>"]
+SP_FUZZ_PIECES = [
+    *SP_WORDS, " ", "  ", "\t", "\n", "\r", "日", "🎉", "ÆØ", "qz", "\u200d", "\u00a0", "▁", "<0x41>",
+]
 SP_FUZZ_CASES = 300
 
 
