@@ -222,6 +222,19 @@ def test_sample_matches_reference_for_fixed_uniforms(seed: int) -> None:
     assert torch.equal(actual, expected)
 
 
+def test_sample_large_vocab_and_extreme_filters_match_reference() -> None:
+    gen = _generator(5)
+    rows, vocab = 5, _randint(gen, 2500, 3500)
+    logits = 2.0 * torch.randn(rows, vocab, generator=gen)
+    temperature = torch.tensor([1.0, 0.8, 1.5, 1.0, 3.0])
+    top_k = torch.tensor([vocab + 10, 0, 2000, 0, 0], dtype=torch.int32)
+    top_p = torch.tensor([1.0, 0.02, 0.99, 1.0, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.9, 0.001])
+    uniform = torch.rand(rows, generator=gen)
+    expected = reference.sample(logits, temperature, top_k, top_p, min_p, uniform)
+    assert torch.equal(tk.sample(logits, temperature, top_k, top_p, min_p, uniform), expected)
+
+
 def test_sample_greedy_takes_lowest_id_among_tied_maxima() -> None:
     gen = _generator(3)
     logits = torch.randn(2, 50, generator=gen)
@@ -249,6 +262,22 @@ def test_quant_matmul_matches_dequantized_matmul(qtype: str, dtype: torch.dtype,
     scale = float(expected.float().abs().max())
     assert actual.dtype == dtype and actual.shape == (rows_of_x, n)
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol * scale, rtol=rtol)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("rows_of_x", [1, 8, 9])
+def test_quant_matmul_long_k_around_the_decode_limit(qtype: str, rows_of_x: int) -> None:
+    """A long K makes the decode path split K across programs (partial last split);
+    8 rows is the last decode-shaped size, 9 the first prefill-shaped one."""
+    gen = _generator(40 + rows_of_x)
+    n, k = _randint(gen, 5, 40), 32 * _randint(gen, 37, 45)
+    weight = quantize(torch.randn(n, k, generator=gen), qtype)
+    x = _randn(gen, rows_of_x, k, dtype=torch.float16)
+    expected = (x.float() @ dequantize(weight).t()).to(torch.float16)
+    atol, rtol = REDUCTION_TOLERANCE[torch.float16]
+    scale = float(expected.float().abs().max())
+    torch.testing.assert_close(tk.quant_matmul(x, weight).float(), expected.float(),
+                               atol=atol * scale, rtol=rtol)
 
 
 def test_quant_matmul_keeps_leading_dims() -> None:

@@ -20,7 +20,10 @@ from llama_engine.kernels.triton._launch import (dot_operand_dtype, dot_precisio
                                                   is_interpreter, sm_count)
 from llama_engine.quant import BLOCK, BLOCK_BYTES, PackedWeight
 
-QTYPE_IDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2}
+Q8_0_ID = tl.constexpr(0)
+Q4_0_ID = tl.constexpr(1)
+Q4_1_ID = tl.constexpr(2)
+QTYPE_IDS = {"Q8_0": Q8_0_ID.value, "Q4_0": Q4_0_ID.value, "Q4_1": Q4_1_ID.value}
 # Block layout constants the kernels read (globals used inside @triton.jit are constexpr).
 QUANT_BLOCK = tl.constexpr(BLOCK)
 HALF_BLOCK = tl.constexpr(BLOCK // 2)
@@ -29,8 +32,11 @@ Q4_0_OFFSET = tl.constexpr(8)
 # Rows of x up to which the decode (GEMV) path runs.
 DECODE_MAX_M = 8
 # Decode tiles: quant blocks a K step covers, and output columns x rows a program holds.
-DECODE_BLOCKS_PER_STEP = 2
-DECODE_TILE_ELEMENTS = 128
+DECODE_BLOCKS_PER_STEP = 4
+DECODE_TILE_ELEMENTS = 64
+DECODE_MIN_BLOCK_N = 16
+# Fewest K steps a decode split gets, so that splitting never makes programs trivial.
+DECODE_MIN_STEPS_PER_SPLIT = 4
 # Split K in the decode path until this many programs per SM are in flight.
 DECODE_PROGRAMS_PER_SM = 4
 DECODE_WARPS = 4
@@ -55,12 +61,12 @@ def _dequant_halves(data_ptr, scales_ptr, row_offsets, blocks, half_index, mask,
     block_start = row_offsets + blocks * BLOCK_BYTES
     scale = tl.load(scales_ptr + block_start // SCALE_BYTES, mask=mask, other=0.0)
     scale = scale.to(tl.float32)
-    if QTYPE == 0:  # Q8_0: d, then 32 int8
+    if QTYPE == Q8_0_ID:  # d, then 32 int8
         quants = data_ptr + block_start + SCALE_BYTES + half_index
         low = tl.load(quants, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
         high = tl.load(quants + HALF_BLOCK, mask=mask, other=0).to(tl.int8, bitcast=True)
         return scale * low, scale * high.to(tl.float32)
-    elif QTYPE == 1:  # Q4_0: d, then 16 bytes of nibbles centred on 8
+    elif QTYPE == Q4_0_ID:  # d, then 16 bytes of nibbles centred on 8
         packed = tl.load(data_ptr + block_start + SCALE_BYTES + half_index, mask=mask, other=0)
         low = (packed & 0x0F).to(tl.float32) - Q4_0_OFFSET
         high = (packed >> 4).to(tl.float32) - Q4_0_OFFSET
@@ -158,11 +164,11 @@ def _decode(x_rows: torch.Tensor, weight: PackedWeight, scales: torch.Tensor,
             qtype_id: int) -> torch.Tensor:
     m, n, n_blocks = x_rows.shape[0], weight.rows, weight.cols // BLOCK
     block_m = triton.next_power_of_2(m)
-    block_n = max(16, DECODE_TILE_ELEMENTS // block_m)
+    block_n = max(DECODE_MIN_BLOCK_N, DECODE_TILE_ELEMENTS // block_m)
     n_tiles = triton.cdiv(n, block_n)
     # Split K so that enough programs run, each still doing a few steps of work.
     wanted_splits = triton.cdiv(DECODE_PROGRAMS_PER_SM * sm_count(x_rows.device), n_tiles)
-    max_splits = triton.cdiv(n_blocks, 4 * DECODE_BLOCKS_PER_STEP)
+    max_splits = triton.cdiv(n_blocks, DECODE_MIN_STEPS_PER_SPLIT * DECODE_BLOCKS_PER_STEP)
     splits = max(1, min(wanted_splits, max_splits))
     steps_per_split = triton.cdiv(triton.cdiv(n_blocks, DECODE_BLOCKS_PER_STEP), splits)
     blocks_per_split = steps_per_split * DECODE_BLOCKS_PER_STEP

@@ -5,6 +5,9 @@ the token picked by that row's uniform number), streaming the ranked row in tile
 Ranking logits is ranking probabilities (softmax is monotonic), and a stable descending
 sort puts the lower id first among equal logits, as the reference does.
 
+The arithmetic is float64 like the reference's: in float32, rounding in the running
+sums moves the walk's boundaries enough to change about one pick in a thousand.
+
 Every filter keeps a prefix of the ranking (rank < top_k; the mass before a rank grows
 with it; probabilities fall with it), so the kept set is the first n_keep ranks, and the
 chosen rank is the number of kept ranks whose running sum is <= uniform * kept total.
@@ -23,25 +26,29 @@ SAMPLE_WARPS = 8
 
 
 @triton.jit
-def _kept_mass(sorted_logits_row, vocab, inv_temperature, top_k, top_p, min_p, normaliser,
-               BLOCK: tl.constexpr):
+def _weights(sorted_logits_row, ranks, n_valid, temperature, top_scaled):
+    """exp(logit / T - top_logit / T) of the given ranks in float64, 0 past n_valid."""
+    logits = tl.load(sorted_logits_row + ranks, mask=ranks < n_valid, other=float("-inf"))
+    return tl.exp(logits.to(tl.float64) / temperature - top_scaled)
+
+
+@triton.jit
+def _kept_mass(sorted_logits_row, vocab, temperature, top_scaled, top_k, top_p, min_p,
+               normaliser, BLOCK: tl.constexpr):
     """Pass 2: (number of kept ranks, their probability mass), walking ranks in order."""
     kept_count = 0
-    kept_mass = 0.0
-    mass_before_tile = 0.0
-    top_logit = tl.load(sorted_logits_row)
+    kept_mass = tl.zeros([], tl.float64)
+    mass_before_tile = tl.zeros([], tl.float64)
     for tile_start in range(0, vocab, BLOCK):
         ranks = tile_start + tl.arange(0, BLOCK)
         in_vocab = ranks < vocab
-        logits = tl.load(sorted_logits_row + ranks, mask=in_vocab, other=float("-inf"))
-        weights = tl.exp((logits - top_logit) * inv_temperature)
-        probs = weights / normaliser
+        probs = _weights(sorted_logits_row, ranks, vocab, temperature, top_scaled) / normaliser
         mass_before = mass_before_tile + tl.cumsum(probs, axis=0) - probs
-        # p >= min_p * p_max, with p_max = 1 / normaliser: compare unnormalised weights.
-        keep = in_vocab & (mass_before < top_p) & (weights >= min_p)
+        # The top rank's weight is exp(0) = 1, so p_max = 1 / normaliser.
+        keep = in_vocab & (mass_before < top_p) & (probs >= min_p * (1.0 / normaliser))
         keep = keep & ((top_k <= 0) | (ranks < top_k))
         kept_count += tl.sum(keep.to(tl.int32), axis=0)
-        kept_mass += tl.sum(tl.where(keep, probs, 0.0), axis=0)
+        kept_mass += tl.sum(tl.where(keep, probs, tl.zeros_like(probs)), axis=0)
         mass_before_tile += tl.sum(probs, axis=0)
     return kept_count, kept_mass
 
@@ -53,31 +60,28 @@ def _sample_kernel(sorted_logits_ptr, order_ptr, temperature_ptr, top_k_ptr, top
     row = tl.program_id(0).to(tl.int64)
     sorted_logits_row = sorted_logits_ptr + row * row_stride
     order_row = order_ptr + row * order_row_stride
-    temperature = tl.load(temperature_ptr + row).to(tl.float32)
+    temperature = tl.load(temperature_ptr + row).to(tl.float64)
     chosen_rank = 0  # greedy: the first rank is the argmax, lowest id on ties
     if temperature != 0.0:
-        inv_temperature = 1.0 / temperature
-        top_logit = tl.load(sorted_logits_row)
+        top_scaled = tl.load(sorted_logits_row).to(tl.float64) / temperature
         # Pass 1: softmax normaliser relative to the top logit.
-        normaliser = 0.0
+        normaliser = tl.zeros([], tl.float64)
         for tile_start in range(0, vocab, BLOCK):
             ranks = tile_start + tl.arange(0, BLOCK)
-            logits = tl.load(sorted_logits_row + ranks, mask=ranks < vocab,
-                             other=float("-inf"))
-            normaliser += tl.sum(tl.exp((logits - top_logit) * inv_temperature), axis=0)
+            normaliser += tl.sum(_weights(sorted_logits_row, ranks, vocab, temperature,
+                                          top_scaled), axis=0)
         kept_count, kept_mass = _kept_mass(
-            sorted_logits_row, vocab, inv_temperature, tl.load(top_k_ptr + row),
-            tl.load(top_p_ptr + row).to(tl.float32), tl.load(min_p_ptr + row).to(tl.float32),
+            sorted_logits_row, vocab, temperature, top_scaled, tl.load(top_k_ptr + row),
+            tl.load(top_p_ptr + row).to(tl.float64), tl.load(min_p_ptr + row).to(tl.float64),
             normaliser, BLOCK)
-        target = tl.load(uniform_ptr + row).to(tl.float32) * kept_mass
+        target = tl.load(uniform_ptr + row).to(tl.float64) * kept_mass
         # Pass 3: count kept ranks whose running sum stays <= target.
         chosen_rank = 0
-        running_before_tile = 0.0
+        running_before_tile = tl.zeros([], tl.float64)
         for tile_start in range(0, kept_count, BLOCK):
             ranks = tile_start + tl.arange(0, BLOCK)
-            logits = tl.load(sorted_logits_row + ranks, mask=ranks < kept_count,
-                             other=float("-inf"))
-            probs = tl.exp((logits - top_logit) * inv_temperature) / normaliser
+            probs = _weights(sorted_logits_row, ranks, kept_count, temperature,
+                             top_scaled) / normaliser
             running = running_before_tile + tl.cumsum(probs, axis=0)
             chosen_rank += tl.sum(((running <= target) & (ranks < kept_count)).to(tl.int32),
                                   axis=0)
