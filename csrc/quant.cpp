@@ -83,7 +83,7 @@ struct ActBuffers {
 // A thread's decode buffer for kChunkRows weight rows; rows past N stay zero (d = 0).
 struct ChunkBuffer {
     std::vector<uint8_t> vals;
-    std::vector<float> d, m;
+    std::vector<uint16_t> d, m;
     DecodedRows rows;
 
     ChunkBuffer(int K) : vals(static_cast<size_t>(kChunkRows) * K),
@@ -94,10 +94,22 @@ struct ChunkBuffer {
     void clear_rows_from(int first) {
         const int nb = rows.nb;
         std::fill(vals.begin() + static_cast<size_t>(first) * rows.K, vals.end(), 0);
-        std::fill(d.begin() + static_cast<size_t>(first) * nb, d.end(), 0.0f);
-        std::fill(m.begin() + static_cast<size_t>(first) * nb, m.end(), 0.0f);
+        std::fill(d.begin() + static_cast<size_t>(first) * nb, d.end(), 0);  // fp16 +0
+        std::fill(m.begin() + static_cast<size_t>(first) * nb, m.end(), 0);
     }
 };
+
+// Output columns [0, chunk_rows) of rows [m0, m1) of y (ldy = N), from a decoded chunk.
+void multiply_decoded_chunk(const KernelSet& k, const DecodedRows& chunk, int chunk_rows,
+                            const QuantizedActs& acts, int m0, int m1, bool has_min, float* y,
+                            int64_t ldy) {
+    for (int r0 = 0; r0 < chunk_rows; r0 += kTileRows) {
+        const int valid = std::min(kTileRows, chunk_rows - r0);
+        for (int c0 = m0; c0 < m1; c0 += k.max_tile_acts)
+            k.tile(chunk, r0, valid, acts, c0, std::min(k.max_tile_acts, m1 - c0), has_min,
+                   y + c0 * ldy + r0, ldy);
+    }
+}
 
 // y[M, N] = x[M, K] @ W^T, W given as N packed rows of `row_bytes` bytes.
 void matmul(const KernelSet& k, QType t, const float* x, int M, int K, const uint8_t* w, int N,
@@ -107,6 +119,17 @@ void matmul(const KernelSet& k, QType t, const float* x, int M, int K, const uin
     const QuantizedActs acts = act_buffers.quantize(k, x, M, K, weight_offset(t, k));
     const int64_t row_bytes = static_cast<int64_t>(K / kBlock) * format_info(t).block_bytes;
     const int n_chunks = (N + kChunkRows - 1) / kChunkRows;
+    if (k.packed_tile != nullptr && M <= k.max_tile_acts) {
+#pragma omp parallel for schedule(dynamic)
+        for (int chunk = 0; chunk < n_chunks; ++chunk) {
+            const int n0 = chunk * kChunkRows;
+            const int chunk_end = std::min(N, n0 + kChunkRows);
+            for (int r0 = n0; r0 < chunk_end; r0 += kTileRows)
+                k.packed_tile(t, w + r0 * row_bytes, row_bytes, std::min(kTileRows, chunk_end - r0),
+                              acts, 0, M, y + r0, N);
+        }
+        return;
+    }
     const int m_tiles = (M + kActTileRows - 1) / kActTileRows;
 #pragma omp parallel
     {
@@ -118,16 +141,9 @@ void matmul(const KernelSet& k, QType t, const float* x, int M, int K, const uin
                 const int chunk_rows = std::min(kChunkRows, N - n0);
                 k.decode_rows(t, w + n0 * row_bytes, row_bytes, chunk_rows, buffer.rows);
                 if (chunk_rows < kChunkRows) buffer.clear_rows_from(chunk_rows);
-                const int m0 = m_tile * kActTileRows;
-                const int m1 = std::min(M, m0 + kActTileRows);
-                for (int r0 = 0; r0 < chunk_rows; r0 += kTileRows) {
-                    const int valid = std::min(kTileRows, chunk_rows - r0);
-                    for (int c0 = m0; c0 < m1; c0 += k.max_tile_acts) {
-                        const int n_acts = std::min(k.max_tile_acts, m1 - c0);
-                        k.tile(buffer.rows, r0, valid, acts, c0, n_acts, has_min,
-                               y + static_cast<int64_t>(c0) * N + n0 + r0, N);
-                    }
-                }
+                multiply_decoded_chunk(k, buffer.rows, chunk_rows, acts, m_tile * kActTileRows,
+                                       std::min(M, (m_tile + 1) * kActTileRows), has_min,
+                                       y + n0, N);
             }
         }
     }
@@ -142,7 +158,7 @@ void dequantize(QType t, const uint8_t* w, int N, int K, float* out) {
 #pragma omp parallel
     {
         std::vector<uint8_t> vals(K);
-        std::vector<float> d(nb), m(nb);
+        std::vector<uint16_t> d(nb), m(nb);
         DecodedRows row{vals.data(), d.data(), m.data(), K, nb};
 #pragma omp for schedule(static)
         for (int n = 0; n < N; ++n) {
@@ -151,8 +167,8 @@ void dequantize(QType t, const uint8_t* w, int N, int K, float* out) {
             for (int b = 0; b < nb; ++b)
                 for (int j = 0; j < kBlock; ++j) {
                     const float q = static_cast<float>(vals[b * kBlock + j] - offset);
-                    const float scaled = d[b] * q;
-                    dst[b * kBlock + j] = f.has_min ? scaled + m[b] : scaled;
+                    const float scaled = fp16_to_fp32(d[b]) * q;
+                    dst[b * kBlock + j] = f.has_min ? scaled + fp16_to_fp32(m[b]) : scaled;
                 }
         }
     }

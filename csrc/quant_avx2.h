@@ -78,22 +78,24 @@ inline void quantize_acts(const float* x, int row0, int row1, int offset, int8_t
 }
 
 // Same layout as scalar::decode_rows; Q8_0 bytes get `q8_flip` xor-ed in (0x80: w + 128).
-inline void decode_rows_impl(QType t, const uint8_t* src, int64_t row_bytes, int rows,
-                             DecodedRows& dst, uint8_t q8_flip) {
-    const FormatInfo f = format_info(t);
+template <QType T>
+void decode_rows_typed(const uint8_t* src, int64_t row_bytes, int rows, DecodedRows& dst,
+                       uint8_t q8_flip) {
+    const FormatInfo f = format_info(T);
     const __m128i low_nibbles = _mm_set1_epi8(0x0F);
     const __m256i flip = _mm256_set1_epi8(static_cast<char>(q8_flip));
     for (int r = 0; r < rows; ++r) {
         const uint8_t* row = src + r * row_bytes;
         uint8_t* out_row = dst.vals + static_cast<int64_t>(r) * dst.K;
-        float* d_row = dst.d + static_cast<int64_t>(r) * dst.nb;
+        uint16_t* d_row = dst.d + static_cast<int64_t>(r) * dst.nb;
+        uint16_t* m_row = dst.m + static_cast<int64_t>(r) * dst.nb;
         for (int b = 0; b < dst.nb; ++b) {
             const uint8_t* blk = row + static_cast<int64_t>(b) * f.block_bytes;
             const uint8_t* qs = blk + f.header_bytes;
             uint8_t* out = out_row + b * kBlock;
-            d_row[b] = _cvtsh_ss(load_u16(blk));
-            if (f.has_min) dst.m[static_cast<int64_t>(r) * dst.nb + b] = _cvtsh_ss(load_u16(blk + 2));
-            if (t == QType::Q8_0) {
+            d_row[b] = load_u16(blk);
+            if (f.has_min) m_row[b] = load_u16(blk + 2);
+            if (T == QType::Q8_0) {
                 const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
                 _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_xor_si256(v, flip));
             } else {
@@ -103,6 +105,15 @@ inline void decode_rows_impl(QType t, const uint8_t* src, int64_t row_bytes, int
                                  _mm_and_si128(_mm_srli_epi16(v, 4), low_nibbles));
             }
         }
+    }
+}
+
+inline void decode_rows_impl(QType t, const uint8_t* src, int64_t row_bytes, int rows,
+                             DecodedRows& dst, uint8_t q8_flip) {
+    switch (t) {
+        case QType::Q4_0: decode_rows_typed<QType::Q4_0>(src, row_bytes, rows, dst, q8_flip); break;
+        case QType::Q4_1: decode_rows_typed<QType::Q4_1>(src, row_bytes, rows, dst, q8_flip); break;
+        case QType::Q8_0: decode_rows_typed<QType::Q8_0>(src, row_bytes, rows, dst, q8_flip); break;
     }
 }
 
@@ -117,13 +128,15 @@ inline void decode_rows_unsigned_q8(QType t, const uint8_t* src, int64_t row_byt
     decode_rows_impl(t, src, row_bytes, rows, dst, 0x80);
 }
 
-// sum of x[i] * y[i], i < n
-inline float dot_f32(const float* x, const float* y, int n) {
+// sum of half[i] * y[i], i < n (half: fp16 bits)
+inline float dot_f16_f32(const uint16_t* half, const float* y, int n) {
     __m256 acc = _mm256_setzero_ps();
     int i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc);
+    for (; i + 8 <= n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(half + i))),
+                              _mm256_loadu_ps(y + i), acc);
     float total = hsum8(acc);
-    for (; i < n; ++i) total += x[i] * y[i];
+    for (; i < n; ++i) total += _cvtsh_ss(half[i]) * y[i];
     return total;
 }
 
@@ -144,7 +157,7 @@ void tile_impl(const DecodedRows& w, int r0, int valid_rows, const QuantizedActs
             wv[r] = _mm256_loadu_si256(
                 reinterpret_cast<const __m256i*>(w.vals + static_cast<int64_t>(r0 + r) * K + b * kBlock));
             wabs[r] = SIGNED_WEIGHTS ? _mm256_abs_epi8(wv[r]) : wv[r];
-            wd[r] = _mm256_set1_ps(w.d[static_cast<int64_t>(r0 + r) * nb + b]);
+            wd[r] = _mm256_set1_ps(_cvtsh_ss(w.d[static_cast<int64_t>(r0 + r) * nb + b]));
         }
         for (int c = 0; c < ACTS; ++c) {
             const int64_t arow = c0 + c;
@@ -167,7 +180,7 @@ void tile_impl(const DecodedRows& w, int r0, int valid_rows, const QuantizedActs
         for (int c = 0; c < ACTS; ++c) {
             float total = hsum8(acc[r][c]);
             if (MIN)
-                total += dot_f32(w.m + static_cast<int64_t>(r0 + r) * nb,
+                total += dot_f16_f32(w.m + static_cast<int64_t>(r0 + r) * nb,
                                  a.s + static_cast<int64_t>(c0 + c) * nb, nb);
             out[c * ldo + r] = total;
         }
@@ -197,7 +210,7 @@ inline bool supported() {
 }
 
 inline const KernelSet kernels = {
-    "avx2", quantize_acts, decode_rows_signed_q8, tile, kMaxActs, /*q8_offset=*/0,
+    "avx2", quantize_acts, decode_rows_signed_q8, tile, nullptr, kMaxActs, /*q8_offset=*/0,
 };
 
 }  // namespace quant::avx2

@@ -31,7 +31,7 @@ struct FormatInfo {
     bool has_min;      // Q4_1: w = d * q + m
 };
 
-inline FormatInfo format_info(QType t) {
+constexpr FormatInfo format_info(QType t) {
     switch (t) {
         case QType::Q4_0: return {18, 2, false};
         case QType::Q4_1: return {20, 4, true};
@@ -65,8 +65,14 @@ inline float fp16_to_fp32(uint16_t h) {
     return f;
 }
 
-inline uint16_t load_u16(const uint8_t* p) {
+inline uint16_t load_u16(const void* p) {
     uint16_t v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+inline uint32_t load_u32(const void* p) {
+    uint32_t v;
     std::memcpy(&v, p, sizeof(v));
     return v;
 }
@@ -81,11 +87,13 @@ struct QuantizedActs {
     int nb;               // K / 32
 };
 
-// Weight rows decoded to one byte per weight (layout chosen by the ISA's decoder).
+// Weight rows decoded to one byte per weight (layout chosen by the ISA's decoder). Scales
+// stay fp16 bits: the tile kernels convert them with one vcvtph2ps per block pair, which is
+// cheaper than converting every block's scale one by one while decoding.
 struct DecodedRows {
     uint8_t* vals;  // [rows][K]
-    float* d;       // [rows][nb]
-    float* m;       // [rows][nb], Q4_1 only
+    uint16_t* d;    // [rows][nb] fp16 block scales
+    uint16_t* m;    // [rows][nb] fp16 block mins, Q4_1 only
     int K;
     int nb;
 };
@@ -102,6 +110,10 @@ struct KernelSet {
     // out[c * ldo + r] = row (r0 + r) of w . act row (c0 + c), for r < valid_rows, c < acts.
     void (*tile)(const DecodedRows& w, int r0, int valid_rows, const QuantizedActs& a,
                  int c0, int acts, bool has_min, float* out, int64_t ldo);
+    // Optional (null: decode first): the tile kernel reading GGUF rows directly, for
+    // M <= max_tile_acts where a decoded chunk would be used only once.
+    void (*packed_tile)(QType t, const uint8_t* rows, int64_t row_bytes, int valid_rows,
+                        const QuantizedActs& a, int c0, int acts, float* out, int64_t ldo);
     int max_tile_acts;   // activation rows one tile call can take
     int q8_offset;       // how this ISA's decoder stores Q8_0 bytes: 128 (w + 128) or 0
 };

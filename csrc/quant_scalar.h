@@ -54,8 +54,8 @@ inline void decode_rows(QType t, const uint8_t* src, int64_t row_bytes, int rows
             const uint8_t* qs = blk + f.header_bytes;
             uint8_t* out = dst.vals + static_cast<int64_t>(r) * dst.K + b * kBlock;
             const int64_t scale_index = static_cast<int64_t>(r) * dst.nb + b;
-            dst.d[scale_index] = fp16_to_fp32(load_u16(blk));
-            if (f.has_min) dst.m[scale_index] = fp16_to_fp32(load_u16(blk + 2));
+            dst.d[scale_index] = load_u16(blk);
+            if (f.has_min) dst.m[scale_index] = load_u16(blk + 2);
             if (t == QType::Q8_0) {
                 for (int j = 0; j < kBlock; ++j) out[j] = static_cast<uint8_t>(qs[j] ^ 0x80u);
             } else {
@@ -85,10 +85,10 @@ inline void tile(const DecodedRows& w, int r0, int valid_rows, const QuantizedAc
                     const int32_t* bias = a.bias + (arow * a.K + b * kBlock) / kGroup;
                     for (int g = 0; g < kGroupsPerBlock; ++g) dot += bias[g];
                 }
-                const float dw = w.d[wrow * a.nb + b];
+                const float dw = fp16_to_fp32(w.d[wrow * a.nb + b]);
                 const float dx = a.d[arow * a.nb + b];
                 acc += dw * dx * static_cast<float>(dot);
-                if (has_min) acc += w.m[wrow * a.nb + b] * a.s[arow * a.nb + b];
+                if (has_min) acc += fp16_to_fp32(w.m[wrow * a.nb + b]) * a.s[arow * a.nb + b];
             }
             out[c * ldo + r] = acc;
         }
@@ -96,7 +96,7 @@ inline void tile(const DecodedRows& w, int r0, int valid_rows, const QuantizedAc
 }
 
 inline const KernelSet kernels = {
-    "scalar", quantize_acts, decode_rows, tile, kMaxTileActs, /*q8_offset=*/128,
+    "scalar", quantize_acts, decode_rows, tile, nullptr, kMaxTileActs, /*q8_offset=*/128,
 };
 
 }  // namespace quant::scalar
