@@ -20,8 +20,9 @@ namespace py = pybind11;
 #define LLAMA_SIMD_CLONES \
     __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
-// Below this much work an op stays on one thread: waking the team costs more than it saves.
-constexpr int64_t kMinParallelElements = 1 << 15;
+// Below this much work (about 40 us on one core for the element-wise ops) an op stays on
+// one thread: waking the team, and waiting at its barrier on a busy machine, costs more.
+constexpr int64_t kMinParallelElements = 1 << 17;
 
 inline bool worth_threading(int64_t elements) { return elements >= kMinParallelElements; }
 

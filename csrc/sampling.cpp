@@ -18,6 +18,9 @@ using namespace llama_ops;
 namespace {
 
 constexpr int64_t kFirstRankChunk = 64;  // typical top-p sets fit in the first chunk or two
+// Heap selection (partial_sort) beats nth_element + sort while the ranks wanted are fewer
+// than 1/kHeapSelectRatio of the ids left.
+constexpr int64_t kHeapSelectRatio = 16;
 
 struct RowParams {
     double temperature;
@@ -69,9 +72,14 @@ class LazyRanking {
         auto ranks_before = [this](int32_t a, int32_t b) {
             return e_[a] > e_[b] || (e_[a] == e_[b] && a < b);
         };
-        auto first = ids_.begin() + sorted_, nth = ids_.begin() + n;
-        std::nth_element(first, nth - 1, ids_.begin() + size_, ranks_before);
-        std::sort(first, nth, ranks_before);
+        auto first = ids_.begin() + sorted_, nth = ids_.begin() + n, last = ids_.begin() + size_;
+        if ((n - sorted_) * kHeapSelectRatio < size_ - sorted_) {
+            // Few ranks out of many ids: a bounded heap rejects most ids with one compare.
+            std::partial_sort(first, nth, last, ranks_before);
+        } else {
+            std::nth_element(first, nth - 1, last, ranks_before);
+            std::sort(first, nth, ranks_before);
+        }
         sorted_ = n;
     }
 
