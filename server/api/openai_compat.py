@@ -163,6 +163,16 @@ class PreparedChat:
     params: Any
     tool_format: Optional[ToolCallFormat]
     top_logprobs: int
+    forced_prefix: str = ""  # the start of a tool call already written into the prompt
+
+
+def forced_tool_name(request: oa.OpenAIChatCompletionRequest) -> Optional[str]:
+    choice = request.tool_choice
+    return choice.function.name if isinstance(choice, oa.NamedToolChoice) else None
+
+
+def forces_tool_call(request: oa.OpenAIChatCompletionRequest) -> bool:
+    return request.tool_choice == "required" or isinstance(request.tool_choice, oa.NamedToolChoice)
 
 
 @dataclass
@@ -181,6 +191,8 @@ class ChatChoiceStream:
         self.index = index
         self.prepared = prepared
         self.parser = StreamingToolCallParser(prepared.tool_format) if prepared.tool_format else None
+        if self.parser is not None:
+            self.parser.feed(prepared.forced_prefix)  # opens the call; nothing to emit yet
         self.calls_sent = 0
 
     def advance(self, delta: ChoiceDelta) -> list[oa.ChatChunkChoice]:
@@ -227,17 +239,23 @@ class OpenAIService:
             prompt_ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as exc:
             raise APIError(f"messages: {exc}", param="messages") from None
+        forced_prefix = ""
+        if tools and forces_tool_call(request):
+            forced_prefix = tool_format.forced_call_prefix(forced_tool_name(request))
+            prompt_ids = prompt_ids + model.tokenizer.encode(forced_prefix, add_special_tokens=False)
         check_prompt(model, prompt_ids, "messages")
         top = request.top_logprobs or 0
         keep_special = bool(tools) and tool_format.needs_special_tokens
         params = _sampling(model, request, len(prompt_ids),
                            request.max_completion_tokens or request.max_tokens,
                            top if request.logprobs else None, skip_special_tokens=not keep_special)
-        return PreparedChat(model, prompt_ids, params, tool_format if tools else None, top)
+        return PreparedChat(model, prompt_ids, params, tool_format if tools else None, top,
+                            forced_prefix)
 
     def _chat_choice(self, prepared: PreparedChat, output: Any) -> oa.ChatChoice:
         delta = DeltaTracker().advance(output)
-        text, calls = prepared.tool_format.parse(delta.text) if prepared.tool_format else (delta.text, [])
+        text, calls = (prepared.tool_format.parse(prepared.forced_prefix + delta.text)
+                       if prepared.tool_format else (delta.text, []))
         message = oa.ResponseMessage(content=(text.strip() or None) if calls else text,
                                      tool_calls=openai_tool_calls(calls) or None)
         return oa.ChatChoice(index=output.index, message=message,

@@ -122,6 +122,8 @@ class ToolCallFormat(abc.ABC):
     bare_json_calls: bool = False
     # Whether tool calls need special tokens kept in the decoded output.
     needs_special_tokens: bool = False
+    # Special tokens that end a turn: kept in the output for parsing, never shown as text.
+    ignored_tokens: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def system_prompt(self, tools: list[ToolSpec], system_text: str) -> str:
@@ -139,6 +141,11 @@ class ToolCallFormat(abc.ABC):
     def parse_call(self, marker: str, body: str) -> Optional[list[ParsedToolCall]]:
         """Defined by each family."""
 
+    @abc.abstractmethod
+    def forced_call_prefix(self, tool_name: Optional[str]) -> str:
+        """The start of a tool call (of the named tool, if given), written into the prompt
+        after the generation prompt, so the model can only continue with a call."""
+
     def parse(self, text: str) -> tuple[str, list[ParsedToolCall]]:
         """Split a finished output into its plain text and its tool calls."""
         parser = StreamingToolCallParser(self)
@@ -151,6 +158,7 @@ class Llama3ToolFormat(ToolCallFormat):
     call_markers = {PYTHON_TAG: None, "<function=": "</function>"}
     bare_json_calls = True
     needs_special_tokens = True
+    ignored_tokens = LLAMA3_END_TOKENS
 
     def system_prompt(self, tools: list[ToolSpec], system_text: str) -> str:
         builtins = [t for t in tools if t.builtin]
@@ -192,6 +200,12 @@ class Llama3ToolFormat(ToolCallFormat):
     def tool_result_message(self, tool_name: str, text: str) -> dict[str, str]:
         return {"role": "ipython", "content": text}
 
+    def forced_call_prefix(self, tool_name: Optional[str]) -> str:
+        if tool_name is None:
+            return PYTHON_TAG + '{"name": "'
+        return PYTHON_TAG + json.dumps({"name": tool_name})[:-1] + ', "parameters": '
+
+
     def parse_call(self, marker: str, body: str) -> Optional[list[ParsedToolCall]]:
         for end_token in LLAMA3_END_TOKENS:
             body = body.replace(end_token, "")
@@ -200,33 +214,46 @@ class Llama3ToolFormat(ToolCallFormat):
             name, sep, arguments = body.partition(">")
             call = _json_call({"name": name, "parameters": arguments}, ("parameters",)) if sep else None
             return [call] if call else None
-        json_calls = self._json_call_sequence(body)
-        if json_calls is not None:
-            return json_calls
-        if marker == PYTHON_TAG:
-            builtin = _builtin_call(body)
-            if builtin is not None:
-                return [builtin]
-            return [ParsedToolCall(name=CODE_INTERPRETER, arguments={"code": body})] if body else None
+        calls = self._call_sequence(body)
+        if calls is not None:
+            return calls
+        if marker == PYTHON_TAG and body:
+            return [ParsedToolCall(name=CODE_INTERPRETER, arguments={"code": body})]
         return None
 
     @staticmethod
-    def _json_call_sequence(body: str) -> Optional[list[ParsedToolCall]]:
-        """Llama 3.x separates several JSON calls with `;`."""
+    def _call_sequence(body: str) -> Optional[list[ParsedToolCall]]:
+        """Llama 3.x separates several calls with `;`; each is a JSON object or a built-in
+        `tool.call(...)`. None unless the whole body is calls."""
         calls: list[ParsedToolCall] = []
         decoder = json.JSONDecoder()
         position = 0
         while position < len(body):
-            try:
-                value, position = decoder.raw_decode(body, position)
-            except json.JSONDecodeError:
-                return None
-            call = _json_call(value, ("parameters", "arguments"))
+            call: Optional[ParsedToolCall] = None
+            if body[position] == "{":
+                try:
+                    value, position = decoder.raw_decode(body, position)
+                except json.JSONDecodeError:
+                    return None
+                call = _json_call(value, ("parameters", "arguments"))
+            else:
+                call, position = _builtin_call_at(body, position)
             if call is None:
                 return None
             calls.append(call)
             position = len(body) - len(body[position:].lstrip().lstrip(";").lstrip())
         return calls or None
+
+
+def _builtin_call_at(body: str, start: int) -> tuple[Optional[ParsedToolCall], int]:
+    """The shortest `tool.call(...)` starting at `start`, and where it ends."""
+    close = body.find(")", start)
+    while close >= 0:
+        call = _builtin_call(body[start:close + 1])
+        if call is not None:
+            return call, close + 1
+        close = body.find(")", close + 1)
+    return None, start
 
 
 def _builtin_call(body: str) -> Optional[ParsedToolCall]:
@@ -273,6 +300,11 @@ class ChatMLToolFormat(ToolCallFormat):
         payload = json.dumps({"name": tool_name, "content": text})
         return {"role": "tool", "content": f"<tool_response>{payload}</tool_response>"}
 
+    def forced_call_prefix(self, tool_name: Optional[str]) -> str:
+        if tool_name is None:
+            return '<tool_call>[{"name": "'
+        return "<tool_call>[" + json.dumps({"name": tool_name})[:-1] + ', "arguments": '
+
     def parse_call(self, marker: str, body: str) -> Optional[list[ParsedToolCall]]:
         return _json_calls(body.strip(), ("arguments", "parameters"))
 
@@ -306,6 +338,7 @@ class StreamingToolCallParser:
     def __init__(self, tool_format: ToolCallFormat):
         self._format = tool_format
         self._markers = list(tool_format.call_markers)
+        self._held_markers = self._markers + list(tool_format.ignored_tokens)
         self._pending = ""
         self._open_marker: Optional[str] = None
         self._at_start = tool_format.bare_json_calls
@@ -347,6 +380,8 @@ class StreamingToolCallParser:
             text_out.append(self._close_region(self._pending[:index], closing, calls))
             self._pending = self._pending[index + len(closing):]
             return True
+        for token in self._format.ignored_tokens:
+            self._pending = self._pending.replace(token, "")
         if self._at_start:
             stripped = self._pending.lstrip()
             if not stripped:
@@ -361,7 +396,7 @@ class StreamingToolCallParser:
             text_out.append(self._pending[:index])
             self._open_marker, self._pending = marker, self._pending[index + len(marker):]
             return True
-        keep = _longest_marker_prefix_suffix(self._pending, self._markers)
+        keep = _longest_marker_prefix_suffix(self._pending, self._held_markers)
         text_out.append(self._pending[: len(self._pending) - keep])
         self._pending = self._pending[len(self._pending) - keep:]
         return False
