@@ -35,7 +35,7 @@ def isa_supported(isa: Isa) -> bool:
 
 
 def _packed_bytes(weight: PackedWeight) -> torch.Tensor:
-    if weight.data.device.type != "cpu":
+    if not weight.data.is_cpu:
         raise ValueError("the CPU quant kernels need the packed weight on the CPU")
     return weight.data.contiguous()
 
@@ -50,12 +50,17 @@ def dequantize(weight: PackedWeight) -> torch.Tensor:
 
 def quant_matmul(x: torch.Tensor, weight: PackedWeight, isa: Isa = Isa.AUTO) -> torch.Tensor:
     """x float32 [..., K] @ dequantize(weight).T -> float32 [..., N], activations in int8."""
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+    # Decode calls this ~200 times per token on small matrices, so the common case (2-D
+    # contiguous x, no autograd) skips every reshape and copy.
+    if x.dtype != torch.float32 or not x.is_cpu:
         raise ValueError(f"quant_matmul needs float32 CPU activations, got {x.dtype} on {x.device}")
     if x.shape[-1] != weight.cols:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {weight.cols}")
-    rows = x.detach().reshape(-1, weight.cols).contiguous()
-    out = torch.empty(rows.shape[0], weight.rows, dtype=torch.float32)
+    flat = x.dim() == 2 and x.is_contiguous()
+    rows = x if flat else x.reshape(-1, weight.cols).contiguous()
+    if rows.requires_grad:
+        rows = rows.detach()
+    out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
     _C.quant_matmul(rows.numpy(), _packed_bytes(weight).numpy(), weight.qtype, weight.rows,
-                    out.numpy(), int(isa))
-    return out.reshape(*x.shape[:-1], weight.rows)
+                    out.numpy(), isa)
+    return out if flat else out.view(*x.shape[:-1], weight.rows)
