@@ -36,6 +36,7 @@ PREFILL_TOKENS = 2048
 MATMUL_ROWS = [1, 16, 512]
 DECODE_CONTEXTS = [512, 4096]
 SAMPLE_BATCHES = [1, 64]
+ROPE_POSITIONS = 8192
 # Loose agreement bounds for the pre-timing sanity check (bf16 outputs).
 CHECK_ATOL, CHECK_RTOL = 5e-2, 5e-2
 
@@ -115,12 +116,11 @@ def norm_cases(model: ModelShape) -> list[Case]:
 def _rope_case(model: ModelShape, tokens: int) -> Case:
     from llama_engine.kernels import reference
     from llama_engine.kernels import triton as tk
-    max_pos = 8192
     q = _randn(tokens, model.heads, model.head_dim)
     k = _randn(tokens, model.kv_heads, model.head_dim)
-    angles = torch.rand(max_pos, model.head_dim // 2, device=DEVICE) * 6.28
+    angles = torch.rand(ROPE_POSITIONS, model.head_dim // 2, device=DEVICE) * 6.28
     cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)
-    positions = torch.randint(0, max_pos, (tokens,), device=DEVICE, dtype=torch.int32)
+    positions = torch.randint(0, ROPE_POSITIONS, (tokens,), device=DEVICE, dtype=torch.int32)
     io = 2 * (model.heads + model.kv_heads) * tokens * model.head_dim * BYTES
     return Case("rope", f"T={tokens} H={model.heads}/{model.kv_heads} D={model.head_dim}",
                 lambda: tk.rope(q, k, positions, cos_sin),
@@ -159,7 +159,8 @@ def attention_case(model: ModelShape, batch: int, context: int, q_len: int) -> C
     lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
     cu_seqlens = torch.arange(0, batch + 1, dtype=torch.int32, device=DEVICE) * q_len
     scale = model.head_dim ** -0.5
-    k_dense, v_dense = _contiguous_kv(k_cache, tables, context), _contiguous_kv(v_cache, tables, context)
+    k_dense = _contiguous_kv(k_cache, tables, context)
+    v_dense = _contiguous_kv(v_cache, tables, context)
     q_dense = q.view(batch, q_len, model.heads, model.head_dim).transpose(1, 2)
     # A prefill chunk here covers the whole context, so causal masking is exactly SDPA's.
     causal = q_len > 1
