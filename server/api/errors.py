@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from pydantic import ValidationError
 
@@ -47,31 +47,37 @@ class ServerBusyError(APIError):
         self.retry_after_s = retry_after_s
 
 
-def _location(loc: tuple) -> str:
-    """Render a pydantic error location as a dotted path, with list indices in brackets.
+def _location(loc: tuple, data: Any, names_missing_field: bool) -> str:
+    """Render a pydantic error location as a dotted path with list indices in brackets.
 
-    Union branches appear in the location as type names (e.g. `str`, `list[...]`); they say
-    nothing to a client, so they are dropped."""
+    Union branches appear in locations as tags (a type or model name, a discriminator value)
+    that say nothing to a client; they are the items with no counterpart in the request
+    body, so the path follows the body and skips them, except a missing field's name."""
     parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
+    current = data
+    for position, item in enumerate(loc):
+        is_last = position == len(loc) - 1
+        if isinstance(item, int) and isinstance(current, list) and 0 <= item < len(current):
             parts.append(f"[{item}]")
-        elif any(ch in item for ch in "[]()'\"") or item in {"str", "int", "float", "bool"}:
-            continue
-        else:
+            current = current[item]
+        elif isinstance(item, str) and isinstance(current, dict) and item in current:
+            parts.append(("." if parts else "") + item)
+            current = current[item]
+        elif is_last and names_missing_field and isinstance(item, str):
             parts.append(("." if parts else "") + item)
     return "".join(parts) or "body"
 
 
-def validation_error(exc: ValidationError) -> APIError:
-    """Name the first failing field and why; a union reports one error per branch, so the
-    most specific error (the one with the deepest location) is the useful one."""
-    errors = exc.errors(include_url=False)
-    first = max(errors, key=lambda err: len(err["loc"]))
-    field = _location(first["loc"])
-    reason = first["msg"]
-    if first["type"] == "extra_forbidden":
-        reason = "unknown field"
-    elif first["type"] == "missing":
-        reason = "field required"
+def _specificity(error: Any, data: Any) -> tuple[int, int]:
+    """Rank a union's per-branch errors: the one that got deepest into the body, and a
+    broken constraint before a mere type mismatch (the branch the client meant)."""
+    path = _location(error["loc"], data, error["type"] == "missing")
+    return path.count(".") + path.count("["), 0 if error["type"].endswith(("_type", "_parsing")) else 1
+
+
+def validation_error(exc: ValidationError, data: Any) -> APIError:
+    """Name the failing field and why."""
+    best = max(exc.errors(include_url=False), key=lambda err: _specificity(err, data))
+    field = _location(best["loc"], data, best["type"] == "missing")
+    reason = {"extra_forbidden": "unknown field", "missing": "field required"}.get(best["type"], best["msg"])
     return APIError(f"{field}: {reason}", param=field)

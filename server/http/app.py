@@ -64,7 +64,7 @@ async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc) from None
+        raise validation_error(exc, data) from None
     except RecursionError:
         raise APIError(MAX_JSON_DEPTH_MESSAGE, param="body") from None
 
