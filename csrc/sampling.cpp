@@ -21,6 +21,9 @@ constexpr int64_t kFirstRankChunk = 64;  // typical top-p sets fit in the first 
 // Heap selection (partial_sort) beats nth_element + sort while the ranks wanted are fewer
 // than 1/kHeapSelectRatio of the ids left.
 constexpr int64_t kHeapSelectRatio = 16;
+// Candidates with exp(logit/T - max) at least this (probability >= 1e-4 of the top one) are
+// ranked first; the rest only when a walk gets past all of them.
+constexpr double kHotFraction = 1e-4;
 
 struct RowParams {
     double temperature;
@@ -28,12 +31,17 @@ struct RowParams {
     double top_p, min_p, uniform;
 };
 
-// Lowest id among the largest logits.
 LLAMA_SIMD_CLONES
-int64_t argmax_row(const float* logits, int64_t vocab) {
+float row_max(const float* logits, int64_t vocab) {
     float best = logits[0];
 #pragma omp simd reduction(max : best)
     for (int64_t i = 0; i < vocab; ++i) best = std::max(best, logits[i]);
+    return best;
+}
+
+// Lowest id among the largest logits.
+int64_t argmax_row(const float* logits, int64_t vocab) {
+    const float best = row_max(logits, vocab);
     for (int64_t i = 0; i < vocab; ++i) {
         if (logits[i] == best) return i;
     }
@@ -54,52 +62,72 @@ double row_exponentials(const float* logits, int64_t vocab, double temperature,
     return sum;
 }
 
-// Candidate ids ranked lazily: ids[0, sorted) are final (probability descending, lower id
-// first on ties); the rest are all ranked below them, in no particular order.
+// Candidate ids ranked lazily. ids[0, hot) hold the "hot" candidates, whose e reaches
+// kHotFraction of the top one, and therefore all rank before ids[hot, size); most walks end
+// inside the hot part, so the cold tail is never ranked. ids[0, sorted) are final
+// (probability descending, lower id first on ties).
 class LazyRanking {
   public:
-    LazyRanking(std::vector<int32_t>& ids, int64_t size, const double* e)
-        : ids_(ids), size_(size), e_(e) {}
+    LazyRanking(std::vector<int32_t>& ids, int64_t hot, int64_t size, const double* e)
+        : ids_(ids), hot_(hot), size_(size), e_(e) {}
 
     int32_t at(int64_t rank) {
         if (rank >= sorted_) extend(std::max({rank + 1, 2 * sorted_, kFirstRankChunk}));
         return ids_[rank];
     }
 
+  private:
     void extend(int64_t n) {
         n = std::min(n, size_);
-        if (n <= sorted_) return;
+        if (sorted_ < hot_) select_sorted(sorted_, std::min(n, hot_), hot_);
+        if (n > hot_) select_sorted(std::max(sorted_, hot_), n, size_);
+        sorted_ = std::max(sorted_, n);
+    }
+
+    // Puts the best (to - from) ids of [from, end) in rank order at [from, to).
+    void select_sorted(int64_t from, int64_t to, int64_t end) {
+        if (to <= from) return;
         auto ranks_before = [this](int32_t a, int32_t b) {
             return e_[a] > e_[b] || (e_[a] == e_[b] && a < b);
         };
-        auto first = ids_.begin() + sorted_, nth = ids_.begin() + n, last = ids_.begin() + size_;
-        if ((n - sorted_) * kHeapSelectRatio < size_ - sorted_) {
+        auto first = ids_.begin() + from, nth = ids_.begin() + to, last = ids_.begin() + end;
+        if ((to - from) * kHeapSelectRatio < end - from) {
             // Few ranks out of many ids: a bounded heap rejects most ids with one compare.
             std::partial_sort(first, nth, last, ranks_before);
         } else {
             std::nth_element(first, nth - 1, last, ranks_before);
             std::sort(first, nth, ranks_before);
         }
-        sorted_ = n;
     }
 
-  private:
     std::vector<int32_t>& ids_;
-    int64_t size_;
+    int64_t hot_, size_;
     const double* e_;
     int64_t sorted_ = 0;
 };
 
-// Ids whose probability reaches min_p times the largest one (all ids when min_p is 0).
-int64_t gather_candidates(const double* e, int64_t vocab, double inv_sum, double min_p,
-                          std::vector<int32_t>& ids) {
+struct Candidates {
+    int64_t hot, count;
+};
+
+// Ids whose probability reaches min_p times the largest one (all ids when min_p is 0),
+// the hot ones first (see LazyRanking).
+Candidates gather_candidates(const double* e, int64_t vocab, double inv_sum, double min_p,
+                             std::vector<int32_t>& ids) {
     const double p_max = inv_sum;  // the top token's e is exp(0) = 1
     const double threshold = min_p * p_max;
-    int64_t count = 0;
+    int64_t hot = 0, cold_start = vocab;  // cold ids fill the buffer from the back
     for (int64_t i = 0; i < vocab; ++i) {
-        if (min_p <= 0.0 || e[i] * inv_sum >= threshold) ids[count++] = static_cast<int32_t>(i);
+        if (min_p > 0.0 && e[i] * inv_sum < threshold) continue;
+        if (e[i] >= kHotFraction) {
+            ids[hot++] = static_cast<int32_t>(i);
+        } else {
+            ids[--cold_start] = static_cast<int32_t>(i);
+        }
     }
-    return count;
+    const int64_t cold = vocab - cold_start;
+    std::copy(ids.begin() + cold_start, ids.end(), ids.begin() + hot);
+    return {hot, hot + cold};
 }
 
 // Number of leading ranks kept by top-p: rank r stays while the probability ranked before
@@ -118,12 +146,13 @@ int64_t top_p_prefix(LazyRanking& ranking, const double* e, double inv_sum, doub
 int64_t sample_row(const float* logits, int64_t vocab, const RowParams& row, double* e,
                    std::vector<int32_t>& ids) {
     if (row.temperature == 0.0) return argmax_row(logits, vocab);
-    const float max_logit = logits[argmax_row(logits, vocab)];
+    const float max_logit = row_max(logits, vocab);
     const double scaled_max = static_cast<double>(max_logit) / row.temperature;
     const double inv_sum = 1.0 / row_exponentials(logits, vocab, row.temperature, scaled_max, e);
-    const int64_t candidates = gather_candidates(e, vocab, inv_sum, row.min_p, ids);
+    const Candidates gathered = gather_candidates(e, vocab, inv_sum, row.min_p, ids);
+    const int64_t candidates = gathered.count;
     const int64_t limit = row.top_k > 0 ? std::min(row.top_k, candidates) : candidates;
-    LazyRanking ranking(ids, candidates, e);
+    LazyRanking ranking(ids, gathered.hot, candidates, e);
     const int64_t kept = row.top_p < 1.0 ? top_p_prefix(ranking, e, inv_sum, row.top_p, limit)
                                          : limit;
     double total = 0.0;

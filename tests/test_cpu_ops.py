@@ -266,6 +266,18 @@ def test_sample_picks_the_reference_token(seed: int) -> None:
     assert torch.equal(ops.sample(logits, *params), expected)
 
 
+def test_sample_walks_into_the_low_probability_tail() -> None:
+    """Uniforms just below 1 on peaked rows push the walk past the high-probability ids."""
+    g = _gen(21)
+    rows, vocab = 16, 4000
+    logits = _randn(g, rows, vocab) * 8.0
+    largest_uniform_below_one = 1.0 - 2.0 ** -24
+    uniform = largest_uniform_below_one - 1e-6 * torch.rand(rows, generator=g)
+    params = (torch.full((rows,), 1.3), torch.zeros(rows, dtype=torch.long), torch.ones(rows),
+              torch.zeros(rows), uniform)
+    assert torch.equal(ops.sample(logits, *params), reference.sample(logits, *params))
+
+
 def test_sample_breaks_ties_toward_lower_ids() -> None:
     g = _gen(3)
     rows, vocab = 32, 500
