@@ -79,7 +79,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache need the same layout with unit-stride heads")
     _store_kv_kernel[(n_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, n_kv_heads, head_dim,
+        k, v, k_cache, v_cache, slot_mapping.contiguous(), n_kv_heads, head_dim,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[1], HEADS_PAD=triton.next_power_of_2(n_kv_heads),
@@ -113,9 +113,11 @@ def _attend(q, q_positions, kv_lo, kv_hi, k_cache_ptr, v_cache_ptr, block_table_
                                   mask=kv_valid, other=0).to(tl.int64)
         kv_offsets = (physical_blocks * cache_block_stride
                       + (kv_positions % BLOCK_SIZE) * cache_slot_stride + kv_head_offset)
-        k_t = tl.load(k_cache_ptr + kv_offsets[None, :] + dims[:, None],
-                      mask=kv_valid[None, :] & dim_valid[:, None], other=0.0)
-        scores = tl.dot(q, k_t.to(DOT_DTYPE), input_precision=DOT_PRECISION) * scale_log2
+        kv_pointers = kv_offsets[:, None] + dims[None, :]
+        kv_mask = kv_valid[:, None] & dim_valid[None, :]
+        k = tl.load(k_cache_ptr + kv_pointers, mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        scores = scores * scale_log2
         visible = (kv_positions[None, :] <= q_positions[:, None]) & kv_valid[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
@@ -125,8 +127,7 @@ def _attend(q, q_positions, kv_lo, kv_hi, k_cache_ptr, v_cache_ptr, block_table_
         correction = tl.exp2(row_max - shift)
         probs = tl.exp2(scores - shift[:, None])
         row_sum = row_sum * correction + tl.sum(probs, axis=1)
-        v = tl.load(v_cache_ptr + kv_offsets[:, None] + dims[None, :],
-                    mask=kv_valid[:, None] & dim_valid[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + kv_pointers, mask=kv_mask, other=0.0)
         acc = acc * correction[:, None] + tl.dot(probs.to(DOT_DTYPE), v.to(DOT_DTYPE),
                                                  input_precision=DOT_PRECISION)
         row_max = new_max
@@ -257,6 +258,9 @@ def paged_attention_split_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         q = q.contiguous()
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache need the same layout with unit-stride heads")
+    # The kernel indexes these with unit inner strides (no-ops when already so).
+    block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    context_lens, cu_seqlens_q = context_lens.contiguous(), cu_seqlens_q.contiguous()
     block_q, block_m = _query_tile(n_tokens, n_seqs, group)
     # With one token a tile, tiles map to tokens exactly and need no per-sequence slack.
     tile_slack = 1 if block_q > 1 else 0

@@ -107,7 +107,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     if n_tokens == 0:
         return q_out, k_out
     _rope_kernel[(n_tokens,)](
-        q, k, q_out, k_out, positions, cos_sin, n_q_heads, n_kv_heads,
+        q, k, q_out, k_out, positions.contiguous(), cos_sin, n_q_heads, n_kv_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0), half,
         HALF_PAD=triton.next_power_of_2(half), Q_HEADS_PAD=triton.next_power_of_2(n_q_heads),
         KV_HEADS_PAD=triton.next_power_of_2(n_kv_heads))
