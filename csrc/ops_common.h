@@ -17,8 +17,12 @@ namespace py = pybind11;
 // Hot leaf functions are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and the
 // loader picks one from the CPU's features (GCC emits the __builtin_cpu_supports resolver).
 // Keep OpenMP regions out of these functions: outlined parallel bodies are not cloned.
+#if defined(__x86_64__) && defined(__GNUC__)
 #define LLAMA_SIMD_CLONES \
     __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LLAMA_SIMD_CLONES
+#endif
 
 // Below this much work (about 40 us on one core for the element-wise ops) an op stays on
 // one thread: waking the team, and waiting at its barrier on a busy machine, costs more.

@@ -27,13 +27,20 @@ def _dense(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return _view(t.to(dtype).contiguous())
 
 
+def _per_token_dims_dense(t: torch.Tensor) -> bool:
+    """Whether every dim after the first is C-contiguous (dim 0 may have any stride)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size > 1 and stride != expected:
+            return False
+        expected *= size
+    return t.stride(0) >= 0
+
+
 def _tokens_view(t: torch.Tensor) -> np.ndarray:
     """View of a [T, ...] tensor whose rows may be strided (a slice of a fused projection)
     but whose per-token dims are dense; copies otherwise."""
-    inner = t[0] if t.shape[0] > 0 else t.reshape(t.shape[1:])
-    if not inner.is_contiguous() or t.stride(0) < 0:
-        t = t.contiguous()
-    return _view(t)
+    return _view(t if _per_token_dims_dense(t) else t.contiguous())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
