@@ -211,6 +211,16 @@ def test_paged_attention_matches_reference(block_size: int, group: int, head_dim
                                reference.paged_attention(*problem), **FLOAT_TOL)
 
 
+@pytest.mark.parametrize("head_dim", [32, 80])
+def test_paged_attention_other_head_dims(head_dim: int) -> None:
+    """Head dims without a specialised register block take the run-time-size path."""
+    g = _gen(head_dim)
+    q_lens, prefixes = [1, 19, 1], [30, 14, 0]
+    problem = _attention_problem(g, 8, 3, head_dim, q_lens, prefixes, kv_heads=2)
+    torch.testing.assert_close(ops.paged_attention(*problem),
+                               reference.paged_attention(*problem), **FLOAT_TOL)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_paged_attention_long_prefill_and_decode_mix(seed: int) -> None:
     """Chunks longer than one tile of query tokens, next to decode rows and an empty row."""
@@ -262,6 +272,7 @@ def test_sample_picks_the_reference_token(seed: int) -> None:
     sharpness = torch.tensor([0.5, 2.0, 6.0])[torch.randint(0, 3, (rows, 1), generator=g)]
     logits = _randn(g, rows, vocab) * sharpness
     params = _sampling_params(g, rows, vocab)
+    params[-1][:2] = torch.tensor([0.0, 1.0])  # the walk's two ends
     expected = reference.sample(logits, *params)
     assert torch.equal(ops.sample(logits, *params), expected)
 
