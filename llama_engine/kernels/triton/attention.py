@@ -3,8 +3,9 @@ for a batch mixing decode rows and prefill chunks (causal, GQA, variable lengths
 
 Attention tiling: a program owns one KV head and a tile of BLOCK_Q consecutive query
 tokens of one sequence, with the GROUP query heads that share that KV head stacked into
-the tile's rows (BLOCK_M = BLOCK_Q * GROUP rounded up to a power of two). Decode rows thus
-fill the matrix unit with heads instead of wasting it on one token. Keys/values stream
+the tile's BLOCK_M rows (BLOCK_Q = BLOCK_M // GROUP; leftover rows are masked). Decode
+rows thus fill the matrix unit with heads instead of wasting it on one token, and every
+key/value loaded serves the whole group. Keys/values stream
 through in BLOCK_N-position chunks gathered through the block table (any paged block size
 works, even one smaller than BLOCK_N), with an online softmax in float32.
 
@@ -36,11 +37,13 @@ MIN_DOT_DIM = 16
 PREFILL_BLOCK_M = {True: 16, False: 64}
 BLOCK_N = {True: 16, False: 64}
 ATTENTION_WARPS = 4
+ATTENTION_STAGES = 2
 # Split-KV (flash-decoding): aim for this many programs per SM, with at most this many
 # splits of one tile's KV range.
 PROGRAMS_PER_SM = 2
 MAX_KV_SPLITS = 32
-ATTENTION_STAGES = 2
+# cu_seqlens_q value given to padding lanes of the sequence search: past any tile index.
+NO_SEQUENCE_START = tl.constexpr(2**30)
 
 
 @triton.jit
@@ -91,7 +94,8 @@ def _find_sequence(tile, cu_seqlens_q_ptr, n_seqs, BLOCK_Q: tl.constexpr,
                    TILE_SLACK: tl.constexpr, SEQS_PAD: tl.constexpr):
     """Index of the sequence whose tile range holds `tile` (see the module docstring)."""
     seq_ids = tl.arange(0, SEQS_PAD)
-    starts = tl.load(cu_seqlens_q_ptr + seq_ids, mask=seq_ids < n_seqs, other=2**30)
+    starts = tl.load(cu_seqlens_q_ptr + seq_ids, mask=seq_ids < n_seqs,
+                     other=NO_SEQUENCE_START)
     first_tiles = starts // BLOCK_Q + seq_ids * TILE_SLACK
     return tl.sum((first_tiles <= tile).to(tl.int32), axis=0) - 1
 

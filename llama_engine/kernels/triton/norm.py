@@ -51,7 +51,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         return out, (x + residual if residual is not None else x)
     block = triton.next_power_of_2(n_cols)
     _rms_norm_kernel[(x_rows.shape[0],)](
-        x_rows, residual_rows, weight, out, new_residual,
+        x_rows, residual_rows, weight.contiguous(), out, new_residual,
         n_cols, x_rows.stride(0), residual_rows.stride(0), eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps_for(block))
     return out, new_residual
