@@ -90,6 +90,22 @@ def test_rope_matches_reference(dtype: torch.dtype, head_dim: int) -> None:
     _assert_close(actual_k, expected_k, TOLERANCE)
 
 
+def test_rope_on_views_of_a_fused_qkv_projection() -> None:
+    """q and k as strided views into one [T, (H + 2 Hkv) * D] projection output."""
+    gen = _generator(6)
+    tokens, heads, kv_heads, head_dim = 5, 6, 2, 32
+    qkv = _randn(gen, tokens, (heads + 2 * kv_heads) * head_dim, dtype=torch.float16)
+    q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    angles = torch.rand(20, head_dim // 2, generator=gen) * 6.3
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    positions = torch.randint(0, 20, (tokens,), generator=gen)
+    expected_q, expected_k = reference.rope(q, k, positions, cos_sin)
+    actual_q, actual_k = tk.rope(q, k, positions, cos_sin)
+    _assert_close(actual_q, expected_q, TOLERANCE)
+    _assert_close(actual_k, expected_k, TOLERANCE)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed", [4, 5])
 def test_silu_and_mul_matches_reference(dtype: torch.dtype, seed: int) -> None:
