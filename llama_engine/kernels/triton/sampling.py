@@ -101,8 +101,11 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     if n_rows == 0:
         return out
     sorted_logits, order = torch.sort(logits.float(), dim=-1, descending=True, stable=True)
+    # Per-row parameters may come from the host; the kernel reads them with unit stride.
+    params = [p.to(logits.device).contiguous()
+              for p in (temperature, top_k, top_p, min_p, uniform)]
     block = min(SAMPLE_BLOCK[is_interpreter()], triton.next_power_of_2(vocab))
     _sample_kernel[(n_rows,)](
-        sorted_logits, order, temperature, top_k, top_p, min_p, uniform, out, vocab,
-        sorted_logits.stride(0), order.stride(0), BLOCK=block, num_warps=SAMPLE_WARPS)
+        sorted_logits, order, *params, out, vocab, sorted_logits.stride(0), order.stride(0),
+        BLOCK=block, num_warps=SAMPLE_WARPS)
     return out
