@@ -29,6 +29,11 @@ constexpr int kChunkRows = 16;
 // stay in L2.
 constexpr int kActTileRows = 64;
 
+// Up to this many rows of x, kernels with a packed_tile re-read the 4 GGUF rows (from L1)
+// for every 4 rows of x instead of decoding them once: the in-register decode costs ~5
+// vector ops per block pair, a decode pass ~22 plus a reload.
+constexpr int kPackedMaxActs = 16;
+
 enum class Isa : int { Auto = 0, Scalar = 1, Avx2 = 2, Avx512 = 3 };
 
 const KernelSet& best_kernels() {
@@ -119,14 +124,15 @@ void matmul(const KernelSet& k, QType t, const float* x, int M, int K, const uin
     const QuantizedActs acts = act_buffers.quantize(k, x, M, K, weight_offset(t, k));
     const int64_t row_bytes = static_cast<int64_t>(K / kBlock) * format_info(t).block_bytes;
     const int n_chunks = (N + kChunkRows - 1) / kChunkRows;
-    if (k.packed_tile != nullptr && M <= k.max_tile_acts) {
+    if (k.packed_tile != nullptr && M <= kPackedMaxActs) {
 #pragma omp parallel for schedule(dynamic)
         for (int chunk = 0; chunk < n_chunks; ++chunk) {
             const int n0 = chunk * kChunkRows;
             const int chunk_end = std::min(N, n0 + kChunkRows);
             for (int r0 = n0; r0 < chunk_end; r0 += kTileRows)
-                k.packed_tile(t, w + r0 * row_bytes, row_bytes, std::min(kTileRows, chunk_end - r0),
-                              acts, 0, M, y + r0, N);
+                for (int c0 = 0; c0 < M; c0 += k.max_tile_acts)
+                    k.packed_tile(t, w + r0 * row_bytes, row_bytes, std::min(kTileRows, chunk_end - r0),
+                                  acts, c0, std::min(k.max_tile_acts, M - c0), y + c0 * N + r0, N);
         }
         return;
     }

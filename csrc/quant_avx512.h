@@ -18,7 +18,6 @@ namespace quant::avx512 {
 
 constexpr int kBlocksPerStep = 2;
 constexpr int kStepBytes = kBlocksPerStep * kBlock;
-constexpr int kStepGroups = kStepBytes / kGroup;
 
 // [s[0] x 8, s[1] x 8] from two floats (activation scales) or two fp16s (weight scales);
 // for the odd last block only s[0] matters (its upper dot lanes are 0).
@@ -67,6 +66,7 @@ struct DecodedSource {
     __m512 scale(int r, int b) const { return pair_scale<TAIL>(w.d + row(r) * w.nb + b); }
     template <bool TAIL>
     __m512 min(int, int) const { return _mm512_setzero_ps(); }
+    void prefetch(int, int) const {}  // decoded chunks sit in L1 already
     int64_t row(int r) const { return r0 + r; }
 };
 
@@ -77,8 +77,15 @@ struct PackedSource {
     static constexpr bool kMinInLoop = true;
     static constexpr FormatInfo kFormat = format_info(T);
     const uint8_t* rows[kTileRows];
+    int64_t row_bytes;
 
     const uint8_t* block(int r, int b) const { return rows[r] + static_cast<int64_t>(b) * kFormat.block_bytes; }
+
+    // Rows are streamed from memory once: while this tile works, fetch the same blocks of
+    // the next tile's rows (prefetch never faults, so running past the last row is fine).
+    void prefetch(int r, int b) const {
+        _mm_prefetch(reinterpret_cast<const char*>(block(r, b) + kTileRows * row_bytes), _MM_HINT_T0);
+    }
 
     template <bool TAIL>
     __m512i vals(int r, int b) const {
@@ -123,6 +130,7 @@ inline void step(const Source& w, const QuantizedActs& a, int c0, int b,
     __m512i wv[kTileRows];
     __m512 wd[kTileRows], wm[kTileRows];
     for (int r = 0; r < kTileRows; ++r) {
+        w.prefetch(r, b);
         wv[r] = w.template vals<TAIL>(r, b);
         wd[r] = w.template scale<TAIL>(r, b);
         if (kMinHere) wm[r] = w.template min<TAIL>(r, b);
@@ -190,6 +198,7 @@ template <QType T>
 void packed_tile_typed(const uint8_t* rows, int64_t row_bytes, int valid_rows,
                        const QuantizedActs& a, int c0, int acts, float* out, int64_t ldo) {
     PackedSource<T> source;
+    source.row_bytes = row_bytes;
     for (int r = 0; r < kTileRows; ++r)  // rows past the end re-read the last valid one
         source.rows[r] = rows + std::min(r, valid_rows - 1) * row_bytes;
     constexpr bool kHasMin = T == QType::Q4_1;
