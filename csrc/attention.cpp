@@ -66,7 +66,7 @@ struct AttentionProblem {
 };
 
 struct Tile {
-    int64_t seq, kv_head;
+    int64_t kv_head;
     int64_t first_row;   // index into q of the tile's first token
     int64_t tokens;      // consecutive tokens in the tile
     int64_t first_pos;   // sequence position of the first token
@@ -90,9 +90,8 @@ struct TileScratch {
 // product per (row, key) even for a decode step's few rows (measured 2.3x at group 3).
 // `rows` must be a multiple of kRowBlock (the caller pads queries with zero rows).
 LLAMA_SIMD_CLONES
-void score_keys(const float* q, int64_t rows, int64_t head_dim,
-                           const float* const* keys, int64_t count, float* keys_t,
-                           float* scores) {
+void score_keys(const float* q, int64_t rows, int64_t head_dim, const float* const* keys,
+                int64_t count, float* keys_t, float* scores) {
     for (int64_t d = 0; d < head_dim; ++d) {
         for (int64_t j = 0; j < kKeyTile; ++j) {
             keys_t[d * kKeyTile + j] = j < count ? keys[j][d] : 0.0f;
@@ -184,6 +183,36 @@ void gather_scaled_queries(const AttentionProblem& p, const Tile& tile, int64_t 
     std::fill(q + tile.tokens * group * D, q + padded_rows * D, 0.0f);
 }
 
+// Points k_ptr/v_ptr at the cache rows of keys key0 .. key0 + count - 1 of the tile's
+// sequence and KV head, following its block table.
+void locate_keys(const AttentionProblem& p, const Tile& tile, int64_t key0, int64_t count,
+                 TileScratch& s) {
+    const int64_t slot_stride = p.num_kv_heads * p.head_dim;  // elements between cache slots
+    for (int64_t j = 0; j < count; ++j) {
+        const int64_t pos = key0 + j;
+        const int64_t slot =
+            int64_t{tile.blocks[pos / p.block_size]} * p.block_size + pos % p.block_size;
+        const int64_t offset = slot * slot_stride + tile.kv_head * p.head_dim;
+        s.k_ptr[j] = p.k_cache + offset;
+        s.v_ptr[j] = p.v_cache + offset;
+    }
+}
+
+// out = acc / row_sum for every real row of the tile (the softmax's deferred division).
+void write_normalised_rows(const AttentionProblem& p, const Tile& tile, int64_t group,
+                           const TileScratch& s) {
+    const int64_t D = p.head_dim;
+    for (int64_t t = 0; t < tile.tokens; ++t) {
+        float* out_token =
+            p.out + (tile.first_row + t) * p.num_heads * D + tile.kv_head * group * D;
+        for (int64_t g = 0; g < group; ++g) {
+            const int64_t r = t * group + g;
+            const float inv_sum = 1.0f / s.row_sum[r];
+            for (int64_t d = 0; d < D; ++d) out_token[g * D + d] = s.acc[r * D + d] * inv_sum;
+        }
+    }
+}
+
 void attend_tile(const AttentionProblem& p, const Tile& tile, TileScratch& s) {
     const int64_t D = p.head_dim, group = p.num_heads / p.num_kv_heads;
     const int64_t rows = tile.tokens * group;
@@ -192,18 +221,10 @@ void attend_tile(const AttentionProblem& p, const Tile& tile, TileScratch& s) {
     std::fill(s.acc.begin(), s.acc.begin() + padded_rows * D, 0.0f);
     std::fill(s.row_max.begin(), s.row_max.begin() + rows, -INFINITY);
     std::fill(s.row_sum.begin(), s.row_sum.begin() + rows, 0.0f);
-    const int64_t kv_stride = p.num_kv_heads * D;  // elements between cache slots
     const int64_t key_end = tile.first_pos + tile.tokens;  // the last token sees keys < this
     for (int64_t key0 = 0; key0 < key_end; key0 += kKeyTile) {
         const int64_t count = std::min(kKeyTile, key_end - key0);
-        for (int64_t j = 0; j < count; ++j) {
-            const int64_t pos = key0 + j;
-            const int64_t slot = int64_t{tile.blocks[pos / p.block_size]} * p.block_size +
-                                 pos % p.block_size;
-            const int64_t offset = slot * kv_stride + tile.kv_head * D;
-            s.k_ptr[j] = p.k_cache + offset;
-            s.v_ptr[j] = p.v_cache + offset;
-        }
+        locate_keys(p, tile, key0, count, s);
         score_keys(s.q.data(), padded_rows, D, s.k_ptr.data(), count, s.keys_t.data(),
                    s.scores.data());
         for (int64_t r = 0; r < padded_rows; ++r) {
@@ -222,14 +243,7 @@ void attend_tile(const AttentionProblem& p, const Tile& tile, TileScratch& s) {
                                 s.acc.data() + r0 * D);
         }
     }
-    for (int64_t t = 0; t < tile.tokens; ++t) {
-        float* out_token = p.out + (tile.first_row + t) * p.num_heads * D + tile.kv_head * group * D;
-        for (int64_t g = 0; g < group; ++g) {
-            const int64_t r = t * group + g;
-            const float inv_sum = 1.0f / s.row_sum[r];
-            for (int64_t d = 0; d < D; ++d) out_token[g * D + d] = s.acc[r * D + d] * inv_sum;
-        }
-    }
+    write_normalised_rows(p, tile, group, s);
 }
 
 // Checks the per-sequence metadata and cuts every sequence's query rows into tiles.
@@ -252,7 +266,7 @@ std::vector<Tile> plan_tiles(const AttentionProblem& p, const int32_t* context_l
         for (int64_t h = 0; h < p.num_kv_heads; ++h) {
             for (int64_t t0 = 0; t0 < q_len; t0 += tokens_per_tile) {
                 const int64_t count = std::min(tokens_per_tile, q_len - t0);
-                tiles.push_back({i, h, q_start + t0, count, ctx - q_len + t0, blocks});
+                tiles.push_back({h, q_start + t0, count, ctx - q_len + t0, blocks});
             }
         }
     }

@@ -17,14 +17,33 @@ import torch
 from llama_engine import _C
 
 
+# The helpers below skip no-op torch calls (.to, .contiguous, .detach, .reshape): each costs
+# about a microsecond, which matters for decode-sized inputs called ~200 times a step.
+
 def _view(t: torch.Tensor) -> np.ndarray:
     """Zero-copy numpy view of a CPU tensor (strides kept)."""
-    return t.detach().numpy()
+    return (t.detach() if t.requires_grad else t).numpy()
 
 
 def _dense(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """Numpy view of `t` as a C-contiguous array of `dtype` (copies only when it must)."""
-    return _view(t.to(dtype).contiguous())
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return _view(t)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., width] as a C-contiguous 2-D [rows, width] tensor."""
+    if t.dim() != 2:
+        t = t.reshape(-1, t.shape[-1])
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _like_input(out: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Gives a 2-D result the leading dims of the original input."""
+    return out if original.dim() == 2 else out.view(*original.shape[:-1], out.shape[-1])
 
 
 def _per_token_dims_dense(t: torch.Tensor) -> bool:
@@ -50,18 +69,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     Returns (normed, new_residual): new_residual = x + residual (x itself when residual is
     None), normed = new_residual * rsqrt(mean(new_residual^2) + eps) * weight.
     """
-    hidden = x.shape[-1]
-    x2 = x.reshape(-1, hidden).contiguous()
+    x2 = _as_rows(x)
     normed = torch.empty_like(x2)
     if residual is None:
         _C.rms_norm(_view(x2), _dense(weight, torch.float32), float(eps), None, _view(normed),
                     None)
-        return normed.view(x.shape), x
+        return _like_input(normed, x), x
     new_residual = torch.empty_like(x2)
     _C.rms_norm(_view(x2), _dense(weight, torch.float32), float(eps),
-                _dense(residual.reshape(-1, hidden), torch.float32), _view(normed),
-                _view(new_residual))
-    return normed.view(x.shape), new_residual.view(x.shape)
+                _dense(_as_rows(residual), torch.float32), _view(normed), _view(new_residual))
+    return _like_input(normed, x), _like_input(new_residual, x)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -88,11 +105,10 @@ def _written_back(original: torch.Tensor, rotated: np.ndarray) -> torch.Tensor:
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU: gate_up [..., 2F] = concat(gate, up) -> silu(gate) * up, [..., F]."""
-    width = gate_up.shape[-1]
-    rows = gate_up.reshape(-1, width).contiguous()
-    out = torch.empty(rows.shape[0], width // 2, dtype=torch.float32)
+    rows = _as_rows(gate_up)
+    out = torch.empty(rows.shape[0], rows.shape[1] // 2, dtype=torch.float32)
     _C.silu_and_mul(_view(rows), _view(out))
-    return out.view(*gate_up.shape[:-1], width // 2)
+    return _like_input(out, gate_up)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
