@@ -49,8 +49,10 @@ def read_config(reader) -> ModelConfig:
     p = f"{arch}."
     hidden = int(_field(reader, p + "embedding_length"))
     heads = int(_field(reader, p + "attention.head_count"))
-    names = {t.name for t in reader.tensors}
-    vocab = _field(reader, p + "vocab_size", 0) or len(reader.fields["tokenizer.ggml.tokens"].data)
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    if "token_embd.weight" not in shapes:
+        raise ModelLoadError("GGUF has no 'token_embd.weight' tensor")
+    vocab = shapes["token_embd.weight"][-1]
     return ModelConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -62,7 +64,7 @@ def read_config(reader) -> ModelConfig:
         max_position_embeddings=int(_field(reader, p + "context_length", 2048)),
         rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
-        tie_word_embeddings="output.weight" not in names,
+        tie_word_embeddings="output.weight" not in shapes,
     )
 
 
