@@ -59,12 +59,12 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_registry(args: argparse.Namespace) -> ModelRegistry:
     from llama_engine.engine.async_engine import AsyncLLMEngine
+    from llama_engine.engine.llm_engine import EngineConfig
 
     registry = ModelRegistry()
+    max_running = args.max_running or args.max_num_seqs or EngineConfig.max_num_seqs
     for path in args.model or [None]:
         engine = AsyncLLMEngine.from_model(path, **engine_kwargs(args))
-        max_running = args.max_running or getattr(getattr(engine, "config", None), "max_num_seqs",
-                                                  None) or args.max_num_seqs or 64
         registry.add(ServedModel(engine.model_id, engine, max_running=max_running,
                                  max_waiting=args.max_waiting))
         LOG.info("loaded model %s (context %d tokens)", engine.model_id, engine.max_model_len)
