@@ -251,6 +251,20 @@ def test_sample_large_vocab_and_extreme_filters_match_reference() -> None:
     assert torch.equal(tk.sample(logits, temperature, top_k, top_p, min_p, uniform), expected)
 
 
+@pytest.mark.parametrize("edge_uniform", [0.0, 1.0])
+def test_sample_uniform_at_the_interval_ends_matches_reference(edge_uniform: float) -> None:
+    gen = _generator(8)
+    rows, vocab = 4, 700
+    logits = 2.0 * torch.randn(rows, vocab, generator=gen)
+    temperature = torch.tensor([1.0, 0.6, 1.2, 1.0])
+    top_k = torch.tensor([0, 30, 0, 0], dtype=torch.int32)
+    top_p = torch.tensor([1.0, 1.0, 0.7, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.2])
+    uniform = torch.full((rows,), edge_uniform)
+    expected = reference.sample(logits, temperature, top_k, top_p, min_p, uniform)
+    assert torch.equal(tk.sample(logits, temperature, top_k, top_p, min_p, uniform), expected)
+
+
 def test_sample_greedy_takes_lowest_id_among_tied_maxima() -> None:
     gen = _generator(3)
     logits = torch.randn(2, 50, generator=gen)
