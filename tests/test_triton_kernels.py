@@ -324,8 +324,11 @@ def test_quant_matmul_keeps_leading_dims() -> None:
 def test_kernels_compile_for_sm90() -> None:
     """The interpreter accepts code the GPU compiler rejects: compile every kernel (bf16
     variants, first autotune config) for an H100 in a clean process without a GPU."""
+    import importlib.util
     import subprocess
     import sys
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton build has no NVIDIA backend to compile with")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-m", "llama_engine.kernels.triton._compile_check", "--arch", "90",
