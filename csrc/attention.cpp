@@ -75,12 +75,13 @@ struct Tile {
 
 // Per-thread buffers, sized for the largest tile.
 struct TileScratch {
-    std::vector<float> q, acc, scores, keys_t, row_max, row_sum;
+    std::vector<float> q, acc, scores, keys_t, row_max;
+    std::vector<float> row_sum;  // per row, kKeyTile partial sums (summed at the end)
     std::vector<const float*> k_ptr, v_ptr;
 
     TileScratch(int64_t rows, int64_t head_dim)
         : q(rows * head_dim), acc(rows * head_dim), scores(rows * kKeyTile),
-          keys_t(head_dim * kKeyTile), row_max(rows), row_sum(rows), k_ptr(kKeyTile),
+          keys_t(head_dim * kKeyTile), row_max(rows), row_sum(rows * kKeyTile), k_ptr(kKeyTile),
           v_ptr(kKeyTile) {}
 };
 
@@ -89,48 +90,63 @@ struct TileScratch {
 // kRowBlock rows share every key load; no horizontal sums are needed. This beats one dot
 // product per (row, key) even for a decode step's few rows (measured 2.3x at group 3).
 // `rows` must be a multiple of kRowBlock (the caller pads queries with zero rows).
-LLAMA_SIMD_CLONES
-void score_keys(const float* q, int64_t rows, int64_t head_dim, const float* const* keys,
+ALWAYS_INLINE void score_keys(const float* q, int64_t rows, int64_t head_dim, const float* const* keys,
                 int64_t count, float* keys_t, float* scores) {
     for (int64_t d = 0; d < head_dim; ++d) {
         for (int64_t j = 0; j < kKeyTile; ++j) {
             keys_t[d * kKeyTile + j] = j < count ? keys[j][d] : 0.0f;
         }
     }
+    // Two accumulator sets (even and odd d) give 2 * kRowBlock independent FMA chains,
+    // enough to cover the FMA latency.
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-        float block[kRowBlock][kKeyTile] = {};
-        for (int64_t d = 0; d < head_dim; ++d) {
+        float even[kRowBlock][kKeyTile] = {}, odd[kRowBlock][kKeyTile] = {};
+        for (int64_t d = 0; d + 1 < head_dim; d += 2) {
             const float* column = keys_t + d * kKeyTile;
             for (int64_t r = 0; r < kRowBlock; ++r) {
-                const float q_value = q[(r0 + r) * head_dim + d];
+                const float q_even = q[(r0 + r) * head_dim + d];
+                const float q_odd = q[(r0 + r) * head_dim + d + 1];
 #pragma omp simd
-                for (int64_t j = 0; j < kKeyTile; ++j) block[r][j] += q_value * column[j];
+                for (int64_t j = 0; j < kKeyTile; ++j) {
+                    even[r][j] += q_even * column[j];
+                    odd[r][j] += q_odd * column[kKeyTile + j];
+                }
+            }
+        }
+        if (head_dim % 2 != 0) {
+            const float* column = keys_t + (head_dim - 1) * kKeyTile;
+            for (int64_t r = 0; r < kRowBlock; ++r) {
+                const float q_last = q[(r0 + r) * head_dim + head_dim - 1];
+                for (int64_t j = 0; j < kKeyTile; ++j) even[r][j] += q_last * column[j];
             }
         }
         for (int64_t r = 0; r < kRowBlock; ++r) {
-            std::memcpy(scores + (r0 + r) * kKeyTile, block[r], sizeof(block[r]));
+            for (int64_t j = 0; j < kKeyTile; ++j) {
+                scores[(r0 + r) * kKeyTile + j] = even[r][j] + odd[r][j];
+            }
         }
     }
 }
 
 // Online-softmax step of one query row over the first `valid` keys of the tile (later keys
 // are in this row's future): turns its scores into weights exp(score - max), zeroing the
-// masked ones, and rescales the running sum and accumulator to the new maximum.
-LLAMA_SIMD_CLONES
-void softmax_step(float* row_scores, int64_t valid, int64_t head_dim, float* row_max,
-                  float* row_sum, float* acc) {
-    float tile_max = row_scores[0];
-    for (int64_t j = 1; j < valid; ++j) tile_max = std::max(tile_max, row_scores[j]);
+// masked ones, and rescales the running sums and accumulator to the new maximum. The
+// running sum stays kKeyTile lanes wide, so no horizontal add is needed per tile.
+ALWAYS_INLINE void softmax_step(float* row_scores, int64_t valid, int64_t head_dim,
+                                float* row_max, float* row_sums, float* acc) {
+    float tile_max = -INFINITY;
+#pragma omp simd reduction(max : tile_max)
+    for (int64_t j = 0; j < kKeyTile; ++j) {
+        tile_max = std::max(tile_max, j < valid ? row_scores[j] : -INFINITY);
+    }
     const float new_max = std::max(*row_max, tile_max);
     const float rescale = exp_f32(*row_max - new_max);
-    float tile_sum = 0.0f;
-#pragma omp simd reduction(+ : tile_sum)
+    *row_max = new_max;
+#pragma omp simd
     for (int64_t j = 0; j < kKeyTile; ++j) {
         row_scores[j] = j < valid ? exp_f32(row_scores[j] - new_max) : 0.0f;
-        tile_sum += row_scores[j];
+        row_sums[j] = row_sums[j] * rescale + row_scores[j];
     }
-    *row_sum = *row_sum * rescale + tile_sum;
-    *row_max = new_max;
     if (rescale != 1.0f) {
 #pragma omp simd
         for (int64_t d = 0; d < head_dim; ++d) acc[d] *= rescale;
@@ -141,7 +157,7 @@ void softmax_step(float* row_scores, int64_t valid, int64_t head_dim, float* row
 // time the block's accumulators live in registers and each value row is loaded once for
 // all kRowBlock rows; kFixedDim == 0 is the run-time head dim fallback.
 template <int64_t kFixedDim>
-inline __attribute__((always_inline)) void add_weighted_values_impl(
+ALWAYS_INLINE void add_weighted_values_impl(
     const float* weights, const float* const* values, int64_t count, int64_t head_dim,
     float* acc) {
     const int64_t D = kFixedDim ? kFixedDim : head_dim;
@@ -159,8 +175,7 @@ inline __attribute__((always_inline)) void add_weighted_values_impl(
     if (kFixedDim) std::memcpy(acc, local, sizeof(local));
 }
 
-LLAMA_SIMD_CLONES
-void add_weighted_values(const float* weights, const float* const* values, int64_t count,
+ALWAYS_INLINE void add_weighted_values(const float* weights, const float* const* values, int64_t count,
                          int64_t head_dim, float* acc) {
     constexpr int64_t kSmolHeadDim = 64;  // SmolLM2 / Llama-3.2-1B; 128 is Llama-3-8B
     constexpr int64_t kLlamaHeadDim = 128;
@@ -173,7 +188,7 @@ void add_weighted_values(const float* weights, const float* const* values, int64
     }
 }
 
-void gather_scaled_queries(const AttentionProblem& p, const Tile& tile, int64_t group,
+ALWAYS_INLINE void gather_scaled_queries(const AttentionProblem& p, const Tile& tile, int64_t group,
                            int64_t padded_rows, float* q) {
     const int64_t D = p.head_dim;
     for (int64_t t = 0; t < tile.tokens; ++t) {
@@ -185,7 +200,7 @@ void gather_scaled_queries(const AttentionProblem& p, const Tile& tile, int64_t 
 
 // Points k_ptr/v_ptr at the cache rows of keys key0 .. key0 + count - 1 of the tile's
 // sequence and KV head, following its block table.
-void locate_keys(const AttentionProblem& p, const Tile& tile, int64_t key0, int64_t count,
+ALWAYS_INLINE void locate_keys(const AttentionProblem& p, const Tile& tile, int64_t key0, int64_t count,
                  TileScratch& s) {
     const int64_t slot_stride = p.num_kv_heads * p.head_dim;  // elements between cache slots
     for (int64_t j = 0; j < count; ++j) {
@@ -199,7 +214,7 @@ void locate_keys(const AttentionProblem& p, const Tile& tile, int64_t key0, int6
 }
 
 // out = acc / row_sum for every real row of the tile (the softmax's deferred division).
-void write_normalised_rows(const AttentionProblem& p, const Tile& tile, int64_t group,
+ALWAYS_INLINE void write_normalised_rows(const AttentionProblem& p, const Tile& tile, int64_t group,
                            const TileScratch& s) {
     const int64_t D = p.head_dim;
     for (int64_t t = 0; t < tile.tokens; ++t) {
@@ -207,12 +222,18 @@ void write_normalised_rows(const AttentionProblem& p, const Tile& tile, int64_t 
             p.out + (tile.first_row + t) * p.num_heads * D + tile.kv_head * group * D;
         for (int64_t g = 0; g < group; ++g) {
             const int64_t r = t * group + g;
-            const float inv_sum = 1.0f / s.row_sum[r];
+            const float* sums = s.row_sum.data() + r * kKeyTile;
+            float total = 0.0f;
+            for (int64_t j = 0; j < kKeyTile; ++j) total += sums[j];
+            const float inv_sum = 1.0f / total;
             for (int64_t d = 0; d < D; ++d) out_token[g * D + d] = s.acc[r * D + d] * inv_sum;
         }
     }
 }
 
+// One tile, start to finish. The only multi-ISA entry point of the attention: the helpers
+// above are inlined into each clone, so no per-row call goes through the ISA dispatch.
+LLAMA_SIMD_CLONES
 void attend_tile(const AttentionProblem& p, const Tile& tile, TileScratch& s) {
     const int64_t D = p.head_dim, group = p.num_heads / p.num_kv_heads;
     const int64_t rows = tile.tokens * group;
@@ -220,7 +241,7 @@ void attend_tile(const AttentionProblem& p, const Tile& tile, TileScratch& s) {
     gather_scaled_queries(p, tile, group, padded_rows, s.q.data());
     std::fill(s.acc.begin(), s.acc.begin() + padded_rows * D, 0.0f);
     std::fill(s.row_max.begin(), s.row_max.begin() + rows, -INFINITY);
-    std::fill(s.row_sum.begin(), s.row_sum.begin() + rows, 0.0f);
+    std::fill(s.row_sum.begin(), s.row_sum.begin() + rows * kKeyTile, 0.0f);
     const int64_t key_end = tile.first_pos + tile.tokens;  // the last token sees keys < this
     for (int64_t key0 = 0; key0 < key_end; key0 += kKeyTile) {
         const int64_t count = std::min(kKeyTile, key_end - key0);
@@ -235,7 +256,7 @@ void attend_tile(const AttentionProblem& p, const Tile& tile, TileScratch& s) {
                 std::fill(row_scores, row_scores + kKeyTile, 0.0f);
                 continue;
             }
-            softmax_step(row_scores, valid, D, &s.row_max[r], &s.row_sum[r],
+            softmax_step(row_scores, valid, D, &s.row_max[r], s.row_sum.data() + r * kKeyTile,
                          s.acc.data() + r * D);
         }
         for (int64_t r0 = 0; r0 < padded_rows; r0 += kRowBlock) {

@@ -24,6 +24,9 @@ namespace py = pybind11;
 #define LLAMA_SIMD_CLONES
 #endif
 
+// For helpers of a LLAMA_SIMD_CLONES function: inlined, they are compiled for each clone's ISA.
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
 // Below this much work (about 40 us on one core for the element-wise ops) an op stays on
 // one thread: waking the team, and waiting at its barrier on a busy machine, costs more.
 constexpr int64_t kMinParallelElements = 1 << 17;
