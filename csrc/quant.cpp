@@ -13,6 +13,7 @@
 #include "quant_avx2.h"
 #include "quant_avx512.h"
 #include "quant_common.h"
+#include "quant_f32.h"
 #include "quant_scalar.h"
 #include "registry.h"
 
@@ -57,6 +58,19 @@ const KernelSet& kernels_for(Isa isa) {
     throw std::invalid_argument("unknown instruction set");
 }
 
+const f32::KernelSet& f32_kernels_for(Isa isa) {
+    const bool avx512 = f32::avx512::supported();
+    switch (isa) {
+        case Isa::Auto: return avx512 ? f32::avx512::kernels : f32::scalar::kernels;
+        case Isa::Scalar: return f32::scalar::kernels;
+        case Isa::Avx2: throw std::invalid_argument("no AVX2 float32 kernel: use AUTO or int8 activations");
+        case Isa::Avx512:
+            if (!avx512) throw std::runtime_error("this CPU lacks AVX-512");
+            return f32::avx512::kernels;
+    }
+    throw std::invalid_argument("unknown instruction set");
+}
+
 QType parse_qtype(const std::string& name) {
     if (name == "Q4_0") return QType::Q4_0;
     if (name == "Q4_1") return QType::Q4_1;
@@ -85,99 +99,119 @@ struct ActBuffers {
     }
 };
 
-// A thread's decode buffer for kChunkRows weight rows; rows past N stay zero (d = 0).
+// A thread's decode buffer for kChunkRows weight rows (int8 path). Tiles always read
+// kTileRows rows; past the chunk's end they read stale rows whose outputs are dropped.
 struct ChunkBuffer {
     std::vector<uint8_t> vals;
     std::vector<uint16_t> d, m;
     DecodedRows rows;
 
-    ChunkBuffer(int K) : vals(static_cast<size_t>(kChunkRows) * K),
-                         d(static_cast<size_t>(kChunkRows) * (K / kBlock)),
-                         m(static_cast<size_t>(kChunkRows) * (K / kBlock)),
-                         rows{vals.data(), d.data(), m.data(), K, K / kBlock} {}
-
-    void clear_rows_from(int first) {
-        const int nb = rows.nb;
-        std::fill(vals.begin() + static_cast<size_t>(first) * rows.K, vals.end(), 0);
-        std::fill(d.begin() + static_cast<size_t>(first) * nb, d.end(), 0);  // fp16 +0
-        std::fill(m.begin() + static_cast<size_t>(first) * nb, m.end(), 0);
-    }
+    explicit ChunkBuffer(int K) : vals(static_cast<size_t>(kChunkRows) * K),
+                                  d(static_cast<size_t>(kChunkRows) * (K / kBlock)),
+                                  m(static_cast<size_t>(kChunkRows) * (K / kBlock)),
+                                  rows{vals.data(), d.data(), m.data(), K, K / kBlock} {}
 };
 
-// Output columns [0, chunk_rows) of rows [m0, m1) of y (ldy = N), from a decoded chunk.
-void multiply_decoded_chunk(const KernelSet& k, const DecodedRows& chunk, int chunk_rows,
-                            const QuantizedActs& acts, int m0, int m1, bool has_min, float* y,
-                            int64_t ldy) {
-    for (int r0 = 0; r0 < chunk_rows; r0 += kTileRows) {
-        const int valid = std::min(kTileRows, chunk_rows - r0);
-        for (int c0 = m0; c0 < m1; c0 += k.max_tile_acts)
-            k.tile(chunk, r0, valid, acts, c0, std::min(k.max_tile_acts, m1 - c0), has_min,
-                   y + c0 * ldy + r0, ldy);
+// tile(r0, valid_rows, c0, acts) for every kTileRows x acts_per_tile tile of y [M, N], rows
+// of W in chunks of kChunkRows spread over threads (kernels reading GGUF rows directly).
+template <class TileFn>
+void for_each_packed_tile(int N, int M, int acts_per_tile, TileFn&& tile) {
+    const int n_chunks = (N + kChunkRows - 1) / kChunkRows;
+#pragma omp parallel for schedule(dynamic)
+    for (int chunk = 0; chunk < n_chunks; ++chunk) {
+        const int chunk_end = std::min(N, (chunk + 1) * kChunkRows);
+        for (int r0 = chunk * kChunkRows; r0 < chunk_end; r0 += kTileRows)
+            for (int c0 = 0; c0 < M; c0 += acts_per_tile)
+                tile(r0, std::min(kTileRows, chunk_end - r0), c0, std::min(acts_per_tile, M - c0));
     }
 }
 
-// y[M, N] = x[M, K] @ W^T, W given as N packed rows of `row_bytes` bytes.
-void matmul(const KernelSet& k, QType t, const float* x, int M, int K, const uint8_t* w, int N,
-            float* y) {
-    ActBuffers act_buffers;
-    const bool has_min = format_info(t).has_min;
-    const QuantizedActs acts = act_buffers.quantize(k, x, M, K, weight_offset(t, k));
-    const int64_t row_bytes = static_cast<int64_t>(K / kBlock) * format_info(t).block_bytes;
+// Each thread owns make_buffer(); per (tile of kActTileRows rows of x, chunk of W rows):
+// decode(buffer, n0, chunk_rows), then tile(buffer, n0, r0, valid_rows, c0, acts) with r0
+// relative to the chunk.
+template <class MakeBuffer, class DecodeFn, class TileFn>
+void for_each_decoded_tile(int N, int M, int acts_per_tile, MakeBuffer&& make_buffer,
+                           DecodeFn&& decode, TileFn&& tile) {
     const int n_chunks = (N + kChunkRows - 1) / kChunkRows;
-    if (k.packed_tile != nullptr && M <= kPackedMaxActs) {
-#pragma omp parallel for schedule(dynamic)
-        for (int chunk = 0; chunk < n_chunks; ++chunk) {
-            const int n0 = chunk * kChunkRows;
-            const int chunk_end = std::min(N, n0 + kChunkRows);
-            for (int r0 = n0; r0 < chunk_end; r0 += kTileRows)
-                for (int c0 = 0; c0 < M; c0 += k.max_tile_acts)
-                    k.packed_tile(t, w + r0 * row_bytes, row_bytes, std::min(kTileRows, chunk_end - r0),
-                                  acts, c0, std::min(k.max_tile_acts, M - c0), y + c0 * N + r0, N);
-        }
-        return;
-    }
     const int m_tiles = (M + kActTileRows - 1) / kActTileRows;
 #pragma omp parallel
     {
-        ChunkBuffer buffer(K);
+        auto buffer = make_buffer();
 #pragma omp for collapse(2) schedule(dynamic)
         for (int m_tile = 0; m_tile < m_tiles; ++m_tile) {
             for (int chunk = 0; chunk < n_chunks; ++chunk) {
                 const int n0 = chunk * kChunkRows;
                 const int chunk_rows = std::min(kChunkRows, N - n0);
-                k.decode_rows(t, w + n0 * row_bytes, row_bytes, chunk_rows, buffer.rows);
-                if (chunk_rows < kChunkRows) buffer.clear_rows_from(chunk_rows);
-                multiply_decoded_chunk(k, buffer.rows, chunk_rows, acts, m_tile * kActTileRows,
-                                       std::min(M, (m_tile + 1) * kActTileRows), has_min,
-                                       y + n0, N);
+                decode(buffer, n0, chunk_rows);
+                const int m1 = std::min(M, (m_tile + 1) * kActTileRows);
+                for (int r0 = 0; r0 < chunk_rows; r0 += kTileRows)
+                    for (int c0 = m_tile * kActTileRows; c0 < m1; c0 += acts_per_tile)
+                        tile(buffer, n0, r0, std::min(kTileRows, chunk_rows - r0), c0,
+                             std::min(acts_per_tile, m1 - c0));
             }
         }
     }
 }
 
-// Bit-exact with llama_engine.quant.dequantize: w = d * q (+ m), each op rounded to float.
-void dequantize(QType t, const uint8_t* w, int N, int K, float* out) {
-    const FormatInfo f = format_info(t);
-    const int nb = K / kBlock;
-    const int64_t row_bytes = static_cast<int64_t>(nb) * f.block_bytes;
-    const int offset = weight_offset(t, scalar::kernels);  // scalar decoder's byte offset
-#pragma omp parallel
-    {
-        std::vector<uint8_t> vals(K);
-        std::vector<uint16_t> d(nb), m(nb);
-        DecodedRows row{vals.data(), d.data(), m.data(), K, nb};
-#pragma omp for schedule(static)
-        for (int n = 0; n < N; ++n) {
-            scalar::decode_rows(t, w + n * row_bytes, row_bytes, 1, row);
-            float* dst = out + static_cast<int64_t>(n) * K;
-            for (int b = 0; b < nb; ++b)
-                for (int j = 0; j < kBlock; ++j) {
-                    const float q = static_cast<float>(vals[b * kBlock + j] - offset);
-                    const float scaled = fp16_to_fp32(d[b]) * q;
-                    dst[b * kBlock + j] = f.has_min ? scaled + fp16_to_fp32(m[b]) : scaled;
-                }
-        }
+int64_t packed_row_bytes(QType t, int K) {
+    return static_cast<int64_t>(K / kBlock) * format_info(t).block_bytes;
+}
+
+// y[M, N] = x[M, K] @ W^T with int8-quantized activations (see quant_common.h).
+void matmul_int8(const KernelSet& k, QType t, const float* x, int M, int K, const uint8_t* w,
+                 int N, float* y) {
+    ActBuffers act_buffers;
+    const bool has_min = format_info(t).has_min;
+    const QuantizedActs acts = act_buffers.quantize(k, x, M, K, weight_offset(t, k));
+    const int64_t row_bytes = packed_row_bytes(t, K);
+    if (k.packed_tile != nullptr && M <= kPackedMaxActs) {
+        for_each_packed_tile(N, M, k.max_tile_acts, [&](int r0, int valid, int c0, int n_acts) {
+            k.packed_tile(t, w + r0 * row_bytes, row_bytes, valid, acts, c0, n_acts,
+                          y + c0 * N + r0, N);
+        });
+        return;
     }
+    for_each_decoded_tile(
+        N, M, k.max_tile_acts, [&] { return ChunkBuffer(K); },
+        [&](ChunkBuffer& buffer, int n0, int rows) {
+            k.decode_rows(t, w + n0 * row_bytes, row_bytes, rows, buffer.rows);
+        },
+        [&](ChunkBuffer& buffer, int n0, int r0, int valid, int c0, int n_acts) {
+            k.tile(buffer.rows, r0, valid, acts, c0, n_acts, has_min,
+                   y + static_cast<int64_t>(c0) * N + n0 + r0, N);
+        });
+}
+
+// y[M, N] = x[M, K] @ W^T in float32 (see quant_f32.h).
+void matmul_f32(const f32::KernelSet& k, QType t, const float* x, int M, int K,
+                const uint8_t* w, int N, float* y) {
+    const int64_t row_bytes = packed_row_bytes(t, K);
+    if (k.packed_tile != nullptr && M <= k.max_tile_acts) {
+        for_each_packed_tile(N, M, k.max_tile_acts, [&](int r0, int valid, int c0, int n_acts) {
+            k.packed_tile(t, w + r0 * row_bytes, row_bytes, valid, x + static_cast<int64_t>(c0) * K,
+                          n_acts, K, y + c0 * N + r0, N);
+        });
+        return;
+    }
+    for_each_decoded_tile(
+        N, M, k.max_tile_acts,
+        [&] { return std::vector<float>(static_cast<size_t>(kChunkRows) * K); },
+        [&](std::vector<float>& buffer, int n0, int rows) {
+            k.decode_rows(t, w + n0 * row_bytes, row_bytes, rows, K, buffer.data());
+        },
+        [&](std::vector<float>& buffer, int n0, int r0, int valid, int c0, int n_acts) {
+            k.tile(buffer.data() + static_cast<int64_t>(r0) * K, valid,
+                   x + static_cast<int64_t>(c0) * K, n_acts, K,
+                   y + static_cast<int64_t>(c0) * N + n0 + r0, N);
+        });
+}
+
+// Bit-exact with llama_engine.quant.dequantize (the scalar decoder rounds like it).
+void dequantize(QType t, const uint8_t* w, int N, int K, float* out) {
+    const int64_t row_bytes = packed_row_bytes(t, K);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n)
+        f32::scalar::decode_rows(t, w + n * row_bytes, row_bytes, 1, K, out + static_cast<int64_t>(n) * K);
 }
 
 using FloatArray = py::array_t<float, py::array::c_style>;
@@ -191,18 +225,25 @@ void check_packed(const ByteArray& w, QType t, int N, int K) {
 }
 
 void py_quant_matmul(const FloatArray& x, const ByteArray& w, const std::string& qtype, int N,
-                     FloatArray& out, int isa) {
+                     FloatArray& out, int isa, bool int8_activations) {
     const QType t = parse_qtype(qtype);
     if (x.ndim() != 2 || out.ndim() != 2) throw std::invalid_argument("x and out must be 2-D");
     const int M = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
     check_packed(w, t, N, K);
     if (out.shape(0) != M || out.shape(1) != N) throw std::invalid_argument("out must be [M, N]");
-    const KernelSet& k = kernels_for(static_cast<Isa>(isa));
     const float* x_ptr = x.data();
     const uint8_t* w_ptr = w.data();
     float* out_ptr = out.mutable_data();
-    py::gil_scoped_release release;
-    if (M > 0 && N > 0) matmul(k, t, x_ptr, M, K, w_ptr, N, out_ptr);
+    if (M == 0 || N == 0) return;
+    if (int8_activations) {
+        const KernelSet& k = kernels_for(static_cast<Isa>(isa));
+        py::gil_scoped_release release;
+        matmul_int8(k, t, x_ptr, M, K, w_ptr, N, out_ptr);
+    } else {
+        const f32::KernelSet& k = f32_kernels_for(static_cast<Isa>(isa));
+        py::gil_scoped_release release;
+        matmul_f32(k, t, x_ptr, M, K, w_ptr, N, out_ptr);
+    }
 }
 
 void py_dequantize(const ByteArray& w, const std::string& qtype, int N, int K, FloatArray& out) {
@@ -222,18 +263,23 @@ void py_dequantize(const ByteArray& w, const std::string& qtype, int N, int K, F
 void register_quant(py::module_& m) {
     using namespace pybind11::literals;
     m.def("quant_matmul", &quant::py_quant_matmul,
-          "out[M, N] = x[M, K] @ dequantize(w)^T with int8-quantized activations; isa: "
-          "0 auto, 1 scalar, 2 avx2, 3 avx512_vnni",
-          "x"_a.noconvert(), "w"_a.noconvert(), "qtype"_a, "n"_a, "out"_a.noconvert(), "isa"_a = 0);
+          "out[M, N] = x[M, K] @ dequantize(w)^T, in float32 or with int8-quantized "
+          "activations; isa: 0 auto, 1 scalar, 2 avx2 (int8 only), 3 avx512",
+          "x"_a.noconvert(), "w"_a.noconvert(), "qtype"_a, "n"_a, "out"_a.noconvert(), "isa"_a = 0,
+          "int8_activations"_a = false);
     m.def("dequantize", &quant::py_dequantize, "out[N, K] = dequantized packed rows w",
           "w"_a.noconvert(), "qtype"_a, "n"_a, "k"_a, "out"_a.noconvert());
-    m.def("quant_isa", [] { return std::string(quant::best_kernels().name); },
-          "instruction set the quantized matmul uses on this CPU");
-    m.def("quant_isa_supported", [](int isa) {
+    m.def("quant_isa", [](bool int8_activations) {
+        return std::string(int8_activations ? quant::best_kernels().name
+                                            : quant::f32_kernels_for(quant::Isa::Auto).name);
+    }, "instruction set the quantized matmul uses on this CPU", "int8_activations"_a = false);
+    m.def("quant_isa_supported", [](int isa, bool int8_activations) {
         switch (static_cast<quant::Isa>(isa)) {
-            case quant::Isa::Avx2: return quant::avx2::supported();
-            case quant::Isa::Avx512: return quant::avx512::supported();
+            case quant::Isa::Avx2: return int8_activations && quant::avx2::supported();
+            case quant::Isa::Avx512:
+                return int8_activations ? quant::avx512::supported() : quant::f32::avx512::supported();
             default: return true;
         }
-    }, "whether an instruction set (1 scalar, 2 avx2, 3 avx512_vnni) runs on this CPU", "isa"_a);
+    }, "whether quant_matmul has a kernel for an instruction set (1 scalar, 2 avx2, 3 avx512) "
+       "on this CPU", "isa"_a, "int8_activations"_a = false);
 }

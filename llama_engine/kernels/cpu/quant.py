@@ -1,10 +1,15 @@
 """Torch-facing wrappers of the C++ quantized matmul (``llama_engine._C``, csrc/quant.cpp).
 
-The weights stay in their GGUF block layout; the kernel quantizes each 32-block of the
-activations to int8 (scale = absmax / 127) and does integer dot products, so the result
-differs from ``x @ dequantize(W).T`` by the activation rounding only: at most
-sum over blocks of (d_x / 2) * sum |w| per output, about 0.5 % (relative, 2-norm) for
-Gaussian activations.
+The weights stay in their GGUF block layout. Two precisions:
+
+* float32 (default): each block is decoded to exactly the float32 values of
+  ``llama_engine.quant.dequantize`` and multiplied with the untouched activations by float32
+  FMAs, so ``quant_matmul`` equals ``x @ dequantize(W).T`` up to float32 rounding.
+* int8 activations (``int8_activations=True``): each 32-block of x is rounded to int8
+  (scale = absmax / 127) and the dot products are integer (AVX-512 VNNI / AVX2). Faster for
+  many rows of x, but every output moves by up to sum over blocks of (d_x / 2) * sum |w|:
+  ~0.5 % (relative 2-norm) for Gaussian x, 1-2 % on SmolLM2's real activations, which
+  changes greedy output, hence not the default.
 """
 from __future__ import annotations
 
@@ -21,17 +26,17 @@ class Isa(enum.IntEnum):
 
     AUTO = 0
     SCALAR = 1
-    AVX2 = 2
-    AVX512_VNNI = 3
+    AVX2 = 2  # int8 activations only
+    AVX512 = 3  # float32: AVX-512F; int8 activations: AVX-512 VNNI
 
 
-def best_isa() -> str:
-    """Name of the instruction set ``quant_matmul`` uses on this CPU."""
-    return _C.quant_isa()
+def best_isa(int8_activations: bool = False) -> str:
+    """Name of the kernel set ``quant_matmul`` uses on this CPU."""
+    return _C.quant_isa(int8_activations)
 
 
-def isa_supported(isa: Isa) -> bool:
-    return bool(_C.quant_isa_supported(int(isa)))
+def isa_supported(isa: Isa, int8_activations: bool = False) -> bool:
+    return bool(_C.quant_isa_supported(int(isa), int8_activations))
 
 
 def _packed_bytes(weight: PackedWeight) -> torch.Tensor:
@@ -48,8 +53,9 @@ def dequantize(weight: PackedWeight) -> torch.Tensor:
     return out
 
 
-def quant_matmul(x: torch.Tensor, weight: PackedWeight, isa: Isa = Isa.AUTO) -> torch.Tensor:
-    """x float32 [..., K] @ dequantize(weight).T -> float32 [..., N], activations in int8."""
+def quant_matmul(x: torch.Tensor, weight: PackedWeight, isa: Isa = Isa.AUTO,
+                 int8_activations: bool = False) -> torch.Tensor:
+    """x float32 [..., K] @ dequantize(weight).T -> float32 [..., N]."""
     # Decode calls this ~200 times per token on small matrices, so the common case (2-D
     # contiguous x, no autograd) skips every reshape and copy.
     if x.dtype != torch.float32 or not x.is_cpu:
@@ -62,5 +68,5 @@ def quant_matmul(x: torch.Tensor, weight: PackedWeight, isa: Isa = Isa.AUTO) -> 
         rows = rows.detach()
     out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
     _C.quant_matmul(rows.numpy(), _packed_bytes(weight).numpy(), weight.qtype, weight.rows,
-                    out.numpy(), isa)
+                    out.numpy(), isa, int8_activations)
     return out if flat else out.view(*x.shape[:-1], weight.rows)
