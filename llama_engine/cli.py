@@ -47,15 +47,16 @@ def stream_text(engine, prompt: str | list[int], params) -> Iterator[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    params = _sampling_params(args)  # check the arguments before loading the model
     engine = _engine(args)
-    for piece in stream_text(engine, args.prompt, _sampling_params(args)):
+    for piece in stream_text(engine, args.prompt, params):
         print(piece, end="", flush=True)
     print()
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    engine = _engine(args)
     params = _sampling_params(args)
+    engine = _engine(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:

@@ -9,8 +9,3 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("throughput", help="offline throughput against HF transformers")
     throughput.add_arguments(p)
     p.set_defaults(func=throughput.run)
-
-    p = sub.add_parser("serving", help="load a running server with Poisson arrivals")
-    from server.bench import add_bench_serving_arguments, bench_serving
-    add_bench_serving_arguments(p)
-    p.set_defaults(func=bench_serving)
