@@ -137,7 +137,7 @@ ALWAYS_INLINE void softmax_step(float* row_scores, int64_t valid, int64_t head_d
     float tile_max = -INFINITY;
 #pragma omp simd reduction(max : tile_max)
     for (int64_t j = 0; j < kKeyTile; ++j) {
-        tile_max = std::max(tile_max, j < valid ? row_scores[j] : -INFINITY);
+        tile_max = greater_of(tile_max, j < valid ? row_scores[j] : -INFINITY);
     }
     const float new_max = std::max(*row_max, tile_max);
     const float rescale = exp_f32(*row_max - new_max);

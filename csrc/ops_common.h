@@ -33,6 +33,10 @@ constexpr int64_t kMinParallelElements = 1 << 17;
 
 inline bool worth_threading(int64_t elements) { return elements >= kMinParallelElements; }
 
+// max() that GCC vectorises inside `omp simd reduction(max : ...)` loops (std::max, which
+// returns a reference, keeps such loops scalar).
+inline float greater_of(float a, float b) { return a > b ? a : b; }
+
 [[noreturn]] inline void fail(const std::string& what) { throw std::invalid_argument(what); }
 
 template <class T>

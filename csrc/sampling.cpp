@@ -24,6 +24,7 @@ constexpr int64_t kHeapSelectRatio = 16;
 // Candidates with exp(logit/T - max) at least this (probability >= 1e-4 of the top one) are
 // ranked first; the rest only when a walk gets past all of them.
 constexpr double kHotFraction = 1e-4;
+constexpr int64_t kArgmaxChunk = 256;  // logits per vector max before the scalar scan
 
 struct RowParams {
     double temperature;
@@ -35,14 +36,27 @@ LLAMA_SIMD_CLONES
 float row_max(const float* logits, int64_t vocab) {
     float best = logits[0];
 #pragma omp simd reduction(max : best)
-    for (int64_t i = 0; i < vocab; ++i) best = std::max(best, logits[i]);
+    for (int64_t i = 0; i < vocab; ++i) best = greater_of(best, logits[i]);
     return best;
 }
 
-// Lowest id among the largest logits.
+// Lowest id among the largest logits. Chunk maxima are vector reductions; only the first
+// chunk holding the overall maximum is then scanned element by element.
+LLAMA_SIMD_CLONES
 int64_t argmax_row(const float* logits, int64_t vocab) {
-    const float best = row_max(logits, vocab);
-    for (int64_t i = 0; i < vocab; ++i) {
+    float best = -INFINITY;
+    int64_t best_chunk = 0;
+    for (int64_t start = 0; start < vocab; start += kArgmaxChunk) {
+        const int64_t end = std::min(vocab, start + kArgmaxChunk);
+        float chunk_max = -INFINITY;
+#pragma omp simd reduction(max : chunk_max)
+        for (int64_t i = start; i < end; ++i) chunk_max = greater_of(chunk_max, logits[i]);
+        if (chunk_max > best) {
+            best = chunk_max;
+            best_chunk = start;
+        }
+    }
+    for (int64_t i = best_chunk; i < vocab; ++i) {
         if (logits[i] == best) return i;
     }
     return 0;  // only reachable when the row holds NaNs
