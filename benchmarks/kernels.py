@@ -99,17 +99,20 @@ def cpu_backend(args: argparse.Namespace) -> list[Row]:
     from llama_engine.kernels.cpu import quant as cpu_quant
     isa = cpu_quant.Isa[args.isa]
     rows = []
-    for name, n, k, qtype, _ in SHAPES:
-        weight = quantize(torch.randn(n, k) * WEIGHT_SCALE, qtype)
-        dense = dequantize(weight)
-        for m in args.m:
-            x = torch.randn(m, k)
-            ours = median_ms(lambda: cpu_quant.quant_matmul(x, weight, isa), args.repeats,
-                             args.min_seconds)
-            ref = median_ms(lambda: torch.nn.functional.linear(x, dense), args.repeats,
-                            args.min_seconds)
-            rows.append(make_row(f"cpu-{isa.name.lower()}", name, weight, m, ours, ref))
-            print(format_row(rows[-1]), flush=True)
+    for precision in args.precision:
+        int8 = precision == "int8"
+        label = f"cpu-{cpu_quant.best_isa(int8) if isa == cpu_quant.Isa.AUTO else isa.name.lower()}-{precision}"
+        for name, n, k, qtype, _ in SHAPES:
+            weight = quantize(torch.randn(n, k) * WEIGHT_SCALE, qtype)
+            dense = dequantize(weight)
+            for m in args.m:
+                x = torch.randn(m, k)
+                ours = median_ms(lambda: cpu_quant.quant_matmul(x, weight, isa, int8),
+                                 args.repeats, args.min_seconds)
+                ref = median_ms(lambda: torch.nn.functional.linear(x, dense), args.repeats,
+                                args.min_seconds)
+                rows.append(make_row(label, name, weight, m, ours, ref))
+                print(format_row(rows[-1]), flush=True)
     return rows
 
 
@@ -118,23 +121,23 @@ BACKENDS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {"cpu": cpu_bac
 
 
 def format_row(r: Row) -> str:
-    return (f"| {r.shape} | {r.n}x{r.k} | {r.qtype} | {r.m} | {r.ours_ms:.3f} | "
+    return (f"| {r.backend} | {r.shape} | {r.n}x{r.k} | {r.qtype} | {r.m} | {r.ours_ms:.3f} | "
             f"{r.ours_gflops:.1f} | {r.ours_weight_gbs:.1f} | {r.torch_ms:.3f} | "
             f"{r.torch_gflops:.1f} | {r.speedup_vs_torch:.2f}x |")
 
 
-TABLE_HEADER = ("| shape | NxK | type | M | ours ms | ours GFLOP/s | ours weight GB/s | "
+TABLE_HEADER = ("| kernel | shape | NxK | type | M | ours ms | ours GFLOP/s | ours weight GB/s | "
                 "torch fp32 ms | torch GFLOP/s | torch/ours |\n"
-                "|---|---|---|---|---|---|---|---|---|---|")
+                "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def forward_step_ms(rows: list[Row]) -> dict[int, dict[str, float]]:
-    """Matmul time of one forward step (all 30 layers + head) per M, from the shape rows."""
+def forward_step_ms(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """Matmul time of one forward step (all 30 layers + head) per kernel and M."""
     uses = {name: per_layer for name, _, _, _, per_layer in SHAPES}
-    steps: dict[int, dict[str, float]] = {}
+    steps: dict[str, dict[str, float]] = {}
     for r in rows:
         count = uses[r.shape] * LAYERS if uses[r.shape] else 1
-        step = steps.setdefault(r.m, {"ours_ms": 0.0, "torch_ms": 0.0})
+        step = steps.setdefault(f"{r.backend} M={r.m}", {"m": r.m, "ours_ms": 0.0, "torch_ms": 0.0})
         step["ours_ms"] += count * r.ours_ms
         step["torch_ms"] += count * r.torch_ms
     return steps
@@ -173,10 +176,10 @@ def write_results(backend: str, rows: list[Row], notes: str, threads: int | None
     if notes:
         lines += [notes, ""]
     lines += [TABLE_HEADER] + [format_row(r) for r in rows] + ["", "Matmul time of one forward "
-              "step (30 layers + lm_head):", "", "| M | ours ms | torch fp32 ms | ours ms/row |",
+              "step (30 layers + lm_head):", "", "| kernel, M | ours ms | torch fp32 ms | ours ms/row |",
               "|---|---|---|---|"]
-    lines += [f"| {m} | {s['ours_ms']:.2f} | {s['torch_ms']:.2f} | {s['ours_ms'] / m:.3f} |"
-              for m, s in sorted(steps.items())]
+    lines += [f"| {key} | {s['ours_ms']:.2f} | {s['torch_ms']:.2f} | {s['ours_ms'] / s['m']:.3f} |"
+              for key, s in steps.items()]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return stem.with_suffix(".md")
 
@@ -185,7 +188,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="cpu")
     parser.add_argument("--m", type=int, nargs="+", default=DEFAULT_M, help="activation rows")
-    parser.add_argument("--isa", default="AUTO", help="CPU: AUTO, SCALAR, AVX2 or AVX512_VNNI")
+    parser.add_argument("--isa", default="AUTO", help="CPU: AUTO, SCALAR, AVX2 or AVX512")
+    parser.add_argument("--precision", nargs="+", choices=["f32", "int8"], default=["f32", "int8"],
+                        help="CPU: float32 activations and/or int8-quantized activations")
     parser.add_argument("--repeats", type=int, default=5, help="minimum timed calls per case")
     parser.add_argument("--min-seconds", type=float, default=0.2, help="minimum time per case")
     parser.add_argument("--threads", type=int, help="OpenMP/torch threads (default: all cores)")
@@ -194,8 +199,8 @@ def main() -> None:
     args = parser.parse_args()
     print(TABLE_HEADER)
     rows = BACKENDS[args.backend](args)
-    for m, s in sorted(forward_step_ms(rows).items()):
-        print(f"forward step M={m}: ours {s['ours_ms']:.2f} ms, torch fp32 {s['torch_ms']:.2f} ms")
+    for key, s in forward_step_ms(rows).items():
+        print(f"forward step {key}: ours {s['ours_ms']:.2f} ms, torch fp32 {s['torch_ms']:.2f} ms")
     if not args.no_save:
         print("saved", write_results(args.backend, rows, args.notes, args.threads))
 

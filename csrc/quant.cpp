@@ -137,7 +137,8 @@ void for_each_decoded_tile(int N, int M, int acts_per_tile, MakeBuffer&& make_bu
 #pragma omp parallel
     {
         auto buffer = make_buffer();
-#pragma omp for collapse(2) schedule(dynamic)
+        // static: each thread walks consecutive chunks, which the decoders prefetch
+#pragma omp for collapse(2) schedule(static)
         for (int m_tile = 0; m_tile < m_tiles; ++m_tile) {
             for (int chunk = 0; chunk < n_chunks; ++chunk) {
                 const int n0 = chunk * kChunkRows;

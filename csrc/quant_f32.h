@@ -114,10 +114,14 @@ inline void block_to_f32(const uint8_t* blk, __m512& lo, __m512& hi) {
 template <QType T>
 void decode_rows_typed(const uint8_t* src, int64_t row_bytes, int rows, int K, float* out) {
     constexpr int kBytes = format_info(T).block_bytes;
+    const int64_t next_chunk = rows * row_bytes;
     for (int r = 0; r < rows; ++r)
         for (int b = 0; b < K / kBlock; ++b) {
             __m512 lo, hi;
-            block_to_f32<T>(src + r * row_bytes + static_cast<int64_t>(b) * kBytes, lo, hi);
+            const uint8_t* blk = src + r * row_bytes + static_cast<int64_t>(b) * kBytes;
+            // the thread's next chunk usually follows this one: fetch it while computing
+            _mm_prefetch(reinterpret_cast<const char*>(blk + next_chunk), _MM_HINT_T1);
+            block_to_f32<T>(blk, lo, hi);
             float* dst = out + static_cast<int64_t>(r) * K + b * kBlock;
             _mm512_storeu_ps(dst, lo);
             _mm512_storeu_ps(dst + kLanes, hi);
