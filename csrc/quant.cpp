@@ -35,6 +35,17 @@ constexpr int kActTileRows = 64;
 // vector ops per block pair, a decode pass ~22 plus a reload.
 constexpr int kPackedMaxActs = 16;
 
+// Below this many multiply-adds a matmul stays on the calling thread: waking the OpenMP
+// team costs microseconds, and on a busy machine a team member that lost its core stalls
+// the whole call for a scheduler time slice (~16 ms seen), far more than the work itself.
+constexpr int64_t kMinParallelMacs = int64_t{1} << 21;
+
+constexpr int64_t kMinParallelQuantize = int64_t{1} << 16;  // activations, same reason
+
+bool worth_threads(int M, int N, int K) {
+    return static_cast<int64_t>(M) * N * K >= kMinParallelMacs;
+}
+
 enum class Isa : int { Auto = 0, Scalar = 1, Avx2 = 2, Avx512 = 3 };
 
 const KernelSet& best_kernels() {
@@ -91,7 +102,7 @@ struct ActBuffers {
         d.resize(static_cast<size_t>(M) * nb);
         s.resize(static_cast<size_t>(M) * nb);
         constexpr int kRowsPerTask = 4;
-#pragma omp parallel for schedule(static) if (M >= 2 * kRowsPerTask)
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(M) * K >= kMinParallelQuantize)
         for (int row0 = 0; row0 < M; row0 += kRowsPerTask)
             k.quantize_acts(x, row0, std::min(M, row0 + kRowsPerTask), offset, q.data(),
                             offset != 0 ? bias.data() : nullptr, d.data(), s.data(), K);
@@ -115,9 +126,9 @@ struct ChunkBuffer {
 // tile(r0, valid_rows, c0, acts) for every kTileRows x acts_per_tile tile of y [M, N], rows
 // of W in chunks of kChunkRows spread over threads (kernels reading GGUF rows directly).
 template <class TileFn>
-void for_each_packed_tile(int N, int M, int acts_per_tile, TileFn&& tile) {
+void for_each_packed_tile(int N, int M, int K, int acts_per_tile, TileFn&& tile) {
     const int n_chunks = (N + kChunkRows - 1) / kChunkRows;
-#pragma omp parallel for schedule(dynamic)
+#pragma omp parallel for schedule(dynamic) if (worth_threads(M, N, K))
     for (int chunk = 0; chunk < n_chunks; ++chunk) {
         const int chunk_end = std::min(N, (chunk + 1) * kChunkRows);
         for (int r0 = chunk * kChunkRows; r0 < chunk_end; r0 += kTileRows)
@@ -130,11 +141,11 @@ void for_each_packed_tile(int N, int M, int acts_per_tile, TileFn&& tile) {
 // decode(buffer, n0, chunk_rows), then tile(buffer, n0, r0, valid_rows, c0, acts) with r0
 // relative to the chunk.
 template <class MakeBuffer, class DecodeFn, class TileFn>
-void for_each_decoded_tile(int N, int M, int acts_per_tile, MakeBuffer&& make_buffer,
+void for_each_decoded_tile(int N, int M, int K, int acts_per_tile, MakeBuffer&& make_buffer,
                            DecodeFn&& decode, TileFn&& tile) {
     const int n_chunks = (N + kChunkRows - 1) / kChunkRows;
     const int m_tiles = (M + kActTileRows - 1) / kActTileRows;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(M, N, K))
     {
         auto buffer = make_buffer();
         // static: each thread walks consecutive chunks, which the decoders prefetch
@@ -166,14 +177,14 @@ void matmul_int8(const KernelSet& k, QType t, const float* x, int M, int K, cons
     const QuantizedActs acts = act_buffers.quantize(k, x, M, K, weight_offset(t, k));
     const int64_t row_bytes = packed_row_bytes(t, K);
     if (k.packed_tile != nullptr && M <= kPackedMaxActs) {
-        for_each_packed_tile(N, M, k.max_tile_acts, [&](int r0, int valid, int c0, int n_acts) {
+        for_each_packed_tile(N, M, K, k.max_tile_acts, [&](int r0, int valid, int c0, int n_acts) {
             k.packed_tile(t, w + r0 * row_bytes, row_bytes, valid, acts, c0, n_acts,
                           y + c0 * N + r0, N);
         });
         return;
     }
     for_each_decoded_tile(
-        N, M, k.max_tile_acts, [&] { return ChunkBuffer(K); },
+        N, M, K, k.max_tile_acts, [&] { return ChunkBuffer(K); },
         [&](ChunkBuffer& buffer, int n0, int rows) {
             k.decode_rows(t, w + n0 * row_bytes, row_bytes, rows, buffer.rows);
         },
@@ -188,14 +199,14 @@ void matmul_f32(const f32::KernelSet& k, QType t, const float* x, int M, int K,
                 const uint8_t* w, int N, float* y) {
     const int64_t row_bytes = packed_row_bytes(t, K);
     if (k.packed_tile != nullptr && M <= k.max_tile_acts) {
-        for_each_packed_tile(N, M, k.max_tile_acts, [&](int r0, int valid, int c0, int n_acts) {
+        for_each_packed_tile(N, M, K, k.max_tile_acts, [&](int r0, int valid, int c0, int n_acts) {
             k.packed_tile(t, w + r0 * row_bytes, row_bytes, valid, x + static_cast<int64_t>(c0) * K,
                           n_acts, K, y + c0 * N + r0, N);
         });
         return;
     }
     for_each_decoded_tile(
-        N, M, k.max_tile_acts,
+        N, M, K, k.max_tile_acts,
         [&] { return std::vector<float>(static_cast<size_t>(kChunkRows) * K); },
         [&](std::vector<float>& buffer, int n0, int rows) {
             k.decode_rows(t, w + n0 * row_bytes, row_bytes, rows, K, buffer.data());
