@@ -70,13 +70,17 @@ const KernelSet& kernels_for(Isa isa) {
 }
 
 const f32::KernelSet& f32_kernels_for(Isa isa) {
-    const bool avx512 = f32::avx512::supported();
     switch (isa) {
-        case Isa::Auto: return avx512 ? f32::avx512::kernels : f32::scalar::kernels;
+        case Isa::Auto:
+            return f32::avx512::supported() ? f32::avx512::kernels
+                   : f32::avx2::supported() ? f32::avx2::kernels
+                                            : f32::scalar::kernels;
         case Isa::Scalar: return f32::scalar::kernels;
-        case Isa::Avx2: throw std::invalid_argument("no AVX2 float32 kernel: use AUTO or int8 activations");
+        case Isa::Avx2:
+            if (!f32::avx2::supported()) throw std::runtime_error("this CPU lacks AVX2/FMA/F16C");
+            return f32::avx2::kernels;
         case Isa::Avx512:
-            if (!avx512) throw std::runtime_error("this CPU lacks AVX-512");
+            if (!f32::avx512::supported()) throw std::runtime_error("this CPU lacks AVX-512");
             return f32::avx512::kernels;
     }
     throw std::invalid_argument("unknown instruction set");
@@ -276,7 +280,7 @@ void register_quant(py::module_& m) {
     using namespace pybind11::literals;
     m.def("quant_matmul", &quant::py_quant_matmul,
           "out[M, N] = x[M, K] @ dequantize(w)^T, in float32 or with int8-quantized "
-          "activations; isa: 0 auto, 1 scalar, 2 avx2 (int8 only), 3 avx512",
+          "activations; isa: 0 auto, 1 scalar, 2 avx2, 3 avx512",
           "x"_a.noconvert(), "w"_a.noconvert(), "qtype"_a, "n"_a, "out"_a.noconvert(), "isa"_a = 0,
           "int8_activations"_a = false);
     m.def("dequantize", &quant::py_dequantize, "out[N, K] = dequantized packed rows w",
@@ -287,7 +291,8 @@ void register_quant(py::module_& m) {
     }, "instruction set the quantized matmul uses on this CPU", "int8_activations"_a = false);
     m.def("quant_isa_supported", [](int isa, bool int8_activations) {
         switch (static_cast<quant::Isa>(isa)) {
-            case quant::Isa::Avx2: return int8_activations && quant::avx2::supported();
+            case quant::Isa::Avx2:
+                return int8_activations ? quant::avx2::supported() : quant::f32::avx2::supported();
             case quant::Isa::Avx512:
                 return int8_activations ? quant::avx512::supported() : quant::f32::avx512::supported();
             default: return true;

@@ -74,149 +74,35 @@ inline const KernelSet kernels = {"scalar", decode_rows, tile, nullptr, kMaxTile
 
 }  // namespace scalar
 
+// Vector traits for quant_f32_kernels.h, one set per instruction set.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 
 namespace avx512 {
 
-constexpr int kLanes = 16;
-
-// One block -> its 32 float32 weights (lo: 0-15, hi: 16-31), as quant.dequantize computes
-// them: d * q, then + m for Q4_1 (mul and add stay separate instructions).
-template <QType T>
-inline void block_to_f32(const uint8_t* blk, __m512& lo, __m512& hi) {
-    constexpr FormatInfo f = format_info(T);
-    const uint8_t* qs = blk + f.header_bytes;
-    const __m512 d = _mm512_set1_ps(_cvtsh_ss(load_u16(blk)));
-    __m512i q_lo, q_hi;
-    if (T == QType::Q8_0) {
-        q_lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
-        q_hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + kLanes)));
-    } else {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-        const __m128i nibble_mask = _mm_set1_epi8(0x0F);
-        q_lo = _mm512_cvtepu8_epi32(_mm_and_si128(bytes, nibble_mask));
-        q_hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble_mask));
-        if (T == QType::Q4_0) {
-            q_lo = _mm512_sub_epi32(q_lo, _mm512_set1_epi32(8));
-            q_hi = _mm512_sub_epi32(q_hi, _mm512_set1_epi32(8));
-        }
+struct V {
+    using F = __m512;
+    using I = __m512i;
+    static constexpr int kLanes = 16;
+    static F zero() { return _mm512_setzero_ps(); }
+    static F set1(float v) { return _mm512_set1_ps(v); }
+    static F load(const float* p) { return _mm512_loadu_ps(p); }
+    static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+    static F add(F a, F b) { return _mm512_add_ps(a, b); }
+    static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+    static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+    static float reduce(F v) { return _mm512_reduce_add_ps(v); }
+    static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+    static I sub_i32(I v, int s) { return _mm512_sub_epi32(v, _mm512_set1_epi32(s)); }
+    template <bool SIGNED>
+    static void widen(__m128i bytes, I* out) {
+        out[0] = SIGNED ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
     }
-    lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(q_lo));
-    hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(q_hi));
-    if (f.has_min) {
-        const __m512 m = _mm512_set1_ps(_cvtsh_ss(load_u16(blk + 2)));
-        lo = _mm512_add_ps(lo, m);
-        hi = _mm512_add_ps(hi, m);
-    }
-}
+};
 
-template <QType T>
-void decode_rows_typed(const uint8_t* src, int64_t row_bytes, int rows, int K, float* out) {
-    constexpr int kBytes = format_info(T).block_bytes;
-    const int64_t next_chunk = rows * row_bytes;
-    for (int r = 0; r < rows; ++r)
-        for (int b = 0; b < K / kBlock; ++b) {
-            __m512 lo, hi;
-            const uint8_t* blk = src + r * row_bytes + static_cast<int64_t>(b) * kBytes;
-            // the thread's next chunk usually follows this one: fetch it while computing
-            _mm_prefetch(reinterpret_cast<const char*>(blk + next_chunk), _MM_HINT_T1);
-            block_to_f32<T>(blk, lo, hi);
-            float* dst = out + static_cast<int64_t>(r) * K + b * kBlock;
-            _mm512_storeu_ps(dst, lo);
-            _mm512_storeu_ps(dst + kLanes, hi);
-        }
-}
+constexpr int kMaxActs = kMaxTileActs;  // 4 x 4 accumulators + 8 weight vectors: 24 zmm
 
-inline void decode_rows(QType t, const uint8_t* src, int64_t row_bytes, int rows, int K,
-                        float* out) {
-    switch (t) {
-        case QType::Q4_0: decode_rows_typed<QType::Q4_0>(src, row_bytes, rows, K, out); break;
-        case QType::Q4_1: decode_rows_typed<QType::Q4_1>(src, row_bytes, rows, K, out); break;
-        case QType::Q8_0: decode_rows_typed<QType::Q8_0>(src, row_bytes, rows, K, out); break;
-    }
-}
-
-template <int ACTS>
-inline void store_tile(__m512 (&acc)[kTileRows][ACTS], int valid_rows, float* out, int64_t ldo) {
-    for (int r = 0; r < valid_rows; ++r)
-        for (int c = 0; c < ACTS; ++c) out[c * ldo + r] = _mm512_reduce_add_ps(acc[r][c]);
-}
-
-template <int ACTS>
-void tile_impl(const float* w, int valid_rows, const float* x, int K, float* out, int64_t ldo) {
-    __m512 acc[kTileRows][ACTS];
-    for (auto& row : acc)
-        for (auto& v : row) v = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += kLanes) {
-        __m512 wv[kTileRows];
-        for (int r = 0; r < kTileRows; ++r) wv[r] = _mm512_loadu_ps(w + static_cast<int64_t>(r) * K + k);
-        for (int c = 0; c < ACTS; ++c) {
-            const __m512 xv = _mm512_loadu_ps(x + static_cast<int64_t>(c) * K + k);
-            for (int r = 0; r < kTileRows; ++r) acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
-        }
-    }
-    store_tile(acc, valid_rows, out, ldo);
-}
-
-template <QType T, int ACTS>
-void packed_tile_impl(const uint8_t* const (&rows)[kTileRows], int64_t row_bytes, int valid_rows,
-                      const float* x, int K, float* out, int64_t ldo) {
-    constexpr int kBytes = format_info(T).block_bytes;
-    __m512 acc[kTileRows][ACTS];
-    for (auto& row : acc)
-        for (auto& v : row) v = _mm512_setzero_ps();
-    for (int b = 0; b < K / kBlock; ++b) {
-        __m512 lo[kTileRows], hi[kTileRows];
-        for (int r = 0; r < kTileRows; ++r) {
-            const uint8_t* blk = rows[r] + static_cast<int64_t>(b) * kBytes;
-            // rows stream from memory once: fetch the next tile's rows meanwhile
-            _mm_prefetch(reinterpret_cast<const char*>(blk + kTileRows * row_bytes), _MM_HINT_T0);
-            block_to_f32<T>(blk, lo[r], hi[r]);
-        }
-        for (int c = 0; c < ACTS; ++c) {
-            const float* xb = x + static_cast<int64_t>(c) * K + b * kBlock;
-            const __m512 x_lo = _mm512_loadu_ps(xb), x_hi = _mm512_loadu_ps(xb + kLanes);
-            for (int r = 0; r < kTileRows; ++r) {
-                acc[r][c] = _mm512_fmadd_ps(lo[r], x_lo, acc[r][c]);
-                acc[r][c] = _mm512_fmadd_ps(hi[r], x_hi, acc[r][c]);
-            }
-        }
-    }
-    store_tile(acc, valid_rows, out, ldo);
-}
-inline void tile(const float* w, int valid_rows, const float* x, int acts, int K, float* out,
-                 int64_t ldo) {
-    switch (acts) {
-        case 1: tile_impl<1>(w, valid_rows, x, K, out, ldo); break;
-        case 2: tile_impl<2>(w, valid_rows, x, K, out, ldo); break;
-        case 3: tile_impl<3>(w, valid_rows, x, K, out, ldo); break;
-        default: tile_impl<4>(w, valid_rows, x, K, out, ldo); break;
-    }
-}
-
-template <QType T>
-void packed_tile_typed(const uint8_t* base, int64_t row_bytes, int valid_rows, const float* x,
-                       int acts, int K, float* out, int64_t ldo) {
-    const uint8_t* rows[kTileRows];
-    for (int r = 0; r < kTileRows; ++r)  // rows past the end re-read the last valid one
-        rows[r] = base + std::min(r, valid_rows - 1) * row_bytes;
-    switch (acts) {
-        case 1: packed_tile_impl<T, 1>(rows, row_bytes, valid_rows, x, K, out, ldo); break;
-        case 2: packed_tile_impl<T, 2>(rows, row_bytes, valid_rows, x, K, out, ldo); break;
-        case 3: packed_tile_impl<T, 3>(rows, row_bytes, valid_rows, x, K, out, ldo); break;
-        default: packed_tile_impl<T, 4>(rows, row_bytes, valid_rows, x, K, out, ldo); break;
-    }
-}
-
-inline void packed_tile(QType t, const uint8_t* rows, int64_t row_bytes, int valid_rows,
-                        const float* x, int acts, int K, float* out, int64_t ldo) {
-    switch (t) {
-        case QType::Q4_0: packed_tile_typed<QType::Q4_0>(rows, row_bytes, valid_rows, x, acts, K, out, ldo); break;
-        case QType::Q4_1: packed_tile_typed<QType::Q4_1>(rows, row_bytes, valid_rows, x, acts, K, out, ldo); break;
-        case QType::Q8_0: packed_tile_typed<QType::Q8_0>(rows, row_bytes, valid_rows, x, acts, K, out, ldo); break;
-    }
-}
+#include "quant_f32_kernels.h"
 
 inline bool supported() {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -224,9 +110,55 @@ inline bool supported() {
            __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-inline const KernelSet kernels = {"avx512", decode_rows, tile, packed_tile, kMaxTileActs};
+inline const KernelSet kernels = {"avx512", decode_rows, tile, packed_tile, kMaxActs};
 
 }  // namespace avx512
+
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace avx2 {
+
+struct V {
+    using F = __m256;
+    using I = __m256i;
+    static constexpr int kLanes = 8;
+    static F zero() { return _mm256_setzero_ps(); }
+    static F set1(float v) { return _mm256_set1_ps(v); }
+    static F load(const float* p) { return _mm256_loadu_ps(p); }
+    static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+    static F add(F a, F b) { return _mm256_add_ps(a, b); }
+    static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+    static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+    static float reduce(F v) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    }
+    static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+    static I sub_i32(I v, int s) { return _mm256_sub_epi32(v, _mm256_set1_epi32(s)); }
+    template <bool SIGNED>
+    static void widen(__m128i bytes, I* out) {
+        const __m128i high = _mm_srli_si128(bytes, 8);
+        out[0] = SIGNED ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+        out[1] = SIGNED ? _mm256_cvtepi8_epi32(high) : _mm256_cvtepu8_epi32(high);
+    }
+};
+
+constexpr int kMaxActs = 2;  // 16 ymm registers: 4 x 2 accumulators + operands
+
+#include "quant_f32_kernels.h"
+
+inline bool supported() {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+}
+
+inline const KernelSet kernels = {"avx2", decode_rows, tile, packed_tile, kMaxActs};
+
+}  // namespace avx2
 
 #pragma GCC pop_options
 

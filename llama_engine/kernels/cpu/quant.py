@@ -26,7 +26,7 @@ class Isa(enum.IntEnum):
 
     AUTO = 0
     SCALAR = 1
-    AVX2 = 2  # int8 activations only
+    AVX2 = 2
     AVX512 = 3  # float32: AVX-512F; int8 activations: AVX-512 VNNI
 
 
