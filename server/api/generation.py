@@ -33,9 +33,19 @@ def engine_error(exc: ValueError) -> APIError:
     return APIError(message, param=match.group(1) if match else None)
 
 
+# Below these, sampling kernels working in float32 see zero (a top_p of 1e-100 becomes 0 and
+# is refused mid-batch); both limits mean "only the most likely token", i.e. greedy.
+MIN_TOP_P = 1e-6
+MIN_TEMPERATURE = 1e-5
+
+
 def make_sampling_params(**kwargs: Any) -> Any:
     from llama_engine.sampling_params import SamplingParams
 
+    if 0 < kwargs.get("top_p", 1.0) < MIN_TOP_P:
+        kwargs["top_p"] = MIN_TOP_P
+    if 0 < kwargs.get("temperature", 1.0) < MIN_TEMPERATURE:
+        kwargs["temperature"] = 0.0
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:

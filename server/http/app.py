@@ -50,18 +50,46 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _lone_surrogate_path(value: Any, path: str) -> Optional[str]:
+    """Where a string holds an unpaired surrogate (JSON allows the escape; UTF-8 and the
+    tokenizer do not), as a body path; None if nowhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _lone_surrogate_path(key, path) is not None:
+            return path or "body"
+        child = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+        found = _lone_surrogate_path(item, child)
+        if found is not None:
+            return found
+    return None
+
+
+def _decode_json(raw: bytes) -> Any:
+    try:
+        data = json.loads(raw or b"null", parse_constant=_reject_constant)
+    except ValueError as exc:  # JSONDecodeError and non-UTF-8 bodies
+        raise APIError(f"body: invalid JSON: {exc}", param="body") from None
+    invalid_text_at = _lone_surrogate_path(data, "")
+    if invalid_text_at is not None:
+        field = invalid_text_at or "body"
+        raise APIError(f"{field}: text contains an unpaired UTF-16 surrogate escape, which is not "
+                       "valid Unicode", param=field)
+    if not isinstance(data, dict):
+        kind = type(data).__name__ if data is not None else "nothing"
+        raise APIError(f"body: must be a JSON object, got {kind}", param="body")
+    return data
+
+
 async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
     raw = await request.read()  # raises 413 past the body limit
     try:
-        data = json.loads(raw or b"null", parse_constant=_reject_constant)
-    except RecursionError:
-        raise APIError(MAX_JSON_DEPTH_MESSAGE, param="body") from None
-    except ValueError as exc:  # JSONDecodeError and non-UTF-8 bodies
-        raise APIError(f"body: invalid JSON: {exc}", param="body") from None
-    if not isinstance(data, dict):
-        raise APIError(f"body: must be a JSON object, got {type(data).__name__ if data is not None else 'nothing'}",
-                       param="body")
-    try:
+        data = _decode_json(raw)
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, data) from None
@@ -135,7 +163,8 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     for route in routes:
         app.router.add_post(route.path, make_handler(route))
     openai = OpenAIService(registry, runner)
-    document = build_openapi(routes)
+    model_names = sorted({name for m in registry.models() for name in [m.model_id, *m.aliases]})
+    document = build_openapi(routes, model_names, requires_auth=api_key is not None)
 
     async def list_models(request: web.Request) -> web.Response:
         return json_response(openai.list_models())

@@ -28,8 +28,8 @@ HTTP_ERROR_REASONS = {
 }
 
 
-def error_response(error: APIError) -> web.Response:
-    headers = {}
+def error_response(error: APIError, headers: Optional[dict[str, str]] = None) -> web.Response:
+    headers = dict(headers or {})
     if isinstance(error, ServerBusyError):
         headers["Retry-After"] = str(error.retry_after_s)
     return web.json_response(error.to_response().model_dump(), status=error.status, headers=headers)
@@ -74,8 +74,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         field, reason = HTTP_ERROR_REASONS.get(exc.status, ("request", exc.reason))
+        kept = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
         return error_response(APIError(f"{field}: {reason} ({request.method} {request.path})",
-                                       param=field, status=exc.status))
+                                       param=field, status=exc.status), kept)
     except Exception:  # a bug: log it with its traceback, answer in JSON
         ERROR_LOG.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(APIError("internal server error", status=500))

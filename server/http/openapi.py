@@ -38,14 +38,24 @@ def _error_responses() -> dict[str, Any]:
             for status, text in ERROR_STATUSES.items()}
 
 
+def _event_schema(route: Route) -> dict[str, Any]:
+    """One server-sent event: its `data` is a JSON chunk (or an error reported after the
+    stream began), or the literal end marker where the route sends one."""
+    json_data = {"type": "string", "contentMediaType": JSON_CONTENT_TYPE,
+                 "contentSchema": {"anyOf": [_ref(route.stream_model), _ref(ErrorResponse)]}}
+    data = json_data
+    if route.done_marker is not None:
+        marker = route.done_marker.decode().removeprefix("data: ").strip()
+        data = {"anyOf": [{"const": marker}, json_data]}
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+
 def _post_operation(route: Route) -> dict[str, Any]:
     media = JSONL_CONTENT_TYPE if route.jsonl else JSON_CONTENT_TYPE
     content: dict[str, Any] = {media: {"schema": _ref(route.response_model)}}
     description = "One JSON response per line, in request order." if route.jsonl else "The response."
     if route.stream_model is not None:
-        # With stream=true, each `data:` line of the event stream holds one of these.
-        content[SSE_CONTENT_TYPE] = {"schema": {"type": "string"},
-                                     "x-event-schema": _ref(route.stream_model)}
+        content[SSE_CONTENT_TYPE] = {"schema": _event_schema(route)}
         description += f" With stream=true, an event stream of {route.stream_model.__name__}."
     return {
         "summary": route.summary,
@@ -71,22 +81,36 @@ def _component_schemas(routes: list[Route]) -> dict[str, Any]:
     return schemas.get("$defs", {})
 
 
-def build_openapi(routes: list[Route]) -> dict[str, Any]:
+def _restrict_model_names(schemas: dict[str, Any], model_names: list[str]) -> None:
+    """Requests name a model this server has loaded: say which, so clients (and fuzzers)
+    know the valid values."""
+    for schema in schemas.values():
+        model_field = schema.get("properties", {}).get("model")
+        if model_field is not None and schema.get("title", "").endswith("Request"):
+            model_field["enum"] = model_names
+
+
+def build_openapi(routes: list[Route], model_names: list[str], requires_auth: bool) -> dict[str, Any]:
     paths: dict[str, Any] = {route.path: {"post": _post_operation(route)} for route in routes}
     paths["/v1/models"] = {"get": _get_operation("List the loaded models.", "OpenAI",
                                                  _json_content(_ref(ModelList)))}
-    paths["/health"] = {"get": {"summary": "Liveness.", "tags": ["Operations"], "security": [],
+    paths["/health"] = {"get": {"summary": "Liveness.", "tags": ["Operations"],
                                 "responses": {"200": {"description": "Serving.",
                                                       "content": _json_content(_ref(HealthResponse))}}}}
     paths["/metrics"] = {"get": _get_operation("Prometheus metrics.", "Operations",
                                                {PROMETHEUS_CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}})}
-    return {
+    schemas = _component_schemas(routes)
+    _restrict_model_names(schemas, model_names)
+    document: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {"title": "llama-engine", "version": "0.1.0",
                  "description": "The llama-stack Inference API and an OpenAI-compatible API."},
         "servers": [{"url": "/"}],
         "paths": paths,
-        "components": {"schemas": _component_schemas(routes),
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"bearer": []}],
+        "components": {"schemas": schemas},
     }
+    if requires_auth:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+        paths["/health"]["get"]["security"] = []
+    return document
