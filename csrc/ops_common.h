@@ -17,7 +17,10 @@ namespace py = pybind11;
 // Hot leaf functions are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and the
 // loader picks one from the CPU's features (GCC emits the __builtin_cpu_supports resolver).
 // Keep OpenMP regions out of these functions: outlined parallel bodies are not cloned.
-#if defined(__x86_64__) && defined(__GNUC__)
+// Defining LLAMA_SIMD_CLONES on the command line pins one ISA, which lets the tests run the
+// AVX2 or baseline code on an AVX-512 machine (e.g. -DLLAMA_SIMD_CLONES= for baseline).
+#if defined(LLAMA_SIMD_CLONES)
+#elif defined(__x86_64__) && defined(__GNUC__)
 #define LLAMA_SIMD_CLONES \
     __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
