@@ -108,6 +108,21 @@ def test_rope_rotates_strided_views_of_fused_qkv_in_place() -> None:
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)
 
 
+def test_rope_writes_back_into_head_major_tensors() -> None:
+    """Inputs whose per-token dims are not dense go through a copy that is written back."""
+    g = _gen(6)
+    tokens, heads, head_dim = 7, 4, 32
+    q = _randn(g, heads, tokens, head_dim).transpose(0, 1)  # [T, H, D], head-major memory
+    k = _randn(g, tokens, 2, head_dim)
+    cos_sin = _cos_sin_table(32, head_dim)
+    positions = torch.randint(0, 32, (tokens,), generator=g)
+    ref_q, ref_k = reference.rope(q, k, positions, cos_sin)
+    out_q, _ = ops.rope(q, k, positions, cos_sin)
+    assert out_q is q
+    torch.testing.assert_close(q, ref_q, **FLOAT_TOL)
+    torch.testing.assert_close(k, ref_k, **FLOAT_TOL)
+
+
 def test_rope_rejects_positions_outside_the_table() -> None:
     q, k = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
     with pytest.raises(ValueError):
