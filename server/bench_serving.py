@@ -4,6 +4,9 @@ and a plot of latency against load under benchmarks/results/.
 
     python benchmarks/serving.py --base-url http://127.0.0.1:8321 --request-rates 1,4,16
     llama-engine bench serving --request-rates 1,4,16
+
+It lives in the server package so the installed `llama-engine` command can import it;
+benchmarks/serving.py runs it as a script.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Optional
 import aiohttp
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8321"
-DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 DEFAULT_RATES = "1,4,16"
 DEFAULT_NUM_PROMPTS = 32
 DEFAULT_MAX_TOKENS = 32
@@ -60,7 +63,7 @@ class RequestResult:
 
 
 def add_bench_serving_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", default=DEFAULT_BASE_URL)
+    parser.add_argument("--base-url", "--url", dest="base_url", default=DEFAULT_BASE_URL)
     parser.add_argument("--model", default=None, help="model id or alias (default: the first listed)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--request-rates", default=DEFAULT_RATES,
