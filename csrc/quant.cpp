@@ -1,7 +1,6 @@
 // Quantized matmul and dequantization for GGUF block formats Q4_0, Q4_1, Q8_0 (CPU).
 // Pipeline and integer semantics: see quant_common.h. This file picks the instruction set
 // at run time, splits the work over OpenMP threads and exposes the pybind11 functions.
-#include <omp.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -22,17 +21,18 @@ namespace py = pybind11;
 namespace quant {
 namespace {
 
-// Weight rows decoded at once by one thread: a multiple of kTileRows, small enough to stay
-// in L1 next to the activations (16 rows x K=1536 bytes = 24 KiB).
+// Weight rows one thread takes at once: a multiple of kTileRows; decoded, they stay in L1
+// (int8 path: 16 x K=1536 bytes = 24 KiB) or L2 (float32 path: 96 KiB).
 constexpr int kChunkRows = 16;
 // Activation rows one work item multiplies against its decoded chunk: each chunk is decoded
-// once per this many rows, and the tile's quantized activations (~2.3 bytes per element)
-// stay in L2.
+// once per this many rows, and that many rows of x (int8: ~2.3 bytes per element, float32:
+// 4) stay in L2.
 constexpr int kActTileRows = 64;
 
-// Up to this many rows of x, kernels with a packed_tile re-read the 4 GGUF rows (from L1)
-// for every 4 rows of x instead of decoding them once: the in-register decode costs ~5
-// vector ops per block pair, a decode pass ~22 plus a reload.
+// int8 path: up to this many rows of x, a kernel set with a packed_tile re-reads the 4 GGUF
+// rows (from L1) for every 4 rows of x instead of decoding them once: the in-register
+// decode costs ~5 vector ops per block pair, a decode pass ~22 plus a reload. (The float32
+// decode is dearer, ~14 ops per block, so that path decodes once beyond 4 rows.)
 constexpr int kPackedMaxActs = 16;
 
 // Below this many multiply-adds a matmul stays on the calling thread: waking the OpenMP
@@ -48,42 +48,31 @@ bool worth_threads(int M, int N, int K) {
 
 enum class Isa : int { Auto = 0, Scalar = 1, Avx2 = 2, Avx512 = 3 };
 
-const KernelSet& best_kernels() {
-    static const KernelSet& best = avx512::supported() ? avx512::kernels
-                                   : avx2::supported() ? avx2::kernels
-                                                       : scalar::kernels;
-    return best;
+// The kernel set for `isa` among one precision's three (AUTO: the best this CPU runs).
+template <class Set>
+const Set& pick_kernels(Isa isa, const Set& avx512_set, bool avx512_ok, const Set& avx2_set,
+                        bool avx2_ok, const Set& scalar_set) {
+    switch (isa) {
+        case Isa::Auto: return avx512_ok ? avx512_set : avx2_ok ? avx2_set : scalar_set;
+        case Isa::Scalar: return scalar_set;
+        case Isa::Avx2:
+            if (!avx2_ok) throw std::runtime_error("this CPU lacks AVX2/FMA/F16C");
+            return avx2_set;
+        case Isa::Avx512:
+            if (!avx512_ok) throw std::runtime_error("this CPU lacks the AVX-512 features needed");
+            return avx512_set;
+    }
+    throw std::invalid_argument("unknown instruction set");
 }
 
 const KernelSet& kernels_for(Isa isa) {
-    switch (isa) {
-        case Isa::Auto: return best_kernels();
-        case Isa::Scalar: return scalar::kernels;
-        case Isa::Avx2:
-            if (!avx2::supported()) throw std::runtime_error("this CPU lacks AVX2/FMA/F16C");
-            return avx2::kernels;
-        case Isa::Avx512:
-            if (!avx512::supported()) throw std::runtime_error("this CPU lacks AVX-512 VNNI");
-            return avx512::kernels;
-    }
-    throw std::invalid_argument("unknown instruction set");
+    return pick_kernels(isa, avx512::kernels, avx512::supported(), avx2::kernels,
+                        avx2::supported(), scalar::kernels);
 }
 
 const f32::KernelSet& f32_kernels_for(Isa isa) {
-    switch (isa) {
-        case Isa::Auto:
-            return f32::avx512::supported() ? f32::avx512::kernels
-                   : f32::avx2::supported() ? f32::avx2::kernels
-                                            : f32::scalar::kernels;
-        case Isa::Scalar: return f32::scalar::kernels;
-        case Isa::Avx2:
-            if (!f32::avx2::supported()) throw std::runtime_error("this CPU lacks AVX2/FMA/F16C");
-            return f32::avx2::kernels;
-        case Isa::Avx512:
-            if (!f32::avx512::supported()) throw std::runtime_error("this CPU lacks AVX-512");
-            return f32::avx512::kernels;
-    }
-    throw std::invalid_argument("unknown instruction set");
+    return pick_kernels(isa, f32::avx512::kernels, f32::avx512::supported(), f32::avx2::kernels,
+                        f32::avx2::supported(), f32::scalar::kernels);
 }
 
 QType parse_qtype(const std::string& name) {
@@ -125,6 +114,8 @@ struct ChunkBuffer {
                                   d(static_cast<size_t>(kChunkRows) * (K / kBlock)),
                                   m(static_cast<size_t>(kChunkRows) * (K / kBlock)),
                                   rows{vals.data(), d.data(), m.data(), K, K / kBlock} {}
+    ChunkBuffer(const ChunkBuffer&) = delete;  // `rows` points into this object
+    ChunkBuffer& operator=(const ChunkBuffer&) = delete;
 };
 
 // tile(r0, valid_rows, c0, acts) for every kTileRows x acts_per_tile tile of y [M, N], rows
@@ -286,7 +277,7 @@ void register_quant(py::module_& m) {
     m.def("dequantize", &quant::py_dequantize, "out[N, K] = dequantized packed rows w",
           "w"_a.noconvert(), "qtype"_a, "n"_a, "k"_a, "out"_a.noconvert());
     m.def("quant_isa", [](bool int8_activations) {
-        return std::string(int8_activations ? quant::best_kernels().name
+        return std::string(int8_activations ? quant::kernels_for(quant::Isa::Auto).name
                                             : quant::f32_kernels_for(quant::Isa::Auto).name);
     }, "instruction set the quantized matmul uses on this CPU", "int8_activations"_a = false);
     m.def("quant_isa_supported", [](int isa, bool int8_activations) {

@@ -17,7 +17,6 @@
 namespace quant::avx512 {
 
 constexpr int kBlocksPerStep = 2;
-constexpr int kStepBytes = kBlocksPerStep * kBlock;
 
 // [s[0] x 8, s[1] x 8] from two floats (activation scales) or two fp16s (weight scales);
 // for the odd last block only s[0] matters (its upper dot lanes are 0).
