@@ -121,10 +121,15 @@ class GenerationRunner:
         self.listener.request_finished(model.model_id, len(last.prompt_token_ids), generated,
                                        decode_s, last.num_cached_tokens)
 
+    def open(self, model: ServedModel, prompt_ids: list[int], params: Any) -> Any:
+        """`async with runner.open(...) as outputs`: the stream, closed (and so aborted if
+        unfinished) when the block exits, however it exits."""
+        return contextlib.aclosing(self.stream(model, prompt_ids, params))
+
     async def run(self, model: ServedModel, prompt_ids: list[int], params: Any) -> Any:
         """The finished RequestOutput."""
         last = None
-        async with contextlib.aclosing(self.stream(model, prompt_ids, params)) as outputs:
+        async with self.open(model, prompt_ids, params) as outputs:
             async for last in outputs:
                 pass
         return last

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
@@ -110,7 +109,7 @@ class InferenceService:
         prepared = self.prepare_completion(request, request.content, "content")
         with prepared.model.admit(1):
             tracker = DeltaTracker()
-            async with contextlib.aclosing(self.runner.stream(prepared.model, prepared.prompt_ids, prepared.params)) as outputs:
+            async with self.runner.open(prepared.model, prepared.prompt_ids, prepared.params) as outputs:
                 async for output in outputs:
                     delta = tracker.advance(output.outputs[0])
                     if delta.text or output.finished:
@@ -149,7 +148,7 @@ class InferenceService:
         with prepared.model.admit(1):
             tracker = DeltaTracker()
             finish_reason: Optional[str] = None
-            async with contextlib.aclosing(self.runner.stream(prepared.model, prepared.prompt_ids, prepared.params)) as outputs:
+            async with self.runner.open(prepared.model, prepared.prompt_ids, prepared.params) as outputs:
                 async for output in outputs:
                     delta = tracker.advance(output.outputs[0])
                     finish_reason = delta.finish_reason

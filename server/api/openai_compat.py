@@ -285,7 +285,7 @@ class OpenAIService:
                 yield chunk([oa.ChatChunkChoice(index=i, delta=oa.ChatDelta(role="assistant", content=""))])
             streams = [ChatChoiceStream(i, prepared) for i in range(request.n)]
             tracker, final = DeltaTracker(), None
-            async with contextlib.aclosing(self.runner.stream(prepared.model, prepared.prompt_ids, prepared.params)) as outputs:
+            async with self.runner.open(prepared.model, prepared.prompt_ids, prepared.params) as outputs:
                 async for final in outputs:
                     for output in final.outputs:
                         for choice in streams[output.index].advance(tracker.advance(output)):
