@@ -231,3 +231,15 @@ def test_openai_chat_stream_with_logprobs(server: ServerProcess, reference: Any)
     assert [e["logprob"] for e in token_logprobs] == pytest.approx(
         [lp[t] for t, lp in zip(expected.token_ids, expected.logprobs)], abs=1e-4)
     assert all(len(e["top_logprobs"]) == 2 for e in token_logprobs)
+
+
+def test_openai_seeded_sampling_matches_offline(server: ServerProcess, reference: Any) -> None:
+    from llama_engine import SamplingParams
+
+    prompt_ids = completion_ids(reference, PROMPT)
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=MAX_TOKENS)
+    expected = reference.generate(prompt_ids, params)[0].outputs[0].text
+    body = {"model": SPEC_COMPLETION_MODEL, "prompt": PROMPT, "temperature": 1.0, "top_p": 0.9, "seed": 1234,
+            "max_tokens": MAX_TOKENS}
+    texts = [post(server, "/v1/completions", body).json()["choices"][0]["text"] for _ in range(2)]
+    assert texts == [expected, expected]

@@ -22,7 +22,7 @@ from typing import Any, Optional
 LLAMA3_HEADER_TOKEN = "<|start_header_id|>"
 CHATML_START_TOKEN = "<|im_start|>"
 PYTHON_TAG = "<|python_tag|>"
-LLAMA3_END_TOKENS = ("<|eom_id|>", "<|eot_id|>")
+LLAMA3_END_TOKENS = ("<|eom_id|>", "<|eot_id|>", "<|end_of_text|>")
 LLAMA3_KNOWLEDGE_CUTOFF = "December 2023"
 CODE_INTERPRETER = "code_interpreter"
 
