@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import signal
-from typing import Any
+from typing import Any, Optional
 
 from aiohttp import web
 
@@ -24,8 +24,9 @@ LOG = logging.getLogger("server")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", metavar="PATH", default=None,
-                        help="GGUF file or HF folder to serve (repeatable); default: SmolLM2-135M")
+    parser.add_argument("--model", action="append", metavar="[ID=]PATH", default=None,
+                        help="GGUF file or HF folder to serve (repeatable), optionally with its id "
+                             "(default id: the file or folder name); default model: SmolLM2-135M")
     parser.add_argument("--alias", action="append", metavar="NAME=ID", default=[],
                         help="extra name for a model id, e.g. llama3_8b_chat=SmolLM2-135M-Instruct.Q4_1")
     parser.add_argument("--host", default=DEFAULT_HOST)
@@ -57,17 +58,29 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def split_model_argument(value: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """`ID=PATH` -> (ID, PATH); a bare PATH (or None, the default model) keeps the engine's id."""
+    if value is None:
+        return None, None
+    model_id, sep, path = value.partition("=")
+    if sep and model_id and path and os.sep not in model_id:
+        return model_id, path
+    return None, value
+
+
 def load_registry(args: argparse.Namespace) -> ModelRegistry:
     from llama_engine.engine.async_engine import AsyncLLMEngine
     from llama_engine.engine.llm_engine import EngineConfig
 
     registry = ModelRegistry()
     max_running = args.max_running or args.max_num_seqs or EngineConfig.max_num_seqs
-    for path in args.model or [None]:
+    for value in args.model or [None]:
+        model_id, path = split_model_argument(value)
         engine = AsyncLLMEngine.from_model(path, **engine_kwargs(args))
-        registry.add(ServedModel(engine.model_id, engine, max_running=max_running,
-                                 max_waiting=args.max_waiting))
-        LOG.info("loaded model %s (context %d tokens)", engine.model_id, engine.max_model_len)
+        model_id = model_id or engine.model_id
+        registry.add(ServedModel(model_id, engine, max_running=max_running, max_waiting=args.max_waiting))
+        LOG.info("loaded model %s from %s (context %d tokens)", model_id, path or "the default",
+                 engine.max_model_len)
     for mapping in args.alias:
         alias, sep, model_id = mapping.partition("=")
         if not sep or not alias or not model_id:

@@ -1,0 +1,52 @@
+"""Several models in one server: ids, aliases, routing, and the 404 that lists them."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import requests
+
+from server.cli import split_model_argument
+from server.testing import ServerProcess, running_server
+
+TIMEOUT_S = 300
+MAX_TOKENS = 6
+
+
+def test_model_argument_with_and_without_id() -> None:
+    assert split_model_argument("smol=/models/a.gguf") == ("smol", "/models/a.gguf")
+    assert split_model_argument("/models/a=b.gguf") == (None, "/models/a=b.gguf")
+    assert split_model_argument("a.gguf") == (None, "a.gguf")
+    assert split_model_argument(None) == (None, None)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    from llama_engine.loader import default_model_path
+
+    path = default_model_path()
+    with running_server("--model", f"first={path}", "--model", f"second={path}",
+                        "--alias", "llama3_8b_chat=second", "--max-model-len", "256") as process:
+        yield process
+
+
+@pytest.mark.slow
+def test_two_models_are_listed_routed_and_named_in_404s(server: ServerProcess) -> None:
+    models = requests.get(f"{server.base_url}/v1/models", timeout=TIMEOUT_S).json()["data"]
+    assert [(m["id"], m["aliases"]) for m in models] == [("first", []), ("second", ["llama3_8b_chat"])]
+    texts = []
+    for name in ("first", "second", "llama3_8b_chat"):
+        response = requests.post(f"{server.base_url}/v1/completions", timeout=TIMEOUT_S, json={
+            "model": name, "prompt": "The capital of France is", "max_tokens": MAX_TOKENS, "temperature": 0})
+        assert response.status_code == 200 and response.json()["model"] == name
+        texts.append(response.json()["choices"][0]["text"])
+    assert len(set(texts)) == 1  # the same weights behind every name
+    missing = requests.post(f"{server.base_url}/inference/completion", timeout=TIMEOUT_S,
+                            json={"model": "llama3_70b", "content": "Hi"})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["message"] == \
+        "model: unknown model 'llama3_70b'; available: first, llama3_8b_chat, second"
+    metrics = requests.get(f"{server.base_url}/metrics", timeout=TIMEOUT_S).text
+    assert 'llama_engine_requests_running{model="first"}' in metrics
+    assert 'llama_engine_requests_running{model="second"}' in metrics
