@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import AsyncIterator, Optional
 
 from aiohttp import web
@@ -12,6 +13,7 @@ from server.api.errors import APIError
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 OPENAI_DONE = b"data: [DONE]\n\n"
+ERROR_LOG = logging.getLogger("server.error")
 
 
 def sse_event(payload: BaseModel) -> bytes:
@@ -38,6 +40,11 @@ async def send_event_stream(request: web.Request, events: AsyncIterator[BaseMode
                 await response.write(sse_event(event))
         except APIError as exc:  # headers are gone: report the failure in-band
             await response.write(sse_event(exc.to_response()))
+        except ConnectionError:  # the client went away: nobody to tell
+            raise
+        except Exception:  # an engine failure mid-stream: log it, tell the client in-band
+            ERROR_LOG.exception("stream failed on %s %s", request.method, request.path)
+            await response.write(sse_event(APIError("internal server error", status=500).to_response()))
         if done_marker is not None:
             await response.write(done_marker)
         await response.write_eof()
