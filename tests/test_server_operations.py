@@ -7,7 +7,7 @@ import json
 import re
 import signal
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 import requests

@@ -7,7 +7,7 @@ import time
 import uuid
 import contextlib
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Optional
 
 from server.api.errors import APIError, UnsupportedContentError
 from server.api.generation import (ChoiceDelta, DeltaTracker, GenerationRunner, check_prompt,
