@@ -304,6 +304,19 @@ def test_sample_walks_into_the_low_probability_tail() -> None:
     assert torch.equal(ops.sample(logits, *params), reference.sample(logits, *params))
 
 
+def test_sample_never_picks_masked_tokens() -> None:
+    """-inf logits (constrained decoding masks) get probability 0, as in the reference."""
+    g = _gen(31)
+    rows, vocab = 24, 3000
+    logits = _randn(g, rows, vocab, scale=2.0)
+    masked = torch.rand(rows, vocab, generator=g) < 0.7
+    logits[masked] = float("-inf")
+    params = _sampling_params(g, rows, vocab)
+    picked = ops.sample(logits, *params)
+    assert torch.equal(picked, reference.sample(logits, *params))
+    assert not masked.gather(1, picked[:, None]).any()
+
+
 def test_sample_breaks_ties_toward_lower_ids() -> None:
     g = _gen(3)
     rows, vocab = 32, 500
