@@ -40,7 +40,8 @@ constexpr int kPackedMaxActs = 16;
 // the whole call for a scheduler time slice (~16 ms seen), far more than the work itself.
 constexpr int64_t kMinParallelMacs = int64_t{1} << 21;
 
-constexpr int64_t kMinParallelQuantize = int64_t{1} << 16;  // activations, same reason
+// Same for element-wise passes (activation quantization, dequantization).
+constexpr int64_t kMinParallelQuantize = int64_t{1} << 16;
 
 bool worth_threads(int M, int N, int K) {
     return static_cast<int64_t>(M) * N * K >= kMinParallelMacs;
@@ -216,7 +217,8 @@ void matmul_f32(const f32::KernelSet& k, QType t, const float* x, int M, int K,
 // Bit-exact with llama_engine.quant.dequantize (the scalar decoder rounds like it).
 void dequantize(QType t, const uint8_t* w, int N, int K, float* out) {
     const int64_t row_bytes = packed_row_bytes(t, K);
-#pragma omp parallel for schedule(static)
+    // embedding lookups dequantize a handful of rows: keep those on the calling thread
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * K >= kMinParallelQuantize)
     for (int n = 0; n < N; ++n)
         f32::scalar::decode_rows(t, w + n * row_bytes, row_bytes, 1, K, out + static_cast<int64_t>(n) * K);
 }
