@@ -1,6 +1,7 @@
-// Float32-activation quantized matmul (the default path): weights are decoded to exactly the
-// float32 values quant.dequantize gives and multiplied with the untouched activations by
-// float32 FMAs, so results match x @ dequantize(W).T to float32 rounding. (The int8 path of
+// Float32-activation quantized matmul (the default path): weights are decoded to the float32
+// values quant.dequantize gives (Q4_1: to within half an ulp, see block_to_f32) and
+// multiplied with the untouched activations by float32 FMAs, so results match
+// x @ dequantize(W).T to float32 rounding. (The int8 path of
 // quant_common.h is faster but moves real activations by ~1 %, enough to flip greedy
 // tokens of SmolLM2.)
 //
@@ -88,7 +89,6 @@ struct V {
     static F set1(float v) { return _mm512_set1_ps(v); }
     static F load(const float* p) { return _mm512_loadu_ps(p); }
     static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
-    static F add(F a, F b) { return _mm512_add_ps(a, b); }
     static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
     static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
     static float reduce(F v) { return _mm512_reduce_add_ps(v); }
@@ -129,7 +129,6 @@ struct V {
     static F set1(float v) { return _mm256_set1_ps(v); }
     static F load(const float* p) { return _mm256_loadu_ps(p); }
     static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
-    static F add(F a, F b) { return _mm256_add_ps(a, b); }
     static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
     static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
     static float reduce(F v) {

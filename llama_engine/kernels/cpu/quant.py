@@ -2,9 +2,10 @@
 
 The weights stay in their GGUF block layout. Two precisions:
 
-* float32 (default): each block is decoded to exactly the float32 values of
-  ``llama_engine.quant.dequantize`` and multiplied with the untouched activations by float32
-  FMAs, so ``quant_matmul`` equals ``x @ dequantize(W).T`` up to float32 rounding.
+* float32 (default): each block is decoded to the float32 values of
+  ``llama_engine.quant.dequantize`` (Q4_1's d * q + m as one FMA) and multiplied with the
+  untouched activations by float32 FMAs, so ``quant_matmul`` equals ``x @ dequantize(W).T``
+  up to float32 rounding.
 * int8 activations (``int8_activations=True``): each 32-block of x is rounded to int8
   (scale = absmax / 127) and the dot products are integer (AVX-512 VNNI / AVX2). Faster for
   many rows of x, but every output moves by up to sum over blocks of (d_x / 2) * sum |w|:
