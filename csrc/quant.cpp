@@ -1,6 +1,10 @@
 // Quantized matmul and dequantization for GGUF block formats Q4_0, Q4_1, Q8_0 (CPU).
 // Pipeline and integer semantics: see quant_common.h. This file picks the instruction set
 // at run time, splits the work over OpenMP threads and exposes the pybind11 functions.
+// GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized on their own undefined
+// pass-through operands (_mm512_undefined_*) wherever they are inlined: silence that noise.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 

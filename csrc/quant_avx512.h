@@ -1,5 +1,6 @@
-// AVX-512 VNNI tile kernel: one 512-bit vpdpbusd covers two 32-weight blocks, so the
-// scale vector holds block b's d_w * d_x in lanes 0-7 and block b+1's in lanes 8-15.
+// int8-activation path, AVX-512 VNNI tile kernel: one 512-bit vpdpbusd covers two 32-weight
+// blocks, so the scale vector holds block b's d_w * d_x in lanes 0-7 and block b+1's in
+// lanes 8-15.
 // Activation quantization and weight decoding come from quant_avx2.h (they are memory
 // bound; 256-bit is enough there).
 #pragma once
@@ -22,7 +23,7 @@ constexpr int kBlocksPerStep = 2;
 // for the odd last block only s[0] matters (its upper dot lanes are 0).
 inline __m512 spread_pair(__m128 pair) {
     const __m512i lanes = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(pair));
+    return _mm512_permutexvar_ps(lanes, _mm512_zextps128_ps512(pair));
 }
 
 template <bool TAIL>
