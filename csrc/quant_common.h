@@ -1,6 +1,7 @@
-// Shared definitions for the quantized matmul kernels (csrc/quant.cpp).
+// Shared definitions for the quantized matmul kernels (csrc/quant.cpp), and the int8-
+// activation path (opt-in; the default float32 path is in quant_f32.h).
 //
-// The matmul y = x @ W^T runs in three stages:
+// The int8 path computes y = x @ W^T in three stages:
 //   1. activations x [M, K] are quantized per 32-block to int8 (scale = amax / 127),
 //   2. a chunk of weight rows is decoded from its GGUF blocks into one byte per weight
 //      plus float per-block scales (and mins for Q4_1), in a per-thread buffer,

@@ -1,9 +1,10 @@
 """C++ quantized matmul / dequantize (csrc/quant.cpp) against llama_engine.quant.
 
 Reference: x.double() @ dequantize(W).double().T. Tolerances:
-* float32 path (default): the weights are decoded exactly, so only float32 accumulation
-  error remains, at most K * 2^-24 * (|x| @ |W|^T) per output (the standard worst-case
-  bound for a length-K float32 dot product; observed errors are ~100x smaller).
+* float32 path (default): the weights are decoded exactly (Q4_1 to half an ulp), so only
+  float32 rounding remains, at most K * 2^-24 * (|x| @ |W|^T) per output (the standard
+  worst-case bound for a length-K float32 dot product; observed errors are ~100x smaller,
+  while a wrong nibble, scale or min would exceed it by orders of magnitude).
 * int8-activation path: each 32-block of x is rounded to int8 with scale
   d_x = absmax / 127, so every activation moves by at most d_x / 2 and the integer dot
   products are exact. Output (m, n) differs from the reference by at most
