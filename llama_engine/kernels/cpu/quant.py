@@ -10,16 +10,21 @@ The weights stay in their GGUF block layout. Two precisions:
   (scale = absmax / 127) and the dot products are integer (AVX-512 VNNI / AVX2). Faster for
   many rows of x, but every output moves by up to sum over blocks of (d_x / 2) * sum |w|:
   ~0.5 % (relative 2-norm) for Gaussian x, 1-2 % on SmolLM2's real activations, which
-  changes greedy output, hence not the default.
+  changes greedy output, hence not the default. ``LLAMA_ENGINE_INT8_ACTIVATIONS=1`` makes it
+  the default for calls that do not choose (e.g. the dispatcher's ``kernels.linear``).
 """
 from __future__ import annotations
 
 import enum
+import os
 
 import torch
 
 from llama_engine import _C
 from llama_engine.quant import PackedWeight
+
+
+INT8_ACTIVATIONS_DEFAULT = os.environ.get("LLAMA_ENGINE_INT8_ACTIVATIONS", "0") == "1"
 
 
 class Isa(enum.IntEnum):
@@ -55,8 +60,9 @@ def dequantize(weight: PackedWeight) -> torch.Tensor:
 
 
 def quant_matmul(x: torch.Tensor, weight: PackedWeight, isa: Isa = Isa.AUTO,
-                 int8_activations: bool = False) -> torch.Tensor:
-    """x float32 [..., K] @ dequantize(weight).T -> float32 [..., N]."""
+                 int8_activations: bool | None = None) -> torch.Tensor:
+    """x float32 [..., K] @ dequantize(weight).T -> float32 [..., N] (int8_activations None:
+    INT8_ACTIVATIONS_DEFAULT)."""
     # Decode calls this ~200 times per token on small matrices, so the common case (2-D
     # contiguous x, no autograd) skips every reshape and copy.
     if x.dtype != torch.float32 or not x.is_cpu:
@@ -69,5 +75,6 @@ def quant_matmul(x: torch.Tensor, weight: PackedWeight, isa: Isa = Isa.AUTO,
         rows = rows.detach()
     out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
     _C.quant_matmul(rows.numpy(), _packed_bytes(weight).numpy(), weight.qtype, weight.rows,
-                    out.numpy(), isa, int8_activations)
+                    out.numpy(), isa,
+                    INT8_ACTIVATIONS_DEFAULT if int8_activations is None else int8_activations)
     return out if flat else out.view(*x.shape[:-1], weight.rows)
