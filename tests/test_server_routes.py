@@ -119,6 +119,8 @@ def test_attachment_text_is_read(server: ServerProcess, reference: Any) -> None:
     {"strategy": "top_k", "top_k": 1, "temperature": 1.0},  # sampling from the top-1 is greedy
     {"strategy": "top_p", "top_p": 1e-6, "temperature": 1.0},  # so is a nucleus this small
     {"strategy": "greedy", "temperature": 1.5},  # greedy ignores the temperature
+    {"strategy": "top_k", "top_k": 2**40, "temperature": 1e-9},  # beyond float32/int32 ranges
+    {"strategy": "top_p", "top_p": 1e-100, "temperature": 1.0},
 ])
 def test_sampling_strategies_that_reduce_to_greedy(server: ServerProcess, reference: Any,
                                                    sampling_params: dict[str, Any]) -> None:

@@ -37,6 +37,8 @@ def engine_error(exc: ValueError) -> APIError:
 # is refused mid-batch); both limits mean "only the most likely token", i.e. greedy.
 MIN_TOP_P = 1e-6
 MIN_TEMPERATURE = 1e-5
+# A top_k beyond any vocabulary keeps every token, which is top_k off; kernels hold it in int32.
+MAX_MEANINGFUL_TOP_K = 1 << 24
 
 
 def make_sampling_params(**kwargs: Any) -> Any:
@@ -46,6 +48,8 @@ def make_sampling_params(**kwargs: Any) -> Any:
         kwargs["top_p"] = MIN_TOP_P
     if 0 < kwargs.get("temperature", 1.0) < MIN_TEMPERATURE:
         kwargs["temperature"] = 0.0
+    if kwargs.get("top_k", 0) > MAX_MEANINGFUL_TOP_K:
+        kwargs["top_k"] = 0
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:
