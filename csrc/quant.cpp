@@ -17,6 +17,7 @@
 #include "quant_avx512.h"
 #include "quant_common.h"
 #include "quant_f32.h"
+#include "quant_nf4.h"
 #include "quant_scalar.h"
 #include "registry.h"
 
@@ -194,6 +195,24 @@ void matmul_int8(const KernelSet& k, QType t, const float* x, int M, int K, cons
         });
 }
 
+// Float32 path through decoded chunks: decode(rows_ptr, row_bytes, rows, K, out) turns
+// packed rows into float32 rows for the dense tile kernel.
+template <class DecodeFn>
+void matmul_f32_decoded(const f32::KernelSet& k, DecodeFn&& decode, const float* x, int M,
+                        int K, const uint8_t* w, int64_t row_bytes, int N, float* y) {
+    for_each_decoded_tile(
+        N, M, K, k.max_tile_acts,
+        [&] { return std::vector<float>(static_cast<size_t>(kChunkRows) * K); },
+        [&](std::vector<float>& buffer, int n0, int rows) {
+            decode(w + n0 * row_bytes, row_bytes, rows, K, buffer.data());
+        },
+        [&](std::vector<float>& buffer, int n0, int r0, int valid, int c0, int n_acts) {
+            k.tile(buffer.data() + static_cast<int64_t>(r0) * K, valid,
+                   x + static_cast<int64_t>(c0) * K, n_acts, K,
+                   y + static_cast<int64_t>(c0) * N + n0 + r0, N);
+        });
+}
+
 // y[M, N] = x[M, K] @ W^T in float32 (see quant_f32.h).
 void matmul_f32(const f32::KernelSet& k, QType t, const float* x, int M, int K,
                 const uint8_t* w, int N, float* y) {
@@ -205,69 +224,92 @@ void matmul_f32(const f32::KernelSet& k, QType t, const float* x, int M, int K,
         });
         return;
     }
-    for_each_decoded_tile(
-        N, M, K, k.max_tile_acts,
-        [&] { return std::vector<float>(static_cast<size_t>(kChunkRows) * K); },
-        [&](std::vector<float>& buffer, int n0, int rows) {
-            k.decode_rows(t, w + n0 * row_bytes, row_bytes, rows, K, buffer.data());
-        },
-        [&](std::vector<float>& buffer, int n0, int r0, int valid, int c0, int n_acts) {
-            k.tile(buffer.data() + static_cast<int64_t>(r0) * K, valid,
-                   x + static_cast<int64_t>(c0) * K, n_acts, K,
-                   y + static_cast<int64_t>(c0) * N + n0 + r0, N);
-        });
+    const auto decode = [&](const uint8_t* rows, int64_t stride, int n, int cols, float* out) {
+        k.decode_rows(t, rows, stride, n, cols, out);
+    };
+    matmul_f32_decoded(k, decode, x, M, K, w, row_bytes, N, y);
 }
 
-// Bit-exact with llama_engine.quant.dequantize (the scalar decoder rounds like it).
-void dequantize(QType t, const uint8_t* w, int N, int K, float* out) {
-    const int64_t row_bytes = packed_row_bytes(t, K);
+// y[M, N] = x[M, K] @ W^T for NF4 rows: decoded to float32 chunks for any M (an NF4 block
+// decode is a table lookup per weight, too dear to repeat per 4 rows of x).
+void matmul_nf4(const f32::KernelSet& k, const float* x, int M, int K, const uint8_t* w, int N,
+                float* y) {
+    const auto decode = f32::avx512::supported() ? nf4::decode_rows_avx512 : nf4::decode_rows_scalar;
+    matmul_f32_decoded(k, decode, x, M, K, w, nf4::row_bytes(K), N, y);
+}
+
+// Rows of float32 from packed rows with an exact scalar decoder (the reference rounds alike).
+template <class DecodeFn>
+void dequantize_rows(DecodeFn&& decode, const uint8_t* w, int64_t row_bytes, int N, int K,
+                     float* out) {
     // embedding lookups dequantize a handful of rows: keep those on the calling thread
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * K >= kMinParallelQuantize)
     for (int n = 0; n < N; ++n)
-        f32::scalar::decode_rows(t, w + n * row_bytes, row_bytes, 1, K, out + static_cast<int64_t>(n) * K);
+        decode(w + n * row_bytes, row_bytes, 1, K, out + static_cast<int64_t>(n) * K);
 }
 
 using FloatArray = py::array_t<float, py::array::c_style>;
 using ByteArray = py::array_t<uint8_t, py::array::c_style>;
 
-void check_packed(const ByteArray& w, QType t, int N, int K) {
-    if (K <= 0 || K % kBlock != 0) throw std::invalid_argument("K must be a positive multiple of 32");
-    const int64_t row_bytes = static_cast<int64_t>(K / kBlock) * format_info(t).block_bytes;
-    if (w.ndim() != 2 || w.shape(0) != N || w.shape(1) != row_bytes)
-        throw std::invalid_argument("packed weight must be uint8 [N, K / 32 * block_bytes]");
+const std::string kNf4Name = "NF4";
+
+// Bytes per packed row of format `qtype` (GGUF block formats or NF4), validating K.
+int64_t row_bytes_for(const std::string& qtype, int K) {
+    const bool nf4 = qtype == kNf4Name;
+    const int block = nf4 ? nf4::kBlock : kBlock;
+    if (K <= 0 || K % block != 0)
+        throw std::invalid_argument(qtype + " needs K to be a positive multiple of " + std::to_string(block));
+    return nf4 ? nf4::row_bytes(K) : packed_row_bytes(parse_qtype(qtype), K);
+}
+
+void check_packed(const ByteArray& w, const std::string& qtype, int N, int K) {
+    if (w.ndim() != 2 || w.shape(0) != N || w.shape(1) != row_bytes_for(qtype, K))
+        throw std::invalid_argument("packed weight must be uint8 [N, packed row bytes]");
 }
 
 void py_quant_matmul(const FloatArray& x, const ByteArray& w, const std::string& qtype, int N,
                      FloatArray& out, int isa, bool int8_activations) {
-    const QType t = parse_qtype(qtype);
     if (x.ndim() != 2 || out.ndim() != 2) throw std::invalid_argument("x and out must be 2-D");
     const int M = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
-    check_packed(w, t, N, K);
+    check_packed(w, qtype, N, K);
     if (out.shape(0) != M || out.shape(1) != N) throw std::invalid_argument("out must be [M, N]");
     const float* x_ptr = x.data();
     const uint8_t* w_ptr = w.data();
     float* out_ptr = out.mutable_data();
     if (M == 0 || N == 0) return;
-    if (int8_activations) {
+    if (qtype == kNf4Name) {
+        if (int8_activations) throw std::invalid_argument("NF4 has float32-activation kernels only");
+        const f32::KernelSet& k = f32_kernels_for(static_cast<Isa>(isa));
+        py::gil_scoped_release release;
+        matmul_nf4(k, x_ptr, M, K, w_ptr, N, out_ptr);
+    } else if (int8_activations) {
         const KernelSet& k = kernels_for(static_cast<Isa>(isa));
         py::gil_scoped_release release;
-        matmul_int8(k, t, x_ptr, M, K, w_ptr, N, out_ptr);
+        matmul_int8(k, parse_qtype(qtype), x_ptr, M, K, w_ptr, N, out_ptr);
     } else {
         const f32::KernelSet& k = f32_kernels_for(static_cast<Isa>(isa));
         py::gil_scoped_release release;
-        matmul_f32(k, t, x_ptr, M, K, w_ptr, N, out_ptr);
+        matmul_f32(k, parse_qtype(qtype), x_ptr, M, K, w_ptr, N, out_ptr);
     }
 }
 
 void py_dequantize(const ByteArray& w, const std::string& qtype, int N, int K, FloatArray& out) {
-    const QType t = parse_qtype(qtype);
-    check_packed(w, t, N, K);
+    check_packed(w, qtype, N, K);
     if (out.ndim() != 2 || out.shape(0) != N || out.shape(1) != K)
         throw std::invalid_argument("out must be float32 [N, K]");
     const uint8_t* w_ptr = w.data();
     float* out_ptr = out.mutable_data();
+    const int64_t row_bytes = row_bytes_for(qtype, K);
     py::gil_scoped_release release;
-    dequantize(t, w_ptr, N, K, out_ptr);
+    if (qtype == kNf4Name) {
+        dequantize_rows(nf4::decode_rows_scalar, w_ptr, row_bytes, N, K, out_ptr);
+    } else {
+        const QType t = parse_qtype(qtype);
+        const auto decode = [t](const uint8_t* rows, int64_t stride, int n, int cols, float* dst) {
+            f32::scalar::decode_rows(t, rows, stride, n, cols, dst);
+        };
+        dequantize_rows(decode, w_ptr, row_bytes, N, K, out_ptr);
+    }
 }
 
 }  // namespace

@@ -24,7 +24,8 @@ pytest.importorskip("llama_engine._C", reason="C++ extension llama_engine._C is 
                     "(python setup.py build_ext --inplace)")
 
 from llama_engine.kernels.cpu import quant as cpu_quant  # noqa: E402
-from llama_engine.quant import BLOCK, BLOCK_BYTES, PackedWeight, dequantize, quantize  # noqa: E402
+from llama_engine.quant import (  # noqa: E402
+    BLOCK, BLOCK_BYTES, NF4_BLOCK, NF4_LEVELS, PackedWeight, dequantize, nf4_row_bytes, quantize)
 
 FORMATS = ["Q4_0", "Q4_1", "Q8_0"]
 INT8_MAX = 127.0
@@ -156,3 +157,45 @@ def test_rejects_bad_inputs() -> None:
         cpu_quant.quant_matmul(torch.randn(2, 32), weight)
     with pytest.raises(ValueError):
         cpu_quant.quant_matmul(torch.randn(2, 64, dtype=torch.float64), weight)
+
+
+# ---- NF4 (float32 path only) ------------------------------------------------------------
+NF4_MAX_ROUND_TRIP_ERROR = 0.12  # relative 2-norm for Gaussian weights (measured ~0.09)
+
+
+def test_nf4_reference_reproduces_levels_exactly() -> None:
+    """Blocks made of the 16 levels times one shared absmax: every code is exact and the
+    double-quantized absmax is the group mean itself (q = 0), so nothing is rounded."""
+    absmax = 2.5
+    order = torch.randperm(3 * NF4_BLOCK, generator=torch.Generator().manual_seed(0))
+    row = (NF4_LEVELS * absmax).repeat(NF4_BLOCK // 16 * 3)[order]
+    rows = torch.stack([row, row.flip(0)])
+    weight = quantize(rows, "NF4")
+    assert weight.data.shape == (2, nf4_row_bytes(3 * NF4_BLOCK))
+    assert torch.equal(dequantize(weight), rows)
+
+
+def test_nf4_reference_round_trip_error() -> None:
+    w = torch.randn(33, 640, generator=torch.Generator().manual_seed(1))
+    assert (dequantize(quantize(w, "NF4")) - w).norm() / w.norm() < NF4_MAX_ROUND_TRIP_ERROR
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (45, 576), (3, 64 * 300)])
+def test_nf4_dequantize_matches_reference_exactly(shape: tuple[int, int]) -> None:
+    weight = quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(2)), "NF4")
+    assert torch.equal(cpu_quant.dequantize(weight), dequantize(weight))
+
+
+@pytest.mark.parametrize("isa", [isa for isa, int8 in KERNELS if not int8], ids=lambda i: i.name)
+@pytest.mark.parametrize("m", ACT_ROWS)
+def test_nf4_quant_matmul_within_float32_bound(isa: cpu_quant.Isa, m: int) -> None:
+    gen = torch.Generator().manual_seed(m)
+    n, k = 2 * m + 31, NF4_BLOCK * (m % 5 + 1) * 3
+    weight = quantize(torch.randn(n, k, generator=gen) * 0.05, "NF4")
+    check_against_reference(torch.randn(m, k, generator=gen), weight, (isa, False))
+
+
+def test_nf4_rejects_int8_activations() -> None:
+    weight = quantize(torch.randn(5, 64), "NF4")
+    with pytest.raises(ValueError):
+        cpu_quant.quant_matmul(torch.randn(2, 64), weight, int8_activations=True)

@@ -12,6 +12,8 @@ The weights stay in their GGUF block layout. Two precisions:
   ~0.5 % (relative 2-norm) for Gaussian x, 1-2 % on SmolLM2's real activations, which
   changes greedy output, hence not the default. ``LLAMA_ENGINE_INT8_ACTIVATIONS=1`` makes it
   the default for calls that do not choose (e.g. the dispatcher's ``kernels.linear``).
+
+NF4 weights (``llama_engine.quant.quantize_nf4``) run on the float32 path only.
 """
 from __future__ import annotations
 
@@ -74,7 +76,8 @@ def quant_matmul(x: torch.Tensor, weight: PackedWeight, isa: Isa = Isa.AUTO,
     if rows.requires_grad:
         rows = rows.detach()
     out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
+    if int8_activations is None:  # NF4 has float32 kernels only
+        int8_activations = INT8_ACTIVATIONS_DEFAULT and weight.qtype != "NF4"
     _C.quant_matmul(rows.numpy(), _packed_bytes(weight).numpy(), weight.qtype, weight.rows,
-                    out.numpy(), isa,
-                    INT8_ACTIVATIONS_DEFAULT if int8_activations is None else int8_activations)
+                    out.numpy(), isa, int8_activations)
     return out if flat else out.view(*x.shape[:-1], weight.rows)
