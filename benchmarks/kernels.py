@@ -108,7 +108,8 @@ def cpu_backend(args: argparse.Namespace) -> list[Row]:
     for precision in args.precision:
         int8 = precision == "int8"
         label = f"cpu-{cpu_quant.best_isa(int8) if isa == cpu_quant.Isa.AUTO else isa.name.lower()}-{precision}"
-        for name, n, k, qtype, _ in SHAPES:
+        for name, n, k, gguf_qtype, _ in SHAPES:
+            qtype = "NF4" if precision == "nf4" else gguf_qtype
             weight = quantize(torch.randn(n, k) * WEIGHT_SCALE, qtype)
             dense = dequantize(weight)
             for m in args.m:
@@ -196,8 +197,10 @@ def main() -> None:
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="cpu")
     parser.add_argument("--m", type=int, nargs="+", default=DEFAULT_M, help="activation rows")
     parser.add_argument("--isa", default="AUTO", help="CPU: AUTO, SCALAR, AVX2 or AVX512")
-    parser.add_argument("--precision", nargs="+", choices=["f32", "int8"], default=["f32", "int8"],
-                        help="CPU: float32 activations and/or int8-quantized activations")
+    parser.add_argument("--precision", nargs="+", choices=["f32", "int8", "nf4"],
+                        default=["f32", "int8", "nf4"],
+                        help="CPU: float32 activations, int8-quantized activations, and/or "
+                             "NF4 weights (float32 activations) instead of the GGUF formats")
     parser.add_argument("--repeats", type=int, default=5, help="minimum timed calls per case")
     parser.add_argument("--min-seconds", type=float, default=0.2, help="minimum time per case")
     parser.add_argument("--threads", type=int, help="OpenMP/torch threads (default: all cores)")
