@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
@@ -15,6 +14,8 @@ from server.api.inference import InferenceService
 from server.api.openai_compat import OpenAIService
 from server.api.registry import ModelRegistry
 from server.http.metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
+from server.http.openapi import build_openapi
+from server.http.routing import JSON_CONTENT_TYPE, JSONL_CONTENT_TYPE, Route
 from server.http.middleware import access_log_middleware, auth_middleware, error_middleware
 from server.http.sse import OPENAI_DONE, send_event_stream
 from server.schemas import llama_stack as ls
@@ -22,28 +23,10 @@ from server.schemas.common import HealthResponse
 from server.schemas import openai as oa
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a prompt filling a 128k context is ~0.5 MB of text
-JSONL_CONTENT_TYPE = "application/jsonl"
-JSON_CONTENT_TYPE = "application/json"
 MAX_JSON_DEPTH_MESSAGE = "body: JSON is nested too deeply"
 
 REGISTRY_KEY = web.AppKey("registry", ModelRegistry)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
-
-
-@dataclass(frozen=True)
-class Route:
-    """One POST route: its request model, how it answers, and the service call behind it."""
-
-    path: str
-    summary: str
-    tag: str
-    request_model: type[BaseModel]
-    response_model: type[BaseModel]
-    call: Callable[[Any], Awaitable[Any]]
-    stream_call: Optional[Callable[[Any], Any]] = None  # for requests with stream=true
-    stream_model: Optional[type[BaseModel]] = None
-    jsonl: bool = False  # answers one response per line
-    done_marker: Optional[bytes] = None  # what ends the event stream, if anything
 
 
 def _reject_constant(name: str) -> float:
@@ -114,9 +97,7 @@ def make_handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRe
     return handler
 
 
-def inference_routes(registry: ModelRegistry, runner: GenerationRunner) -> list[Route]:
-    spec = InferenceService(registry, runner)
-    openai = OpenAIService(registry, runner)
+def inference_routes(spec: InferenceService, openai: OpenAIService) -> list[Route]:
     return [
         Route("/inference/completion", "Complete a prompt (spec Inference API).", "Inference",
               ls.CompletionRequest, ls.CompletionResponse, spec.completion,
@@ -151,18 +132,16 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
-    from server.http.openapi import build_openapi
-
     metrics = ServerMetrics(registry)
     runner = GenerationRunner(listener=metrics)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
         access_log_middleware(metrics), error_middleware, auth_middleware(api_key)])
     app[REGISTRY_KEY] = registry
     app[METRICS_KEY] = metrics
-    routes = inference_routes(registry, runner)
+    openai = OpenAIService(registry, runner)
+    routes = inference_routes(InferenceService(registry, runner), openai)
     for route in routes:
         app.router.add_post(route.path, make_handler(route))
-    openai = OpenAIService(registry, runner)
     model_names = sorted({name for m in registry.models() for name in [m.model_id, *m.aliases]})
     document = build_openapi(routes, model_names, requires_auth=api_key is not None)
 

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server.http.app import JSON_CONTENT_TYPE, JSONL_CONTENT_TYPE, Route
+from server.http.routing import JSON_CONTENT_TYPE, JSONL_CONTENT_TYPE, Route
 from server.http.metrics import PROMETHEUS_CONTENT_TYPE
 from server.schemas.common import ErrorResponse, HealthResponse
 from server.schemas.openai import ModelList

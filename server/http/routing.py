@@ -1,0 +1,27 @@
+"""What a POST route is: the table in app.py is read by both the handlers and the OpenAPI builder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Optional
+
+from pydantic import BaseModel
+
+JSON_CONTENT_TYPE = "application/json"
+JSONL_CONTENT_TYPE = "application/jsonl"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One POST route: its request model, how it answers, and the service call behind it."""
+
+    path: str
+    summary: str
+    tag: str
+    request_model: type[BaseModel]
+    response_model: type[BaseModel]
+    call: Callable[[Any], Awaitable[Any]]
+    stream_call: Optional[Callable[[Any], Any]] = None  # for requests with stream=true
+    stream_model: Optional[type[BaseModel]] = None
+    jsonl: bool = False  # answers one response per line
+    done_marker: Optional[bytes] = None  # what ends the event stream, if anything
