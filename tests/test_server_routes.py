@@ -245,3 +245,17 @@ def test_openai_seeded_sampling_matches_offline(server: ServerProcess, reference
             "max_tokens": MAX_TOKENS}
     texts = [post(server, "/v1/completions", body).json()["choices"][0]["text"] for _ in range(2)]
     assert texts == [expected, expected]
+
+
+def test_openai_chat_stream_with_two_choices_and_a_stop(server: ServerProcess, reference: Any) -> None:
+    expected = greedy(reference, chat_ids(reference, QUESTION)).text
+    stop = expected[4:7]
+    events = stream(server, "/v1/chat/completions", {
+        "model": SPEC_CHAT_MODEL, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
+        "max_tokens": MAX_TOKENS, "n": 2, "stop": stop})
+    assert events[-1] == "[DONE]"
+    for index in (0, 1):
+        choices = [e["choices"][0] for e in events[:-1] if e["choices"][0]["index"] == index]
+        assert choices[0]["delta"]["role"] == "assistant"
+        assert "".join(c["delta"]["content"] or "" for c in choices) == expected[:expected.index(stop)]
+        assert choices[-1]["finish_reason"] == "stop"
