@@ -382,8 +382,11 @@ void paged_attention(py::array q, py::array k_cache, py::array v_cache, py::arra
     const int64_t scratch_rows =
         (tokens_per_tile * group + kRowBlock - 1) / kRowBlock * kRowBlock;
     const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+    // Waking a second thread costs tens of microseconds: a short decode step is cheaper alone.
+    int64_t work = 0;
+    for (const Tile& t : tiles) work += t.tokens * group * (t.first_pos + t.tokens) * p.head_dim;
     py::gil_scoped_release release;
-#pragma omp parallel if (n_tiles > 1)
+#pragma omp parallel if (n_tiles > 1 && worth_threading(work))
     {
         TileScratch scratch(scratch_rows, p.head_dim);
 #pragma omp for schedule(dynamic, 1)
