@@ -1,6 +1,7 @@
 """The engine core: requests in, one scheduled model step at a time, outputs out."""
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,15 @@ from llama_engine.sampling_params import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GIB = 1 << 30
+
+
+def _return_freed_memory() -> None:
+    """Loading copies weights more than once; hand the freed heap back to the OS so the
+    process holds about the model's size (glibc keeps freed memory otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 @dataclass
@@ -65,6 +75,8 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.model = Llama(loaded.config, loaded.weights).to(self.device)
+        del loaded
+        _return_freed_memory()
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
@@ -72,7 +84,7 @@ class LLMEngine:
                                    config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device,
                                   self.dtype)
-        limits = [loaded.config.max_position_embeddings, num_blocks * config.block_size]
+        limits = [self.model_config.max_position_embeddings, num_blocks * config.block_size]
         if config.max_model_len:
             limits.append(config.max_model_len)
         self.max_model_len = min(limits)

@@ -29,10 +29,11 @@ class ModelRunner:
         self.block_size = block_size
         self.scale = c.head_dim ** -0.5
         shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=kv_dtype, device=device)
-                         for _ in range(c.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=kv_dtype, device=device)
-                         for _ in range(c.num_layers)]
+        # On the CPU, untouched pages of the pool cost no memory until a block is used.
+        # GPU kernels may load a whole block and mask it, so there it must hold no NaN.
+        alloc = torch.empty if device.type == "cpu" else torch.zeros
+        self.k_caches = [alloc(shape, dtype=kv_dtype, device=device) for _ in range(c.num_layers)]
+        self.v_caches = [alloc(shape, dtype=kv_dtype, device=device) for _ in range(c.num_layers)]
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
