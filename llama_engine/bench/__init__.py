@@ -9,3 +9,8 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("throughput", help="offline throughput against HF transformers")
     throughput.add_arguments(p)
     p.set_defaults(func=throughput.run)
+
+    from server.bench_serving import add_bench_serving_arguments, bench_serving
+    p = sub.add_parser("serving", help="load a running server with Poisson arrivals")
+    add_bench_serving_arguments(p)
+    p.set_defaults(func=bench_serving)
