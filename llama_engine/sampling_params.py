@@ -3,6 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+# Below this a temperature only overflows the softmax: treat it as greedy, as vLLM does.
+GREEDY_TEMPERATURE = 1e-5
+# top_k beyond any vocabulary means no limit (the kernels take it as int32).
+TOP_K_OFF_ABOVE = 1 << 24
+
 
 @dataclass
 class SamplingParams:
@@ -30,15 +37,18 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1:
+        if self.top_k == -1 or (isinstance(self.top_k, int) and self.top_k > TOP_K_OFF_ABOVE):
             self.top_k = 0
+        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < GREEDY_TEMPERATURE:
+            self.temperature = 0.0
         checks = [
             ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
             ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int)
                                                        and self.max_tokens >= 1),
              "must be an integer >= 1 (or None for no limit)"),
             ("temperature", 0.0 <= self.temperature, "must be >= 0"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_p", 0.0 < np.float32(self.top_p) <= 1.0,
+             "must be in (0, 1] (and > 0 in float32)"),
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0,
              "must be an integer >= 0 (0 or -1 disables it)"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),

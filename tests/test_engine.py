@@ -129,3 +129,16 @@ def test_logprobs_are_top_k_plus_chosen(llm):
         assert token in lp and 3 <= len(lp) <= 4
         assert all(v <= 0 for v in lp.values())
     assert abs(out.cumulative_logprob - sum(lp[t] for t, lp in zip(out.token_ids, out.logprobs))) < 1e-4
+
+
+def test_stop_token_text_is_not_in_the_output(llm):
+    tok = llm.get_tokenizer()
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                            skip_special_tokens=False)
+    full = llm.generate("Count: 1, 2, 3,", greedy)[0].outputs[0]
+    token = full.token_ids[5]
+    cut = llm.generate("Count: 1, 2, 3,", SamplingParams(
+        temperature=0, max_tokens=20, stop_token_ids=[token],
+        skip_special_tokens=False))[0].outputs[0]
+    assert cut.token_ids[-1] == token
+    assert cut.text == tok.decode(cut.token_ids[:-1], skip_special_tokens=False)

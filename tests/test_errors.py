@@ -93,3 +93,13 @@ def test_empty_and_overlong_prompts(default_llm):
     # the engine still serves after rejecting them
     out = default_llm.generate("Hello", SamplingParams(temperature=0, max_tokens=3))
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_degenerate_sampling_values_are_normalised_or_refused(default_llm):
+    assert SamplingParams(temperature=1e-9).temperature == 0.0  # greedy, not an overflow
+    assert SamplingParams(top_k=2**40).top_k == 0  # beyond any vocabulary: no limit
+    with pytest.raises(ValueError, match="^top_p "):
+        SamplingParams(top_p=1e-100)  # zero in float32
+    outs = default_llm.generate(["Hi", "Hello"], [SamplingParams(temperature=1e-9, max_tokens=4),
+                                                 SamplingParams(top_k=2**40, max_tokens=4)])
+    assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]

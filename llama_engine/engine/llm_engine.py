@@ -208,17 +208,19 @@ class LLMEngine:
         if token.top_logprobs is not None:
             seq.logprobs.append(token.top_logprobs)
         self.generation_tokens_total += 1
-        previous_len = len(seq.text)
-        seq.text += request.detokenizers[seq.seq_id].step([token.token_id])
+        # A stop token ends the text without showing in it, special or not.
         if token.token_id in p.stop_token_ids:
             self._finish(seq, "stop", token.token_id)
-        elif not p.ignore_eos and token.token_id in self.tokenizer.stop_token_ids:
+            return
+        if not p.ignore_eos and token.token_id in self.tokenizer.stop_token_ids:
             self._finish(seq, "stop", None)
-        elif self._hit_stop_string(seq, previous_len):
-            pass
-        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            self._finish(seq, "length", None)
-        elif seq.num_tokens >= self.max_model_len:
+            return
+        previous_len = len(seq.text)
+        seq.text += request.detokenizers[seq.seq_id].step([token.token_id])
+        if self._hit_stop_string(seq, previous_len):
+            return
+        out_of_tokens = p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens
+        if out_of_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length", None)
 
     def _hit_stop_string(self, seq: Sequence, previous_len: int) -> bool:
