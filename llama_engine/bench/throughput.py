@@ -16,6 +16,18 @@ SHAREGPT_LIKE = {"prompt_mu": 5.0, "prompt_sigma": 0.9, "output_mu": 5.2, "outpu
 MAX_LEN_CAP = 1024
 
 
+def cpu_model() -> str:
+    """The processor's marketing name (what lscpu prints), for the results file."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--num-requests", type=int, default=32)
@@ -100,8 +112,9 @@ def run(args: argparse.Namespace) -> dict:
     if not args.skip_hf:
         results["transformers"] = run_hf(args, prompts, output_lens)
     report = {
-        "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "torch": torch.__version__, "device": "cpu",
+        "date": datetime.date.today().isoformat(), "machine": cpu_model(),
+        "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+        "torch": torch.__version__, "device": "cpu",
         "workload": {k: getattr(args, k) for k in ("num_requests", "prompt_len", "output_len",
                                                     "dataset", "max_num_seqs", "hf_batch_size")},
     }
