@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import Tensor
 
 from llama_engine.kernels import reference
 from llama_engine.quant import PackedWeight
@@ -22,11 +23,11 @@ except ImportError:  # extension not built: the torch reference still runs every
     _cpu = None
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def _use_triton(t: Tensor) -> bool:
     return t.is_cuda and not FORCE_TORCH
 
 
-def _use_cpu(t: torch.Tensor) -> bool:
+def _use_cpu(t: Tensor) -> bool:
     return (_cpu is not None and not FORCE_TORCH and t.device.type == "cpu"
             and t.dtype == torch.float32)
 
@@ -36,7 +37,8 @@ def _triton():
     return triton_kernels
 
 
-def rms_norm(x, weight, eps, residual=None):
+def rms_norm(x: Tensor, weight: Tensor, eps: float,
+             residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if _use_triton(x):
         return _triton().rms_norm(x, weight, eps, residual)
     if _use_cpu(x):
@@ -44,7 +46,7 @@ def rms_norm(x, weight, eps, residual=None):
     return reference.rms_norm(x, weight, eps, residual)
 
 
-def rope(q, k, positions, cos_sin):
+def rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
     if _use_triton(q):
         return _triton().rope(q, k, positions, cos_sin)
     if _use_cpu(q):
@@ -52,7 +54,7 @@ def rope(q, k, positions, cos_sin):
     return reference.rope(q, k, positions, cos_sin)
 
 
-def silu_and_mul(gate_up):
+def silu_and_mul(gate_up: Tensor) -> Tensor:
     if _use_triton(gate_up):
         return _triton().silu_and_mul(gate_up)
     if _use_cpu(gate_up):
@@ -60,7 +62,8 @@ def silu_and_mul(gate_up):
     return reference.silu_and_mul(gate_up)
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping):
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+             slot_mapping: Tensor) -> None:
     if _use_triton(k):
         return _triton().store_kv(k, v, k_cache, v_cache, slot_mapping)
     if _use_cpu(k) and k_cache.dtype == torch.float32:
@@ -68,7 +71,8 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
     return reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale):
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                    context_lens: Tensor, cu_seqlens_q: Tensor, scale: float) -> Tensor:
     if _use_triton(q):
         return _triton().paged_attention(q, k_cache, v_cache, block_tables, context_lens,
                                          cu_seqlens_q, scale)
@@ -79,7 +83,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_
                                      cu_seqlens_q, scale)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight) -> torch.Tensor:
+def linear(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
     """y = x @ W^T for a dense or packed (GGUF block format) weight."""
     if isinstance(weight, PackedWeight):
         if _use_triton(x):
@@ -90,20 +94,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight) -> torch.Tensor
     return torch.nn.functional.linear(x, weight)
 
 
-def dequantize(weight: PackedWeight) -> torch.Tensor:
+def dequantize(weight: PackedWeight) -> Tensor:
     if _cpu is not None and not FORCE_TORCH and weight.data.device.type == "cpu":
         return _cpu.dequantize(weight)
     from llama_engine.quant import dequantize as torch_dequantize
     return torch_dequantize(weight)
 
 
-def embedding(ids: torch.Tensor, weight: torch.Tensor | PackedWeight) -> torch.Tensor:
+def embedding(ids: Tensor, weight: Tensor | PackedWeight) -> Tensor:
     if isinstance(weight, PackedWeight):
         return dequantize(weight.select_rows(ids.long()))
     return torch.nn.functional.embedding(ids, weight)
 
 
-def sample(logits, temperature, top_k, top_p, min_p, uniform):
+def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+           min_p: Tensor, uniform: Tensor) -> Tensor:
     if _use_triton(logits):
         return _triton().sample(logits, temperature, top_k, top_p, min_p, uniform)
     if _use_cpu(logits):
