@@ -42,6 +42,9 @@ class PackedWeight:
     def nbytes(self) -> int:
         return self.data.numel()
 
+    def to(self, device: torch.device | str) -> "PackedWeight":
+        return PackedWeight(self.data.to(device), self.qtype, self.rows, self.cols)
+
 
 def _f16(raw: torch.Tensor) -> torch.Tensor:
     """Reinterpret the last dim (2 bytes) as float16 and widen to float32."""

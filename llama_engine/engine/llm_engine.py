@@ -74,7 +74,10 @@ class LLMEngine:
         self.model_id = loaded.name
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
-        self.model = Llama(loaded.config, loaded.weights).to(self.device)
+        # Packed weights are not nn.Parameters, so they move here rather than by Module.to.
+        weights = {name: w.to(self.device) for name, w in loaded.weights.items()}
+        self.model = Llama(loaded.config, weights).to(self.device)
+        del weights
         del loaded
         _return_freed_memory()
         num_blocks = self._num_kv_blocks()
