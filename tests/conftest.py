@@ -48,7 +48,8 @@ def make_tiny_llama(folder: str, seed: int = 0, tie: bool = False,
     with torch.no_grad():  # larger weights than the default init, so logits are not flat
         for p in model.parameters():
             p.mul_(4.0)
-    model.save_pretrained(folder, safe_serialization=True)
+    # small shards: the loader must follow model.safetensors.index.json
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="5MB")
     gguf_folder, gguf_name = os.path.split(default_model_path())
     tok = transformers.AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_name)
     tok.save_pretrained(folder)

@@ -1,6 +1,8 @@
 """Our logits, greedy text and logprobs against transformers on the same weights."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -111,6 +113,7 @@ def test_tiny_hf_checkpoint_matches_transformers(tiny_checkpoint):
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
     assert not hf.config.tie_word_embeddings and hf.config.num_key_value_heads == 2
+    assert os.path.exists(os.path.join(tiny_checkpoint, "model.safetensors.index.json"))
     llm = LLM(tiny_checkpoint)
     ids = llm.get_tokenizer().encode("a tiny random llama with grouped query attention " * 8)
     check_logits(llm, hf, ids[:96])
