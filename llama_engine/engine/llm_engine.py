@@ -118,8 +118,6 @@ class LLMEngine:
         """Tokenize and validate; raises ValueError naming the problem. No engine state
         changes, so a front end may call it from another thread."""
         if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
             ids, text = self.tokenizer.encode(prompt), prompt
         else:
             ids, text = list(prompt), None

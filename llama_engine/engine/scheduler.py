@@ -64,7 +64,6 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         queue = list(self.running)
-        scheduled_ids = set()
         while queue and budget > 0:
             seq = queue.pop(0)
             num = min(seq.num_uncomputed_tokens, budget)
@@ -78,7 +77,6 @@ class Scheduler:
                 continue
             out.block_copies += self.blocks.allocate(seq, num)
             out.scheduled.append(ScheduledSeq(seq, num))
-            scheduled_ids.add(seq.seq_id)
             budget -= num
         if out.num_preempted == 0:
             self._admit_waiting(out, budget)
