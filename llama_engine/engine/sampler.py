@@ -18,6 +18,12 @@ class SampledToken:
     top_logprobs: dict[int, float] | None
 
 
+def _param_column(seqs: list[Sequence], name: str, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """One sampling setting of every row, as a tensor."""
+    return torch.tensor([getattr(s.params, name) for s in seqs], dtype=dtype, device=device)
+
+
 def _penalty_inputs(seqs: list[Sequence], vocab: int, device: torch.device):
     prompt_mask = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=device)
     counts = torch.zeros(len(seqs), vocab, dtype=torch.float32, device=device)
@@ -27,13 +33,9 @@ def _penalty_inputs(seqs: list[Sequence], vocab: int, device: torch.device):
         if out:
             counts[row].index_add_(0, torch.tensor(out, dtype=torch.long),
                                    torch.ones(len(out), device=device))
-    p = [s.params for s in seqs]
-
-    def col(name):
-        return torch.tensor([getattr(x, name) for x in p], dtype=torch.float32, device=device)
-
-    return (prompt_mask, counts, col("repetition_penalty"), col("presence_penalty"),
-            col("frequency_penalty"))
+    penalties = [_param_column(seqs, name, torch.float32, device) for name in
+                 ("repetition_penalty", "presence_penalty", "frequency_penalty")]
+    return (prompt_mask, counts, *penalties)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
@@ -47,14 +49,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
     # One uniform per sampled row from the sequence's own generator; greedy rows draw none.
     uniform = [0.0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]
 
-    def col(values, dtype):
-        return torch.tensor(values, dtype=dtype, device=device)
-
-    tokens = kernels.sample(logits.contiguous(), col([p.temperature for p in params], torch.float32),
-                            col([p.top_k for p in params], torch.int32),
-                            col([p.top_p for p in params], torch.float32),
-                            col([p.min_p for p in params], torch.float32),
-                            col(uniform, torch.float32))
+    tokens = kernels.sample(logits.contiguous(),
+                            _param_column(seqs, "temperature", torch.float32, device),
+                            _param_column(seqs, "top_k", torch.int32, device),
+                            _param_column(seqs, "top_p", torch.float32, device),
+                            _param_column(seqs, "min_p", torch.float32, device),
+                            torch.tensor(uniform, dtype=torch.float32, device=device))
     k = max((p.logprobs or 0) for p in params)
     chosen_lp, top_ids, top_lp = reference.top_logprobs(raw, tokens, k)
     result = []
