@@ -128,10 +128,12 @@ struct ChunkBuffer {
 
 // tile(r0, valid_rows, c0, acts) for every kTileRows x acts_per_tile tile of y [M, N], rows
 // of W in chunks of kChunkRows spread over threads (kernels reading GGUF rows directly).
+// Static: each thread streams one contiguous run of rows, which the kernels prefetch ahead
+// of (dynamic hand-out interleaves the threads' rows and measured ~1.5x slower at decode).
 template <class TileFn>
 void for_each_packed_tile(int N, int M, int K, int acts_per_tile, TileFn&& tile) {
     const int n_chunks = (N + kChunkRows - 1) / kChunkRows;
-#pragma omp parallel for schedule(dynamic) if (worth_threads(M, N, K))
+#pragma omp parallel for schedule(static) if (worth_threads(M, N, K))
     for (int chunk = 0; chunk < n_chunks; ++chunk) {
         const int chunk_end = std::min(N, (chunk + 1) * kChunkRows);
         for (int r0 = chunk * kChunkRows; r0 < chunk_end; r0 += kTileRows)

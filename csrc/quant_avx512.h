@@ -82,9 +82,10 @@ struct PackedSource {
     const uint8_t* block(int r, int b) const { return rows[r] + static_cast<int64_t>(b) * kFormat.block_bytes; }
 
     // Rows are streamed from memory once: while this tile works, fetch the same blocks of
-    // the next tile's rows (prefetch never faults, so running past the last row is fine).
+    // later tiles' rows (prefetch never faults, so running past the last row is fine).
     void prefetch(int r, int b) const {
-        _mm_prefetch(reinterpret_cast<const char*>(block(r, b) + kTileRows * row_bytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(block(r, b) + kPrefetchL1Rows * row_bytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(block(r, b) + kPrefetchL2Rows * row_bytes), _MM_HINT_T1);
     }
 
     template <bool TAIL>

@@ -23,6 +23,12 @@ constexpr int kGroupsPerBlock = kBlock / kGroup;
 constexpr float kInt8Max = 127.0f;   // symmetric int8 range of quantized activations
 constexpr int kTileRows = 4;         // weight rows per tile kernel call
 constexpr int kMaxTileActs = 4;      // activation rows per tile kernel call, at most
+// Decode-sized matmuls stream each weight row from DRAM once, and the hardware prefetcher
+// alone leaves much of the latency exposed (a SmolLM2 decode step's matmuls took 3.7 ms
+// instead of 2.7 on 2 cores): tile kernels reading GGUF rows ask for the rows this far
+// ahead of the tile into L1 and, further still, into L2.
+constexpr int kPrefetchL1Rows = 8;
+constexpr int kPrefetchL2Rows = 32;
 
 enum class QType : int { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 

@@ -93,10 +93,25 @@ struct V {
     static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
     static float reduce(F v) { return _mm512_reduce_add_ps(v); }
     static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
-    static I sub_i32(I v, int s) { return _mm512_sub_epi32(v, _mm512_set1_epi32(s)); }
     template <bool SIGNED>
     static void widen(__m128i bytes, I* out) {
         out[0] = SIGNED ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+    }
+    static F fp16_pair(uint32_t bits) {
+        return _mm512_cvtph_ps(_mm256_set1_epi32(static_cast<int>(bits)));
+    }
+    static F even_lanes(F v) { return _mm512_moveldup_ps(v); }
+    static F odd_lanes(F v) { return _mm512_movehdup_ps(v); }
+    // A nibble has 16 values and a zmm 16 lanes: decode each value once into a table, then
+    // one permute per 16 weights picks them (vpermps reads only the low 4 bits of each
+    // index, so the high nibbles need a shift but no mask). Cheaper than converting every
+    // weight to float and scaling it.
+    static void nibbles_to_f32(const uint8_t* qs, F scale, F offset, F* w) {
+        const F values = _mm512_fmadd_ps(
+            scale, _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), offset);
+        const I bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+        w[0] = _mm512_permutexvar_ps(bytes, values);
+        w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), values);
     }
 };
 
@@ -137,12 +152,25 @@ struct V {
         return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
     }
     static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
-    static I sub_i32(I v, int s) { return _mm256_sub_epi32(v, _mm256_set1_epi32(s)); }
     template <bool SIGNED>
     static void widen(__m128i bytes, I* out) {
         const __m128i high = _mm_srli_si128(bytes, 8);
         out[0] = SIGNED ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
         out[1] = SIGNED ? _mm256_cvtepi8_epi32(high) : _mm256_cvtepu8_epi32(high);
+    }
+    static F fp16_pair(uint32_t bits) {
+        return _mm256_cvtph_ps(_mm_set1_epi32(static_cast<int>(bits)));
+    }
+    static F even_lanes(F v) { return _mm256_moveldup_ps(v); }
+    static F odd_lanes(F v) { return _mm256_movehdup_ps(v); }
+    // vpermps has 8 lanes, too few for a 16-value table: widen and convert each nibble.
+    static void nibbles_to_f32(const uint8_t* qs, F scale, F offset, F* w) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+        const __m128i nibble_mask = _mm_set1_epi8(0x0F);
+        I q[4];
+        widen<false>(_mm_and_si128(bytes, nibble_mask), q);
+        widen<false>(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble_mask), q + 2);
+        for (int i = 0; i < 4; ++i) w[i] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(q[i]), offset);
     }
 };
 

@@ -4,36 +4,34 @@
 // every instantiation is compiled for its own instruction set.
 //
 // V provides: F (float vector), I (int32 vector), kLanes, zero, set1, load, store, mul,
-// fma, reduce, to_float, sub_i32, and widen<SIGNED>(16 bytes, I* out) writing
-// 16 / kLanes int32 vectors.
+// fma, reduce, to_float, widen<SIGNED>(16 bytes, I* out) writing 16 / kLanes int32
+// vectors, fp16_pair(two fp16 in 32 bits) -> lanes a, b, a, b, ..., even_lanes / odd_lanes
+// (a or b everywhere), and nibbles_to_f32(16 bytes, scale, offset, F* w): the 32 nibbles
+// (low nibbles first) as fma(scale, nibble, offset).
 
 constexpr int kVecsPerBlock = kBlock / V::kLanes;
 constexpr int kVecsPer16Bytes = 16 / V::kLanes;
 
-// One block -> its 32 float32 weights: d * q exactly as quant.dequantize computes it; for
-// Q4_1 d * q + m in one FMA (a single rounding: within half an ulp of the reference's
-// mul-then-add, and one instruction fewer).
+// One block -> its 32 float32 weights, equal to quant.dequantize's: Q8_0 d * q; Q4_0
+// d * (q - 8), computed as fma(d, q, -8d) (the same real number, rounded once); Q4_1
+// d * q + m in one FMA (a single rounding: within half an ulp of the reference's
+// mul-then-add). V::nibbles_to_f32 turns the 32 nibbles into fma(scale, nibble, offset).
 template <QType T>
 inline void block_to_f32(const uint8_t* blk, typename V::F* w) {
     constexpr FormatInfo f = format_info(T);
     const uint8_t* qs = blk + f.header_bytes;
-    typename V::I q[kVecsPerBlock];
+    // fp16 d (and m) -> float lanes d, m, d, m, ...: one broadcast and one conversion
+    const typename V::F dm = V::fp16_pair(load_u32(blk));
+    const typename V::F d = V::even_lanes(dm);
     if (T == QType::Q8_0) {
+        typename V::I q[kVecsPerBlock];
         V::template widen<true>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)), q);
         V::template widen<true>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16)),
                                 q + kVecsPer16Bytes);
+        for (int i = 0; i < kVecsPerBlock; ++i) w[i] = V::mul(d, V::to_float(q[i]));
     } else {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-        const __m128i nibble_mask = _mm_set1_epi8(0x0F);
-        V::template widen<false>(_mm_and_si128(bytes, nibble_mask), q);
-        V::template widen<false>(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble_mask),
-                                 q + kVecsPer16Bytes);
-    }
-    const typename V::F d = V::set1(_cvtsh_ss(load_u16(blk)));
-    const typename V::F m = V::set1(f.has_min ? _cvtsh_ss(load_u16(blk + 2)) : 0.0f);
-    for (int i = 0; i < kVecsPerBlock; ++i) {
-        const typename V::I qi = T == QType::Q4_0 ? V::sub_i32(q[i], 8) : q[i];
-        w[i] = f.has_min ? V::fma(d, V::to_float(qi), m) : V::mul(d, V::to_float(qi));
+        const typename V::F offset = f.has_min ? V::odd_lanes(dm) : V::mul(d, V::set1(-8.0f));
+        V::nibbles_to_f32(qs, d, offset, w);
     }
 }
 
@@ -96,8 +94,9 @@ void packed_tile_impl(const uint8_t* const (&rows)[kTileRows], int64_t row_bytes
         typename V::F w[kTileRows][kVecsPerBlock];
         for (int r = 0; r < kTileRows; ++r) {
             const uint8_t* blk = rows[r] + static_cast<int64_t>(b) * kBytes;
-            // rows stream from memory once: fetch the next tile's rows meanwhile
-            _mm_prefetch(reinterpret_cast<const char*>(blk + kTileRows * row_bytes), _MM_HINT_T0);
+            // rows stream from memory once: fetch later tiles' rows meanwhile
+            _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchL1Rows * row_bytes), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchL2Rows * row_bytes), _MM_HINT_T1);
             block_to_f32<T>(blk, w[r]);
         }
         for (int c = 0; c < ACTS; ++c) {
