@@ -23,26 +23,17 @@ constexpr int64_t kKeyTile = 16;        // keys scored together (one AVX-512 reg
 constexpr int64_t kRowBlock = 4;        // query rows sharing each loaded key column
 constexpr int64_t kTileRowTarget = 32;  // query rows (tokens x group heads) per tile
 
-void store_kv(py::array k, py::array v, py::array k_cache, py::array v_cache,
-              py::array slot_mapping) {
-    const TokenRows<float> k_rows = token_rows<float>(k, "k", 3);
-    const TokenRows<float> v_rows = token_rows<float>(v, "v", 3);
-    float* k_dst = dense_mutable<float>(k_cache, "k_cache", 4);
-    float* v_dst = dense_mutable<float>(v_cache, "v_cache", 4);
-    const int64_t* slots = dense<int64_t>(slot_mapping, "slot_mapping", 1);
-    const int64_t tokens = k_rows.tokens, width = k_rows.width;
-    if (v_rows.tokens != tokens || slot_mapping.shape(0) != tokens) {
-        fail("k, v and slot_mapping: same number of tokens expected");
-    }
-    for (py::ssize_t d = 1; d < 3; ++d) {
-        if (k.shape(d) != k_cache.shape(d + 1) || v.shape(d) != v_cache.shape(d + 1)) {
-            fail("k/v: [T, Hkv, D] must match the cache's [Hkv, D]");
-        }
-    }
-    if (k_cache.shape(0) != v_cache.shape(0) || k_cache.shape(1) != v_cache.shape(1)) {
-        fail("k_cache/v_cache: same block layout expected");
-    }
-    const int64_t capacity = k_cache.shape(0) * k_cache.shape(1);
+// k/v [tokens, Hkv, D] float32, each token's heads dense, tokens k_stride / v_stride
+// elements apart; the caches dense float32 [capacity slots, Hkv, D] (`width` = Hkv * D);
+// slot_mapping int64 [tokens], negative for padding tokens.
+void store_kv(std::uintptr_t k, int64_t k_stride, std::uintptr_t v, int64_t v_stride,
+              std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t slot_mapping,
+              int64_t tokens, int64_t width, int64_t capacity) {
+    const TokenRows<const float> k_rows{tensor_at<const float>(k), tokens, k_stride, width};
+    const TokenRows<const float> v_rows{tensor_at<const float>(v), tokens, v_stride, width};
+    float* k_dst = tensor_at<float>(k_cache);
+    float* v_dst = tensor_at<float>(v_cache);
+    const int64_t* slots = tensor_at<const int64_t>(slot_mapping);
     for (int64_t t = 0; t < tokens; ++t) {
         if (slots[t] >= capacity) fail("slot_mapping: slot beyond the cache");
     }
@@ -57,9 +48,9 @@ void store_kv(py::array k, py::array v, py::array k_cache, py::array v_cache,
 
 // Everything a tile needs to find its queries, keys and values.
 struct AttentionProblem {
-    TokenRows<float> q;   // [T, H, D]
-    float* out;           // [T, H, D] dense
-    const float* k_cache; // [num_blocks, block_size, Hkv, D]
+    TokenRows<const float> q;  // [T, H, D]
+    float* out;                // [T, H, D] dense
+    const float* k_cache;      // [num_blocks, block_size, Hkv, D]
     const float* v_cache;
     const int32_t* block_tables;
     int64_t max_blocks;
@@ -348,47 +339,38 @@ std::vector<Tile> plan_tiles(const AttentionProblem& p, const int32_t* context_l
     return tiles;
 }
 
-void paged_attention(py::array q, py::array k_cache, py::array v_cache, py::array block_tables,
-                     py::array context_lens, py::array cu_seqlens_q, float scale,
-                     py::array out) {
-    AttentionProblem p{token_rows<float>(q, "q", 3),
-                       dense_mutable<float>(out, "out", 3),
-                       dense<float>(k_cache, "k_cache", 4),
-                       dense<float>(v_cache, "v_cache", 4),
-                       dense<int32_t>(block_tables, "block_tables", 2),
-                       block_tables.shape(1),
-                       k_cache.shape(1), q.shape(1), k_cache.shape(2), q.shape(2),
-                       scale};
-    const int32_t* ctx = dense<int32_t>(context_lens, "context_lens", 1);
-    const int32_t* cu = dense<int32_t>(cu_seqlens_q, "cu_seqlens_q", 1);
-    const int64_t num_seqs = context_lens.shape(0);
-    for (py::ssize_t d = 0; d < 4; ++d) {
-        if (v_cache.shape(d) != k_cache.shape(d)) fail("v_cache: shape must match k_cache");
-    }
-    if (k_cache.shape(3) != p.head_dim) fail("k_cache: head dim must match q");
-    if (p.num_kv_heads == 0 || p.num_heads % p.num_kv_heads != 0) {
-        fail("q heads must be a multiple of the cache's KV heads");
-    }
-    if (out.shape(0) != p.q.tokens || out.shape(1) != p.num_heads || out.shape(2) != p.head_dim) {
-        fail("out: shape must match q");
-    }
-    if (cu_seqlens_q.shape(0) != num_seqs + 1 || block_tables.shape(0) < num_seqs) {
-        fail("cu_seqlens_q / block_tables: one entry per sequence expected");
-    }
-    const int64_t group = p.num_heads / p.num_kv_heads;
+// q [tokens, H, D] float32, each token's heads dense, tokens q_stride elements apart; out
+// dense [tokens, H, D]; caches dense float32 [num_blocks, block_size, Hkv, D] with H a
+// multiple of Hkv; block_tables dense int32 [>= num_seqs, max_blocks]; context_lens int32
+// [num_seqs] and cu_seqlens_q int32 [num_seqs + 1] (their values are checked here).
+void paged_attention(std::uintptr_t q, int64_t q_stride, int64_t tokens, int64_t num_heads,
+                     int64_t head_dim, std::uintptr_t k_cache, std::uintptr_t v_cache,
+                     int64_t num_blocks, int64_t block_size, int64_t num_kv_heads,
+                     std::uintptr_t block_tables, int64_t max_blocks,
+                     std::uintptr_t context_lens, std::uintptr_t cu_seqlens_q, int64_t num_seqs,
+                     float scale, std::uintptr_t out) {
+    const AttentionProblem p{{tensor_at<const float>(q), tokens, q_stride, num_heads * head_dim},
+                             tensor_at<float>(out),
+                             tensor_at<const float>(k_cache),
+                             tensor_at<const float>(v_cache),
+                             tensor_at<const int32_t>(block_tables),
+                             max_blocks, block_size, num_heads, num_kv_heads, head_dim,
+                             scale};
+    const int64_t group = num_heads / num_kv_heads;
     const int64_t tokens_per_tile = std::max<int64_t>(1, kTileRowTarget / group);
     const std::vector<Tile> tiles =
-        plan_tiles(p, ctx, cu, num_seqs, k_cache.shape(0), tokens_per_tile);
+        plan_tiles(p, tensor_at<const int32_t>(context_lens),
+                   tensor_at<const int32_t>(cu_seqlens_q), num_seqs, num_blocks, tokens_per_tile);
     const int64_t scratch_rows =
         (tokens_per_tile * group + kRowBlock - 1) / kRowBlock * kRowBlock;
     const int64_t n_tiles = static_cast<int64_t>(tiles.size());
     // Waking a second thread costs tens of microseconds: a short decode step is cheaper alone.
     int64_t work = 0;
-    for (const Tile& t : tiles) work += t.tokens * group * (t.first_pos + t.tokens) * p.head_dim;
+    for (const Tile& t : tiles) work += t.tokens * group * (t.first_pos + t.tokens) * head_dim;
     py::gil_scoped_release release;
 #pragma omp parallel if (n_tiles > 1 && worth_threading(work))
     {
-        TileScratch scratch(scratch_rows, p.head_dim);
+        TileScratch scratch(scratch_rows, head_dim);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n_tiles; ++i) attend_tile(p, tiles[i], scratch);
     }
@@ -397,12 +379,17 @@ void paged_attention(py::array q, py::array k_cache, py::array v_cache, py::arra
 }  // namespace
 
 void register_attention(py::module_& m) {
-    m.def("store_kv", &store_kv, py::arg("k"), py::arg("v"), py::arg("k_cache"),
-          py::arg("v_cache"), py::arg("slot_mapping"),
+    // Tensors are passed as addresses (data_ptr()), checked by llama_engine/kernels/cpu/ops.py.
+    m.def("store_kv", &store_kv, py::arg("k"), py::arg("k_stride"), py::arg("v"),
+          py::arg("v_stride"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
+          py::arg("tokens"), py::arg("width"), py::arg("capacity"),
           "Copy k/v [T, Hkv, D] into the paged caches at slot_mapping (int64 [T]); "
           "negative slots mark padding tokens and are skipped.");
-    m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k_cache"),
-          py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
-          py::arg("cu_seqlens_q"), py::arg("scale"), py::arg("out"),
+    m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("q_stride"),
+          py::arg("tokens"), py::arg("num_heads"), py::arg("head_dim"), py::arg("k_cache"),
+          py::arg("v_cache"), py::arg("num_blocks"), py::arg("block_size"),
+          py::arg("num_kv_heads"), py::arg("block_tables"), py::arg("max_blocks"),
+          py::arg("context_lens"), py::arg("cu_seqlens_q"), py::arg("num_seqs"),
+          py::arg("scale"), py::arg("out"),
           "Causal GQA attention of q [T, H, D] over paged caches; writes out [T, H, D].");
 }

@@ -1,9 +1,6 @@
 // Element-wise hot ops of a transformer block: RMSNorm with the residual add fused in front,
 // rotary embedding (in place) and the SwiGLU activation. Threads split the tokens.
 #include <cmath>
-#include <optional>
-
-#include <pybind11/stl.h>
 
 #include "ops_common.h"
 #include "registry.h"
@@ -32,27 +29,15 @@ void rms_norm_row(const float* x, const float* residual, const float* weight, fl
     for (int64_t i = 0; i < hidden; ++i) out[i] = summed[i] * inv_rms * weight[i];
 }
 
-void rms_norm(py::array x, py::array weight, float eps, std::optional<py::array> residual,
-              py::array out, std::optional<py::array> new_residual) {
-    const float* x_data = dense<float>(x, "x", 2);
-    const int64_t tokens = x.shape(0), hidden = x.shape(1);
-    const float* w = dense<float>(weight, "weight", 1);
-    if (weight.shape(0) != hidden) fail("weight: length must equal the hidden size");
-    float* out_data = dense_mutable<float>(out, "out", 2);
-    if (out.shape(0) != tokens || out.shape(1) != hidden) fail("out: shape must match x");
-    const float* res_data = nullptr;
-    float* new_res_data = nullptr;
-    if (residual.has_value() != new_residual.has_value()) {
-        fail("residual and new_residual come together");
-    }
-    if (residual.has_value()) {
-        res_data = dense<float>(*residual, "residual", 2);
-        new_res_data = dense_mutable<float>(*new_residual, "new_residual", 2);
-        if (residual->shape(0) != tokens || residual->shape(1) != hidden ||
-            new_residual->shape(0) != tokens || new_residual->shape(1) != hidden) {
-            fail("residual/new_residual: shape must match x");
-        }
-    }
+// x, out [tokens, hidden] and weight [hidden], dense float32; residual and new_residual are
+// both 0 (no residual) or both dense float32 [tokens, hidden].
+void rms_norm(std::uintptr_t x, std::uintptr_t weight, float eps, std::uintptr_t residual,
+              std::uintptr_t out, std::uintptr_t new_residual, int64_t tokens, int64_t hidden) {
+    const float* x_data = tensor_at<const float>(x);
+    const float* w = tensor_at<const float>(weight);
+    const float* res_data = tensor_at<const float>(residual);
+    float* out_data = tensor_at<float>(out);
+    float* new_res_data = tensor_at<float>(new_residual);
     py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) if (worth_threading(tokens * hidden))
     for (int64_t t = 0; t < tokens; ++t) {
@@ -81,21 +66,19 @@ void rope_token(float* heads, int64_t num_heads, int64_t head_dim, const float* 
     }
 }
 
-void rope(py::array q, py::array k, py::array positions, py::array cos_sin) {
-    const TokenRows<float> q_rows = token_rows<float>(q, "q", 3);
-    const TokenRows<float> k_rows = token_rows<float>(k, "k", 3);
-    const int64_t head_dim = q.shape(2);
-    if (k.shape(2) != head_dim || head_dim % 2 != 0) fail("q/k: same even head dim expected");
-    if (k_rows.tokens != q_rows.tokens) fail("q/k: same number of tokens expected");
-    const int64_t* pos = dense<int64_t>(positions, "positions", 1);
-    if (positions.shape(0) != q_rows.tokens) fail("positions: one per token expected");
-    const float* table = dense<float>(cos_sin, "cos_sin", 2);
-    const int64_t max_pos = cos_sin.shape(0);
-    if (cos_sin.shape(1) != head_dim) fail("cos_sin: width must equal the head dim");
-    for (int64_t t = 0; t < q_rows.tokens; ++t) {
+// q [tokens, q_heads, head_dim] and k [tokens, k_heads, head_dim] float32, each token's
+// heads dense, tokens q_stride / k_stride elements apart; positions int64 [tokens];
+// cos_sin dense float32 [max_pos, head_dim].
+void rope(std::uintptr_t q, int64_t q_stride, int64_t q_heads, std::uintptr_t k,
+          int64_t k_stride, int64_t k_heads, int64_t tokens, int64_t head_dim,
+          std::uintptr_t positions, std::uintptr_t cos_sin, int64_t max_pos) {
+    const TokenRows<float> q_rows{tensor_at<float>(q), tokens, q_stride, q_heads * head_dim};
+    const TokenRows<float> k_rows{tensor_at<float>(k), tokens, k_stride, k_heads * head_dim};
+    const int64_t* pos = tensor_at<const int64_t>(positions);
+    const float* table = tensor_at<const float>(cos_sin);
+    for (int64_t t = 0; t < tokens; ++t) {
         if (pos[t] < 0 || pos[t] >= max_pos) fail("positions: outside the cos/sin table");
     }
-    const int64_t q_heads = q.shape(1), k_heads = k.shape(1), tokens = q_rows.tokens;
     py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) if (worth_threading(tokens * (q_heads + k_heads) * head_dim))
     for (int64_t t = 0; t < tokens; ++t) {
@@ -114,12 +97,10 @@ void silu_and_mul_row(const float* gate, const float* up, int64_t width, float* 
     }
 }
 
-void silu_and_mul(py::array gate_up, py::array out) {
-    const float* in = dense<float>(gate_up, "gate_up", 2);
-    const int64_t rows = gate_up.shape(0), width = gate_up.shape(1) / 2;
-    if (gate_up.shape(1) % 2 != 0) fail("gate_up: last dim must be even");
-    float* out_data = dense_mutable<float>(out, "out", 2);
-    if (out.shape(0) != rows || out.shape(1) != width) fail("out: shape must be [rows, F]");
+// gate_up dense float32 [rows, 2 * width], out dense float32 [rows, width].
+void silu_and_mul(std::uintptr_t gate_up, std::uintptr_t out, int64_t rows, int64_t width) {
+    const float* in = tensor_at<const float>(gate_up);
+    float* out_data = tensor_at<float>(out);
     py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) if (worth_threading(rows * width))
     for (int64_t r = 0; r < rows; ++r) {
@@ -131,13 +112,17 @@ void silu_and_mul(py::array gate_up, py::array out) {
 }  // namespace
 
 void register_norm(py::module_& m) {
+    // Tensors are passed as addresses (data_ptr()), checked by llama_engine/kernels/cpu/ops.py.
     m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
-          py::arg("residual"), py::arg("out"), py::arg("new_residual"),
-          "out = rmsnorm(x + residual) * weight over [T, hidden]; writes x + residual to "
-          "new_residual when a residual is given.");
-    m.def("rope", &rope, py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("cos_sin"),
-          "Rotary embedding in place on q [T, H, D] and k [T, Hkv, D] (token dim may be "
-          "strided), positions int64 [T], cos_sin [max_pos, D].");
-    m.def("silu_and_mul", &silu_and_mul, py::arg("gate_up"), py::arg("out"),
-          "out [R, F] = silu(gate_up[:, :F]) * gate_up[:, F:].");
+          py::arg("residual"), py::arg("out"), py::arg("new_residual"), py::arg("tokens"),
+          py::arg("hidden"),
+          "out = rmsnorm(x + residual) * weight over [tokens, hidden]; writes x + residual to "
+          "new_residual when a residual is given (residual = new_residual = 0: none).");
+    m.def("rope", &rope, py::arg("q"), py::arg("q_stride"), py::arg("q_heads"), py::arg("k"),
+          py::arg("k_stride"), py::arg("k_heads"), py::arg("tokens"), py::arg("head_dim"),
+          py::arg("positions"), py::arg("cos_sin"), py::arg("max_pos"),
+          "Rotary embedding in place on q [T, H, D] and k [T, Hkv, D] (tokens q_stride / "
+          "k_stride elements apart), positions int64 [T], cos_sin [max_pos, D].");
+    m.def("silu_and_mul", &silu_and_mul, py::arg("gate_up"), py::arg("out"), py::arg("rows"),
+          py::arg("width"), "out [rows, width] = silu(gate_up[:, :width]) * gate_up[:, width:].");
 }

@@ -1,5 +1,6 @@
 // Shared helpers for the non-matmul CPU kernels (norm.cpp, attention.cpp, sampling.cpp):
-// argument checks on numpy buffers, the multi-ISA attribute and vectorisable exp().
+// tensors passed by address (quant.cpp's matmul takes its tensors so too), argument checks
+// on numpy buffers (sample), the multi-ISA attribute and vectorisable exp().
 #pragma once
 
 #include <pybind11/numpy.h>
@@ -72,7 +73,17 @@ T* dense_mutable(py::array& a, const char* name, py::ssize_t ndim) {
     return static_cast<T*>(a.mutable_data());
 }
 
-// A [tokens, ...] array whose dim 0 may have any stride (a slice of a fused projection)
+// The hot ops (rms_norm, rope, silu_and_mul, store_kv, paged_attention, quant_matmul) take
+// their tensors as raw addresses (torch's data_ptr()) plus the sizes and strides they need:
+// the torch wrappers in llama_engine/kernels/cpu check dtype, device, shape and contiguity
+// before the call. A numpy view per argument (what a py::array parameter needs) cost more
+// than the decode-sized kernels themselves: ~0.6 us each, 2-5 per call, ~300 calls a token.
+template <class T>
+T* tensor_at(std::uintptr_t address) {
+    return reinterpret_cast<T*>(address);
+}
+
+// A [tokens, ...] tensor whose dim 0 may have any stride (a slice of a fused projection)
 // while each token's remaining dims form one dense block of `width` elements.
 template <class T>
 struct TokenRows {
@@ -83,25 +94,6 @@ struct TokenRows {
 
     T* row(int64_t t) const { return data + t * stride; }
 };
-
-template <class T>
-TokenRows<T> token_rows(py::array& a, const char* name, py::ssize_t ndim) {
-    require_dtype<T>(a, name);
-    require_ndim(a, name, ndim);
-    int64_t expected_stride = sizeof(T);
-    for (py::ssize_t d = ndim - 1; d >= 1; --d) {
-        if (a.shape(d) > 1 && a.strides(d) != expected_stride) {
-            fail(std::string(name) + ": every dim after the first must be dense");
-        }
-        expected_stride *= a.shape(d);
-    }
-    if (a.strides(0) % static_cast<py::ssize_t>(sizeof(T)) != 0 || a.strides(0) < 0) {
-        fail(std::string(name) + ": token stride must be a non-negative multiple of the item");
-    }
-    const int64_t width = expected_stride / static_cast<int64_t>(sizeof(T));
-    T* base = static_cast<T*>(const_cast<void*>(a.data()));
-    return {base, a.shape(0), a.strides(0) / static_cast<int64_t>(sizeof(T)), width};
-}
 
 // exp() written with plain arithmetic so that loops calling it vectorise: Cody-Waite range
 // reduction x = n*ln2 + r (|r| <= ln2/2), a Taylor polynomial in r, and 2^n built directly

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "ops_common.h"
 #include "quant_avx2.h"
 #include "quant_avx512.h"
 #include "quant_common.h"
@@ -266,20 +267,27 @@ int64_t row_bytes_for(const std::string& qtype, int K) {
     return nf4 ? nf4::row_bytes(K) : packed_row_bytes(parse_qtype(qtype), K);
 }
 
-void check_packed(const ByteArray& w, const std::string& qtype, int N, int K) {
-    if (w.ndim() != 2 || w.shape(0) != N || w.shape(1) != row_bytes_for(qtype, K))
+// The packed weight's [rows, row_bytes] must be [N, packed row bytes of K] for qtype.
+void check_packed_shape(int64_t rows, int64_t row_bytes, const std::string& qtype, int N, int K) {
+    if (rows != N || row_bytes != row_bytes_for(qtype, K))
         throw std::invalid_argument("packed weight must be uint8 [N, packed row bytes]");
 }
 
-void py_quant_matmul(const FloatArray& x, const ByteArray& w, const std::string& qtype, int N,
-                     FloatArray& out, int isa, bool int8_activations) {
-    if (x.ndim() != 2 || out.ndim() != 2) throw std::invalid_argument("x and out must be 2-D");
-    const int M = static_cast<int>(x.shape(0)), K = static_cast<int>(x.shape(1));
-    check_packed(w, qtype, N, K);
-    if (out.shape(0) != M || out.shape(1) != N) throw std::invalid_argument("out must be [M, N]");
-    const float* x_ptr = x.data();
-    const uint8_t* w_ptr = w.data();
-    float* out_ptr = out.mutable_data();
+void check_packed(const ByteArray& w, const std::string& qtype, int N, int K) {
+    if (w.ndim() != 2) throw std::invalid_argument("packed weight must be uint8 [N, packed row bytes]");
+    check_packed_shape(w.shape(0), w.shape(1), qtype, N, K);
+}
+
+// x dense float32 [M, K], w dense uint8 [w_rows, w_row_bytes], out dense float32 [M, N]:
+// llama_engine/kernels/cpu/quant.py checks dtypes, devices and x's shape; the packed
+// layout is checked here, where the formats' row sizes are known.
+void py_quant_matmul(std::uintptr_t x, int M, int K, std::uintptr_t w, int64_t w_rows,
+                     int64_t w_row_bytes, const std::string& qtype, int N, std::uintptr_t out,
+                     int isa, bool int8_activations) {
+    check_packed_shape(w_rows, w_row_bytes, qtype, N, K);
+    const float* x_ptr = llama_ops::tensor_at<const float>(x);
+    const uint8_t* w_ptr = llama_ops::tensor_at<const uint8_t>(w);
+    float* out_ptr = llama_ops::tensor_at<float>(out);
     if (M == 0 || N == 0) return;
     if (qtype == kNf4Name) {
         if (int8_activations) throw std::invalid_argument("NF4 has float32-activation kernels only");
@@ -323,9 +331,10 @@ void register_quant(py::module_& m) {
     using namespace pybind11::literals;
     m.def("quant_matmul", &quant::py_quant_matmul,
           "out[M, N] = x[M, K] @ dequantize(w)^T, in float32 or with int8-quantized "
-          "activations; isa: 0 auto, 1 scalar, 2 avx2, 3 avx512",
-          "x"_a.noconvert(), "w"_a.noconvert(), "qtype"_a, "n"_a, "out"_a.noconvert(), "isa"_a = 0,
-          "int8_activations"_a = false);
+          "activations; isa: 0 auto, 1 scalar, 2 avx2, 3 avx512. x, w and out are addresses "
+          "(data_ptr()), checked by llama_engine/kernels/cpu/quant.py",
+          "x"_a, "m"_a, "k"_a, "w"_a, "w_rows"_a, "w_row_bytes"_a, "qtype"_a, "n"_a, "out"_a,
+          "isa"_a = 0, "int8_activations"_a = false);
     m.def("dequantize", &quant::py_dequantize, "out[N, K] = dequantized packed rows w",
           "w"_a.noconvert(), "qtype"_a, "n"_a, "k"_a, "out"_a.noconvert());
     m.def("quant_isa", [](bool int8_activations) {

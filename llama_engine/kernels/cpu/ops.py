@@ -1,24 +1,253 @@
 """Torch-facing wrappers of the C++ CPU kernels for the non-matmul hot ops.
 
 Same signatures and results as ``llama_engine.kernels.reference``; inputs are float32 CPU
-tensors. Tensors reach the extension as zero-copy numpy views and outputs are allocated
-here with torch. Differences from the reference, all documented per function:
+tensors. Differences from the reference, all documented per function:
   * ``rope`` rotates q and k in place and returns the same tensors;
   * ``store_kv`` skips negative slots (padding tokens) instead of wrapping around;
   * ``sample`` checks its parameters (temperature >= 0, top_p > 0, min_p and uniform in
     [0, 1]) rather than returning an arbitrary token for out-of-range values.
 Integer metadata of either width (int32/int64) is accepted and converted as the kernels need.
+
+Single-stream decode calls these ~300 times per token on one-row tensors, where the wrapper
+used to cost several times the kernel. So the hot ops hand the extension raw addresses
+(``data_ptr()``) plus sizes and strides, and all the checks that keep those addresses safe
+(device, dtype, rank, shape, layout) happen here, cheapest first: inputs that are already
+float32 and dense pay a few attribute reads, and only the others go through the converting
+or raising slow paths. A temporary copy made here is held in a local variable until the
+kernel has returned. Outputs are allocated with torch. ``sample`` (once per step) still
+passes numpy views.
 """
 from __future__ import annotations
+
+from typing import NoReturn
 
 import numpy as np
 import torch
 
 from llama_engine import _C
 
+F32, I32, I64 = torch.float32, torch.int32, torch.int64
 
-# The helpers below skip no-op torch calls (.to, .contiguous, .detach, .reshape): each costs
-# about a microsecond, which matters for decode-sized inputs called ~200 times a step.
+
+# ------------------------------------------------------------------ argument checks
+
+def _fail(name: str, reason: str) -> NoReturn:
+    raise ValueError(f"{name}: {reason}")
+
+
+def _require_cpu(t: torch.Tensor, name: str) -> None:
+    if not t.is_cpu:
+        _fail(name, f"expected a CPU tensor, got one on {t.device}")
+
+
+def _require_float32(t: torch.Tensor, name: str) -> None:
+    """Activations and caches are never converted: another dtype is the caller's bug."""
+    _require_cpu(t, name)
+    if t.dtype is not F32:
+        _fail(name, f"unexpected dtype {str(t.dtype).removeprefix('torch.')}")
+
+
+def _require_dims(t: torch.Tensor, name: str, ndim: int) -> None:
+    if t.dim() != ndim:
+        _fail(name, f"expected {ndim} dims, got {t.dim()}")
+
+
+def _dense_float32(t: torch.Tensor, name: str) -> torch.Tensor:
+    """A float32 input as a C-contiguous tensor (a copy only when it is strided)."""
+    if t.dtype is F32 and t.is_cpu and t.is_contiguous():
+        return t
+    _require_float32(t, name)
+    return t.contiguous()
+
+
+def _converted(t: torch.Tensor, dtype: torch.dtype, name: str, ndim: int) -> torch.Tensor:
+    """A parameter or metadata tensor as C-contiguous `dtype` with `ndim` dims (converted or
+    copied once when it is not: int32 and int64 metadata are both accepted)."""
+    if not (t.dtype is dtype and t.is_cpu and t.is_contiguous()):
+        _require_cpu(t, name)
+        t = t.to(dtype).contiguous()
+    if t.dim() != ndim:
+        _require_dims(t, name, ndim)
+    return t
+
+
+def _cache_shape(t: torch.Tensor, name: str) -> torch.Size:
+    """Shape of a paged KV cache [num_blocks, block_size, Hkv, D]. The kernels read and
+    write it in place, so it must already be dense float32."""
+    if not (t.dtype is F32 and t.is_cpu and t.dim() == 4):
+        _require_float32(t, name)
+        _require_dims(t, name, 4)
+    if not t.is_contiguous():
+        _fail(name, "must be C-contiguous")
+    return t.shape
+
+
+def _token_rows(t: torch.Tensor, name: str) -> tuple[torch.Tensor, int, torch.Size]:
+    """A float32 [T, H, D] tensor whose per-token dims are dense, its token stride in
+    elements and its shape. Dim 0 may have any stride (q/k/v are slices of one fused QKV
+    output); other layouts are copied."""
+    if t.dtype is F32 and t.is_cpu and t.dim() == 3:
+        shape = t.shape
+        token_stride, head_stride, dim_stride = t.stride()
+        if dim_stride == 1 and head_stride == shape[2]:
+            return t, token_stride, shape
+    _require_float32(t, name)
+    _require_dims(t, name, 3)
+    if not _per_token_dims_dense(t):
+        t = t.contiguous()
+    return t, t.stride(0), t.shape
+
+
+def _per_token_dims_dense(t: torch.Tensor) -> bool:
+    """Whether every dim after the first is C-contiguous (dim 0 may have any stride)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size > 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+# ------------------------------------------------------------------------------ ops
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim with the residual add fused in front.
+
+    Returns (normed, new_residual): new_residual = x + residual (x itself when residual is
+    None), normed = new_residual * rsqrt(mean(new_residual^2) + eps) * weight. Both keep
+    x's leading dims.
+    """
+    rows = _dense_float32(x, "x")
+    hidden = rows.shape[-1]
+    tokens = rows.numel() // hidden if hidden else 0
+    weight = _converted(weight, F32, "weight", 1)
+    if weight.numel() != hidden:
+        _fail("weight", "length must equal the hidden size")
+    normed = torch.empty_like(rows)
+    if residual is None:
+        _C.rms_norm(rows.data_ptr(), weight.data_ptr(), eps, 0, normed.data_ptr(), 0, tokens,
+                    hidden)
+        return normed, x
+    residual = _matching_residual(residual, rows)
+    new_residual = torch.empty_like(rows)
+    _C.rms_norm(rows.data_ptr(), weight.data_ptr(), eps, residual.data_ptr(),
+                normed.data_ptr(), new_residual.data_ptr(), tokens, hidden)
+    return normed, new_residual
+
+
+def _matching_residual(residual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The residual as dense float32 rows of x's shape (any leading dims of as many rows)."""
+    if residual.dtype is F32 and residual.is_cpu and residual.is_contiguous() \
+            and residual.shape == rows.shape:
+        return residual
+    _require_cpu(residual, "residual")
+    residual = residual.to(F32).contiguous()
+    if residual.shape[-1:] != rows.shape[-1:] or residual.numel() != rows.numel():
+        _fail("residual/new_residual", "shape must match x")
+    return residual
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+         cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding ("rotate half") applied IN PLACE to q [T, H, D] and k [T, Hkv, D].
+
+    q and k may be token-strided views (slices of one fused QKV output); positions is [T]
+    (any int dtype), cos_sin [max_pos, D] with cos in the first D/2 columns, sin in the rest.
+    Returns (q, k), the same tensors, rotated.
+    """
+    q_rows, q_stride, (tokens, q_heads, head_dim) = _token_rows(q, "q")
+    k_rows, k_stride, (k_tokens, k_heads, k_head_dim) = _token_rows(k, "k")
+    if k_head_dim != head_dim or head_dim % 2 != 0:
+        _fail("q/k", "same even head dim expected")
+    if k_tokens != tokens:
+        _fail("q/k", "same number of tokens expected")
+    positions = _converted(positions, I64, "positions", 1)
+    if positions.numel() != tokens:
+        _fail("positions", "one per token expected")
+    cos_sin = _converted(cos_sin, F32, "cos_sin", 2)
+    max_pos, table_width = cos_sin.shape
+    if table_width != head_dim:
+        _fail("cos_sin", "width must equal the head dim")
+    _C.rope(q_rows.data_ptr(), q_stride, q_heads, k_rows.data_ptr(), k_stride, k_heads,
+            tokens, head_dim, positions.data_ptr(), cos_sin.data_ptr(), max_pos)
+    if q_rows is not q:  # rotated a dense copy: the contract is in place
+        q.copy_(q_rows)
+    if k_rows is not k:
+        k.copy_(k_rows)
+    return q, k
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: gate_up [..., 2F] = concat(gate, up) -> silu(gate) * up, [..., F]."""
+    rows = _dense_float32(gate_up, "gate_up")
+    double_width = rows.shape[-1]
+    if double_width % 2 != 0:
+        _fail("gate_up", "last dim must be even")
+    width = double_width // 2
+    count = rows.numel() // double_width if double_width else 0
+    out = _float32_rows_like(rows, count, width)
+    _C.silu_and_mul(rows.data_ptr(), out.data_ptr(), count, width)
+    return out
+
+
+def _float32_rows_like(t: torch.Tensor, count: int, width: int) -> torch.Tensor:
+    """An empty float32 [..., width] with t's leading dims (`count` rows in all)."""
+    if t.dim() == 2:  # the usual case, and the cheapest torch.empty call
+        return torch.empty(count, width, dtype=F32)
+    return torch.empty(*t.shape[:-1], width, dtype=F32)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k/v [T, Hkv, D] into the paged caches [blocks, block_size, Hkv, D] at
+    slot_mapping [T] (int32 or int64; negative slots are padding and are skipped)."""
+    k_rows, k_stride, (tokens, k_heads, k_head_dim) = _token_rows(k, "k")
+    v_rows, v_stride, (v_tokens, v_heads, v_head_dim) = _token_rows(v, "v")
+    cache_shape = _cache_shape(k_cache, "k_cache")
+    if _cache_shape(v_cache, "v_cache") != cache_shape:
+        _fail("k_cache/v_cache", "same block layout expected")
+    num_blocks, block_size, kv_heads, head_dim = cache_shape
+    if not k_heads == v_heads == kv_heads or not k_head_dim == v_head_dim == head_dim:
+        _fail("k/v", "[T, Hkv, D] must match the cache's [Hkv, D]")
+    slots = _converted(slot_mapping, I64, "slot_mapping", 1)
+    if v_tokens != tokens or slots.numel() != tokens:
+        _fail("k, v and slot_mapping", "same number of tokens expected")
+    _C.store_kv(k_rows.data_ptr(), k_stride, v_rows.data_ptr(), v_stride, k_cache.data_ptr(),
+                v_cache.data_ptr(), slots.data_ptr(), tokens, kv_heads * head_dim,
+                num_blocks * block_size)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal GQA attention of new query rows over each sequence's paged KV cache; see
+    reference.paged_attention for the layout. Metadata may be int32 or int64."""
+    q_rows, q_stride, (tokens, heads, head_dim) = _token_rows(q, "q")
+    cache_shape = _cache_shape(k_cache, "k_cache")
+    if _cache_shape(v_cache, "v_cache") != cache_shape:
+        _fail("v_cache", "shape must match k_cache")
+    num_blocks, block_size, kv_heads, cache_head_dim = cache_shape
+    if cache_head_dim != head_dim:
+        _fail("k_cache", "head dim must match q")
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError("q heads must be a multiple of the cache's KV heads")
+    tables = _converted(block_tables, I32, "block_tables", 2)
+    lens = _converted(context_lens, I32, "context_lens", 1)
+    cu_seqlens = _converted(cu_seqlens_q, I32, "cu_seqlens_q", 1)
+    num_seqs = lens.numel()
+    table_rows, max_blocks = tables.shape
+    if cu_seqlens.numel() != num_seqs + 1 or table_rows < num_seqs:
+        _fail("cu_seqlens_q / block_tables", "one entry per sequence expected")
+    out = torch.empty(tokens, heads, head_dim, dtype=F32)
+    _C.paged_attention(q_rows.data_ptr(), q_stride, tokens, heads, head_dim,
+                       k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, block_size,
+                       kv_heads, tables.data_ptr(), max_blocks, lens.data_ptr(),
+                       cu_seqlens.data_ptr(), num_seqs, scale, out.data_ptr())
+    return out
+
+
+# ------------------------------------------------------------- sample (numpy views)
 
 def _view(t: torch.Tensor) -> np.ndarray:
     """Zero-copy numpy view of a CPU tensor (strides kept)."""
@@ -32,103 +261,6 @@ def _dense(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     if not t.is_contiguous():
         t = t.contiguous()
     return _view(t)
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., width] as a C-contiguous 2-D [rows, width] tensor."""
-    if t.dim() != 2:
-        t = t.reshape(-1, t.shape[-1])
-    return t if t.is_contiguous() else t.contiguous()
-
-
-def _like_input(out: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """Gives a 2-D result the leading dims of the original input."""
-    return out if original.dim() == 2 else out.view(*original.shape[:-1], out.shape[-1])
-
-
-def _per_token_dims_dense(t: torch.Tensor) -> bool:
-    """Whether every dim after the first is C-contiguous (dim 0 may have any stride)."""
-    expected = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size > 1 and stride != expected:
-            return False
-        expected *= size
-    return t.stride(0) >= 0
-
-
-def _tokens_view(t: torch.Tensor) -> np.ndarray:
-    """View of a [T, ...] tensor whose rows may be strided (a slice of a fused projection)
-    but whose per-token dims are dense; copies otherwise."""
-    return _view(t if _per_token_dims_dense(t) else t.contiguous())
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dim with the residual add fused in front.
-
-    Returns (normed, new_residual): new_residual = x + residual (x itself when residual is
-    None), normed = new_residual * rsqrt(mean(new_residual^2) + eps) * weight.
-    """
-    x2 = _as_rows(x)
-    normed = torch.empty_like(x2)
-    if residual is None:
-        _C.rms_norm(_view(x2), _dense(weight, torch.float32), float(eps), None, _view(normed),
-                    None)
-        return _like_input(normed, x), x
-    new_residual = torch.empty_like(x2)
-    _C.rms_norm(_view(x2), _dense(weight, torch.float32), float(eps),
-                _dense(_as_rows(residual), torch.float32), _view(normed), _view(new_residual))
-    return _like_input(normed, x), _like_input(new_residual, x)
-
-
-def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-         cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding ("rotate half") applied IN PLACE to q [T, H, D] and k [T, Hkv, D].
-
-    q and k may be token-strided views (slices of one fused QKV output); positions is [T]
-    (any int dtype), cos_sin [max_pos, D] with cos in the first D/2 columns, sin in the rest.
-    Returns (q, k), the same tensors, rotated.
-    """
-    q_view, k_view = _tokens_view(q), _tokens_view(k)
-    _C.rope(q_view, k_view, _dense(positions, torch.int64), _dense(cos_sin, torch.float32))
-    return _written_back(q, q_view), _written_back(k, k_view)
-
-
-def _written_back(original: torch.Tensor, rotated: np.ndarray) -> torch.Tensor:
-    """The tensor the kernel wrote into: `original` unless it had to be made contiguous,
-    in which case the rotated copy is written back so that the in-place contract holds."""
-    result = torch.from_numpy(rotated)
-    if result.data_ptr() != original.data_ptr():
-        original.copy_(result)
-    return original
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU: gate_up [..., 2F] = concat(gate, up) -> silu(gate) * up, [..., F]."""
-    rows = _as_rows(gate_up)
-    out = torch.empty(rows.shape[0], rows.shape[1] // 2, dtype=torch.float32)
-    _C.silu_and_mul(_view(rows), _view(out))
-    return _like_input(out, gate_up)
-
-
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write k/v [T, Hkv, D] into the paged caches [blocks, block_size, Hkv, D] at
-    slot_mapping [T] (int32 or int64; negative slots are padding and are skipped)."""
-    _C.store_kv(_tokens_view(k), _tokens_view(v), _view(k_cache), _view(v_cache),
-                _dense(slot_mapping, torch.int64))
-
-
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_tables: torch.Tensor, context_lens: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal GQA attention of new query rows over each sequence's paged KV cache; see
-    reference.paged_attention for the layout. Metadata may be int32 or int64."""
-    out = torch.empty(q.shape, dtype=torch.float32)
-    _C.paged_attention(_tokens_view(q), _view(k_cache), _view(v_cache),
-                       _dense(block_tables, torch.int32), _dense(context_lens, torch.int32),
-                       _dense(cu_seqlens_q, torch.int32), float(scale), _view(out))
-    return out
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,

@@ -48,9 +48,16 @@ def isa_supported(isa: Isa, int8_activations: bool = False) -> bool:
 
 
 def _packed_bytes(weight: PackedWeight) -> torch.Tensor:
-    if not weight.data.is_cpu:
+    """The packed rows as a C-contiguous uint8 CPU tensor [rows, row bytes] (the extension
+    checks the row size against the format)."""
+    data = weight.data
+    if data.dtype is torch.uint8 and data.is_cpu and data.dim() == 2 and data.is_contiguous():
+        return data
+    if not data.is_cpu:
         raise ValueError("the CPU quant kernels need the packed weight on the CPU")
-    return weight.data.contiguous()
+    if data.dtype is not torch.uint8 or data.dim() != 2:
+        raise ValueError("packed weight must be uint8 [N, packed row bytes]")
+    return data.contiguous()
 
 
 def dequantize(weight: PackedWeight) -> torch.Tensor:
@@ -65,19 +72,23 @@ def quant_matmul(x: torch.Tensor, weight: PackedWeight, isa: Isa = Isa.AUTO,
                  int8_activations: bool | None = None) -> torch.Tensor:
     """x float32 [..., K] @ dequantize(weight).T -> float32 [..., N] (int8_activations None:
     INT8_ACTIVATIONS_DEFAULT)."""
-    # Decode calls this ~200 times per token on small matrices, so the common case (2-D
-    # contiguous x, no autograd) skips every reshape and copy.
-    if x.dtype != torch.float32 or not x.is_cpu:
+    # Decode calls this ~200 times per token on small matrices: the extension takes
+    # addresses, so a dense float32 x costs a few attribute reads and the output allocation.
+    if x.dtype is not torch.float32 or not x.is_cpu:
         raise ValueError(f"quant_matmul needs float32 CPU activations, got {x.dtype} on {x.device}")
-    if x.shape[-1] != weight.cols:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {weight.cols}")
-    flat = x.dim() == 2 and x.is_contiguous()
-    rows = x if flat else x.reshape(-1, weight.cols).contiguous()
-    if rows.requires_grad:
-        rows = rows.detach()
-    out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
+    features = x.shape[-1]
+    if features != weight.cols:
+        raise ValueError(f"x has {features} features, the weight expects {weight.cols}")
+    rows = x if x.is_contiguous() else x.contiguous()  # held until the kernel returns
+    count = rows.numel() // features if features else 0
+    packed = _packed_bytes(weight)
+    packed_rows, row_bytes = packed.shape
+    if x.dim() == 2:  # the usual case, and the cheapest torch.empty call
+        out = torch.empty(count, weight.rows, dtype=torch.float32)
+    else:
+        out = torch.empty(*x.shape[:-1], weight.rows, dtype=torch.float32)
     if int8_activations is None:  # NF4 has float32 kernels only
         int8_activations = INT8_ACTIVATIONS_DEFAULT and weight.qtype != "NF4"
-    _C.quant_matmul(rows.numpy(), _packed_bytes(weight).numpy(), weight.qtype, weight.rows,
-                    out.numpy(), isa, int8_activations)
-    return out if flat else out.view(*x.shape[:-1], weight.rows)
+    _C.quant_matmul(rows.data_ptr(), count, features, packed.data_ptr(), packed_rows, row_bytes,
+                    weight.qtype, weight.rows, out.data_ptr(), isa, int8_activations)
+    return out

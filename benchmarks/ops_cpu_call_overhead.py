@@ -1,0 +1,85 @@
+"""Per-call time of the CPU kernel wrappers (kernels/cpu) at single-stream decode shapes.
+
+SmolLM2-135M decode calls these ~300 times per token on one-row inputs, where the Python
+wrapper (argument checks, tensor -> extension hand-over, output allocation) can cost more
+than the kernel. Shapes: x [1, 576]; q [1, 9, 64] and k/v [1, 3, 64] as strided slices of
+a [1, 960] fused QKV output; caches [64 blocks, 16, 3, 64]; one sequence of context 100;
+quant_matmul of [1, 576] by a Q4_1 [576, 576] weight.
+
+    .venv/bin/python benchmarks/ops_cpu_call_overhead.py [--calls N] [--rounds R]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+
+from llama_engine.kernels.cpu import ops
+from llama_engine.kernels.cpu import quant as cpu_quant
+from llama_engine.quant import quantize
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 576, 9, 3, 64, 1536
+NUM_BLOCKS, BLOCK_SIZE, CONTEXT = 64, 16, 100
+
+
+def per_call_us(fn: Callable[[], object], calls: int, rounds: int) -> float:
+    """Best over `rounds` of the mean time of `calls` back-to-back calls, in microseconds
+    (the best round is the one least disturbed by other processes on a shared machine)."""
+    for _ in range(calls // 10 + 1):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def decode_cases() -> dict[str, Callable[[], object]]:
+    torch.manual_seed(0)
+    x, residual, weight = torch.randn(1, HIDDEN), torch.randn(1, HIDDEN), torch.randn(HIDDEN)
+    qkv = torch.randn(1, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
+    q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    q = qkv[:, :q_size].view(1, HEADS, HEAD_DIM)
+    k = qkv[:, q_size:q_size + kv_size].view(1, KV_HEADS, HEAD_DIM)
+    v = qkv[:, q_size + kv_size:].view(1, KV_HEADS, HEAD_DIM)
+    positions = torch.tensor([CONTEXT - 1])
+    cos_sin = torch.randn(2048, HEAD_DIM)
+    gate_up = torch.randn(1, 2 * FFN)
+    cache_shape = (NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    k_cache, v_cache = torch.randn(cache_shape), torch.randn(cache_shape)
+    slots = torch.tensor([CONTEXT - 1])
+    blocks = -(-CONTEXT // BLOCK_SIZE)
+    block_tables = torch.arange(blocks, dtype=torch.int32)[None, :]
+    context_lens = torch.tensor([CONTEXT], dtype=torch.int32)
+    cu_seqlens_q = torch.tensor([0, 1], dtype=torch.int32)
+    packed = quantize(torch.randn(HIDDEN, HIDDEN), "Q4_1")
+    return {
+        "rms_norm": lambda: ops.rms_norm(x, weight, 1e-5),
+        "rms_norm +residual": lambda: ops.rms_norm(x, weight, 1e-5, residual),
+        "rope (strided q/k)": lambda: ops.rope(q, k, positions, cos_sin),
+        "silu_and_mul": lambda: ops.silu_and_mul(gate_up),
+        "store_kv (strided k/v)": lambda: ops.store_kv(k, v, k_cache, v_cache, slots),
+        "paged_attention": lambda: ops.paged_attention(q, k_cache, v_cache, block_tables,
+                                                       context_lens, cu_seqlens_q, 0.125),
+        "quant_matmul Q4_1 576x576": lambda: cpu_quant.quant_matmul(x, packed),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    print(f"{'op':28s} {'us/call':>8s}")
+    for name, fn in decode_cases().items():
+        calls = args.calls // 5 if "attention" in name or "matmul" in name else args.calls
+        print(f"{name:28s} {per_call_us(fn, calls, args.rounds):8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
