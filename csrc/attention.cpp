@@ -38,12 +38,11 @@ void store_kv(std::uintptr_t k, int64_t k_stride, std::uintptr_t v, int64_t v_st
         if (slots[t] >= capacity) fail("slot_mapping: slot beyond the cache");
     }
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) if (worth_threading(tokens * width))
-    for (int64_t t = 0; t < tokens; ++t) {
-        if (slots[t] < 0) continue;  // padding token: nothing to store
+    parallel_for(tokens, worth_threading(tokens * width), [&](int64_t t) {
+        if (slots[t] < 0) return;  // padding token: nothing to store
         std::memcpy(k_dst + slots[t] * width, k_rows.row(t), width * sizeof(float));
         std::memcpy(v_dst + slots[t] * width, v_rows.row(t), width * sizeof(float));
-    }
+    });
 }
 
 // Everything a tile needs to find its queries, keys and values.
@@ -368,7 +367,12 @@ void paged_attention(std::uintptr_t q, int64_t q_stride, int64_t tokens, int64_t
     int64_t work = 0;
     for (const Tile& t : tiles) work += t.tokens * group * (t.first_pos + t.tokens) * head_dim;
     py::gil_scoped_release release;
-#pragma omp parallel if (n_tiles > 1 && worth_threading(work))
+    if (n_tiles <= 1 || !worth_threading(work)) {  // no parallel region: see parallel_for
+        TileScratch scratch(scratch_rows, head_dim);
+        for (const Tile& tile : tiles) attend_tile(p, tile, scratch);
+        return;
+    }
+#pragma omp parallel
     {
         TileScratch scratch(scratch_rows, head_dim);
 #pragma omp for schedule(dynamic, 1)

@@ -39,12 +39,11 @@ void rms_norm(std::uintptr_t x, std::uintptr_t weight, float eps, std::uintptr_t
     float* out_data = tensor_at<float>(out);
     float* new_res_data = tensor_at<float>(new_residual);
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) if (worth_threading(tokens * hidden))
-    for (int64_t t = 0; t < tokens; ++t) {
+    parallel_for(tokens, worth_threading(tokens * hidden), [&](int64_t t) {
         const int64_t offset = t * hidden;
         rms_norm_row(x_data + offset, res_data ? res_data + offset : nullptr, w, eps, hidden,
                      out_data + offset, new_res_data ? new_res_data + offset : nullptr);
-    }
+    });
 }
 
 // Rotates every head of one token in place, "rotate half" convention: the pair
@@ -80,12 +79,12 @@ void rope(std::uintptr_t q, int64_t q_stride, int64_t q_heads, std::uintptr_t k,
         if (pos[t] < 0 || pos[t] >= max_pos) fail("positions: outside the cos/sin table");
     }
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) if (worth_threading(tokens * (q_heads + k_heads) * head_dim))
-    for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t elements = tokens * (q_heads + k_heads) * head_dim;
+    parallel_for(tokens, worth_threading(elements), [&](int64_t t) {
         const float* angles = table + pos[t] * head_dim;
         rope_token(q_rows.row(t), q_heads, head_dim, angles);
         rope_token(k_rows.row(t), k_heads, head_dim, angles);
-    }
+    });
 }
 
 LLAMA_SIMD_CLONES
@@ -102,11 +101,10 @@ void silu_and_mul(std::uintptr_t gate_up, std::uintptr_t out, int64_t rows, int6
     const float* in = tensor_at<const float>(gate_up);
     float* out_data = tensor_at<float>(out);
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) if (worth_threading(rows * width))
-    for (int64_t r = 0; r < rows; ++r) {
+    parallel_for(rows, worth_threading(rows * width), [&](int64_t r) {
         const float* gate = in + r * 2 * width;
         silu_and_mul_row(gate, gate + width, width, out_data + r * width);
-    }
+    });
 }
 
 }  // namespace
