@@ -20,6 +20,7 @@
 #include "quant_f32.h"
 #include "quant_nf4.h"
 #include "quant_scalar.h"
+#include "cpu_ops.h"
 #include "registry.h"
 
 namespace py = pybind11;
@@ -267,42 +268,9 @@ int64_t row_bytes_for(const std::string& qtype, int K) {
     return nf4 ? nf4::row_bytes(K) : packed_row_bytes(parse_qtype(qtype), K);
 }
 
-// The packed weight's [rows, row_bytes] must be [N, packed row bytes of K] for qtype.
-void check_packed_shape(int64_t rows, int64_t row_bytes, const std::string& qtype, int N, int K) {
-    if (rows != N || row_bytes != row_bytes_for(qtype, K))
-        throw std::invalid_argument("packed weight must be uint8 [N, packed row bytes]");
-}
-
 void check_packed(const ByteArray& w, const std::string& qtype, int N, int K) {
     if (w.ndim() != 2) throw std::invalid_argument("packed weight must be uint8 [N, packed row bytes]");
     check_packed_shape(w.shape(0), w.shape(1), qtype, N, K);
-}
-
-// x dense float32 [M, K], w dense uint8 [w_rows, w_row_bytes], out dense float32 [M, N]:
-// llama_engine/kernels/cpu/quant.py checks dtypes, devices and x's shape; the packed
-// layout is checked here, where the formats' row sizes are known.
-void py_quant_matmul(std::uintptr_t x, int M, int K, std::uintptr_t w, int64_t w_rows,
-                     int64_t w_row_bytes, const std::string& qtype, int N, std::uintptr_t out,
-                     int isa, bool int8_activations) {
-    check_packed_shape(w_rows, w_row_bytes, qtype, N, K);
-    const float* x_ptr = llama_ops::tensor_at<const float>(x);
-    const uint8_t* w_ptr = llama_ops::tensor_at<const uint8_t>(w);
-    float* out_ptr = llama_ops::tensor_at<float>(out);
-    if (M == 0 || N == 0) return;
-    if (qtype == kNf4Name) {
-        if (int8_activations) throw std::invalid_argument("NF4 has float32-activation kernels only");
-        const f32::KernelSet& k = f32_kernels_for(static_cast<Isa>(isa));
-        py::gil_scoped_release release;
-        matmul_nf4(k, x_ptr, M, K, w_ptr, N, out_ptr);
-    } else if (int8_activations) {
-        const KernelSet& k = kernels_for(static_cast<Isa>(isa));
-        py::gil_scoped_release release;
-        matmul_int8(k, parse_qtype(qtype), x_ptr, M, K, w_ptr, N, out_ptr);
-    } else {
-        const f32::KernelSet& k = f32_kernels_for(static_cast<Isa>(isa));
-        py::gil_scoped_release release;
-        matmul_f32(k, parse_qtype(qtype), x_ptr, M, K, w_ptr, N, out_ptr);
-    }
 }
 
 void py_dequantize(const ByteArray& w, const std::string& qtype, int N, int K, FloatArray& out) {
@@ -325,11 +293,41 @@ void py_dequantize(const ByteArray& w, const std::string& qtype, int N, int K, F
 }
 
 }  // namespace
+
+void check_packed_shape(int64_t rows, int64_t row_bytes, const std::string& qtype, int N, int K) {
+    if (rows != N || row_bytes != row_bytes_for(qtype, K))
+        throw std::invalid_argument("packed weight must be uint8 [N, packed row bytes]");
+}
+
+void packed_matmul(const float* x, int M, int K, const uint8_t* w, const std::string& qtype,
+                   int N, float* y, int isa, bool int8_activations) {
+    if (M == 0 || N == 0) return;
+    if (qtype == kNf4Name) {
+        if (int8_activations) throw std::invalid_argument("NF4 has float32-activation kernels only");
+        matmul_nf4(f32_kernels_for(static_cast<Isa>(isa)), x, M, K, w, N, y);
+    } else if (int8_activations) {
+        matmul_int8(kernels_for(static_cast<Isa>(isa)), parse_qtype(qtype), x, M, K, w, N, y);
+    } else {
+        matmul_f32(f32_kernels_for(static_cast<Isa>(isa)), parse_qtype(qtype), x, M, K, w, N, y);
+    }
+}
+
 }  // namespace quant
 
 void register_quant(py::module_& m) {
     using namespace pybind11::literals;
-    m.def("quant_matmul", &quant::py_quant_matmul,
+    // x dense float32 [M, K], w dense uint8 [w_rows, w_row_bytes], out dense float32 [M, N]:
+    // llama_engine/kernels/cpu/quant.py checks dtypes, devices and x's shape; the packed
+    // layout is checked here, where the formats' row sizes are known.
+    m.def("quant_matmul", [](std::uintptr_t x, int M, int K, std::uintptr_t w, int64_t w_rows,
+                             int64_t w_row_bytes, const std::string& qtype, int N,
+                             std::uintptr_t out, int isa, bool int8_activations) {
+              quant::check_packed_shape(w_rows, w_row_bytes, qtype, N, K);
+              py::gil_scoped_release release;
+              quant::packed_matmul(llama_ops::tensor_at<const float>(x), M, K,
+                                   llama_ops::tensor_at<const uint8_t>(w), qtype, N,
+                                   llama_ops::tensor_at<float>(out), isa, int8_activations);
+          },
           "out[M, N] = x[M, K] @ dequantize(w)^T, in float32 or with int8-quantized "
           "activations; isa: 0 auto, 1 scalar, 2 avx2, 3 avx512. x, w and out are addresses "
           "(data_ptr()), checked by llama_engine/kernels/cpu/quant.py",

@@ -94,6 +94,49 @@ def linear(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
     return torch.nn.functional.linear(x, weight)
 
 
+# ---- the two halves of a decoder block around attention ----------------------------------
+# Packed weights on the CPU run each half as one fused extension call (at decode every op
+# in it is cheaper than a Python call); everything else composes the ops above.
+
+def _packed_on_cpu(*weights: Tensor | PackedWeight) -> bool:
+    return all(isinstance(w, PackedWeight) and w.data.is_cpu for w in weights)
+
+
+def qkv_projection(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float,
+                   wqkv: Tensor | PackedWeight, positions: Tensor, cos_sin: Tensor,
+                   num_heads: int, num_kv_heads: int
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """RMSNorm(x + residual) -> fused QKV projection -> RoPE on q and k.
+
+    Returns q [T, H, D], k and v [T, Hkv, D] (D = cos_sin's width) and the new residual
+    (x + residual; x itself when residual is None).
+    """
+    if _use_cpu(x) and _packed_on_cpu(wqkv):
+        return _cpu.qkv_projection(x, residual, norm_weight, eps, wqkv, positions, cos_sin,
+                                   num_heads, num_kv_heads)
+    h, residual = rms_norm(x, norm_weight, eps, residual)
+    head_dim = cos_sin.shape[1]
+    kv_size = num_kv_heads * head_dim
+    q, k, v = linear(h, wqkv).split([num_heads * head_dim, kv_size, kv_size], dim=-1)
+    q, k = rope(q.reshape(-1, num_heads, head_dim).contiguous(),
+                k.reshape(-1, num_kv_heads, head_dim).contiguous(), positions, cos_sin)
+    return q, k, v.reshape(-1, num_kv_heads, head_dim).contiguous(), residual
+
+
+def block_output(attn: Tensor, residual: Tensor, wo: Tensor | PackedWeight,
+                 norm_weight: Tensor, eps: float, w_gate_up: Tensor | PackedWeight,
+                 w_down: Tensor | PackedWeight) -> tuple[Tensor, Tensor]:
+    """Output projection, then RMSNorm with the residual add, then the SwiGLU MLP.
+
+    attn is [T, A] or [T, H, D]; returns (MLP output, new residual), both [T, C].
+    """
+    if _use_cpu(attn) and _packed_on_cpu(wo, w_gate_up, w_down):
+        return _cpu.block_output(attn, residual, wo, norm_weight, eps, w_gate_up, w_down)
+    h, residual = rms_norm(linear(attn.reshape(attn.shape[0], -1), wo), norm_weight, eps,
+                           residual)
+    return linear(silu_and_mul(linear(h, w_gate_up)), w_down), residual
+
+
 def dequantize(weight: PackedWeight) -> Tensor:
     if _cpu is not None and not FORCE_TORCH and weight.data.device.type == "cpu":
         return _cpu.dequantize(weight)

@@ -42,8 +42,12 @@ class Linear(nn.Module):
             self.packed = None
             self.weight = nn.Parameter(weight, requires_grad=False)
 
+    @property
+    def matrix(self) -> Weight:
+        return self.packed if self.packed is not None else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.packed if self.packed is not None else self.weight)
+        return kernels.linear(x, self.matrix)
 
 
 class RMSNorm(nn.Module):
@@ -57,52 +61,30 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
-class Attention(nn.Module):
+class Block(nn.Module):
+    """Attention, then the SwiGLU MLP, each with a pre-norm and a residual. The two halves
+    around attention are one kernels call each (fused on the CPU)."""
+
     def __init__(self, config: ModelConfig, w: dict[str, Weight]):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.head_dim = config.head_dim
+        self.attn_norm = RMSNorm(w["attn_norm"], config.rms_norm_eps)
         self.wqkv = Linear(concat_rows([w["wq"], w["wk"], w["wv"]]))
         self.wo = Linear(w["wo"])
-
-    def forward(self, layer: int, x: torch.Tensor, positions: torch.Tensor,
-                cos_sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = kernels.rope(q.contiguous(), k.contiguous(), positions, cos_sin)
-        out = attend(layer, q, k, v.contiguous())
-        return self.wo(out.reshape(-1, q_size))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, w: dict[str, Weight]):
-        super().__init__()
+        self.ffn_norm = RMSNorm(w["ffn_norm"], config.rms_norm_eps)
         self.w_gate_up = Linear(concat_rows([w["w_gate"], w["w_up"]]))
         self.w_down = Linear(w["w_down"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(kernels.silu_and_mul(self.w_gate_up(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, config: ModelConfig, w: dict[str, Weight]):
-        super().__init__()
-        self.attn_norm = RMSNorm(w["attn_norm"], config.rms_norm_eps)
-        self.attn = Attention(config, w)
-        self.ffn_norm = RMSNorm(w["ffn_norm"], config.rms_norm_eps)
-        self.ffn = FeedForward(w)
 
     def forward(self, layer: int, x: torch.Tensor, residual: torch.Tensor | None,
                 positions: torch.Tensor, cos_sin: torch.Tensor, attend: AttendFn
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.attn_norm(x, residual)
-        h = self.attn(layer, h, positions, cos_sin, attend)
-        h, residual = self.ffn_norm(h, residual)
-        return self.ffn(h), residual
+        q, k, v, residual = kernels.qkv_projection(
+            x, residual, self.attn_norm.weight, self.attn_norm.eps, self.wqkv.matrix,
+            positions, cos_sin, self.num_heads, self.num_kv_heads)
+        out = attend(layer, q, k, v)
+        return kernels.block_output(out, residual, self.wo.matrix, self.ffn_norm.weight,
+                                    self.ffn_norm.eps, self.w_gate_up.matrix,
+                                    self.w_down.matrix)
 
 
 def rope_cache(config: ModelConfig, max_positions: int) -> torch.Tensor:

@@ -2,3 +2,4 @@
 from llama_engine.kernels.cpu.ops import (  # noqa: F401
     paged_attention, rms_norm, rope, sample, silu_and_mul, store_kv)
 from llama_engine.kernels.cpu.quant import dequantize, quant_matmul  # noqa: F401
+from llama_engine.kernels.cpu.block import block_output, qkv_projection  # noqa: F401
