@@ -37,7 +37,6 @@ void store_kv(std::uintptr_t k, int64_t k_stride, std::uintptr_t v, int64_t v_st
     for (int64_t t = 0; t < tokens; ++t) {
         if (slots[t] >= capacity) fail("slot_mapping: slot beyond the cache");
     }
-    py::gil_scoped_release release;
     parallel_for(tokens, worth_threading(tokens * width), [&](int64_t t) {
         if (slots[t] < 0) return;  // padding token: nothing to store
         std::memcpy(k_dst + slots[t] * width, k_rows.row(t), width * sizeof(float));
@@ -366,7 +365,6 @@ void paged_attention(std::uintptr_t q, int64_t q_stride, int64_t tokens, int64_t
     // Waking a second thread costs tens of microseconds: a short decode step is cheaper alone.
     int64_t work = 0;
     for (const Tile& t : tiles) work += t.tokens * group * (t.first_pos + t.tokens) * head_dim;
-    py::gil_scoped_release release;
     if (n_tiles <= 1 || !worth_threading(work)) {  // no parallel region: see parallel_for
         TileScratch scratch(scratch_rows, head_dim);
         for (const Tile& tile : tiles) attend_tile(p, tile, scratch);
@@ -384,16 +382,57 @@ void paged_attention(std::uintptr_t q, int64_t q_stride, int64_t tokens, int64_t
 
 void register_attention(py::module_& m) {
     // Tensors are passed as addresses (data_ptr()), checked by llama_engine/kernels/cpu/ops.py.
-    m.def("store_kv", &store_kv, py::arg("k"), py::arg("k_stride"), py::arg("v"),
+    // The kernels check slots and sequence metadata before touching memory and throw with
+    // the GIL released, which pybind11 re-acquires while unwinding.
+    m.def("store_kv", [](std::uintptr_t k, int64_t k_stride, std::uintptr_t v,
+                         int64_t v_stride, std::uintptr_t k_cache, std::uintptr_t v_cache,
+                         std::uintptr_t slot_mapping, int64_t tokens, int64_t width,
+                         int64_t capacity) {
+              py::gil_scoped_release release;
+              store_kv(k, k_stride, v, v_stride, k_cache, v_cache, slot_mapping, tokens, width,
+                       capacity);
+          },
+          py::arg("k"), py::arg("k_stride"), py::arg("v"),
           py::arg("v_stride"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
           py::arg("tokens"), py::arg("width"), py::arg("capacity"),
           "Copy k/v [T, Hkv, D] into the paged caches at slot_mapping (int64 [T]); "
           "negative slots mark padding tokens and are skipped.");
-    m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("q_stride"),
+    m.def("paged_attention", [](std::uintptr_t q, int64_t q_stride, int64_t tokens,
+                                int64_t num_heads, int64_t head_dim, std::uintptr_t k_cache,
+                                std::uintptr_t v_cache, int64_t num_blocks, int64_t block_size,
+                                int64_t num_kv_heads, std::uintptr_t block_tables,
+                                int64_t max_blocks, std::uintptr_t context_lens,
+                                std::uintptr_t cu_seqlens_q, int64_t num_seqs, float scale,
+                                std::uintptr_t out) {
+              py::gil_scoped_release release;
+              paged_attention(q, q_stride, tokens, num_heads, head_dim, k_cache, v_cache,
+                              num_blocks, block_size, num_kv_heads, block_tables, max_blocks,
+                              context_lens, cu_seqlens_q, num_seqs, scale, out);
+          },
+          py::arg("q"), py::arg("q_stride"),
           py::arg("tokens"), py::arg("num_heads"), py::arg("head_dim"), py::arg("k_cache"),
           py::arg("v_cache"), py::arg("num_blocks"), py::arg("block_size"),
           py::arg("num_kv_heads"), py::arg("block_tables"), py::arg("max_blocks"),
           py::arg("context_lens"), py::arg("cu_seqlens_q"), py::arg("num_seqs"),
           py::arg("scale"), py::arg("out"),
           "Causal GQA attention of q [T, H, D] over paged caches; writes out [T, H, D].");
+    // Decode runs the two back to back in every layer: one call saves a Python round trip.
+    m.def("store_kv_and_attend", [](std::uintptr_t q, int64_t q_stride, std::uintptr_t k,
+                                    int64_t k_stride, std::uintptr_t v, int64_t v_stride,
+                                    std::uintptr_t slot_mapping, int64_t tokens,
+                                    int64_t num_heads, int64_t head_dim,
+                                    std::uintptr_t k_cache, std::uintptr_t v_cache,
+                                    int64_t num_blocks, int64_t block_size,
+                                    int64_t num_kv_heads, std::uintptr_t block_tables,
+                                    int64_t max_blocks, std::uintptr_t context_lens,
+                                    std::uintptr_t cu_seqlens_q, int64_t num_seqs, float scale,
+                                    std::uintptr_t out) {
+              py::gil_scoped_release release;
+              store_kv(k, k_stride, v, v_stride, k_cache, v_cache, slot_mapping, tokens,
+                       num_kv_heads * head_dim, num_blocks * block_size);
+              paged_attention(q, q_stride, tokens, num_heads, head_dim, k_cache, v_cache,
+                              num_blocks, block_size, num_kv_heads, block_tables, max_blocks,
+                              context_lens, cu_seqlens_q, num_seqs, scale, out);
+          },
+          "store_kv of k, v at slot_mapping, then paged_attention of q (same arguments).");
 }

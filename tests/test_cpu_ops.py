@@ -248,6 +248,32 @@ def test_paged_attention_long_prefill_and_decode_mix(seed: int) -> None:
                                reference.paged_attention(*problem), **FLOAT_TOL)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_store_kv_and_attend_matches_reference_store_then_attention(seed: int) -> None:
+    """The fused call stores the step's keys/values at their slots before attending, so the
+    new rows are visible to their own queries (the last q_len positions of each context)."""
+    g = _gen(seed + 2000)
+    q_lens, prefixes = _random_batch(g)
+    kv_heads, head_dim, block_size = _randint(g, 1, 3), 64, _choice(g, [8, 16])
+    q, k_cache, v_cache, tables, ctx, cu, scale = _attention_problem(
+        g, block_size, _choice(g, [1, 3]), head_dim, q_lens, prefixes, kv_heads=kv_heads)
+    tokens = q.shape[0]
+    k = _randn(g, tokens, kv_heads, head_dim)
+    v = _randn(g, tokens, kv_heads, head_dim)
+    slots = torch.cat([
+        torch.tensor([int(tables[i, p // block_size]) * block_size + p % block_size
+                      for p in range(prefix, prefix + q_len)], dtype=torch.long)
+        for i, (q_len, prefix) in enumerate(zip(q_lens, prefixes))])
+    ref_k_cache, ref_v_cache = k_cache.clone(), v_cache.clone()
+    reference.store_kv(k, v, ref_k_cache, ref_v_cache, slots)
+    expected = reference.paged_attention(q, ref_k_cache, ref_v_cache, tables, ctx, cu, scale)
+
+    out = ops.store_kv_and_attend(q, k, v, k_cache, v_cache, slots, tables, ctx, cu, scale)
+
+    torch.testing.assert_close(out, expected, **FLOAT_TOL)
+    assert torch.equal(k_cache, ref_k_cache) and torch.equal(v_cache, ref_v_cache)
+
+
 def test_paged_attention_takes_strided_q_and_int64_metadata() -> None:
     g = _gen(77)
     group, head_dim, kv_heads = 3, 64, 3

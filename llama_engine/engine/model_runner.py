@@ -74,10 +74,9 @@ class ModelRunner:
         x = self._inputs(step)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
-            kernels.store_kv(k, v, k_cache, v_cache, x["slot_mapping"])
-            return kernels.paged_attention(q, k_cache, v_cache, x["block_tables"],
-                                           x["context_lens"], x["cu_seqlens_q"], self.scale)
+            return kernels.store_kv_and_attend(
+                q, k, v, self.k_caches[layer], self.v_caches[layer], x["slot_mapping"],
+                x["block_tables"], x["context_lens"], x["cu_seqlens_q"], self.scale)
 
         hidden = self.model(x["input_ids"], x["positions"], attend)
         last = [int(x["cu_seqlens_q"][i + 1]) - 1

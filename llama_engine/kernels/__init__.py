@@ -83,6 +83,19 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                                      cu_seqlens_q, scale)
 
 
+def store_kv_and_attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                        slot_mapping: Tensor, block_tables: Tensor, context_lens: Tensor,
+                        cu_seqlens_q: Tensor, scale: float) -> Tensor:
+    """store_kv of the step's new keys and values, then paged_attention over the caches
+    (one extension call on the CPU, where decode runs the pair in every layer)."""
+    if _use_cpu(q) and k_cache.dtype == torch.float32:
+        return _cpu.store_kv_and_attend(q, k, v, k_cache, v_cache, slot_mapping, block_tables,
+                                        context_lens, cu_seqlens_q, scale)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
+                           scale)
+
+
 def linear(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
     """y = x @ W^T for a dense or packed (GGUF block format) weight."""
     if isinstance(weight, PackedWeight):
