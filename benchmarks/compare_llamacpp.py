@@ -337,7 +337,9 @@ def render_markdown(report: dict) -> str:
         f"- command: `{report['command']}`",
         f"- machine: {m.get('model_name', '?')}, {m['cpus']} CPUs "
         f"(SIMD: {m.get('flags', '?')}), {m['platform']}",
-        f"- threads: {a['threads']} for both engines (torch + OpenMP for llama-engine; "
+        f"- threads: {a['threads']} for both engines (torch + OpenMP for llama-engine, "
+        f"GOMP_SPINCOUNT={report['gomp_spincount']['llama-engine']}, "
+        f"OMP_WAIT_POLICY={report['omp_wait_policy']['llama-engine']}; "
         f"n_threads = n_threads_batch for llama.cpp)",
         f"- model: `{report['model']}`",
         f"- workload: per stream a random prompt of {a['prompt_len']} non-special token ids "
@@ -394,11 +396,11 @@ def render_markdown(report: dict) -> str:
 
 
 # ---- workers ---------------------------------------------------------------------------
-# Each engine runs in a process of its own. In one process the two share libgomp and its
-# wait policy: llama-engine needs OMP_WAIT_POLICY=PASSIVE (its own default, set on import),
-# under which llama.cpp decodes ~3x slower, and with both loaded llama.cpp fell to ~7
-# tokens/s (155 alone). Separate processes give each its own runtime and settings; the
-# idle one sleeps in recv() while the other is timed.
+# Each engine runs in a process of its own, so that each gets the OpenMP runtime and
+# settings it would have alone (in one process they would share libgomp; with both loaded,
+# llama.cpp once fell to ~7 tokens/s from 155). The idle one sleeps in recv() while the
+# other is timed. The engine worker imports llama_engine first, as users do, so that the
+# OpenMP settings llama_engine applies on import are the ones measured.
 
 def _serve(conn, run) -> None:
     """Answer (prompts, gen_len) requests with Measurement dicts until None arrives."""
@@ -413,10 +415,9 @@ def _serve(conn, run) -> None:
 def _engine_worker(conn, model: str | None, threads: int) -> None:
     # OpenMP reads its thread count when the runtime starts, i.e. on the imports below.
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    import torch
-
     from llama_engine import LLM
     from llama_engine.loader import default_model_path
+    import torch
     torch.set_num_threads(threads)
     path = model or default_model_path()
     llm = LLM(path)
@@ -424,7 +425,8 @@ def _engine_worker(conn, model: str | None, threads: int) -> None:
     conn.send({"model_path": path,
                "allowed": [t for t in range(tok.vocab_size) if not tok.is_special(t)],
                "torch": torch.__version__,
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)")})
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)"),
+               "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "(libgomp default)")})
     _serve(conn, lambda prompts, gen_len: run_engine(llm, prompts, gen_len))
 
 
@@ -517,6 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"llama_engine_commit": git_commit(), "torch": engine.info["torch"],
                      "python": platform.python_version()},
         "omp_wait_policy": {"llama-engine": engine.info["omp_wait_policy"]},
+        "gomp_spincount": {"llama-engine": engine.info["gomp_spincount"]},
         "load_before": list(load_before), "load_after": list(os.getloadavg()),
         "other_jobs_cpu_share": others_share,
         "summary": summary,

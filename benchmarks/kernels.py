@@ -26,13 +26,8 @@ from typing import Callable
 
 
 def _apply_thread_count() -> None:
-    """--threads must reach OMP_NUM_THREADS before torch and llama_engine._C load OpenMP.
-
-    Idle OpenMP threads also stop spinning (OMP_WAIT_POLICY=PASSIVE unless set): torch and
-    _C each bring a libgomp whose spinning workers otherwise steal the cores the other
-    one's team waits for (seen: 16 ms per call on a busy 2-core machine).
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """--threads must reach OMP_NUM_THREADS before torch and llama_engine._C load OpenMP
+    (the OpenMP spin setting is llama_engine's own, applied on import)."""
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--threads", type=int)
     threads = early.parse_known_args()[0].threads
@@ -160,7 +155,8 @@ def machine_info() -> dict[str, object]:
     info: dict[str, object] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
                                "torch_threads": torch.get_num_threads(),
                                "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+                               "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "unset")}
     try:
         from llama_engine.kernels.cpu import quant as cpu_quant
         info["quant_isa"] = cpu_quant.best_isa()
