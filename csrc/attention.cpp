@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "ops_common.h"
 #include "registry.h"
 
@@ -26,7 +27,9 @@ constexpr int64_t kTileRowTarget = 32;  // query rows (tokens x group heads) per
 // k/v [tokens, Hkv, D] float32, each token's heads dense, tokens k_stride / v_stride
 // elements apart; the caches dense float32 [capacity slots, Hkv, D] (`width` = Hkv * D);
 // slot_mapping int64 [tokens], negative for padding tokens.
-void store_kv(std::uintptr_t k, int64_t k_stride, std::uintptr_t v, int64_t v_stride,
+}  // namespace
+
+void llama_ops::store_kv(std::uintptr_t k, int64_t k_stride, std::uintptr_t v, int64_t v_stride,
               std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t slot_mapping,
               int64_t tokens, int64_t width, int64_t capacity) {
     const TokenRows<const float> k_rows{tensor_at<const float>(k), tokens, k_stride, width};
@@ -43,6 +46,8 @@ void store_kv(std::uintptr_t k, int64_t k_stride, std::uintptr_t v, int64_t v_st
         std::memcpy(v_dst + slots[t] * width, v_rows.row(t), width * sizeof(float));
     });
 }
+
+namespace {
 
 // Everything a tile needs to find its queries, keys and values.
 struct AttentionProblem {
@@ -341,7 +346,9 @@ std::vector<Tile> plan_tiles(const AttentionProblem& p, const int32_t* context_l
 // dense [tokens, H, D]; caches dense float32 [num_blocks, block_size, Hkv, D] with H a
 // multiple of Hkv; block_tables dense int32 [>= num_seqs, max_blocks]; context_lens int32
 // [num_seqs] and cu_seqlens_q int32 [num_seqs + 1] (their values are checked here).
-void paged_attention(std::uintptr_t q, int64_t q_stride, int64_t tokens, int64_t num_heads,
+}  // namespace
+
+void llama_ops::paged_attention(std::uintptr_t q, int64_t q_stride, int64_t tokens, int64_t num_heads,
                      int64_t head_dim, std::uintptr_t k_cache, std::uintptr_t v_cache,
                      int64_t num_blocks, int64_t block_size, int64_t num_kv_heads,
                      std::uintptr_t block_tables, int64_t max_blocks,
@@ -377,8 +384,6 @@ void paged_attention(std::uintptr_t q, int64_t q_stride, int64_t tokens, int64_t
         for (int64_t i = 0; i < n_tiles; ++i) attend_tile(p, tiles[i], scratch);
     }
 }
-
-}  // namespace
 
 void register_attention(py::module_& m) {
     // Tensors are passed as addresses (data_ptr()), checked by llama_engine/kernels/cpu/ops.py.

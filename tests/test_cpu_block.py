@@ -139,3 +139,48 @@ def test_bad_shapes_are_refused_with_the_argument_named() -> None:
     with pytest.raises(ValueError, match="residual"):
         kernels.qkv_projection(torch.randn(2, 64), torch.randn(3, 64), torch.ones(64), 1e-5,
                                wqkv, torch.arange(2), cos_sin, 1, 1)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_decoder_layer_in_one_call_equals_the_composed_block(seed: int,
+                                                             with_residual: bool) -> None:
+    """decoder_layer with kernels.PagedAttention runs qkv_projection, the paged store and
+    attention, and block_output in one extension call; the same block composed from those
+    ops (attend wrapped so it is not recognised) must give the same outputs and caches.
+    The batch mixes a prefill chunk over a cached prefix with decode rows."""
+    g, s = _case(seed, "Q4_1")
+    C, F, D, kv = s["hidden"], s["ffn"], s["head_dim"], s["kv_heads"]
+    heads = kv * s["group"]
+    weights = kernels.BlockWeights(
+        torch.rand(C, generator=g) + 0.5, _weight(g, (heads + 2 * kv) * D, C, "Q4_1")[0],
+        _weight(g, C, heads * D, "Q4_1")[0], torch.rand(C, generator=g) + 0.5,
+        _weight(g, 2 * F, C, "Q4_1")[0], _weight(g, C, F, "Q4_1")[0], 1e-5, heads, kv)
+    block_size, num_blocks, layers = 4, 12, 2
+    q_lens, prefixes = [5, 1, 1], [3, 9, 0]
+    tables = torch.randperm(num_blocks, generator=g)[:9].reshape(3, 3).to(torch.int32)
+    slots, positions = [], []
+    for i, (q_len, prefix) in enumerate(zip(q_lens, prefixes)):
+        for p in range(prefix, prefix + q_len):
+            slots.append(int(tables[i, p // block_size]) * block_size + p % block_size)
+            positions.append(p)
+    tokens = sum(q_lens)
+    caches = [torch.randn(num_blocks, block_size, kv, D, generator=g) for _ in range(2 * layers)]
+
+    def attention(k_caches, v_caches):
+        return kernels.PagedAttention(
+            k_caches, v_caches, torch.tensor(slots), tables,
+            torch.tensor([p + q for p, q in zip(prefixes, q_lens)], dtype=torch.int32),
+            torch.tensor([0, 5, 6, 7], dtype=torch.int32), D ** -0.5)
+
+    x = torch.randn(tokens, C, generator=g)
+    residual = torch.randn(tokens, C, generator=g) if with_residual else None
+    cos_sin = _cos_sin(g, 32, D)
+    fused_caches = [c.clone() for c in caches]
+    fused = kernels.decoder_layer(1, x, residual, torch.tensor(positions), cos_sin, weights,
+                                  attention(fused_caches[:layers], fused_caches[layers:]))
+    paged = attention(caches[:layers], caches[layers:])
+    composed = kernels.decoder_layer(1, x, residual, torch.tensor(positions), cos_sin, weights,
+                                     lambda *args: paged(*args))
+    assert torch.equal(fused[0], composed[0]) and torch.equal(fused[1], composed[1])
+    assert all(torch.equal(a, b) for a, b in zip(fused_caches, caches))

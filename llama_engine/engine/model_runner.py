@@ -73,11 +73,9 @@ class ModelRunner:
         self._copy_blocks(step.block_copies)
         x = self._inputs(step)
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return kernels.store_kv_and_attend(
-                q, k, v, self.k_caches[layer], self.v_caches[layer], x["slot_mapping"],
-                x["block_tables"], x["context_lens"], x["cu_seqlens_q"], self.scale)
-
+        attend = kernels.PagedAttention(self.k_caches, self.v_caches, x["slot_mapping"],
+                                        x["block_tables"], x["context_lens"],
+                                        x["cu_seqlens_q"], self.scale)
         hidden = self.model(x["input_ids"], x["positions"], attend)
         last = [int(x["cu_seqlens_q"][i + 1]) - 1
                 for i, s in enumerate(step.scheduled) if s.samples]

@@ -8,6 +8,7 @@ reference everywhere (for debugging and for A/B checks).
 from __future__ import annotations
 
 import os
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -112,7 +113,10 @@ def linear(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
 # in it is cheaper than a Python call); everything else composes the ops above.
 
 def _packed_on_cpu(*weights: Tensor | PackedWeight) -> bool:
-    return all(isinstance(w, PackedWeight) and w.data.is_cpu for w in weights)
+    for w in weights:
+        if not (isinstance(w, PackedWeight) and w.data.is_cpu):
+            return False
+    return True
 
 
 def qkv_projection(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float,
@@ -148,6 +152,57 @@ def block_output(attn: Tensor, residual: Tensor, wo: Tensor | PackedWeight,
     h, residual = rms_norm(linear(attn.reshape(attn.shape[0], -1), wo), norm_weight, eps,
                            residual)
     return linear(silu_and_mul(linear(h, w_gate_up)), w_down), residual
+
+
+class PagedAttention:
+    """``attend(layer, q, k, v)`` over paged KV caches for one step: stores the step's new
+    keys and values at their slots, then attends (``store_kv_and_attend``). The model only
+    calls it; ``decoder_layer`` recognises it and, on the CPU, runs the whole block with it
+    in one extension call."""
+
+    def __init__(self, k_caches: list[Tensor], v_caches: list[Tensor], slot_mapping: Tensor,
+                 block_tables: Tensor, context_lens: Tensor, cu_seqlens_q: Tensor,
+                 scale: float):
+        self.k_caches, self.v_caches = k_caches, v_caches
+        self.slot_mapping, self.block_tables = slot_mapping, block_tables
+        self.context_lens, self.cu_seqlens_q, self.scale = context_lens, cu_seqlens_q, scale
+        self.cpu_step = None  # the CPU kernels' checked arguments, the same every layer
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return store_kv_and_attend(q, k, v, self.k_caches[layer], self.v_caches[layer],
+                                   self.slot_mapping, self.block_tables, self.context_lens,
+                                   self.cu_seqlens_q, self.scale)
+
+
+class BlockWeights(NamedTuple):
+    """One decoder block's parameters, as ``decoder_layer`` takes them."""
+    attn_norm: Tensor
+    wqkv: Tensor | PackedWeight
+    wo: Tensor | PackedWeight
+    ffn_norm: Tensor
+    w_gate_up: Tensor | PackedWeight
+    w_down: Tensor | PackedWeight
+    eps: float
+    num_heads: int
+    num_kv_heads: int
+
+
+def decoder_layer(layer: int, x: Tensor, residual: Tensor | None, positions: Tensor,
+                  cos_sin: Tensor, weights: BlockWeights,
+                  attend: Callable[[int, Tensor, Tensor, Tensor], Tensor]
+                  ) -> tuple[Tensor, Tensor]:
+    """One pre-norm decoder block: qkv_projection, attend(layer, q, k, v), block_output.
+    Returns (block output, new residual). Packed weights on the CPU with PagedAttention run
+    it as one extension call."""
+    w = weights
+    if (_use_cpu(x) and isinstance(attend, PagedAttention)
+            and attend.k_caches[layer].dtype == torch.float32
+            and _packed_on_cpu(w.wqkv, w.wo, w.w_gate_up, w.w_down)):
+        return _cpu.decoder_layer(layer, x, residual, positions, cos_sin, w, attend)
+    q, k, v, residual = qkv_projection(x, residual, w.attn_norm, w.eps, w.wqkv, positions,
+                                       cos_sin, w.num_heads, w.num_kv_heads)
+    return block_output(attend(layer, q, k, v), residual, w.wo, w.ffn_norm, w.eps,
+                        w.w_gate_up, w.w_down)
 
 
 def dequantize(weight: PackedWeight) -> Tensor:

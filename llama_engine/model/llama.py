@@ -62,8 +62,8 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
-    """Attention, then the SwiGLU MLP, each with a pre-norm and a residual. The two halves
-    around attention are one kernels call each (fused on the CPU)."""
+    """Attention, then the SwiGLU MLP, each with a pre-norm and a residual: one
+    ``kernels.decoder_layer`` call (a single fused extension call on the CPU)."""
 
     def __init__(self, config: ModelConfig, w: dict[str, Weight]):
         super().__init__()
@@ -74,17 +74,22 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(w["ffn_norm"], config.rms_norm_eps)
         self.w_gate_up = Linear(concat_rows([w["w_gate"], w["w_up"]]))
         self.w_down = Linear(w["w_down"])
+        self._weights: kernels.BlockWeights | None = None  # gathered on first use
 
     def forward(self, layer: int, x: torch.Tensor, residual: torch.Tensor | None,
                 positions: torch.Tensor, cos_sin: torch.Tensor, attend: AttendFn
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v, residual = kernels.qkv_projection(
-            x, residual, self.attn_norm.weight, self.attn_norm.eps, self.wqkv.matrix,
-            positions, cos_sin, self.num_heads, self.num_kv_heads)
-        out = attend(layer, q, k, v)
-        return kernels.block_output(out, residual, self.wo.matrix, self.ffn_norm.weight,
-                                    self.ffn_norm.eps, self.w_gate_up.matrix,
-                                    self.w_down.matrix)
+        if self._weights is None:
+            self._weights = kernels.BlockWeights(
+                self.attn_norm.weight, self.wqkv.matrix, self.wo.matrix, self.ffn_norm.weight,
+                self.w_gate_up.matrix, self.w_down.matrix, self.attn_norm.eps,
+                self.num_heads, self.num_kv_heads)
+        return kernels.decoder_layer(layer, x, residual, positions, cos_sin, self._weights,
+                                     attend)
+
+    def _apply(self, fn, recurse=True):
+        self._weights = None  # .to() and friends replace the parameters: gather them again
+        return super()._apply(fn, recurse)
 
 
 def rope_cache(config: ModelConfig, max_positions: int) -> torch.Tensor:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 
 from llama_engine import _C
-from llama_engine.kernels.cpu.ops import _converted, _fail
+from llama_engine.kernels.cpu.ops import _cache_shape, _converted, _fail
 from llama_engine.kernels.cpu.quant import INT8_ACTIVATIONS_DEFAULT, _packed_bytes
 from llama_engine.quant import PackedWeight
 
-F32, I64 = torch.float32, torch.int64
+F32, I32, I64 = torch.float32, torch.int32, torch.int64
 
 
 def _activation_rows(x: torch.Tensor, name: str, width: int) -> torch.Tensor:
@@ -100,3 +100,64 @@ def block_output(attn: torch.Tensor, residual: torch.Tensor, wo: PackedWeight,
                     new_residual.data_ptr(), tokens, hidden, ffn_width,
                     INT8_ACTIVATIONS_DEFAULT)
     return out, new_residual
+
+
+def decoder_layer(layer: int, x: torch.Tensor, residual: torch.Tensor | None,
+                  positions: torch.Tensor, cos_sin: torch.Tensor, weights,
+                  attention) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv_projection, store_kv_and_attend over ``attention`` (a kernels.PagedAttention) for
+    ``layer``, then block_output, in one extension call; weights is a kernels.BlockWeights.
+    Returns (block output, new residual), both [T, C]."""
+    hidden = weights.attn_norm.shape[0]
+    rows = _activation_rows(x, "x", hidden)
+    tokens = rows.shape[0]
+    positions = _converted(positions, I64, "positions", 1)
+    if positions.shape[0] != tokens:
+        _fail("positions", "one per token expected")
+    cos_sin = _converted(cos_sin, F32, "cos_sin", 2)
+    max_pos, head_dim = cos_sin.shape
+    heads, kv_heads = weights.num_heads, weights.num_kv_heads
+    ffn_width = weights.w_down.cols
+    residual_ptr = 0 if residual is None else _residual_rows(residual, tokens, hidden).data_ptr()
+    k_cache, v_cache = attention.k_caches[layer], attention.v_caches[layer]
+    if attention.cpu_step is None:
+        attention.cpu_step = _step_arguments(attention, kv_heads, head_dim)
+    step, cache_shape = attention.cpu_step[:2]
+    if _cache_shape(k_cache, "k_cache") != cache_shape or \
+            _cache_shape(v_cache, "v_cache") != cache_shape:
+        _fail("k_cache/v_cache", "every layer's caches must have the same layout")
+    out = torch.empty(tokens, hidden, dtype=F32)
+    new_residual = torch.empty(tokens, hidden, dtype=F32)
+    _C.decoder_layer(
+        rows.data_ptr(), residual_ptr,
+        _converted(weights.attn_norm, F32, "attn_norm", 1).data_ptr(),
+        _converted(weights.ffn_norm, F32, "ffn_norm", 1).data_ptr(), weights.eps,
+        _packed(weights.wqkv, (heads + 2 * kv_heads) * head_dim, hidden, "wqkv"),
+        _packed(weights.wo, hidden, heads * head_dim, "wo"),
+        _packed(weights.w_gate_up, 2 * ffn_width, hidden, "w_gate_up"),
+        _packed(weights.w_down, hidden, ffn_width, "w_down"),
+        positions.data_ptr(), cos_sin.data_ptr(), max_pos, k_cache.data_ptr(),
+        v_cache.data_ptr(), step, out.data_ptr(), new_residual.data_ptr(), tokens, hidden,
+        heads, kv_heads, head_dim, ffn_width, INT8_ACTIVATIONS_DEFAULT)
+    return out, new_residual
+
+
+def _step_arguments(attention, kv_heads: int, head_dim: int) -> tuple:
+    """(the step tuple of _C.decoder_layer, the cache shape, the tensors behind its
+    addresses), checked once per step: every layer attends with the same metadata."""
+    cache_shape = _cache_shape(attention.k_caches[0], "k_cache")
+    num_blocks, block_size, cache_kv_heads, cache_head_dim = cache_shape
+    if cache_kv_heads != kv_heads or cache_head_dim != head_dim:
+        _fail("k_cache", "[Hkv, D] must match the model's")
+    slots = _converted(attention.slot_mapping, I64, "slot_mapping", 1)
+    tables = _converted(attention.block_tables, I32, "block_tables", 2)
+    lens = _converted(attention.context_lens, I32, "context_lens", 1)
+    cu_seqlens = _converted(attention.cu_seqlens_q, I32, "cu_seqlens_q", 1)
+    num_seqs = lens.numel()
+    if cu_seqlens.numel() != num_seqs + 1 or tables.shape[0] < num_seqs:
+        _fail("cu_seqlens_q / block_tables", "one entry per sequence expected")
+    if slots.numel() != int(cu_seqlens[-1]):
+        _fail("slot_mapping", "one slot per query token expected")
+    step = (num_blocks, block_size, slots.data_ptr(), tables.data_ptr(), tables.shape[1],
+            lens.data_ptr(), cu_seqlens.data_ptr(), num_seqs, attention.scale)
+    return step, cache_shape, (slots, tables, lens, cu_seqlens)
