@@ -4,21 +4,32 @@ SmolLM2-135M decode calls these ~300 times per token on one-row inputs, where th
 wrapper (argument checks, tensor -> extension hand-over, output allocation) can cost more
 than the kernel. Shapes: x [1, 576]; q [1, 9, 64] and k/v [1, 3, 64] as strided slices of
 a [1, 960] fused QKV output; caches [64 blocks, 16, 3, 64]; one sequence of context 100;
-quant_matmul of [1, 576] by a Q4_1 [576, 576] weight.
+quant_matmul of [1, 576] by a Q4_1 [576, 576] weight. The fused block ops (csrc/block.cpp)
+run at the same shapes with random Q4_1 weights of one SmolLM2 layer: qkv_projection,
+block_output, and decoder_layer (both, with the paged store and attention between them),
+which together replace the nine single-op calls of a layer.
 
-    .venv/bin/python benchmarks/ops_cpu_call_overhead.py [--calls N] [--rounds R]
+    .venv/bin/python benchmarks/ops_cpu_call_overhead.py [--calls N] [--rounds R] [--save]
+
+--save writes the table to benchmarks/results/ops-cpu-call-overhead-<date>.md.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from llama_engine.kernels.cpu import ops
+from llama_engine import kernels
+from llama_engine.kernels.cpu import block, ops
 from llama_engine.kernels.cpu import quant as cpu_quant
 from llama_engine.quant import quantize
+
+RESULTS_DIR = Path(__file__).parent / "results"
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 576, 9, 3, 64, 1536
 NUM_BLOCKS, BLOCK_SIZE, CONTEXT = 64, 16, 100
@@ -57,6 +68,13 @@ def decode_cases() -> dict[str, Callable[[], object]]:
     context_lens = torch.tensor([CONTEXT], dtype=torch.int32)
     cu_seqlens_q = torch.tensor([0, 1], dtype=torch.int32)
     packed = quantize(torch.randn(HIDDEN, HIDDEN), "Q4_1")
+    layer = kernels.BlockWeights(
+        torch.rand(HIDDEN) + 0.5, quantize(torch.randn(q_size + 2 * kv_size, HIDDEN), "Q4_1"),
+        packed, torch.rand(HIDDEN) + 0.5, quantize(torch.randn(2 * FFN, HIDDEN), "Q4_1"),
+        quantize(torch.randn(HIDDEN, FFN), "Q4_1"), 1e-5, HEADS, KV_HEADS)
+    attention = kernels.PagedAttention([k_cache], [v_cache], slots, block_tables,
+                                       context_lens, cu_seqlens_q, 0.125)
+    w = layer
     return {
         "rms_norm": lambda: ops.rms_norm(x, weight, 1e-5),
         "rms_norm +residual": lambda: ops.rms_norm(x, weight, 1e-5, residual),
@@ -66,6 +84,12 @@ def decode_cases() -> dict[str, Callable[[], object]]:
         "paged_attention": lambda: ops.paged_attention(q, k_cache, v_cache, block_tables,
                                                        context_lens, cu_seqlens_q, 0.125),
         "quant_matmul Q4_1 576x576": lambda: cpu_quant.quant_matmul(x, packed),
+        "qkv_projection (fused)": lambda: block.qkv_projection(
+            x, residual, w.attn_norm, w.eps, w.wqkv, positions, cos_sin, HEADS, KV_HEADS),
+        "block_output (fused)": lambda: block.block_output(
+            q, residual, w.wo, w.ffn_norm, w.eps, w.w_gate_up, w.w_down),
+        "decoder_layer (one layer)": lambda: block.decoder_layer(
+            0, x, residual, positions, cos_sin, w, attention),
     }
 
 
@@ -73,12 +97,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    rows = ["| op | us/call |", "|---|---:|"]
     print(f"{'op':28s} {'us/call':>8s}")
     for name, fn in decode_cases().items():
-        calls = args.calls // 5 if "attention" in name or "matmul" in name else args.calls
-        print(f"{name:28s} {per_call_us(fn, calls, args.rounds):8.2f}", flush=True)
+        cheap = not any(word in name for word in ("attention", "matmul", "fused", "layer"))
+        calls = args.calls if cheap else args.calls // 5
+        us = per_call_us(fn, calls, args.rounds)
+        print(f"{name:28s} {us:8.2f}", flush=True)
+        rows.append(f"| {name} | {us:.2f} |")
+    if args.save:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        path = RESULTS_DIR / f"ops-cpu-call-overhead-{now:%Y-%m-%d}.md"
+        path.write_text("\n".join([
+            f"# CPU kernel wrappers per call at decode shapes ({now:%Y-%m-%d %H:%M} UTC)", "",
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}, OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; best of {args.rounds} rounds "
+            "(see the script's docstring for the shapes). The steady state repeats one call, "
+            "so caches are warm: these are call costs, not DRAM-bound figures.", ""] + rows)
+            + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
