@@ -28,6 +28,16 @@ def _activation_rows(x: torch.Tensor, name: str, width: int) -> torch.Tensor:
     return x
 
 
+def _token_inputs(x: torch.Tensor, hidden: int, positions: torch.Tensor,
+                  cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x as dense float32 [T, hidden], positions as int64 [T], cos_sin as float32 [P, D]."""
+    rows = _activation_rows(x, "x", hidden)
+    positions = _converted(positions, I64, "positions", 1)
+    if positions.shape[0] != rows.shape[0]:
+        _fail("positions", "one per token expected")
+    return rows, positions, _converted(cos_sin, F32, "cos_sin", 2)
+
+
 def _residual_rows(residual: torch.Tensor, tokens: int, hidden: int) -> torch.Tensor:
     residual = _activation_rows(residual, "residual", hidden)
     if residual.shape[0] != tokens:
@@ -52,14 +62,9 @@ def qkv_projection(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
     when residual is None); D is cos_sin's width.
     """
     hidden = norm_weight.shape[0]
-    rows = _activation_rows(x, "x", hidden)
-    tokens = rows.shape[0]
+    rows, positions, cos_sin = _token_inputs(x, hidden, positions, cos_sin)
+    tokens, (max_pos, head_dim) = rows.shape[0], cos_sin.shape
     norm_weight = _converted(norm_weight, F32, "norm_weight", 1)
-    positions = _converted(positions, I64, "positions", 1)
-    if positions.shape[0] != tokens:
-        _fail("positions", "one per token expected")
-    cos_sin = _converted(cos_sin, F32, "cos_sin", 2)
-    max_pos, head_dim = cos_sin.shape
     weight = _packed(wqkv, (num_heads + 2 * num_kv_heads) * head_dim, hidden, "wqkv")
     if residual is None:
         new_residual, residual_ptr, new_residual_ptr = x, 0, 0
@@ -109,13 +114,8 @@ def decoder_layer(layer: int, x: torch.Tensor, residual: torch.Tensor | None,
     ``layer``, then block_output, in one extension call; weights is a kernels.BlockWeights.
     Returns (block output, new residual), both [T, C]."""
     hidden = weights.attn_norm.shape[0]
-    rows = _activation_rows(x, "x", hidden)
-    tokens = rows.shape[0]
-    positions = _converted(positions, I64, "positions", 1)
-    if positions.shape[0] != tokens:
-        _fail("positions", "one per token expected")
-    cos_sin = _converted(cos_sin, F32, "cos_sin", 2)
-    max_pos, head_dim = cos_sin.shape
+    rows, positions, cos_sin = _token_inputs(x, hidden, positions, cos_sin)
+    tokens, (max_pos, head_dim) = rows.shape[0], cos_sin.shape
     heads, kv_heads = weights.num_heads, weights.num_kv_heads
     ffn_width = weights.w_down.cols
     residual_ptr = 0 if residual is None else _residual_rows(residual, tokens, hidden).data_ptr()
