@@ -108,9 +108,12 @@ def linear(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
     return torch.nn.functional.linear(x, weight)
 
 
-# ---- the two halves of a decoder block around attention ----------------------------------
-# Packed weights on the CPU run each half as one fused extension call (at decode every op
-# in it is cheaper than a Python call); everything else composes the ops above.
+# ---- decoder-block ops ---------------------------------------------------------------------
+# Packed weights on the CPU run each of these as one fused extension call (at decode every
+# op inside is cheaper than a Python call); everything else composes the ops above.
+
+# attend(layer, q [T, H, D], k, v [T, Hkv, D]) -> attention output [T, H, D]
+AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 def _packed_on_cpu(*weights: Tensor | PackedWeight) -> bool:
     for w in weights:
@@ -188,8 +191,7 @@ class BlockWeights(NamedTuple):
 
 
 def decoder_layer(layer: int, x: Tensor, residual: Tensor | None, positions: Tensor,
-                  cos_sin: Tensor, weights: BlockWeights,
-                  attend: Callable[[int, Tensor, Tensor, Tensor], Tensor]
+                  cos_sin: Tensor, weights: BlockWeights, attend: AttendFn
                   ) -> tuple[Tensor, Tensor]:
     """One pre-norm decoder block: qkv_projection, attend(layer, q, k, v), block_output.
     Returns (block output, new residual). Packed weights on the CPU with PagedAttention run

@@ -8,8 +8,6 @@ cache, so nothing here knows how the cache is laid out.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -18,7 +16,7 @@ from llama_engine.config import ModelConfig, rope_inv_freq
 from llama_engine.quant import PackedWeight
 
 Weight = torch.Tensor | PackedWeight
-AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AttendFn = kernels.AttendFn
 
 
 def concat_rows(weights: list[Weight]) -> Weight:
