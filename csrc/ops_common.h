@@ -6,7 +6,11 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <omp.h>
+
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -48,6 +52,31 @@ void parallel_for(int64_t n, bool threaded, Body&& body) {
     }
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) body(i);
+}
+
+// For each thread of the OpenMP team, state = make_state(); then body(state, item) for
+// every item in [0, n), each exactly once. Items are cut into one contiguous run per thread
+// (streaming neighbouring rows keeps the prefetchers ahead), and a thread that finishes its
+// run takes the items still waiting in the others' runs. A plain static split makes every
+// call wait for its slowest thread: in the HTTP server, where the event loop and the
+// clients share the cores, one-stream decode took 10 ms per token instead of 6.
+template <class MakeState, class Body>
+void for_each_in_runs(int64_t n, MakeState&& make_state, Body&& body) {
+    const int runs = omp_get_max_threads();
+    // each run's next item: owner and helpers draw from the same counter
+    std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[runs]);
+    for (int r = 0; r < runs; ++r) next[r].store(n * r / runs, std::memory_order_relaxed);
+#pragma omp parallel num_threads(runs)
+    {
+        auto state = make_state();
+        const int self = omp_get_thread_num();
+        for (int k = 0; k < runs; ++k) {  // all runs, even if the team came up smaller
+            const int r = (self + k) % runs;
+            const int64_t end = n * (r + 1) / runs;
+            for (int64_t item; (item = next[r].fetch_add(1, std::memory_order_relaxed)) < end;)
+                body(state, item);
+        }
+    }
 }
 
 // max() that GCC vectorises inside `omp simd reduction(max : ...)` loops (std::max, which

@@ -130,46 +130,51 @@ struct ChunkBuffer {
 
 // tile(r0, valid_rows, c0, acts) for every kTileRows x acts_per_tile tile of y [M, N], rows
 // of W in chunks of kChunkRows spread over threads (kernels reading GGUF rows directly).
-// Static: each thread streams one contiguous run of rows, which the kernels prefetch ahead
-// of (dynamic hand-out interleaves the threads' rows and measured ~1.5x slower at decode).
+// Each thread streams a contiguous run of rows, which the kernels prefetch ahead of
+// (chunks handed out round-robin interleave the threads' rows: ~1.5x slower at decode).
 template <class TileFn>
 void for_each_packed_tile(int N, int M, int K, int acts_per_tile, TileFn&& tile) {
     const int n_chunks = (N + kChunkRows - 1) / kChunkRows;
-#pragma omp parallel for schedule(static) if (worth_threads(M, N, K))
-    for (int chunk = 0; chunk < n_chunks; ++chunk) {
+    const auto run_chunk = [&](int chunk) {
         const int chunk_end = std::min(N, (chunk + 1) * kChunkRows);
         for (int r0 = chunk * kChunkRows; r0 < chunk_end; r0 += kTileRows)
             for (int c0 = 0; c0 < M; c0 += acts_per_tile)
                 tile(r0, std::min(kTileRows, chunk_end - r0), c0, std::min(acts_per_tile, M - c0));
+    };
+    if (!worth_threads(M, N, K)) {
+        for (int chunk = 0; chunk < n_chunks; ++chunk) run_chunk(chunk);
+        return;
     }
+    llama_ops::for_each_in_runs(n_chunks, [] { return 0; },
+                                [&](int, int64_t chunk) { run_chunk(static_cast<int>(chunk)); });
 }
 
 // Each thread owns make_buffer(); per (tile of kActTileRows rows of x, chunk of W rows):
 // decode(buffer, n0, chunk_rows), then tile(buffer, n0, r0, valid_rows, c0, acts) with r0
-// relative to the chunk.
+// relative to the chunk. A thread walks consecutive chunks, which the decoders prefetch.
 template <class MakeBuffer, class DecodeFn, class TileFn>
 void for_each_decoded_tile(int N, int M, int K, int acts_per_tile, MakeBuffer&& make_buffer,
                            DecodeFn&& decode, TileFn&& tile) {
     const int n_chunks = (N + kChunkRows - 1) / kChunkRows;
     const int m_tiles = (M + kActTileRows - 1) / kActTileRows;
-#pragma omp parallel if (worth_threads(M, N, K))
-    {
+    const auto run_item = [&](auto& buffer, int64_t item) {
+        const int m_tile = static_cast<int>(item / n_chunks);
+        const int n0 = static_cast<int>(item % n_chunks) * kChunkRows;
+        const int chunk_rows = std::min(kChunkRows, N - n0);
+        decode(buffer, n0, chunk_rows);
+        const int m1 = std::min(M, (m_tile + 1) * kActTileRows);
+        for (int r0 = 0; r0 < chunk_rows; r0 += kTileRows)
+            for (int c0 = m_tile * kActTileRows; c0 < m1; c0 += acts_per_tile)
+                tile(buffer, n0, r0, std::min(kTileRows, chunk_rows - r0), c0,
+                     std::min(acts_per_tile, m1 - c0));
+    };
+    const int64_t items = static_cast<int64_t>(m_tiles) * n_chunks;
+    if (!worth_threads(M, N, K)) {
         auto buffer = make_buffer();
-        // static: each thread walks consecutive chunks, which the decoders prefetch
-#pragma omp for collapse(2) schedule(static)
-        for (int m_tile = 0; m_tile < m_tiles; ++m_tile) {
-            for (int chunk = 0; chunk < n_chunks; ++chunk) {
-                const int n0 = chunk * kChunkRows;
-                const int chunk_rows = std::min(kChunkRows, N - n0);
-                decode(buffer, n0, chunk_rows);
-                const int m1 = std::min(M, (m_tile + 1) * kActTileRows);
-                for (int r0 = 0; r0 < chunk_rows; r0 += kTileRows)
-                    for (int c0 = m_tile * kActTileRows; c0 < m1; c0 += acts_per_tile)
-                        tile(buffer, n0, r0, std::min(kTileRows, chunk_rows - r0), c0,
-                             std::min(acts_per_tile, m1 - c0));
-            }
-        }
+        for (int64_t item = 0; item < items; ++item) run_item(buffer, item);
+        return;
     }
+    llama_ops::for_each_in_runs(items, make_buffer, run_item);
 }
 
 int64_t packed_row_bytes(QType t, int K) {
