@@ -24,14 +24,13 @@ constexpr int64_t kKeyTile = 16;        // keys scored together (one AVX-512 reg
 constexpr int64_t kRowBlock = 4;        // query rows sharing each loaded key column
 constexpr int64_t kTileRowTarget = 32;  // query rows (tokens x group heads) per tile
 
-// k/v [tokens, Hkv, D] float32, each token's heads dense, tokens k_stride / v_stride
-// elements apart; the caches dense float32 [capacity slots, Hkv, D] (`width` = Hkv * D);
-// slot_mapping int64 [tokens], negative for padding tokens.
 }  // namespace
 
-void llama_ops::store_kv(std::uintptr_t k, int64_t k_stride, std::uintptr_t v, int64_t v_stride,
-              std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t slot_mapping,
-              int64_t tokens, int64_t width, int64_t capacity) {
+// Arguments: see cpu_ops.h.
+void llama_ops::store_kv(std::uintptr_t k, int64_t k_stride, std::uintptr_t v,
+                         int64_t v_stride, std::uintptr_t k_cache, std::uintptr_t v_cache,
+                         std::uintptr_t slot_mapping, int64_t tokens, int64_t width,
+                         int64_t capacity) {
     const TokenRows<const float> k_rows{tensor_at<const float>(k), tokens, k_stride, width};
     const TokenRows<const float> v_rows{tensor_at<const float>(v), tokens, v_stride, width};
     float* k_dst = tensor_at<float>(k_cache);
@@ -342,18 +341,16 @@ std::vector<Tile> plan_tiles(const AttentionProblem& p, const int32_t* context_l
     return tiles;
 }
 
-// q [tokens, H, D] float32, each token's heads dense, tokens q_stride elements apart; out
-// dense [tokens, H, D]; caches dense float32 [num_blocks, block_size, Hkv, D] with H a
-// multiple of Hkv; block_tables dense int32 [>= num_seqs, max_blocks]; context_lens int32
-// [num_seqs] and cu_seqlens_q int32 [num_seqs + 1] (their values are checked here).
 }  // namespace
 
-void llama_ops::paged_attention(std::uintptr_t q, int64_t q_stride, int64_t tokens, int64_t num_heads,
-                     int64_t head_dim, std::uintptr_t k_cache, std::uintptr_t v_cache,
-                     int64_t num_blocks, int64_t block_size, int64_t num_kv_heads,
-                     std::uintptr_t block_tables, int64_t max_blocks,
-                     std::uintptr_t context_lens, std::uintptr_t cu_seqlens_q, int64_t num_seqs,
-                     float scale, std::uintptr_t out) {
+// Arguments: see cpu_ops.h.
+void llama_ops::paged_attention(std::uintptr_t q, int64_t q_stride, int64_t tokens,
+                                int64_t num_heads, int64_t head_dim, std::uintptr_t k_cache,
+                                std::uintptr_t v_cache, int64_t num_blocks, int64_t block_size,
+                                int64_t num_kv_heads, std::uintptr_t block_tables,
+                                int64_t max_blocks, std::uintptr_t context_lens,
+                                std::uintptr_t cu_seqlens_q, int64_t num_seqs, float scale,
+                                std::uintptr_t out) {
     const AttentionProblem p{{tensor_at<const float>(q), tokens, q_stride, num_heads * head_dim},
                              tensor_at<float>(out),
                              tensor_at<const float>(k_cache),
