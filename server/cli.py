@@ -45,6 +45,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-gib", type=float, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--state-dir", default=None,
+                        help="where datasets, jobs, checkpoints, memory banks and agents persist "
+                             "(SQLite; default: $LLAMA_ENGINE_STATE_DIR or ~/.local/share/llama-engine)")
     parser.add_argument("--log-level", default="INFO")
 
 
