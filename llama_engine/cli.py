@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
-    from llama_engine.bench import add_bench_parsers
+    from benchmarks import add_bench_parsers
     add_bench_parsers(sub.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench", required=True))
 

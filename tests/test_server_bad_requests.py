@@ -10,7 +10,7 @@ from typing import Any, Iterator, Optional
 import pytest
 import requests
 
-from server.testing import ServerProcess, running_server
+from tests.server_process import ServerProcess, running_server
 
 pytestmark = pytest.mark.slow
 

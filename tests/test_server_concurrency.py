@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import aiohttp
 import pytest
 
-from server.testing import ServerProcess, running_server
+from tests.server_process import ServerProcess, running_server
 
 pytestmark = pytest.mark.slow
 

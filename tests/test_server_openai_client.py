@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from server.testing import ServerProcess, running_server
+from tests.server_process import ServerProcess, running_server
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow

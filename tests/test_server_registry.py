@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from server.cli import split_model_argument
-from server.testing import ServerProcess, running_server
+from tests.server_process import ServerProcess, running_server
 
 TIMEOUT_S = 300
 MAX_TOKENS = 6

@@ -20,7 +20,7 @@ try:
 except ImportError:  # the test below skips; nothing to register
     schemathesis = None
 
-from server.testing import running_server
+from tests.server_process import running_server
 
 MAX_MODEL_LEN = 64  # bounds every generation (max_tokens=0 runs to the context limit)
 MAX_EXAMPLES = 4  # per operation and phase: keeps the run to a couple of minutes on a CPU
