@@ -10,4 +10,5 @@ PYBIND11_MODULE(_C, m) {
     register_attention(m);
     register_sampling(m);
     register_block(m);
+    register_lora(m);
 }

@@ -7,3 +7,4 @@ void register_norm(pybind11::module_& m);
 void register_attention(pybind11::module_& m);
 void register_sampling(pybind11::module_& m);
 void register_block(pybind11::module_& m);
+void register_lora(pybind11::module_& m);

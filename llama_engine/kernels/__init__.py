@@ -227,3 +227,96 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
     if _use_cpu(logits):
         return _cpu.sample(logits, temperature, top_k, top_p, min_p, uniform)
     return reference.sample(logits, temperature, top_k, top_p, min_p, uniform)
+
+
+# ---- batched LoRA --------------------------------------------------------------------------
+# One step mixes tokens of many adapters and of the base model. The adapters resident on
+# the device are stacked per projection (LoRAStack); LoRAMapping says which slot each of
+# the step's tokens uses. Layouts and formulas: the batched LoRA section of reference.py.
+
+class LoRAMapping(NamedTuple):
+    """Which adapter slot each token of one step uses; the same for every layer.
+
+    seg_indptr int32 [S + 1] token offsets of S segments; seg_slots int32 [S], -1 for no
+    adapter; max_seg_len, the longest segment, sizes GPU grids without a device sync.
+    """
+    seg_indptr: Tensor
+    seg_slots: Tensor
+    max_seg_len: int
+
+
+def lora_mapping(seg_lens: list[int], seg_slots: list[int],
+                 device: torch.device | str = "cpu") -> LoRAMapping:
+    """The mapping of a step whose tokens are laid out as segments of the given lengths (a
+    scheduled sequence's new tokens each, in batch order) using the given slots (-1: none).
+    Neighbouring segments of the same slot merge, so a run of decodes of one adapter reads
+    its weights once. Raises ValueError for mismatched lists or negative lengths."""
+    if len(seg_lens) != len(seg_slots) or any(n < 0 for n in seg_lens):
+        raise ValueError("seg_lens and seg_slots: one non-negative length per slot expected")
+    lens: list[int] = []
+    slots: list[int] = []
+    for n, slot in zip(seg_lens, seg_slots):
+        if slots and slots[-1] == slot:
+            lens[-1] += n
+        else:
+            lens.append(n)
+            slots.append(slot)
+    indptr = [0]
+    for n in lens:
+        indptr.append(indptr[-1] + n)
+    return LoRAMapping(torch.tensor(indptr, dtype=torch.int32, device=device),
+                       torch.tensor(slots, dtype=torch.int32, device=device), max(lens, default=0))
+
+
+class LoRAStack(NamedTuple):
+    """The resident adapters' weights for one (possibly fused) projection, one slot each.
+
+    a_stack [slots, P*R, K], b_stack [slots, R, N] (B^T), scales float32 [slots, P],
+    slice_offsets: P + 1 output column offsets (0 .. N; P sub-projections, e.g. q, k, v),
+    magnitude_ratio [slots, N] (DoRA: m / ||W + s B A|| per output row, 1 for LoRA slots)
+    or None when no resident adapter uses DoRA.
+    """
+    a_stack: Tensor
+    b_stack: Tensor
+    scales: Tensor
+    slice_offsets: tuple[int, ...]
+    magnitude_ratio: Tensor | None
+
+
+def _lora_needs_grad(*tensors: Tensor | None) -> bool:
+    """The kernels write without autograd: a step that needs gradients takes the reference."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def lora_shrink(x: Tensor, a_stack: Tensor, mapping: LoRAMapping) -> Tensor:
+    """h [T, P*R] float32 = x [T, K] @ A_slot^T per token, zero for tokens with no adapter
+    (Punica's SGMV shrink)."""
+    if _lora_needs_grad(x, a_stack):
+        return reference.lora_shrink(x, a_stack, mapping.seg_indptr, mapping.seg_slots)
+    if _use_triton(x):
+        return _triton().lora_shrink(x, a_stack, mapping.seg_indptr, mapping.seg_slots,
+                                     mapping.max_seg_len)
+    if _use_cpu(x) and a_stack.dtype == torch.float32:
+        return _cpu.lora_shrink(x, a_stack, mapping.seg_indptr, mapping.seg_slots)
+    return reference.lora_shrink(x, a_stack, mapping.seg_indptr, mapping.seg_slots)
+
+
+def lora_expand(y: Tensor, h: Tensor, stack: LoRAStack, mapping: LoRAMapping) -> Tensor:
+    """In place on y [T, N], the base projection's output: for tokens with slot s and each
+    output slice p, y = ratio_s * (y + scale_{s,p} * h[:, p*R:(p+1)*R] @ B_{s,p}^T)
+    (Punica's SGMV expand; DoRA's per-row ratio fused in). Returns y."""
+    args = (stack.b_stack, stack.slice_offsets, stack.scales, mapping.seg_indptr,
+            mapping.seg_slots)
+    if _lora_needs_grad(y, h, stack.b_stack):
+        return reference.lora_expand(y, h, *args, stack.magnitude_ratio)
+    if _use_triton(y):
+        return _triton().lora_expand(y, h, *args, mapping.max_seg_len, stack.magnitude_ratio)
+    if _use_cpu(y) and stack.b_stack.dtype == torch.float32 and y.is_contiguous():
+        return _cpu.lora_expand(y, h, *args, stack.magnitude_ratio)
+    return reference.lora_expand(y, h, *args, stack.magnitude_ratio)
+
+
+def add_lora(y: Tensor, x: Tensor, stack: LoRAStack, mapping: LoRAMapping) -> Tensor:
+    """y (= x @ W^T, [T, N]) updated in place to the adapted projection of x [T, K]:
+    lora_expand(y, lora_shrink(x)). Returns y."""
+    return lora_expand(y, lora_shrink(x, stack.a_stack, mapping), stack, mapping)

@@ -163,3 +163,62 @@ def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int
     chosen_lp = logprobs.gather(1, chosen[:, None]).squeeze(1)
     top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], chosen[:, None][:, :0])
     return chosen_lp, top_ids, top_lp
+
+
+# ---- batched LoRA ----------------------------------------------------------------------------
+# A step's tokens come in segments (a sequence's tokens, or a run of sequences), each using
+# one adapter slot of the stacked weights, or -1 for none: Punica's SGMV layout (Chen et al.
+# 2023, "Punica: Multi-Tenant LoRA Serving"; S-LoRA, Sheng et al. 2023).
+#   seg_indptr  int [S + 1]   token offsets of the segments, 0 .. T
+#   seg_slots   int [S]       adapter slot of each segment, -1: no adapter
+# A (possibly fused) projection with P output slices (q, k, v of the fused QKV; P = 1
+# otherwise) and adapter rank R stacks its slots as
+#   a_stack     [slots, P * R, K]   the P sub-projections' A, one under the other
+#   b_stack     [slots, R, N]       B^T, the P sub-projections side by side along N
+#   scales      [slots, P]          alpha / r (alpha / sqrt(r) for rsLoRA) per sub-projection
+# so that slice p (columns slice_offsets[p]:slice_offsets[p + 1]) reads h's columns
+# p*R:(p+1)*R: a block-diagonal B stored without its zero blocks.
+
+def lora_token_slots(seg_indptr: torch.Tensor, seg_slots: torch.Tensor,
+                     num_tokens: int) -> torch.Tensor:
+    """The adapter slot of every token, int64 [T] (-1: no adapter), from the segments."""
+    lengths = (seg_indptr[1:] - seg_indptr[:-1]).long()
+    return torch.repeat_interleave(seg_slots.long(), lengths, output_size=num_tokens)
+
+
+def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, seg_indptr: torch.Tensor,
+                seg_slots: torch.Tensor) -> torch.Tensor:
+    """h = x @ A_slot^T per token: x [T, K], a_stack [slots, P*R, K] -> h [T, P*R] float32,
+    zero for tokens with no adapter. Computed in float32 from the inputs' values."""
+    slots = lora_token_slots(seg_indptr, seg_slots, x.shape[0])
+    a = a_stack[slots.clamp(min=0)].float()  # [T, P*R, K]
+    h = torch.einsum("tk,trk->tr", x.float(), a)
+    return torch.where((slots >= 0)[:, None], h, torch.zeros_like(h))
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
+                slice_offsets: tuple[int, ...], scales: torch.Tensor, seg_indptr: torch.Tensor,
+                seg_slots: torch.Tensor, magnitude_ratio: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """In place on y [T, N] (the base projection's output), for tokens with slot s >= 0 and
+    each output slice p:
+
+        y[t, cols_p] = ratio[s, cols_p] * (y[t, cols_p] + scales[s, p] * h[t, p*R:(p+1)*R] @ b_stack[s][:, cols_p])
+
+    h [T, P*R] (float32, from lora_shrink), b_stack [slots, R, N], scales [slots, P],
+    magnitude_ratio [slots, N] (DoRA; None: 1). Tokens with no adapter keep y. Returns y.
+    """
+    slots = lora_token_slots(seg_indptr, seg_slots, y.shape[0])
+    rows = torch.nonzero(slots >= 0).squeeze(1)
+    s = slots[rows]
+    rank = b_stack.shape[1]
+    out = y[rows].float()
+    for p in range(len(slice_offsets) - 1):
+        lo, hi = slice_offsets[p], slice_offsets[p + 1]
+        delta = torch.einsum("tr,trn->tn", h[rows, p * rank:(p + 1) * rank].float(),
+                             b_stack[s, :, lo:hi].float())
+        out[:, lo:hi] += scales[s, p].float()[:, None] * delta
+    if magnitude_ratio is not None:
+        out *= magnitude_ratio[s].float()
+    y[rows] = out.to(y.dtype)
+    return y

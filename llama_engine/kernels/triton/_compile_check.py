@@ -98,6 +98,13 @@ def _exercise_wrappers(dtype: torch.dtype) -> None:
         weight = quantize(torch.randn(48, 128), qtype)
         tk.quant_matmul(x[:1, :64].repeat(1, 2), weight)  # decode path
         tk.quant_matmul(torch.randn(tokens, 128).to(dtype), weight)  # prefill path
+    # batched LoRA: 3 slots, rank 16 over 3 output slices, one base and one adapter segment
+    segments = (torch.tensor([0, 1, tokens], dtype=torch.int32),
+                torch.tensor([2, -1], dtype=torch.int32))
+    h = tk.lora_shrink(x, torch.randn(3, 48, hidden).to(dtype), *segments, tokens - 1)
+    tk.lora_expand(torch.randn(tokens, 80).to(dtype), h, torch.randn(3, 16, 80).to(dtype),
+                   (0, 40, 60, 80), torch.rand(3, 3), *segments, tokens - 1,
+                   torch.rand(3, 80).to(dtype))
 
 
 def _exercise_sampling() -> None:

@@ -1,0 +1,91 @@
+"""Torch-facing wrappers of the C++ batched LoRA kernels (csrc/lora.cpp).
+
+Same results as ``reference.lora_shrink`` / ``reference.lora_expand`` for float32 CPU
+tensors (the stacked weights, scales and ratios included); the segment tensors may be int32
+or int64. As the other hot ops do, the extension gets addresses, and every check that keeps
+them safe happens here; the segment values themselves are checked in C++.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from llama_engine import _C
+from llama_engine.kernels.cpu.ops import F32, I32, I64, _converted, _dense_float32, _fail
+
+
+def _segments(seg_indptr: torch.Tensor, seg_slots: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    seg_indptr = _converted(seg_indptr, I32, "seg_indptr", 1)
+    seg_slots = _converted(seg_slots, I32, "seg_slots", 1)
+    if seg_indptr.numel() != seg_slots.numel() + 1:
+        _fail("seg_indptr", "needs one more entry than seg_slots")
+    return seg_indptr, seg_slots
+
+
+def _weights(t: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
+    """Stacked adapter weights are laid out once by their owner: dense float32 expected."""
+    if not (t.dtype is F32 and t.is_cpu and t.is_contiguous() and t.dim() == ndim):
+        _fail(name, f"expected a C-contiguous float32 CPU tensor with {ndim} dims, got "
+                    f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)} on {t.device}")
+    return t
+
+
+@functools.lru_cache(maxsize=256)
+def _offsets_tensor(slice_offsets: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(slice_offsets, dtype=I64)
+
+
+def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, seg_indptr: torch.Tensor,
+                seg_slots: torch.Tensor) -> torch.Tensor:
+    """h [T, P*R] float32 = x [T, K] @ a_stack[slot]^T per segment; zero rows where the
+    slot is -1. Raises ValueError for mismatched shapes or bad segments."""
+    x = _dense_float32(x, "x")
+    a_stack = _weights(a_stack, "a_stack", 3)
+    if x.dim() != 2 or x.shape[1] != a_stack.shape[2]:
+        _fail("x", f"expected [T, {a_stack.shape[2]}], got {tuple(x.shape)}")
+    seg_indptr, seg_slots = _segments(seg_indptr, seg_slots)
+    tokens, rows = x.shape[0], a_stack.shape[1]
+    h = torch.empty((tokens, rows), dtype=F32)
+    _C.lora_shrink(x.data_ptr(), tokens, x.shape[1], a_stack.data_ptr(), a_stack.shape[0], rows,
+                   seg_indptr.data_ptr(), seg_slots.data_ptr(), seg_slots.numel(), h.data_ptr())
+    return h
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
+                slice_offsets: tuple[int, ...], scales: torch.Tensor, seg_indptr: torch.Tensor,
+                seg_slots: torch.Tensor, magnitude_ratio: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """In place on y [T, N]: y = ratio * (y + scale * h_slice @ b_stack[slot]) per segment
+    and output slice (see ``reference.lora_expand``). Returns y. Raises ValueError for
+    mismatched shapes, a y that is not dense float32, or bad segments."""
+    if not (y.dtype is F32 and y.is_cpu and y.is_contiguous() and y.dim() == 2):
+        _fail("y", "must be a C-contiguous float32 [T, N] CPU tensor (it is written in place)")
+    b_stack = _weights(b_stack, "b_stack", 3)
+    num_slots, rank, n = b_stack.shape
+    num_slices = len(slice_offsets) - 1
+    if (num_slices < 1 or slice_offsets[0] != 0 or slice_offsets[-1] != n
+            or any(b < a for a, b in zip(slice_offsets, slice_offsets[1:]))):
+        _fail("slice_offsets", f"must rise from 0 to {n}, got {slice_offsets}")
+    if y.shape[1] != n:
+        _fail("y", f"expected {n} columns, got {y.shape[1]}")
+    h = _dense_float32(h, "h")
+    if h.dim() != 2 or h.shape[0] != y.shape[0] or h.shape[1] < num_slices * rank:
+        _fail("h", f"expected [{y.shape[0]}, >= {num_slices * rank}], got {tuple(h.shape)}")
+    scales = _weights(scales, "scales", 2)
+    if tuple(scales.shape) != (num_slots, num_slices):
+        _fail("scales", f"expected [{num_slots}, {num_slices}], got {tuple(scales.shape)}")
+    ratio_ptr = 0
+    if magnitude_ratio is not None:
+        magnitude_ratio = _weights(magnitude_ratio, "magnitude_ratio", 2)
+        if tuple(magnitude_ratio.shape) != (num_slots, n):
+            _fail("magnitude_ratio", f"expected [{num_slots}, {n}], got "
+                                     f"{tuple(magnitude_ratio.shape)}")
+        ratio_ptr = magnitude_ratio.data_ptr()
+    seg_indptr, seg_slots = _segments(seg_indptr, seg_slots)
+    offsets = _offsets_tensor(tuple(slice_offsets))
+    _C.lora_expand(y.data_ptr(), y.shape[0], n, h.data_ptr(), h.shape[1], b_stack.data_ptr(),
+                   num_slots, rank, offsets.data_ptr(), num_slices, scales.data_ptr(), ratio_ptr,
+                   seg_indptr.data_ptr(), seg_slots.data_ptr(), seg_slots.numel())
+    return y
