@@ -22,7 +22,7 @@ GLOBAL_TENSORS = {"token_embd.weight": "embed", "output_norm.weight": "norm",
                   "output.weight": "lm_head", "rope_freqs.weight": "rope_freqs"}
 
 
-def _open(path: str):
+def open_reader(path: str):
     import gguf
     try:
         return gguf.GGUFReader(path)
@@ -32,7 +32,7 @@ def _open(path: str):
                              f"{type(e).__name__}: {e}") from e
 
 
-def _field(reader, key: str, default=None):
+def read_field(reader, key: str, default=None):
     f = reader.fields.get(key)
     if f is None:
         if default is None:
@@ -42,13 +42,13 @@ def _field(reader, key: str, default=None):
 
 
 def read_config(reader) -> ModelConfig:
-    arch = _field(reader, "general.architecture")
+    arch = read_field(reader, "general.architecture")
     if arch != "llama":
         raise ModelLoadError(f"unsupported architecture '{arch}' (general.architecture); "
                              "llama-engine runs 'llama' models")
     p = f"{arch}."
-    hidden = int(_field(reader, p + "embedding_length"))
-    heads = int(_field(reader, p + "attention.head_count"))
+    hidden = int(read_field(reader, p + "embedding_length"))
+    heads = int(read_field(reader, p + "attention.head_count"))
     shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
     if "token_embd.weight" not in shapes:
         raise ModelLoadError("GGUF has no 'token_embd.weight' tensor")
@@ -56,19 +56,19 @@ def read_config(reader) -> ModelConfig:
     return ModelConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(_field(reader, p + "feed_forward_length")),
-        num_layers=int(_field(reader, p + "block_count")),
+        intermediate_size=int(read_field(reader, p + "feed_forward_length")),
+        num_layers=int(read_field(reader, p + "block_count")),
         num_heads=heads,
-        num_kv_heads=int(_field(reader, p + "attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, p + "attention.key_length", hidden // heads)),
-        max_position_embeddings=int(_field(reader, p + "context_length", 2048)),
-        rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+        num_kv_heads=int(read_field(reader, p + "attention.head_count_kv", heads)),
+        head_dim=int(read_field(reader, p + "attention.key_length", hidden // heads)),
+        max_position_embeddings=int(read_field(reader, p + "context_length", 2048)),
+        rms_norm_eps=float(read_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(read_field(reader, p + "rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in shapes,
     )
 
 
-def _unpermute_rows(w: Weight, n_heads: int) -> Weight:
+def unpermute_rows(w: Weight, n_heads: int) -> Weight:
     """llama.cpp's converter interleaves the two rotary halves of each Q/K head; undo it
     so the model can use the HF "rotate half" convention for every format."""
     rows = w.shape[0]
@@ -78,7 +78,7 @@ def _unpermute_rows(w: Weight, n_heads: int) -> Weight:
     return w.select_rows(inverse) if isinstance(w, PackedWeight) else w[inverse].contiguous()
 
 
-def _tensor(t, dtype: torch.dtype, dequantize: bool) -> Weight:
+def read_tensor(t, dtype: torch.dtype, dequantize: bool) -> Weight:
     type_name = t.tensor_type.name
     data = np.array(t.data)  # copy out of the file's memory map
     if type_name in DENSE_TYPES:
@@ -96,7 +96,7 @@ def _tensor(t, dtype: torch.dtype, dequantize: bool) -> Weight:
 
 def load_gguf(path: str, dtype: torch.dtype, dequantize: bool) -> LoadedModel:
     from llama_engine.tokenizer import Tokenizer
-    reader = _open(path)
+    reader = open_reader(path)
     config = read_config(reader)
     weights: dict[str, Weight] = {}
     for t in reader.tensors:
@@ -107,10 +107,10 @@ def load_gguf(path: str, dtype: torch.dtype, dequantize: bool) -> LoadedModel:
             name = f"layers.{layer}.{LAYER_TENSORS[rest]}"
         else:
             raise ModelLoadError(f"tensor '{t.name}' is not part of a llama model")
-        weights[name] = _tensor(t, dtype, dequantize)
+        weights[name] = read_tensor(t, dtype, dequantize)
     for i in range(config.num_layers):
-        weights[f"layers.{i}.wq"] = _unpermute_rows(weights[f"layers.{i}.wq"], config.num_heads)
-        weights[f"layers.{i}.wk"] = _unpermute_rows(weights[f"layers.{i}.wk"], config.num_kv_heads)
+        weights[f"layers.{i}.wq"] = unpermute_rows(weights[f"layers.{i}.wq"], config.num_heads)
+        weights[f"layers.{i}.wk"] = unpermute_rows(weights[f"layers.{i}.wk"], config.num_kv_heads)
     if "rope_freqs" in weights:  # llama3 scaling, stored as per-frequency divisors
         config.extra["rope_freq_factors"] = weights.pop("rope_freqs").float().tolist()
     name = os.path.basename(path)

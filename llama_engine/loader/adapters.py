@@ -1,0 +1,312 @@
+"""LoRA / DoRA adapters: PEFT folders and llama.cpp GGUF adapters, read into one typed form.
+
+PEFT: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``), keys such as
+``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`` (A [r, in]), ``...lora_B
+.weight`` (B [out, r]) and, for DoRA, ``...lora_magnitude_vector`` (m [out]). The scale of
+a module is alpha / r (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r)), with r read from its
+tensors and alpha from ``alpha_pattern`` or ``lora_alpha``, matched as PEFT matches module
+names (a pattern key matches the name or a dotted suffix of it).
+
+llama.cpp (``convert_lora_to_gguf.py``): ``general.type = adapter``, ``adapter.lora.alpha``,
+tensors ``blk.N.attn_q.weight.lora_a`` [r, in] and ``.lora_b`` [out, r]; the converter
+permutes Q/K rows as it does for the base, so B's rows are permuted back here. Scale as in
+llama.cpp's ``llama_adapter_lora_weight::get_scale``: alpha / r, or 1 when alpha is 0.
+
+Everything comes out float32 under the model's own projection names (``wq`` .. ``w_down``).
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", eq. 5; PEFT's
+``DoraLinearLayer``) adapts W to m * (W + s B A) / ||W + s B A||_row; at serving time the
+per-row ratio m / ||W + s B A||_row is computed once (``resolve_dora``), after which
+y = ratio * (W x + s B A x) costs what a LoRA costs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from llama_engine.config import ModelConfig
+from llama_engine.loader import ModelLoadError
+
+# HF module name -> (parent module, our projection name)
+PROJECTIONS = {
+    "q_proj": ("self_attn", "wq"), "k_proj": ("self_attn", "wk"), "v_proj": ("self_attn", "wv"),
+    "o_proj": ("self_attn", "wo"), "gate_proj": ("mlp", "w_gate"), "up_proj": ("mlp", "w_up"),
+    "down_proj": ("mlp", "w_down"),
+}
+# llama.cpp tensor name (between "blk.N." and ".weight.lora_a/b") -> our projection name
+GGUF_PROJECTIONS = {"attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
+                    "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
+PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\."
+                      r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
+GGUF_KEY = re.compile(r"blk\.(\d+)\.(\w+)\.weight\.(lora_a|lora_b)")
+# PEFT options that change what the adapter computes in ways this engine does not run:
+# option -> the value that means "off".
+UNSUPPORTED_PEFT_OPTIONS = {
+    "modules_to_save": None, "lora_bias": False, "fan_in_fan_out": False,
+    "layer_replication": None, "trainable_token_indices": None, "target_parameters": None,
+    "alora_invocation_tokens": None, "use_qalora": False,
+}
+
+
+class AdapterLoadError(ModelLoadError):
+    """An adapter that cannot be served: the message names the file, key or option, and why."""
+
+
+@dataclass
+class LoRAWeights:
+    """One adapted projection: y += scale * B (A x), or with DoRA
+    y = magnitude_ratio * (W x + scale * B A x).
+
+    a float32 [r, in], b float32 [out, r]; magnitude (DoRA's m) float32 [out] or None;
+    magnitude_ratio float32 [out], m / ||W + scale B A||_row, set by ``resolve_dora``.
+    """
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    magnitude: torch.Tensor | None = None
+    magnitude_ratio: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass
+class LoRAAdapter:
+    """An adapter in memory: its weights per (decoder layer, projection name)."""
+    name: str
+    path: str
+    weights: dict[tuple[int, str], LoRAWeights] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        """The largest rank of any adapted projection."""
+        return max((w.rank for w in self.weights.values()), default=0)
+
+    @property
+    def uses_dora(self) -> bool:
+        return any(w.magnitude is not None for w in self.weights.values())
+
+
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out features, in features) of each projection of a decoder layer."""
+    q = config.num_heads * config.head_dim
+    kv = config.num_kv_heads * config.head_dim
+    c, f = config.hidden_size, config.intermediate_size
+    return {"wq": (q, c), "wk": (kv, c), "wv": (kv, c), "wo": (c, q),
+            "w_gate": (f, c), "w_up": (f, c), "w_down": (c, f)}
+
+
+def load_lora_adapter(path: str, config: ModelConfig, max_rank: int,
+                      name: str | None = None) -> LoRAAdapter:
+    """Read a PEFT adapter folder or a llama.cpp GGUF adapter file for a base with `config`.
+
+    Raises AdapterLoadError naming the problem: a missing or unreadable file, an option
+    this engine cannot honour (modules_to_save, bias training, ...), a target the model
+    lacks, a shape that does not fit the base, a rank above `max_rank`.
+    """
+    name = name or os.path.basename(os.path.normpath(path))
+    if not os.path.exists(path):
+        raise AdapterLoadError(f"adapter '{name}': path does not exist: {path}")
+    if os.path.isdir(path):
+        weights = _read_peft(path, config)
+    else:
+        weights = _read_gguf(path, config)
+    if not weights:
+        raise AdapterLoadError(f"adapter '{name}' ({path}): no LoRA weights in it")
+    shapes = projection_shapes(config)
+    for (layer, proj), w in weights.items():
+        _check_fits(name, layer, proj, w, shapes[proj], max_rank)
+    return LoRAAdapter(name, path, weights)
+
+
+def dora_magnitude_ratio(base_weight: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
+    """m / ||W + scale B A||_row, float32 [out]: DoRA's per-output-row factor (the norm of
+    each output row of the adapted weight, over its inputs, as PEFT's get_weight_norm)."""
+    adapted = base_weight.float() + w.scale * (w.b @ w.a)
+    return w.magnitude / torch.linalg.vector_norm(adapted, dim=1)
+
+
+def resolve_dora(adapter: LoRAAdapter, base_weight: Callable[[int, str], torch.Tensor]) -> None:
+    """Fill in magnitude_ratio for every DoRA projection; base_weight(layer, projection)
+    returns that projection's dense weight [out, in] (dequantized when the base is packed)."""
+    for (layer, proj), w in adapter.weights.items():
+        if w.magnitude is not None and w.magnitude_ratio is None:
+            w.magnitude_ratio = dora_magnitude_ratio(base_weight(layer, proj), w)
+
+
+# ------------------------------------------------------------------------------ PEFT
+
+def _read_peft(folder: str, config: ModelConfig) -> dict[tuple[int, str], LoRAWeights]:
+    options = _read_peft_config(folder)
+    tensors = _read_peft_tensors(folder)
+    use_dora = bool(options.get("use_dora"))
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = PEFT_KEY.fullmatch(key)
+        if match is None:
+            raise AdapterLoadError(f"{folder}: tensor '{key}' adapts something other than the "
+                                   f"projections of a decoder layer ({', '.join(PROJECTIONS)}), "
+                                   "which this engine cannot serve")
+        layer, parent, module, kind = int(match[1]), match[2], match[3], match[4]
+        if PROJECTIONS.get(module, ("",))[0] != parent:
+            raise AdapterLoadError(f"{folder}: tensor '{key}' targets '{parent}.{module}', "
+                                   "which a llama decoder layer lacks")
+        if layer >= config.num_layers:
+            raise AdapterLoadError(f"{folder}: tensor '{key}' targets layer {layer}; the base "
+                                   f"model has {config.num_layers} layers")
+        if kind == "lora_magnitude_vector" and not use_dora:
+            raise AdapterLoadError(f"{folder}: tensor '{key}' is a DoRA magnitude but "
+                                   "adapter_config.json has no use_dora")
+        parts.setdefault((layer, module), {})[kind] = tensor.float()
+    weights = {}
+    for (layer, module), p in sorted(parts.items()):
+        where = f"{folder}: layer {layer} {module}"
+        if "lora_A.weight" not in p or "lora_B.weight" not in p:
+            raise AdapterLoadError(f"{where}: needs both lora_A and lora_B")
+        if use_dora and "lora_magnitude_vector" not in p:
+            raise AdapterLoadError(f"{where}: use_dora is set but lora_magnitude_vector is "
+                                   "missing")
+        a, b = p["lora_A.weight"], p["lora_B.weight"]
+        if a.dim() != 2:
+            raise AdapterLoadError(f"{where}: lora_A has shape {tuple(a.shape)}, not [r, in]")
+        r = a.shape[0]
+        full_name = f"model.layers.{layer}.{PROJECTIONS[module][0]}.{module}"
+        alpha = float(_pattern_value(options.get("alpha_pattern") or {}, full_name,
+                                     options.get("lora_alpha", 8)))
+        scale = alpha / math.sqrt(r) if options.get("use_rslora") else alpha / r
+        weights[(layer, PROJECTIONS[module][1])] = LoRAWeights(
+            a.contiguous(), b.contiguous(), scale, p.get("lora_magnitude_vector"))
+    return weights
+
+
+def _read_peft_config(folder: str) -> dict:
+    path = os.path.join(folder, "adapter_config.json")
+    if not os.path.exists(path):
+        raise AdapterLoadError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
+    try:
+        with open(path) as f:
+            options = json.load(f)
+    except (OSError, ValueError) as e:
+        raise AdapterLoadError(f"{path}: cannot read: {e}") from e
+    if not isinstance(options, dict):
+        raise AdapterLoadError(f"{path}: expected a JSON object")
+    peft_type = options.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterLoadError(f"{path}: peft_type '{peft_type}' is not supported (LORA only)")
+    for option, off in UNSUPPORTED_PEFT_OPTIONS.items():
+        value = options.get(option, off)
+        if value not in (off, [], {}, None, False):
+            raise AdapterLoadError(f"{path}: '{option}' = {value!r} is not supported: the "
+                                   "engine serves LoRA weights on the decoder projections only")
+    if options.get("bias", "none") != "none":
+        raise AdapterLoadError(f"{path}: 'bias' = {options['bias']!r} is not supported (trained "
+                               "biases); only 'none'")
+    _check_target_modules(path, options.get("target_modules"))
+    return options
+
+
+def _check_target_modules(path: str, targets: object) -> None:
+    """Every named target must be a decoder-layer projection; a regex must compile."""
+    if targets is None or targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise AdapterLoadError(f"{path}: target_modules regex {targets!r} is invalid: {e}")
+        return
+    for target in targets:
+        if str(target).rsplit(".", 1)[-1] not in PROJECTIONS:
+            raise AdapterLoadError(f"{path}: target_modules names '{target}', which the model "
+                                   f"cannot adapt (supported: {', '.join(PROJECTIONS)})")
+
+
+def _pattern_value(patterns: dict, module_name: str, default: object) -> object:
+    """PEFT's rank/alpha pattern lookup: the first key that matches the whole module name
+    or a dotted suffix of it."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _read_peft_tensors(folder: str) -> dict[str, torch.Tensor]:
+    for file_name in PEFT_WEIGHT_FILES:
+        path = os.path.join(folder, file_name)
+        if os.path.exists(path):
+            break
+    else:
+        raise AdapterLoadError(f"{folder}: no {' nor '.join(PEFT_WEIGHT_FILES)}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # both readers raise many types on damaged files
+        raise AdapterLoadError(f"{path}: cannot read adapter weights ({os.path.getsize(path)} "
+                               f"bytes; truncated or damaged?): {type(e).__name__}: {e}") from e
+    if not isinstance(tensors, dict):
+        raise AdapterLoadError(f"{path}: expected a state dict of tensors")
+    return tensors
+
+
+# ------------------------------------------------------------------------------ GGUF
+
+def _read_gguf(path: str, config: ModelConfig) -> dict[tuple[int, str], LoRAWeights]:
+    from llama_engine.loader.gguf import open_reader, read_field, read_tensor, unpermute_rows
+    reader = open_reader(path)
+    kind = read_field(reader, "general.type", "model")
+    if kind != "adapter" or read_field(reader, "adapter.type", "lora") != "lora":
+        raise AdapterLoadError(f"{path}: not a LoRA adapter (general.type = {kind!r})")
+    arch = read_field(reader, "general.architecture")
+    if arch != "llama":
+        raise AdapterLoadError(f"{path}: adapter for architecture '{arch}', not 'llama'")
+    alpha = float(read_field(reader, "adapter.lora.alpha", 0.0))
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for t in reader.tensors:
+        match = GGUF_KEY.fullmatch(t.name)
+        if match is None or match[2] not in GGUF_PROJECTIONS:
+            raise AdapterLoadError(f"{path}: tensor '{t.name}' adapts something other than the "
+                                   "projections of a decoder layer")
+        layer = int(match[1])
+        if layer >= config.num_layers:
+            raise AdapterLoadError(f"{path}: tensor '{t.name}' targets layer {layer}; the base "
+                                   f"model has {config.num_layers} layers")
+        parts.setdefault((layer, GGUF_PROJECTIONS[match[2]]), {})[match[3]] = \
+            read_tensor(t, torch.float32, dequantize=True)
+    heads = {"wq": config.num_heads, "wk": config.num_kv_heads}
+    weights = {}
+    for (layer, proj), p in sorted(parts.items()):
+        if "lora_a" not in p or "lora_b" not in p:
+            raise AdapterLoadError(f"{path}: layer {layer} {proj} needs both lora_a and lora_b")
+        a, b = p["lora_a"], p["lora_b"]
+        if proj in heads and b.dim() == 2 and b.shape[0] % (2 * heads[proj]) == 0:
+            b = unpermute_rows(b, heads[proj])
+        scale = alpha / a.shape[0] if alpha else 1.0
+        weights[(layer, proj)] = LoRAWeights(a.contiguous(), b.contiguous(), scale)
+    return weights
+
+
+def _check_fits(name: str, layer: int, proj: str, w: LoRAWeights, shape: tuple[int, int],
+                max_rank: int) -> None:
+    out_features, in_features = shape
+    where = f"adapter '{name}' layer {layer} {proj}"
+    r = w.a.shape[0]
+    if w.a.dim() != 2 or w.a.shape[1] != in_features:
+        raise AdapterLoadError(f"{where}: A has shape {tuple(w.a.shape)}, the base needs "
+                               f"[r, {in_features}]: the adapter does not fit the base model")
+    if tuple(w.b.shape) != (out_features, r):
+        raise AdapterLoadError(f"{where}: B has shape {tuple(w.b.shape)}, the base needs "
+                               f"[{out_features}, {r}]: the adapter does not fit the base model")
+    if w.magnitude is not None and tuple(w.magnitude.shape) != (out_features,):
+        raise AdapterLoadError(f"{where}: magnitude has shape {tuple(w.magnitude.shape)}, "
+                               f"expected [{out_features}]")
+    if r > max_rank:
+        raise AdapterLoadError(f"{where}: rank {r} exceeds max_lora_rank {max_rank}")
