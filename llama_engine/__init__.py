@@ -11,7 +11,8 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from llama_engine.llm import LLM  # noqa: E402
+from llama_engine.lora_request import LoRARequest  # noqa: E402
 from llama_engine.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from llama_engine.sampling_params import SamplingParams  # noqa: E402
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest"]

@@ -2,15 +2,17 @@
 copy-on-write. Plain bookkeeping over block ids; the tensors live in the model runner.
 
 Prefix caching: a full block is known by the hash of its tokens chained with the hash of
-every block before it, so equal hashes mean equal prefixes. Blocks whose last user is
-gone stay findable until they are reused; the free list hands out the least recently
-freed block first, so cached prefixes are evicted LRU.
+every block before it, so equal hashes mean equal prefixes. The chain starts from the
+sequence's adapter, so keys and values computed under one LoRA adapter are never served
+to another or to the base model. Blocks whose last user is gone stay findable until they
+are reused; the free list hands out the least recently freed block first, so cached
+prefixes are evicted LRU.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from llama_engine.engine.sequence import Sequence
+from llama_engine.engine.sequence import NO_LORA, Sequence
 
 NO_HASH = None
 
@@ -27,6 +29,12 @@ class Block:
 
 def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
+
+
+def chain_root(lora_int_id: int) -> int | None:
+    """What a sequence's first block chains from: nothing for the base model, the adapter's
+    own root otherwise."""
+    return None if lora_int_id == NO_LORA else hash(("lora", lora_int_id))
 
 
 class BlockManager:
@@ -62,7 +70,7 @@ class BlockManager:
         At least one token is left to compute, so the step has logits to sample from."""
         assert not seq.block_table
         hashes: list[int] = []
-        parent = None
+        parent = chain_root(seq.lora_int_id)
         full_blocks = (seq.num_tokens - 1) // self.block_size if self.enable_prefix_caching else 0
         for i in range(full_blocks):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
@@ -108,7 +116,7 @@ class BlockManager:
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         for i in range(len(hashes), full):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            h = chain_hash(hashes[-1] if hashes else None, tokens)
+            h = chain_hash(hashes[-1] if hashes else chain_root(seq.lora_int_id), tokens)
             hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             if block.hash is NO_HASH and h not in self.cached:

@@ -6,6 +6,10 @@ the next chunk. Waiting sequences then fill what is left of the budget, so prefi
 and decodes share a step. When blocks run out, the newest running sequence is preempted:
 its blocks are freed and it waits at the head of the queue to be recomputed (FCFS, so
 nothing starves and nothing is lost).
+
+LoRA: the running sequences use at most ``max_loras`` distinct adapters (the device holds
+that many at once), as in vLLM: a waiting sequence whose adapter would be one too many is
+passed over, keeping its place in the queue, until a running adapter's sequences finish.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llama_engine.engine.block_manager import BlockManager
-from llama_engine.engine.sequence import Sequence, SequenceStatus
+from llama_engine.engine.sequence import NO_LORA, Sequence, SequenceStatus
 
 
 @dataclass
@@ -37,20 +41,31 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.scheduled
 
+    @property
+    def lora_int_ids(self) -> set[int]:
+        """The adapters the scheduled sequences run with (the base model not counted)."""
+        return {s.seq.lora_int_id for s in self.scheduled} - {NO_LORA}
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int):
-        if max_num_batched_tokens < 1 or max_num_seqs < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+                 max_num_batched_tokens: int, max_loras: int = 0):
+        """max_loras: distinct adapters the running sequences may use (0: LoRA off)."""
+        if max_num_batched_tokens < 1 or max_num_seqs < 1 or max_loras < 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1, "
+                             "max_loras >= 0")
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_loras = max_loras
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        if seq.lora_int_id != NO_LORA and self.max_loras == 0:
+            raise ValueError(f"sequence of request {seq.request_id!r} asks for LoRA adapter "
+                             f"{seq.lora_int_id}, but LoRA is not enabled (max_loras = 0)")
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:
@@ -83,8 +98,14 @@ class Scheduler:
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        loras = {seq.lora_int_id for seq in self.running} - {NO_LORA}
+        passed_over: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if (seq.lora_int_id != NO_LORA and seq.lora_int_id not in loras
+                    and len(loras) >= self.max_loras):
+                passed_over.append(self.waiting.popleft())
+                continue
             if not seq.block_table:
                 self.blocks.match_prefix(seq)
             num = min(seq.num_uncomputed_tokens, budget)
@@ -97,6 +118,9 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num))
             budget -= num
+            if seq.lora_int_id != NO_LORA:
+                loras.add(seq.lora_int_id)
+        self.waiting.extendleft(reversed(passed_over))
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)

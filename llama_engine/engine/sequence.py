@@ -12,6 +12,7 @@ from enum import Enum, auto
 from llama_engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
+NO_LORA = 0  # the lora_int_id of a sequence that runs on the base model
 
 
 class SequenceStatus(Enum):
@@ -22,11 +23,12 @@ class SequenceStatus(Enum):
 
 class Sequence:
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
-                 params: SamplingParams, arrival: float):
+                 params: SamplingParams, arrival: float, lora_int_id: int = NO_LORA):
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
         self.index = index
         self.params = params
+        self.lora_int_id = lora_int_id  # the adapter it runs with (LoRARequest.lora_int_id)
         self.arrival = arrival
         self.prompt_len = len(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)  # prompt, then generated tokens
@@ -66,7 +68,8 @@ class Sequence:
 
     def fork(self, index: int) -> "Sequence":
         """A sibling sample that shares this sequence's computed prompt blocks."""
-        child = Sequence(self.request_id, index, self.token_ids, self.params, self.arrival)
+        child = Sequence(self.request_id, index, self.token_ids, self.params, self.arrival,
+                         self.lora_int_id)
         child.prompt_len = self.prompt_len
         child.block_table = list(self.block_table)
         child.num_computed_tokens = self.num_computed_tokens
