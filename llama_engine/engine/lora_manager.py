@@ -1,0 +1,228 @@
+"""The adapters of a serving engine: all of them in host memory, up to ``max_loras`` of them
+resident in device slots, stacked per projection for the batched LoRA kernels.
+
+Our model fuses q/k/v into one ``wqkv`` and gate/up into one ``w_gate_up`` (model/llama.py,
+``concat_rows``), so an adapter's per-projection weights land on output slices of the
+fused projection (layout: the batched LoRA section of kernels/reference.py). Slot weights
+are zero wherever an adapter leaves a projection (or part of its rank) alone, so one
+stacked product serves every slot. The stacks' rank is the largest rank of any adapter
+added so far (at most max_lora_rank): adapters of rank 16 served with max_lora_rank 64
+cost rank-16 work.
+
+Slots are handed out least recently used first: a step's adapters are made resident
+(``prepare_step``), evicting idle ones when the slots are full; an evicted adapter is
+copied back from host memory the next time a step asks for it. The scheduler keeps a
+step's distinct adapters within max_loras, so a step always fits.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Iterable
+
+import torch
+
+from llama_engine import kernels
+from llama_engine.config import ModelConfig
+from llama_engine.engine.sequence import NO_LORA
+from llama_engine.loader.adapters import (AdapterLoadError, LoRAAdapter, load_lora_adapter,
+                                          projection_shapes, resolve_dora)
+from llama_engine.lora_request import LoRARequest
+
+# The model's fused projections and, in row order, the adapter projections inside each.
+FUSED_PROJECTIONS = {"wqkv": ("wq", "wk", "wv"), "wo": ("wo",),
+                     "w_gate_up": ("w_gate", "w_up"), "w_down": ("w_down",)}
+FUSED_OF = {proj: name for name, parts in FUSED_PROJECTIONS.items() for proj in parts}
+
+# base_weight(layer, projection) -> that projection's dense weight [out, in] (its rows of the
+# fused weight, dequantized when packed): what DoRA's per-row norm is taken of.
+BaseWeightFn = Callable[[int, str], torch.Tensor]
+
+
+class LoRAStep:
+    """The adapters of one forward pass: the token -> slot mapping and, per decoder layer
+    and fused projection, the stacked weights, where any of the step's adapters adapts it."""
+
+    def __init__(self, mapping: kernels.LoRAMapping,
+                 stacks: list[dict[str, kernels.LoRAStack | None]]):
+        self.mapping = mapping
+        self.stacks = stacks
+
+    def stack(self, layer: int, projection: str) -> kernels.LoRAStack | None:
+        """The weights for `projection` ("wqkv", "wo", "w_gate_up", "w_down") of a decoder
+        layer, or None when no adapter of this step touches it."""
+        return self.stacks[layer][projection]
+
+    def apply(self, layer: int, projection: str, x: torch.Tensor, y: torch.Tensor
+              ) -> torch.Tensor:
+        """y = x @ W^T ([T, N]) of the base projection, updated in place with each token's
+        adapter (x [T, K]). Returns y."""
+        stack = self.stacks[layer][projection]
+        return y if stack is None else kernels.add_lora(y, x, stack, self.mapping)
+
+
+class LoRAManager:
+    """Adapters by lora_int_id: loaded once into host memory, resident in at most
+    `max_loras` device slots at a time."""
+
+    def __init__(self, config: ModelConfig, max_loras: int, max_lora_rank: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 base_weight: BaseWeightFn | None = None):
+        if max_loras < 1 or max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be >= 1, got {max_loras} and "
+                             f"{max_lora_rank}")
+        self.config = config
+        self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.device, self.dtype = torch.device(device), dtype
+        self.base_weight = base_weight
+        self.shapes = projection_shapes(config)
+        self.adapters: dict[int, LoRAAdapter] = {}  # host memory, by lora_int_id
+        self.requests: dict[int, LoRARequest] = {}
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # resident, least recent first
+        self.rank = 0  # the stacks' rank
+        self.stacks: list[dict[str, kernels.LoRAStack]] = []
+
+    # ---------------------------------------------------------------- host memory
+
+    def add_adapter(self, request: LoRARequest, adapter: LoRAAdapter | None = None
+                    ) -> LoRAAdapter:
+        """Load request.lora_path (or take `adapter`, already read) into host memory. Adding
+        the same request again is a no-op. Raises AdapterLoadError for an unreadable or
+        unfitting adapter, or a name or id already taken by another adapter."""
+        known = self.requests.get(request.lora_int_id)
+        if known is not None:
+            if (known.lora_name, known.lora_path) == (request.lora_name, request.lora_path):
+                return self.adapters[request.lora_int_id]
+            raise AdapterLoadError(f"lora_int_id {request.lora_int_id} is already taken by "
+                                   f"adapter '{known.lora_name}'")
+        if any(r.lora_name == request.lora_name for r in self.requests.values()):
+            raise AdapterLoadError(f"an adapter named '{request.lora_name}' is already loaded")
+        if adapter is None:
+            adapter = load_lora_adapter(request.lora_path, self.config, self.max_lora_rank,
+                                        request.lora_name)
+        if adapter.rank > self.max_lora_rank:
+            raise AdapterLoadError(f"adapter '{request.lora_name}': rank {adapter.rank} exceeds "
+                                   f"max_lora_rank {self.max_lora_rank}")
+        if adapter.uses_dora:
+            if self.base_weight is None:
+                raise AdapterLoadError(f"adapter '{request.lora_name}' uses DoRA, which needs "
+                                       "the base weights: none were given to the manager")
+            resolve_dora(adapter, self.base_weight)
+        self.adapters[request.lora_int_id] = adapter
+        self.requests[request.lora_int_id] = request
+        if adapter.rank > self.rank:
+            self._allocate(adapter.rank)
+        return adapter
+
+    def remove_adapter(self, lora_int_id: int) -> None:
+        """Forget an adapter (host memory and slot). Raises KeyError naming an unknown id."""
+        if lora_int_id not in self.adapters:
+            raise KeyError(f"no adapter with lora_int_id {lora_int_id}")
+        del self.adapters[lora_int_id], self.requests[lora_int_id]
+        self.slot_of.pop(lora_int_id, None)
+
+    def list_adapters(self) -> list[LoRARequest]:
+        return list(self.requests.values())
+
+    # ---------------------------------------------------------------- device slots
+
+    def activate(self, lora_int_ids: Iterable[int]) -> dict[int, int]:
+        """Make these adapters resident and most recently used; returns id -> slot.
+        Raises KeyError for an unknown id, ValueError for more adapters than slots."""
+        wanted = list(dict.fromkeys(i for i in lora_int_ids if i != NO_LORA))
+        for lora_int_id in wanted:
+            if lora_int_id not in self.adapters:
+                raise KeyError(f"no adapter with lora_int_id {lora_int_id} is loaded")
+        if len(wanted) > self.max_loras:
+            raise ValueError(f"a step uses {len(wanted)} adapters; max_loras is {self.max_loras}")
+        for lora_int_id in wanted:
+            if lora_int_id not in self.slot_of:
+                self._load_slot(lora_int_id, self._free_slot(set(wanted)))
+            self.slot_of.move_to_end(lora_int_id)
+        return {i: self.slot_of[i] for i in wanted}
+
+    def prepare_step(self, seg_lens: list[int], lora_int_ids: list[int]) -> LoRAStep | None:
+        """The LoRAStep of a forward pass whose tokens are segments of `seg_lens` (one per
+        scheduled sequence, in batch order) run with `lora_int_ids` (NO_LORA: the base);
+        None when every token runs on the base model."""
+        if all(i == NO_LORA for i in lora_int_ids):
+            return None
+        slots = self.activate(lora_int_ids)
+        mapping = kernels.lora_mapping(seg_lens, [slots.get(i, -1) for i in lora_int_ids],
+                                       self.device)
+        adapted = set()
+        for lora_int_id in slots:
+            adapted.update((layer, FUSED_OF[proj])
+                           for layer, proj in self.adapters[lora_int_id].weights)
+        step_stacks = [{name: stack if (layer, name) in adapted else None
+                        for name, stack in layer_stacks.items()}
+                       for layer, layer_stacks in enumerate(self.stacks)]
+        return LoRAStep(mapping, step_stacks)
+
+    def _free_slot(self, keep: set[int]) -> int:
+        used = set(self.slot_of.values())
+        for slot in range(self.max_loras):
+            if slot not in used:
+                return slot
+        for lora_int_id in self.slot_of:  # least recently used first
+            if lora_int_id not in keep:
+                return self.slot_of.pop(lora_int_id)
+        raise AssertionError("activate() checked that the step fits in the slots")
+
+    def _allocate(self, rank: int) -> None:
+        """(Re)lay the stacks out at `rank` and copy the resident adapters back in."""
+        self.rank = rank
+        self.stacks = []
+        for _ in range(self.config.num_layers):
+            layer_stacks = {}
+            for name, parts in FUSED_PROJECTIONS.items():
+                offsets = [0]
+                for proj in parts:
+                    offsets.append(offsets[-1] + self.shapes[proj][0])
+                k = self.shapes[parts[0]][1]
+                layer_stacks[name] = kernels.LoRAStack(
+                    torch.zeros(self.max_loras, len(parts) * rank, k, dtype=self.dtype,
+                                device=self.device),
+                    torch.zeros(self.max_loras, rank, offsets[-1], dtype=self.dtype,
+                                device=self.device),
+                    torch.zeros(self.max_loras, len(parts), dtype=torch.float32,
+                                device=self.device),
+                    tuple(offsets), None)
+            self.stacks.append(layer_stacks)
+        for lora_int_id, slot in self.slot_of.items():
+            self._load_slot(lora_int_id, slot)
+
+    def _load_slot(self, lora_int_id: int, slot: int) -> None:
+        """Copy an adapter from host memory into a slot of every stack."""
+        adapter = self.adapters[lora_int_id]
+        rank = self.rank
+        for layer, layer_stacks in enumerate(self.stacks):
+            for name, parts in FUSED_PROJECTIONS.items():
+                stack = layer_stacks[name]
+                stack.a_stack[slot].zero_()
+                stack.b_stack[slot].zero_()
+                stack.scales[slot].zero_()
+                if stack.magnitude_ratio is not None:
+                    stack.magnitude_ratio[slot].fill_(1.0)
+                for p, proj in enumerate(parts):
+                    w = adapter.weights.get((layer, proj))
+                    if w is None:
+                        continue
+                    lo, hi = stack.slice_offsets[p], stack.slice_offsets[p + 1]
+                    stack.a_stack[slot, p * rank:p * rank + w.rank] = w.a
+                    stack.b_stack[slot, :w.rank, lo:hi] = w.b.t()
+                    stack.scales[slot, p] = w.scale
+                    if w.magnitude_ratio is not None:
+                        stack = self._with_ratio(layer, name)
+                        stack.magnitude_ratio[slot, lo:hi] = w.magnitude_ratio
+        self.slot_of[lora_int_id] = slot
+
+    def _with_ratio(self, layer: int, name: str) -> kernels.LoRAStack:
+        """The stack, given a DoRA ratio of ones (every slot plain LoRA) if it had none."""
+        stack = self.stacks[layer][name]
+        if stack.magnitude_ratio is None:
+            n = stack.b_stack.shape[2]
+            stack = stack._replace(magnitude_ratio=torch.ones(
+                self.max_loras, n, dtype=self.dtype, device=self.device))
+            self.stacks[layer][name] = stack
+        return stack
+
