@@ -25,8 +25,10 @@ using llama_ops::fail;
 constexpr int64_t kTokensPerItem = 16;
 // Output columns per expand work item: the y block and the rows of B^T it reads stay in L1.
 constexpr int64_t kColumnsPerItem = 256;
-// Tokens whose x rows one shrink pass reads together (four accumulators per weight load).
+// Tokens whose x rows one shrink pass reads together.
 constexpr int64_t kShrinkTokenTile = 4;
+// Output columns of one expand register tile (two tokens: 2 x 64 float32 accumulators).
+constexpr int64_t kExpandTile = 64;
 
 // The step's tokens grouped by slot: group g holds tokens[start[g]:start[g + 1]], all of
 // slot slot[g], in token order.
@@ -79,55 +81,137 @@ std::vector<TokenRun> token_runs(const SlotGroups& groups) {
     return runs;
 }
 
-// h[t, :rows] for `count` tokens of one slot whose weights are a [rows, k].
-LLAMA_SIMD_CLONES
-void shrink_tokens(const float* x, int64_t k, const float* a, int64_t rows,
-                   const int32_t* tokens, int64_t count, float* h) {
+// float32 weights as they are; bfloat16 ones are the top half of a float32.
+ALWAYS_INLINE float widen(float w) { return w; }
+ALWAYS_INLINE float widen(uint16_t w) {
+    const uint32_t bits = static_cast<uint32_t>(w) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+// h[t, :rows] for `count` tokens of one slot whose weights are a [rows, k]. Tiles of
+// kShrinkTokenTile tokens x 2 weight rows keep 8 accumulators in registers: every weight
+// and x element loaded feeds several multiply-adds.
+template <class W>
+ALWAYS_INLINE void shrink_tokens_impl(const float* x, int64_t k, const W* a, int64_t rows,
+                                      const int32_t* tokens, int64_t count, float* h) {
     for (int64_t i = 0; i < count; i += kShrinkTokenTile) {
         const int64_t n = std::min(kShrinkTokenTile, count - i);
         // fewer than four tokens left: the spare accumulators re-read the last one
-        const float* x0 = x + static_cast<int64_t>(tokens[i]) * k;
-        const float* x1 = x + static_cast<int64_t>(tokens[i + std::min<int64_t>(1, n - 1)]) * k;
-        const float* x2 = x + static_cast<int64_t>(tokens[i + std::min<int64_t>(2, n - 1)]) * k;
-        const float* x3 = x + static_cast<int64_t>(tokens[i + std::min<int64_t>(3, n - 1)]) * k;
-        for (int64_t r = 0; r < rows; ++r) {
-            const float* w = a + r * k;
-            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        const int64_t t0 = tokens[i], t1 = tokens[i + std::min<int64_t>(1, n - 1)];
+        const int64_t t2 = tokens[i + std::min<int64_t>(2, n - 1)];
+        const int64_t t3 = tokens[i + std::min<int64_t>(3, n - 1)];
+        const float *x0 = x + t0 * k, *x1 = x + t1 * k, *x2 = x + t2 * k, *x3 = x + t3 * k;
+        for (int64_t r = 0; r < rows; r += 2) {
+            const bool pair = r + 1 < rows;
+            const W* w0 = a + r * k;
+            const W* w1 = pair ? w0 + k : w0;
+            float s00 = 0.0f, s10 = 0.0f, s20 = 0.0f, s30 = 0.0f;
+            float s01 = 0.0f, s11 = 0.0f, s21 = 0.0f, s31 = 0.0f;
+#pragma omp simd reduction(+ : s00, s10, s20, s30, s01, s11, s21, s31)
             for (int64_t j = 0; j < k; ++j) {
-                s0 += w[j] * x0[j];
-                s1 += w[j] * x1[j];
-                s2 += w[j] * x2[j];
-                s3 += w[j] * x3[j];
+                const float u = widen(w0[j]), v = widen(w1[j]);
+                s00 += u * x0[j]; s10 += u * x1[j]; s20 += u * x2[j]; s30 += u * x3[j];
+                s01 += v * x0[j]; s11 += v * x1[j]; s21 += v * x2[j]; s31 += v * x3[j];
             }
-            const float sums[kShrinkTokenTile] = {s0, s1, s2, s3};
-            for (int64_t j = 0; j < n; ++j) h[static_cast<int64_t>(tokens[i + j]) * rows + r] = sums[j];
+            const float first[kShrinkTokenTile] = {s00, s10, s20, s30};
+            const float second[kShrinkTokenTile] = {s01, s11, s21, s31};
+            for (int64_t q = 0; q < n; ++q) {
+                float* out = h + static_cast<int64_t>(tokens[i + q]) * rows + r;
+                out[0] = first[q];
+                if (pair) out[1] = second[q];
+            }
+        }
+    }
+}
+
+LLAMA_SIMD_CLONES
+void shrink_tokens(const float* x, int64_t k, const float* a, int64_t rows,
+                   const int32_t* tokens, int64_t count, float* h) {
+    shrink_tokens_impl(x, k, a, rows, tokens, count, h);
+}
+
+LLAMA_SIMD_CLONES
+void shrink_tokens(const float* x, int64_t k, const uint16_t* a, int64_t rows,
+                   const int32_t* tokens, int64_t count, float* h) {
+    shrink_tokens_impl(x, k, a, rows, tokens, count, h);
+}
+
+// Columns [c, c + width) of two tokens' outputs (y0 and y1 may be the same row, then only
+// y0 is written): the rank sum is accumulated in a register tile, then added to y once.
+template <bool kFullTile, class W>
+ALWAYS_INLINE void expand_tile(float* y0, float* y1, bool two, const float* h0, const float* h1,
+                               const W* b, int64_t n, int64_t rank, float scale,
+                               const float* ratio, int64_t width) {
+    const int64_t cols = kFullTile ? kExpandTile : width;
+    float acc0[kExpandTile] = {}, acc1[kExpandTile] = {};
+    for (int64_t r = 0; r < rank; ++r) {
+        const float u = scale * h0[r], v = scale * h1[r];
+        const W* row = b + r * n;
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) {
+            const float w = widen(row[j]);
+            acc0[j] += u * w;
+            acc1[j] += v * w;
+        }
+    }
+    if (ratio != nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) {
+            y0[j] = (y0[j] + acc0[j]) * ratio[j];
+            if (two) y1[j] = (y1[j] + acc1[j]) * ratio[j];
+        }
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) {
+            y0[j] += acc0[j];
+            if (two) y1[j] += acc1[j];
         }
     }
 }
 
 // y[t, c0:c0 + width] of `count` tokens of one slot, for one column block of slice p.
 // b points at column c0 of the slot's B^T rows (n apart), ratio at column c0 (or null).
+template <class W>
+ALWAYS_INLINE void expand_tokens_impl(const int32_t* tokens, int64_t count, const float* h,
+                                      int64_t h_cols, int64_t h_offset, const W* b, int64_t n,
+                                      int64_t rank, float scale, const float* ratio,
+                                      int64_t width, float* y) {
+    for (int64_t i = 0; i < count; i += 2) {
+        const bool two = i + 1 < count;
+        const int64_t t0 = tokens[i], t1 = two ? tokens[i + 1] : t0;
+        float* y0 = y + t0 * n;
+        float* y1 = y + t1 * n;
+        const float* h0 = h + t0 * h_cols + h_offset;
+        const float* h1 = h + t1 * h_cols + h_offset;
+        int64_t c = 0;
+        for (; c + kExpandTile <= width; c += kExpandTile) {
+            expand_tile<true>(y0 + c, y1 + c, two, h0, h1, b + c, n, rank, scale,
+                              ratio ? ratio + c : nullptr, kExpandTile);
+        }
+        if (c < width) {
+            expand_tile<false>(y0 + c, y1 + c, two, h0, h1, b + c, n, rank, scale,
+                               ratio ? ratio + c : nullptr, width - c);
+        }
+    }
+}
+
 LLAMA_SIMD_CLONES
 void expand_tokens(const int32_t* tokens, int64_t count, const float* h, int64_t h_cols,
                    int64_t h_offset, const float* b, int64_t n, int64_t rank, float scale,
                    const float* ratio, int64_t width, float* y) {
-    for (int64_t i = 0; i < count; ++i) {
-        const int64_t t = tokens[i];
-        float* out = y + t * n;
-        const float* coefficients = h + t * h_cols + h_offset;
-        for (int64_t r = 0; r < rank; ++r) {
-            const float c = scale * coefficients[r];
-            const float* row = b + r * n;
-#pragma omp simd
-            for (int64_t j = 0; j < width; ++j) out[j] += c * row[j];
-        }
-        if (ratio != nullptr) {
-#pragma omp simd
-            for (int64_t j = 0; j < width; ++j) out[j] *= ratio[j];
-        }
-    }
+    expand_tokens_impl(tokens, count, h, h_cols, h_offset, b, n, rank, scale, ratio, width, y);
 }
+
+LLAMA_SIMD_CLONES
+void expand_tokens(const int32_t* tokens, int64_t count, const float* h, int64_t h_cols,
+                   int64_t h_offset, const uint16_t* b, int64_t n, int64_t rank, float scale,
+                   const float* ratio, int64_t width, float* y) {
+    expand_tokens_impl(tokens, count, h, h_cols, h_offset, b, n, rank, scale, ratio, width, y);
+}
+
+WeightType weight_type(bool bf16) { return bf16 ? WeightType::kBFloat16 : WeightType::kFloat32; }
 
 // A block of output columns inside one slice.
 struct ColumnBlock {
@@ -150,8 +234,8 @@ void check_segments(const Segments& segments, int64_t num_slots) {
     }
 }
 
-void shrink(const Segments& segments, const float* x, int64_t k, const float* a_stack,
-            int64_t rows, float* h) {
+void shrink(const Segments& segments, const float* x, int64_t k, const void* a_stack,
+            WeightType type, int64_t rows, float* h) {
     for (int64_t i = 0; i < segments.count; ++i) {  // tokens with no adapter: zero
         if (segments.slots[i] < 0) {
             const int64_t begin = segments.indptr[i], end = segments.indptr[i + 1];
@@ -164,8 +248,15 @@ void shrink(const Segments& segments, const float* x, int64_t k, const float* a_
     llama_ops::parallel_for(static_cast<int64_t>(runs.size()),
                             llama_ops::worth_threading(work), [&](int64_t i) {
         const TokenRun& run = runs[i];
-        shrink_tokens(x, k, a_stack + run.slot * rows * k, rows,
-                      groups.tokens.data() + run.begin, run.end - run.begin, h);
+        const int32_t* tokens = groups.tokens.data() + run.begin;
+        const int64_t offset = run.slot * rows * k;
+        if (type == WeightType::kBFloat16) {
+            shrink_tokens(x, k, static_cast<const uint16_t*>(a_stack) + offset, rows, tokens,
+                          run.end - run.begin, h);
+        } else {
+            shrink_tokens(x, k, static_cast<const float*>(a_stack) + offset, rows, tokens,
+                          run.end - run.begin, h);
+        }
     });
 }
 
@@ -188,11 +279,18 @@ void expand(const Segments& segments, const float* h, int64_t h_cols,
         const ColumnBlock& block = blocks[i % num_blocks];
         const float* ratio = weights.magnitude_ratio == nullptr
             ? nullptr : weights.magnitude_ratio + run.slot * weights.n + block.begin;
-        expand_tokens(groups.tokens.data() + run.begin, run.end - run.begin, h, h_cols,
-                      block.slice * weights.rank,
-                      weights.b_stack + run.slot * slot_size + block.begin, weights.n,
-                      weights.rank, weights.scales[run.slot * weights.num_slices + block.slice],
-                      ratio, block.end - block.begin, y + block.begin);
+        const int64_t offset = run.slot * slot_size + block.begin;
+        const float scale = weights.scales[run.slot * weights.num_slices + block.slice];
+        const auto expand_with = [&](const auto* b) {
+            expand_tokens(groups.tokens.data() + run.begin, run.end - run.begin, h, h_cols,
+                          block.slice * weights.rank, b + offset, weights.n, weights.rank, scale,
+                          ratio, block.end - block.begin, y + block.begin);
+        };
+        if (weights.type == WeightType::kBFloat16) {
+            expand_with(static_cast<const uint16_t*>(weights.b_stack));
+        } else {
+            expand_with(static_cast<const float*>(weights.b_stack));
+        }
     });
 }
 
@@ -202,23 +300,23 @@ void register_lora(py::module_& m) {
     using llama_ops::tensor_at;
     // Tensors are passed as addresses (data_ptr()), checked by llama_engine/kernels/cpu/lora.py.
     m.def("lora_shrink", [](std::uintptr_t x, int64_t tokens, int64_t k, std::uintptr_t a_stack,
-                            int64_t num_slots, int64_t rows, std::uintptr_t seg_indptr,
+                            bool bf16, int64_t num_slots, int64_t rows, std::uintptr_t seg_indptr,
                             std::uintptr_t seg_slots, int64_t num_segments, std::uintptr_t h) {
               const lora::Segments segments{tensor_at<const int32_t>(seg_indptr),
                                             tensor_at<const int32_t>(seg_slots), num_segments,
                                             tokens};
               lora::check_segments(segments, num_slots);
               py::gil_scoped_release release;
-              lora::shrink(segments, tensor_at<const float>(x), k, tensor_at<const float>(a_stack),
-                           rows, tensor_at<float>(h));
+              lora::shrink(segments, tensor_at<const float>(x), k, tensor_at<const void>(a_stack),
+                           lora::weight_type(bf16), rows, tensor_at<float>(h));
           },
-          py::arg("x"), py::arg("tokens"), py::arg("k"), py::arg("a_stack"),
+          py::arg("x"), py::arg("tokens"), py::arg("k"), py::arg("a_stack"), py::arg("bf16"),
           py::arg("num_slots"), py::arg("rows"), py::arg("seg_indptr"), py::arg("seg_slots"),
           py::arg("num_segments"), py::arg("h"),
           "h [tokens, rows] = x [tokens, k] @ a_stack[slot]^T per segment of tokens "
-          "(a_stack [num_slots, rows, k]; slot -1: zero rows).");
+          "(a_stack [num_slots, rows, k], float32 or bfloat16; slot -1: zero rows).");
     m.def("lora_expand", [](std::uintptr_t y, int64_t tokens, int64_t n, std::uintptr_t h,
-                            int64_t h_cols, std::uintptr_t b_stack, int64_t num_slots,
+                            int64_t h_cols, std::uintptr_t b_stack, bool bf16, int64_t num_slots,
                             int64_t rank, std::uintptr_t slice_offsets, int64_t num_slices,
                             std::uintptr_t scales, std::uintptr_t magnitude_ratio,
                             std::uintptr_t seg_indptr, std::uintptr_t seg_slots,
@@ -228,7 +326,8 @@ void register_lora(py::module_& m) {
                                             tokens};
               lora::check_segments(segments, num_slots);
               const lora::ExpandWeights weights{
-                  tensor_at<const float>(b_stack), rank, n, tensor_at<const int64_t>(slice_offsets),
+                  tensor_at<const void>(b_stack), lora::weight_type(bf16), rank, n,
+                  tensor_at<const int64_t>(slice_offsets),
                   num_slices, tensor_at<const float>(scales),
                   tensor_at<const float>(magnitude_ratio)};
               py::gil_scoped_release release;
@@ -236,7 +335,7 @@ void register_lora(py::module_& m) {
                            tensor_at<float>(y));
           },
           py::arg("y"), py::arg("tokens"), py::arg("n"), py::arg("h"), py::arg("h_cols"),
-          py::arg("b_stack"), py::arg("num_slots"), py::arg("rank"), py::arg("slice_offsets"),
+          py::arg("b_stack"), py::arg("bf16"), py::arg("num_slots"), py::arg("rank"), py::arg("slice_offsets"),
           py::arg("num_slices"), py::arg("scales"), py::arg("magnitude_ratio"),
           py::arg("seg_indptr"), py::arg("seg_slots"), py::arg("num_segments"),
           "In place: y = ratio * (y + scale * h[:, slice's rank columns] @ b_stack[slot]) per "

@@ -17,6 +17,11 @@ struct Segments {
     int64_t tokens;
 };
 
+// Element type of the stacked adapter weights. bfloat16 halves the bytes streamed per step
+// (with many distinct adapters at decode the kernels are bound by that traffic); x, h, y,
+// scales and ratios stay float32, and all arithmetic is float32.
+enum class WeightType { kFloat32, kBFloat16 };
+
 // Throws std::invalid_argument unless indptr runs from 0 to tokens without going back and
 // every slot is -1 or below num_slots.
 void check_segments(const Segments& segments, int64_t num_slots);
@@ -24,14 +29,15 @@ void check_segments(const Segments& segments, int64_t num_slots);
 // h [tokens, rows] = x [tokens, k] @ a_stack[slot]^T per token (a_stack [num_slots, rows,
 // k]); rows of tokens with no adapter are zero. Each slot's A is read once per call, however
 // many segments use it.
-void shrink(const Segments& segments, const float* x, int64_t k, const float* a_stack,
-            int64_t rows, float* h);
+void shrink(const Segments& segments, const float* x, int64_t k, const void* a_stack,
+            WeightType type, int64_t rows, float* h);
 
 // The up-projection of a (possibly fused) projection whose output columns are cut into
 // slices (q, k, v of a fused QKV): slice p covers columns [slice_offsets[p],
 // slice_offsets[p + 1]) and reads h's columns [p * rank, (p + 1) * rank).
 struct ExpandWeights {
-    const float* b_stack;          // [num_slots, rank, n]: B^T of each slot, slices side by side
+    const void* b_stack;           // [num_slots, rank, n]: B^T of each slot, slices side by side
+    WeightType type;
     int64_t rank;
     int64_t n;
     const int64_t* slice_offsets;  // [num_slices + 1], 0 .. n

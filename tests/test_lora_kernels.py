@@ -51,6 +51,21 @@ def test_cpu_kernels_match_reference(rank, decode, num_slices, dora, seed) -> No
     torch.testing.assert_close(y, _reference(case), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_cpu_kernels_read_bfloat16_weights(decode) -> None:
+    """bfloat16 stacks: the same values as the reference reads them (upcast), float32 math."""
+    case = make_case(11 + decode, decode=decode, rank=16, num_slices=3, dora=True)
+    s = case.stack._replace(a_stack=case.stack.a_stack.bfloat16(),
+                            b_stack=case.stack.b_stack.bfloat16())
+    m = case.mapping
+    y = kernels.add_lora(case.y.clone(), case.x, s, m)
+    h = reference.lora_shrink(case.x, s.a_stack, m.seg_indptr, m.seg_slots)
+    expected = reference.lora_expand(case.y.clone(), h, s.b_stack, s.slice_offsets, s.scales,
+                                     m.seg_indptr, m.seg_slots, s.magnitude_ratio)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, atol=ATOL, rtol=RTOL)
+
+
 def test_cpu_kernels_run_threaded_sizes() -> None:
     """Large enough that the work is split over threads (prefill: long segments)."""
     case = make_case(7, decode=False, rank=16, num_slices=3, dora=True, max_tokens=400,

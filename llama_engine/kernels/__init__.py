@@ -234,6 +234,10 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
 # the device are stacked per projection (LoRAStack); LoRAMapping says which slot each of
 # the step's tokens uses. Layouts and formulas: the batched LoRA section of reference.py.
 
+# Adapter weight dtypes the C++ kernels read (with float32 activations).
+LORA_CPU_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
 class LoRAMapping(NamedTuple):
     """Which adapter slot each token of one step uses; the same for every layer.
 
@@ -296,7 +300,7 @@ def lora_shrink(x: Tensor, a_stack: Tensor, mapping: LoRAMapping) -> Tensor:
     if _use_triton(x):
         return _triton().lora_shrink(x, a_stack, mapping.seg_indptr, mapping.seg_slots,
                                      mapping.max_seg_len)
-    if _use_cpu(x) and a_stack.dtype == torch.float32:
+    if _use_cpu(x) and a_stack.dtype in LORA_CPU_WEIGHT_DTYPES:
         return _cpu.lora_shrink(x, a_stack, mapping.seg_indptr, mapping.seg_slots)
     return reference.lora_shrink(x, a_stack, mapping.seg_indptr, mapping.seg_slots)
 
@@ -311,7 +315,7 @@ def lora_expand(y: Tensor, h: Tensor, stack: LoRAStack, mapping: LoRAMapping) ->
         return reference.lora_expand(y, h, *args, stack.magnitude_ratio)
     if _use_triton(y):
         return _triton().lora_expand(y, h, *args, mapping.max_seg_len, stack.magnitude_ratio)
-    if _use_cpu(y) and stack.b_stack.dtype == torch.float32 and y.is_contiguous():
+    if _use_cpu(y) and stack.b_stack.dtype in LORA_CPU_WEIGHT_DTYPES and y.is_contiguous():
         return _cpu.lora_expand(y, h, *args, stack.magnitude_ratio)
     return reference.lora_expand(y, h, *args, stack.magnitude_ratio)
 

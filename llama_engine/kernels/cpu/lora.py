@@ -1,8 +1,8 @@
 """Torch-facing wrappers of the C++ batched LoRA kernels (csrc/lora.cpp).
 
 Same results as ``reference.lora_shrink`` / ``reference.lora_expand`` for float32 CPU
-tensors (the stacked weights, scales and ratios included); the segment tensors may be int32
-or int64. As the other hot ops do, the extension gets addresses, and every check that keeps
+activations; the stacked adapter weights are float32 or bfloat16 (half the bytes to stream,
+float32 arithmetic), scales and ratios float32; the segment tensors may be int32 or int64. As the other hot ops do, the extension gets addresses, and every check that keeps
 them safe happens here; the segment values themselves are checked in C++.
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ import torch
 from llama_engine import _C
 from llama_engine.kernels.cpu.ops import F32, I32, I64, _converted, _dense_float32, _fail
 
+WEIGHT_DTYPES = (F32, torch.bfloat16)
+
 
 def _segments(seg_indptr: torch.Tensor, seg_slots: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,11 +26,12 @@ def _segments(seg_indptr: torch.Tensor, seg_slots: torch.Tensor
     return seg_indptr, seg_slots
 
 
-def _weights(t: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
-    """Stacked adapter weights are laid out once by their owner: dense float32 expected."""
-    if not (t.dtype is F32 and t.is_cpu and t.is_contiguous() and t.dim() == ndim):
-        _fail(name, f"expected a C-contiguous float32 CPU tensor with {ndim} dims, got "
-                    f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)} on {t.device}")
+def _weights(t: torch.Tensor, name: str, ndim: int,
+             dtypes: tuple[torch.dtype, ...] = (F32,)) -> torch.Tensor:
+    """Stacked adapter weights are laid out once by their owner: dense, of `dtypes`."""
+    if not (t.dtype in dtypes and t.is_cpu and t.is_contiguous() and t.dim() == ndim):
+        _fail(name, f"expected a C-contiguous CPU tensor of {' or '.join(map(str, dtypes))} "
+                    f"with {ndim} dims, got {t.dtype} {tuple(t.shape)} on {t.device}")
     return t
 
 
@@ -42,13 +45,14 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, seg_indptr: torch.Tensor
     """h [T, P*R] float32 = x [T, K] @ a_stack[slot]^T per segment; zero rows where the
     slot is -1. Raises ValueError for mismatched shapes or bad segments."""
     x = _dense_float32(x, "x")
-    a_stack = _weights(a_stack, "a_stack", 3)
+    a_stack = _weights(a_stack, "a_stack", 3, WEIGHT_DTYPES)
     if x.dim() != 2 or x.shape[1] != a_stack.shape[2]:
         _fail("x", f"expected [T, {a_stack.shape[2]}], got {tuple(x.shape)}")
     seg_indptr, seg_slots = _segments(seg_indptr, seg_slots)
     tokens, rows = x.shape[0], a_stack.shape[1]
     h = torch.empty((tokens, rows), dtype=F32)
-    _C.lora_shrink(x.data_ptr(), tokens, x.shape[1], a_stack.data_ptr(), a_stack.shape[0], rows,
+    _C.lora_shrink(x.data_ptr(), tokens, x.shape[1], a_stack.data_ptr(),
+                   a_stack.dtype is torch.bfloat16, a_stack.shape[0], rows,
                    seg_indptr.data_ptr(), seg_slots.data_ptr(), seg_slots.numel(), h.data_ptr())
     return h
 
@@ -62,7 +66,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
     mismatched shapes, a y that is not dense float32, or bad segments."""
     if not (y.dtype is F32 and y.is_cpu and y.is_contiguous() and y.dim() == 2):
         _fail("y", "must be a C-contiguous float32 [T, N] CPU tensor (it is written in place)")
-    b_stack = _weights(b_stack, "b_stack", 3)
+    b_stack = _weights(b_stack, "b_stack", 3, WEIGHT_DTYPES)
     num_slots, rank, n = b_stack.shape
     num_slices = len(slice_offsets) - 1
     if (num_slices < 1 or slice_offsets[0] != 0 or slice_offsets[-1] != n
@@ -86,6 +90,6 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
     seg_indptr, seg_slots = _segments(seg_indptr, seg_slots)
     offsets = _offsets_tensor(tuple(slice_offsets))
     _C.lora_expand(y.data_ptr(), y.shape[0], n, h.data_ptr(), h.shape[1], b_stack.data_ptr(),
-                   num_slots, rank, offsets.data_ptr(), num_slices, scales.data_ptr(), ratio_ptr,
+                   b_stack.dtype is torch.bfloat16, num_slots, rank, offsets.data_ptr(), num_slices, scales.data_ptr(), ratio_ptr,
                    seg_indptr.data_ptr(), seg_slots.data_ptr(), seg_slots.numel())
     return y
