@@ -188,6 +188,17 @@ def write_results(backend: str, rows: list[Row], notes: str, threads: int | None
     return stem.with_suffix(".md")
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, repeats: int, min_seconds: float) -> None:
+    """The options every kernel benchmark shares: timing, threads, notes, saving."""
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help="minimum timed calls per case")
+    parser.add_argument("--min-seconds", type=float, default=min_seconds,
+                        help="minimum time per case")
+    parser.add_argument("--threads", type=int, help="OpenMP/torch threads (default: all cores)")
+    parser.add_argument("--notes", default="", help="free text saved with the results")
+    parser.add_argument("--no-save", action="store_true")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="cpu")
@@ -197,11 +208,7 @@ def main() -> None:
                         default=["f32", "int8", "nf4"],
                         help="CPU: float32 activations, int8-quantized activations, and/or "
                              "NF4 weights (float32 activations) instead of the GGUF formats")
-    parser.add_argument("--repeats", type=int, default=5, help="minimum timed calls per case")
-    parser.add_argument("--min-seconds", type=float, default=0.2, help="minimum time per case")
-    parser.add_argument("--threads", type=int, help="OpenMP/torch threads (default: all cores)")
-    parser.add_argument("--notes", default="", help="free text saved with the results")
-    parser.add_argument("--no-save", action="store_true")
+    add_run_arguments(parser, repeats=5, min_seconds=0.2)
     args = parser.parse_args()
     print(TABLE_HEADER)
     rows = BACKENDS[args.backend](args)

@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # First: applies --threads before torch loads OpenMP.
-from benchmarks.kernels import RESULTS_DIR, machine_info, median_ms  # noqa: E402
+from benchmarks.kernels import (RESULTS_DIR, add_run_arguments, machine_info,  # noqa: E402
+                               median_ms)
 
 import torch  # noqa: E402
 
@@ -169,11 +170,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="decode batch (one per sequence)")
     parser.add_argument("--adapters", type=int, default=16, help="distinct adapters at decode")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=20, help="minimum timed calls per case")
-    parser.add_argument("--min-seconds", type=float, default=0.3, help="minimum time per case")
-    parser.add_argument("--threads", type=int, help="OpenMP/torch threads (default: all cores)")
-    parser.add_argument("--notes", default="", help="free text saved with the results")
-    parser.add_argument("--no-save", action="store_true")
+    add_run_arguments(parser, repeats=20, min_seconds=0.3)
     args = parser.parse_args()
     print(" | ".join(HEADER))
     decode_ids = [t % args.adapters + 1 for t in range(args.tokens)]
