@@ -261,3 +261,18 @@ def test_lm_head_tensor_is_refused(tiny_folder, config, tmp_path) -> None:
     json.dump(json.load(open(cfg)) | {"target_modules": ["q_proj"]}, open(cfg, "w"))
     with pytest.raises(AdapterLoadError, match="lm_head"):
         load_lora_adapter(path, config, MAX_RANK)
+
+
+def test_peft_adapter_of_a_bare_llama_model(good_adapter, config, tmp_path) -> None:
+    """Keys of an adapter trained on LlamaModel (no head) lack one "model." level."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(os.path.join(good_adapter, "adapter_model.safetensors"))
+    bare = {k.replace("base_model.model.model.", "base_model.model."): v
+            for k, v in tensors.items()}
+    path = _copy_with(good_adapter, tmp_path / "bare", drop="adapter_model.safetensors")
+    save_file(bare, os.path.join(path, "adapter_model.safetensors"))
+    ours = load_lora_adapter(path, config, MAX_RANK).weights
+    reference = load_lora_adapter(good_adapter, config, MAX_RANK).weights
+    assert set(ours) == set(reference) and len(ours) == 14
+    for key, w in ours.items():
+        assert torch.equal(w.a, reference[key].a) and torch.equal(w.b, reference[key].b)

@@ -193,3 +193,21 @@ def test_peft_folder_through_the_manager_matches_peft(tmp_path) -> None:
             y = step.apply(layer, fused, x, base.clone())
             torch.testing.assert_close(y[:2], adapted[:2], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(y[2], base[2])
+
+
+def test_step_without_dora_adapters_skips_the_ratio() -> None:
+    m = _manager(max_loras=2)
+    m.add_adapter(LoRARequest("lora", 1), _adapter(1, 8, ["wq"]))
+    m.add_adapter(LoRARequest("dora", 2), _adapter(2, 8, ["wq"], dora=True))
+    assert m.prepare_step([1, 1], [1, 2]).stack(0, "wqkv").magnitude_ratio is not None
+    assert m.prepare_step([1], [1]).stack(0, "wqkv").magnitude_ratio is None
+    _check_step(m, [1, 1], [1, 0], seed=4)
+
+
+def test_base_weights_of_a_packed_checkpoint() -> None:
+    from llama_engine.engine.lora_manager import base_weights_of
+    from llama_engine.quant import dequantize, quantize
+    packed = quantize(BASE[(0, "wq")], "Q8_0")
+    base_weight = base_weights_of({"layers.0.wq": packed, "layers.0.wk": BASE[(0, "wk")]})
+    torch.testing.assert_close(base_weight(0, "wq"), dequantize(packed).float())
+    assert torch.equal(base_weight(0, "wk"), BASE[(0, "wk")])

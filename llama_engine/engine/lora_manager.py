@@ -27,6 +27,7 @@ from llama_engine.engine.sequence import NO_LORA
 from llama_engine.loader.adapters import (AdapterLoadError, LoRAAdapter, load_lora_adapter,
                                           projection_shapes, resolve_dora)
 from llama_engine.lora_request import LoRARequest
+from llama_engine.quant import PackedWeight
 
 # The model's fused projections and, in row order, the adapter projections inside each.
 FUSED_PROJECTIONS = {"wqkv": ("wq", "wk", "wv"), "wo": ("wo",),
@@ -152,11 +153,13 @@ class LoRAManager:
         slots = self.activate(lora_int_ids)
         mapping = kernels.lora_mapping(seg_lens, [slots.get(i, -1) for i in lora_int_ids],
                                        self.device)
-        adapted = set()
+        adapted, dora = set(), set()
         for lora_int_id in slots:
-            adapted.update((layer, FUSED_OF[proj])
-                           for layer, proj in self.adapters[lora_int_id].weights)
-        step_stacks = [{name: stack if (layer, name) in adapted else None
+            for (layer, proj), w in self.adapters[lora_int_id].weights.items():
+                adapted.add((layer, FUSED_OF[proj]))
+                if w.magnitude_ratio is not None:
+                    dora.add((layer, FUSED_OF[proj]))
+        step_stacks = [{name: _for_step(stack, (layer, name) in adapted, (layer, name) in dora)
                         for name, stack in layer_stacks.items()}
                        for layer, layer_stacks in enumerate(self.stacks)]
         return LoRAStep(mapping, step_stacks)
@@ -229,3 +232,20 @@ class LoRAManager:
             self.stacks[layer][name] = stack
         return stack
 
+
+def _for_step(stack: kernels.LoRAStack, adapted: bool, dora: bool
+              ) -> kernels.LoRAStack | None:
+    """What a step needs of a stack: nothing when none of its adapters touches the
+    projection, no ratio (all ones for it) when none of them uses DoRA there."""
+    if not adapted:
+        return None
+    return stack if dora else stack._replace(magnitude_ratio=None)
+
+
+def base_weights_of(weights: dict[str, torch.Tensor | PackedWeight]) -> BaseWeightFn:
+    """base_weight for a loader's weight dict (``layers.N.wq`` ...): the projection's dense
+    float32 weight, dequantized on demand when packed (DoRA's norms are taken of it)."""
+    def base_weight(layer: int, projection: str) -> torch.Tensor:
+        w = weights[f"layers.{layer}.{projection}"]
+        return (kernels.dequantize(w) if isinstance(w, PackedWeight) else w).float()
+    return base_weight

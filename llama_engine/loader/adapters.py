@@ -42,7 +42,9 @@ PROJECTIONS = {
 GGUF_PROJECTIONS = {"attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
                     "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
 PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\."
+# "base_model.model." + the adapted model's own names: "model.layers..." for a model with
+# a head (LlamaForCausalLM), "layers..." for a bare LlamaModel.
+PEFT_KEY = re.compile(r"base_model\.model\.(?:model\.)?layers\.(\d+)\.(\w+)\.(\w+)\."
                       r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
 GGUF_KEY = re.compile(r"blk\.(\d+)\.(\w+)\.weight\.(lora_a|lora_b)")
 # PEFT options that change what the adapter computes in ways this engine does not run:
