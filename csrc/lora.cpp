@@ -211,6 +211,18 @@ void expand_tokens(const int32_t* tokens, int64_t count, const float* h, int64_t
     expand_tokens_impl(tokens, count, h, h_cols, h_offset, b, n, rank, scale, ratio, width, y);
 }
 
+// body(i) for i in [0, n): on this thread when the work is small, else over the OpenMP
+// team in runs that idle threads help finish (for_each_in_runs: on a busy machine a static
+// split waits for its slowest thread).
+template <class Body>
+void for_each_item(int64_t n, bool threaded, Body&& body) {
+    if (!threaded) {
+        for (int64_t i = 0; i < n; ++i) body(i);
+        return;
+    }
+    llama_ops::for_each_in_runs(n, [] { return 0; }, [&](int, int64_t i) { body(i); });
+}
+
 WeightType weight_type(bool bf16) { return bf16 ? WeightType::kBFloat16 : WeightType::kFloat32; }
 
 // A block of output columns inside one slice.
@@ -245,8 +257,8 @@ void shrink(const Segments& segments, const float* x, int64_t k, const void* a_s
     const SlotGroups groups = group_by_slot(segments);
     const std::vector<TokenRun> runs = token_runs(groups);
     const int64_t work = static_cast<int64_t>(groups.tokens.size()) * rows * k;
-    llama_ops::parallel_for(static_cast<int64_t>(runs.size()),
-                            llama_ops::worth_threading(work), [&](int64_t i) {
+    for_each_item(static_cast<int64_t>(runs.size()), llama_ops::worth_threading(work),
+                  [&](int64_t i) {
         const TokenRun& run = runs[i];
         const int32_t* tokens = groups.tokens.data() + run.begin;
         const int64_t offset = run.slot * rows * k;
@@ -274,7 +286,7 @@ void expand(const Segments& segments, const float* h, int64_t h_cols,
     const int64_t items = static_cast<int64_t>(runs.size()) * num_blocks;
     const int64_t work = static_cast<int64_t>(groups.tokens.size()) * weights.rank * weights.n;
     const int64_t slot_size = weights.rank * weights.n;
-    llama_ops::parallel_for(items, llama_ops::worth_threading(work), [&](int64_t i) {
+    for_each_item(items, llama_ops::worth_threading(work), [&](int64_t i) {
         const TokenRun& run = runs[i / num_blocks];
         const ColumnBlock& block = blocks[i % num_blocks];
         const float* ratio = weights.magnitude_ratio == nullptr
