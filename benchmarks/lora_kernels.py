@@ -65,7 +65,8 @@ class Row:
                 f"{100 * self.ours_ms / self.base_matmul_ms:.0f}%"]
 
 
-HEADER = ["case", "adapter weights", "projection", "NxK", "tokens", "adapters", "rank", "ours ms", "einsum ms",
+HEADER = ["case", "adapter weights", "projection", "NxK", "tokens", "adapters", "rank", "ours ms",
+          "einsum ms",
           "per-adapter loop ms", "einsum/ours", "loop/ours", "base Q4_1 matmul ms",
           "ours/base"]
 
@@ -122,7 +123,8 @@ def run_case(name: str, manager: LoRAManager, seg_lens: list[int], lora_ids: lis
         timing = (args.repeats, args.min_seconds)
         y = y0.clone()  # y accumulates over the timed calls: values do not matter
         rows.append(Row(
-            name, str(manager.dtype).removeprefix("torch."), fused, n, k, tokens, len(set(lora_ids)), manager.rank,
+            name, str(manager.dtype).removeprefix("torch."), fused, n, k, tokens,
+            len(set(lora_ids)), manager.rank,
             median_ms(lambda: step.apply(0, fused, x, y), *timing),
             median_ms(einsum, *timing),
             median_ms(lambda: _per_adapter_loop(manager, fused, x, y, token_ids), *timing),
@@ -140,7 +142,8 @@ def write_results(rows: list[Row], args: argparse.Namespace) -> Path:
     command = "python " + " ".join(sys.argv)
     per_layer = {}
     for r in rows:
-        totals = per_layer.setdefault(f"{r.case}, {r.weights}", {"ours_ms": 0.0, "einsum_ms": 0.0, "loop_ms": 0.0,
+        totals = per_layer.setdefault(f"{r.case}, {r.weights}", {
+            "ours_ms": 0.0, "einsum_ms": 0.0, "loop_ms": 0.0,
                                                "base_matmul_ms": 0.0})
         for key in totals:
             totals[key] += getattr(r, key)
@@ -156,7 +159,8 @@ def write_results(rows: list[Row], args: argparse.Namespace) -> Path:
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r.cells) + " |" for r in rows]
     lines += ["", "Per decoder layer (the four fused projections):", "",
-              "| case | ours ms | einsum ms | per-adapter loop ms | base Q4_1 matmuls ms | ours/base |",
+              "| case | ours ms | einsum ms | per-adapter loop ms | base Q4_1 matmuls ms "
+              "| ours/base |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {case} | {t['ours_ms']:.3f} | {t['einsum_ms']:.3f} | {t['loop_ms']:.3f} | "
               f"{t['base_matmul_ms']:.3f} | {100 * t['ours_ms'] / t['base_matmul_ms']:.0f}% |"

@@ -347,7 +347,8 @@ void register_lora(py::module_& m) {
                            tensor_at<float>(y));
           },
           py::arg("y"), py::arg("tokens"), py::arg("n"), py::arg("h"), py::arg("h_cols"),
-          py::arg("b_stack"), py::arg("bf16"), py::arg("num_slots"), py::arg("rank"), py::arg("slice_offsets"),
+          py::arg("b_stack"), py::arg("bf16"), py::arg("num_slots"), py::arg("rank"),
+          py::arg("slice_offsets"),
           py::arg("num_slices"), py::arg("scales"), py::arg("magnitude_ratio"),
           py::arg("seg_indptr"), py::arg("seg_slots"), py::arg("num_segments"),
           "In place: y = ratio * (y + scale * h[:, slice's rank columns] @ b_stack[slot]) per "

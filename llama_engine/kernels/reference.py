@@ -203,7 +203,8 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
     """In place on y [T, N] (the base projection's output), for tokens with slot s >= 0 and
     each output slice p:
 
-        y[t, cols_p] = ratio[s, cols_p] * (y[t, cols_p] + scales[s, p] * h[t, p*R:(p+1)*R] @ b_stack[s][:, cols_p])
+        y[t, cols_p] = ratio[s, cols_p]
+                       * (y[t, cols_p] + scales[s, p] * h[t, p*R:(p+1)*R] @ b_stack[s][:, cols_p])
 
     h [T, P*R] (float32, from lora_shrink), b_stack [slots, R, N], scales [slots, P],
     magnitude_ratio [slots, N] (DoRA; None: 1). Tokens with no adapter keep y. Returns y.

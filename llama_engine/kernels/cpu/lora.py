@@ -2,8 +2,9 @@
 
 Same results as ``reference.lora_shrink`` / ``reference.lora_expand`` for float32 CPU
 activations; the stacked adapter weights are float32 or bfloat16 (half the bytes to stream,
-float32 arithmetic), scales and ratios float32; the segment tensors may be int32 or int64. As the other hot ops do, the extension gets addresses, and every check that keeps
-them safe happens here; the segment values themselves are checked in C++.
+float32 arithmetic), scales and ratios float32; the segment tensors may be int32 or int64.
+As the other hot ops do, the extension gets addresses, and every check that keeps them safe
+happens here; the segment values themselves are checked in C++.
 """
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
     seg_indptr, seg_slots = _segments(seg_indptr, seg_slots)
     offsets = _offsets_tensor(tuple(slice_offsets))
     _C.lora_expand(y.data_ptr(), y.shape[0], n, h.data_ptr(), h.shape[1], b_stack.data_ptr(),
-                   b_stack.dtype is torch.bfloat16, num_slots, rank, offsets.data_ptr(), num_slices, scales.data_ptr(), ratio_ptr,
+                   b_stack.dtype is torch.bfloat16, num_slots, rank, offsets.data_ptr(),
+                   num_slices, scales.data_ptr(), ratio_ptr,
                    seg_indptr.data_ptr(), seg_slots.data_ptr(), seg_slots.numel())
     return y
