@@ -353,4 +353,32 @@ void register_lora(py::module_& m) {
           py::arg("seg_indptr"), py::arg("seg_slots"), py::arg("num_segments"),
           "In place: y = ratio * (y + scale * h[:, slice's rank columns] @ b_stack[slot]) per "
           "segment and output slice (magnitude_ratio = 0: no DoRA ratio; slot -1: y kept).");
+    m.def("lora_add", [](std::uintptr_t y, std::uintptr_t x, int64_t tokens, int64_t k,
+                         int64_t n, std::uintptr_t a_stack, std::uintptr_t b_stack, bool bf16,
+                         int64_t num_slots, int64_t rank, std::uintptr_t slice_offsets,
+                         int64_t num_slices, std::uintptr_t scales,
+                         std::uintptr_t magnitude_ratio, std::uintptr_t seg_indptr,
+                         std::uintptr_t seg_slots, int64_t num_segments) {
+              const lora::Segments segments{tensor_at<const int32_t>(seg_indptr),
+                                            tensor_at<const int32_t>(seg_slots), num_segments,
+                                            tokens};
+              lora::check_segments(segments, num_slots);
+              const lora::ExpandWeights weights{
+                  tensor_at<const void>(b_stack), lora::weight_type(bf16), rank, n,
+                  tensor_at<const int64_t>(slice_offsets), num_slices,
+                  tensor_at<const float>(scales), tensor_at<const float>(magnitude_ratio)};
+              py::gil_scoped_release release;
+              const int64_t rows = num_slices * rank;
+              std::vector<float> h(static_cast<size_t>(tokens * rows));
+              lora::shrink(segments, tensor_at<const float>(x), k, tensor_at<const void>(a_stack),
+                           weights.type, rows, h.data());
+              lora::expand(segments, h.data(), rows, weights, tensor_at<float>(y));
+          },
+          py::arg("y"), py::arg("x"), py::arg("tokens"), py::arg("k"), py::arg("n"),
+          py::arg("a_stack"), py::arg("b_stack"), py::arg("bf16"), py::arg("num_slots"),
+          py::arg("rank"), py::arg("slice_offsets"), py::arg("num_slices"), py::arg("scales"),
+          py::arg("magnitude_ratio"), py::arg("seg_indptr"), py::arg("seg_slots"),
+          py::arg("num_segments"),
+          "lora_shrink then lora_expand in one call: y += the adapters' delta of x, in place "
+          "(a_stack [num_slots, num_slices * rank, k] and b_stack of one dtype).");
 }

@@ -51,6 +51,27 @@ def test_cpu_kernels_match_reference(rank, decode, num_slices, dora, seed) -> No
     torch.testing.assert_close(y, _reference(case), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("rank", [8, 64])
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("num_slices,dora", [(1, True), (3, False)])
+def test_cpu_add_lora_in_one_call_matches_reference(rank, decode, num_slices, dora) -> None:
+    case = make_case(rank + 7 * decode + num_slices, decode=decode, rank=rank,
+                     num_slices=num_slices, dora=dora)
+    s, m = case.stack, case.mapping
+    y = case.y.clone()
+    assert cpu.add_lora(y, case.x, s.a_stack, s.b_stack, s.slice_offsets, s.scales,
+                        m.seg_indptr, m.seg_slots, s.magnitude_ratio) is y
+    torch.testing.assert_close(y, _reference(case), atol=ATOL, rtol=RTOL)
+
+
+def test_cpu_add_lora_rejects_mixed_weight_dtypes() -> None:
+    case = make_case(4, decode=True, rank=8, num_slices=1, dora=False)
+    s, m = case.stack, case.mapping
+    with pytest.raises(ValueError, match="a_stack"):
+        cpu.add_lora(case.y.clone(), case.x, s.a_stack.bfloat16(), s.b_stack, s.slice_offsets,
+                     s.scales, m.seg_indptr, m.seg_slots)
+
+
 @pytest.mark.parametrize("decode", [True, False])
 def test_cpu_kernels_read_bfloat16_weights(decode) -> None:
     """bfloat16 stacks: the same values as the reference reads them (upcast), float32 math."""

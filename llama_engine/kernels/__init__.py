@@ -322,5 +322,11 @@ def lora_expand(y: Tensor, h: Tensor, stack: LoRAStack, mapping: LoRAMapping) ->
 
 def add_lora(y: Tensor, x: Tensor, stack: LoRAStack, mapping: LoRAMapping) -> Tensor:
     """y (= x @ W^T, [T, N]) updated in place to the adapted projection of x [T, K]:
-    lora_expand(y, lora_shrink(x)). Returns y."""
+    lora_expand(y, lora_shrink(x)), one extension call on the CPU. Returns y."""
+    if (_use_cpu(x) and not _lora_needs_grad(x, y, stack.a_stack, stack.b_stack)
+            and stack.a_stack.dtype in LORA_CPU_WEIGHT_DTYPES
+            and stack.b_stack.dtype == stack.a_stack.dtype and y.is_contiguous()):
+        return _cpu.add_lora(y, x, stack.a_stack, stack.b_stack, stack.slice_offsets,
+                             stack.scales, mapping.seg_indptr, mapping.seg_slots,
+                             stack.magnitude_ratio)
     return lora_expand(y, lora_shrink(x, stack.a_stack, mapping), stack, mapping)

@@ -2,6 +2,6 @@
 from llama_engine.kernels.cpu.ops import (  # noqa: F401
     paged_attention, rms_norm, rope, sample, silu_and_mul, store_kv, store_kv_and_attend)
 from llama_engine.kernels.cpu.quant import dequantize, quant_matmul  # noqa: F401
-from llama_engine.kernels.cpu.lora import lora_expand, lora_shrink  # noqa: F401
+from llama_engine.kernels.cpu.lora import add_lora, lora_expand, lora_shrink  # noqa: F401
 from llama_engine.kernels.cpu.block import (  # noqa: F401
     block_output, decoder_layer, qkv_projection)

@@ -9,6 +9,7 @@ happens here; the segment values themselves are checked in C++.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -58,13 +59,21 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, seg_indptr: torch.Tensor
     return h
 
 
-def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
-                slice_offsets: tuple[int, ...], scales: torch.Tensor, seg_indptr: torch.Tensor,
-                seg_slots: torch.Tensor, magnitude_ratio: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """In place on y [T, N]: y = ratio * (y + scale * h_slice @ b_stack[slot]) per segment
-    and output slice (see ``reference.lora_expand``). Returns y. Raises ValueError for
-    mismatched shapes, a y that is not dense float32, or bad segments."""
+class _ExpandArgs(NamedTuple):
+    """The checked expand-side arguments, as the extension takes them."""
+    y: torch.Tensor
+    b_stack: torch.Tensor
+    bf16: bool
+    num_slots: int
+    rank: int
+    offsets: torch.Tensor
+    num_slices: int
+    scales: torch.Tensor
+    ratio_ptr: int
+
+
+def _expand_args(y: torch.Tensor, b_stack: torch.Tensor, slice_offsets: tuple[int, ...],
+                 scales: torch.Tensor, magnitude_ratio: torch.Tensor | None) -> _ExpandArgs:
     if not (y.dtype is F32 and y.is_cpu and y.is_contiguous() and y.dim() == 2):
         _fail("y", "must be a C-contiguous float32 [T, N] CPU tensor (it is written in place)")
     b_stack = _weights(b_stack, "b_stack", 3, WEIGHT_DTYPES)
@@ -75,9 +84,6 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
         _fail("slice_offsets", f"must rise from 0 to {n}, got {slice_offsets}")
     if y.shape[1] != n:
         _fail("y", f"expected {n} columns, got {y.shape[1]}")
-    h = _dense_float32(h, "h")
-    if h.dim() != 2 or h.shape[0] != y.shape[0] or h.shape[1] < num_slices * rank:
-        _fail("h", f"expected [{y.shape[0]}, >= {num_slices * rank}], got {tuple(h.shape)}")
     scales = _weights(scales, "scales", 2)
     if tuple(scales.shape) != (num_slots, num_slices):
         _fail("scales", f"expected [{num_slots}, {num_slices}], got {tuple(scales.shape)}")
@@ -88,10 +94,47 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
             _fail("magnitude_ratio", f"expected [{num_slots}, {n}], got "
                                      f"{tuple(magnitude_ratio.shape)}")
         ratio_ptr = magnitude_ratio.data_ptr()
+    return _ExpandArgs(y, b_stack, b_stack.dtype is torch.bfloat16, num_slots, rank,
+                       _offsets_tensor(tuple(slice_offsets)), num_slices, scales, ratio_ptr)
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
+                slice_offsets: tuple[int, ...], scales: torch.Tensor, seg_indptr: torch.Tensor,
+                seg_slots: torch.Tensor, magnitude_ratio: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """In place on y [T, N]: y = ratio * (y + scale * h_slice @ b_stack[slot]) per segment
+    and output slice (see ``reference.lora_expand``). Returns y. Raises ValueError for
+    mismatched shapes, a y that is not dense float32, or bad segments."""
+    e = _expand_args(y, b_stack, slice_offsets, scales, magnitude_ratio)
+    h = _dense_float32(h, "h")
+    if h.dim() != 2 or h.shape[0] != y.shape[0] or h.shape[1] < e.num_slices * e.rank:
+        _fail("h", f"expected [{y.shape[0]}, >= {e.num_slices * e.rank}], got {tuple(h.shape)}")
     seg_indptr, seg_slots = _segments(seg_indptr, seg_slots)
-    offsets = _offsets_tensor(tuple(slice_offsets))
-    _C.lora_expand(y.data_ptr(), y.shape[0], n, h.data_ptr(), h.shape[1], b_stack.data_ptr(),
-                   b_stack.dtype is torch.bfloat16, num_slots, rank, offsets.data_ptr(),
-                   num_slices, scales.data_ptr(), ratio_ptr,
-                   seg_indptr.data_ptr(), seg_slots.data_ptr(), seg_slots.numel())
+    _C.lora_expand(y.data_ptr(), y.shape[0], y.shape[1], h.data_ptr(), h.shape[1],
+                   e.b_stack.data_ptr(), e.bf16, e.num_slots, e.rank, e.offsets.data_ptr(),
+                   e.num_slices, e.scales.data_ptr(), e.ratio_ptr, seg_indptr.data_ptr(),
+                   seg_slots.data_ptr(), seg_slots.numel())
+    return y
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
+             slice_offsets: tuple[int, ...], scales: torch.Tensor, seg_indptr: torch.Tensor,
+             seg_slots: torch.Tensor, magnitude_ratio: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """lora_expand(y, lora_shrink(x)) in one extension call (h never reaches torch: at
+    decode the per-call cost is most of the work). a_stack and b_stack share a dtype.
+    Returns y, updated in place."""
+    e = _expand_args(y, b_stack, slice_offsets, scales, magnitude_ratio)
+    x = _dense_float32(x, "x")
+    a_stack = _weights(a_stack, "a_stack", 3, (b_stack.dtype,))
+    if tuple(a_stack.shape[:2]) != (e.num_slots, e.num_slices * e.rank):
+        _fail("a_stack", f"expected [{e.num_slots}, {e.num_slices * e.rank}, K], got "
+                         f"{tuple(a_stack.shape)}")
+    if x.dim() != 2 or tuple(x.shape) != (y.shape[0], a_stack.shape[2]):
+        _fail("x", f"expected [{y.shape[0]}, {a_stack.shape[2]}], got {tuple(x.shape)}")
+    seg_indptr, seg_slots = _segments(seg_indptr, seg_slots)
+    _C.lora_add(y.data_ptr(), x.data_ptr(), x.shape[0], x.shape[1], y.shape[1],
+                a_stack.data_ptr(), e.b_stack.data_ptr(), e.bf16, e.num_slots, e.rank,
+                e.offsets.data_ptr(), e.num_slices, e.scales.data_ptr(), e.ratio_ptr,
+                seg_indptr.data_ptr(), seg_slots.data_ptr(), seg_slots.numel())
     return y
