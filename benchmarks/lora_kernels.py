@@ -79,19 +79,18 @@ def _adapter(seed: int, rank: int) -> LoRAAdapter:
     return LoRAAdapter(f"bench{seed}", "", weights)
 
 
-def _per_adapter_loop(manager: LoRAManager, fused: str, x: torch.Tensor, y: torch.Tensor,
-                      token_ids: list[int]) -> torch.Tensor:
-    """peft's mixed-batch forward, per unfused projection inside the fused one."""
+def _per_adapter_loop(manager: LoRAManager, fused: str, x: torch.Tensor,
+                      outputs: list[torch.Tensor], token_ids: list[int]) -> list[torch.Tensor]:
+    """peft's mixed-batch forward, module by module: outputs are the unfused projections'
+    own base outputs (as peft's separate q/k/v modules have), updated in place."""
     ids = torch.tensor(token_ids)
-    offsets = manager.stacks[0][fused].slice_offsets
     for lora_int_id in sorted(set(token_ids)):
         rows = torch.nonzero(ids == lora_int_id).squeeze(1)
         sub_batch = x[rows]
-        for p, proj in enumerate(FUSED_PROJECTIONS[fused]):
+        for proj, out in zip(FUSED_PROJECTIONS[fused], outputs):
             w = manager.adapters[lora_int_id].weights[(0, proj)]
-            delta = (sub_batch @ w.a.t()) @ w.b.t() * w.scale
-            y[rows, offsets[p]:offsets[p + 1]] += delta
-    return y
+            out[rows] += (sub_batch @ w.a.t()) @ w.b.t() * w.scale
+    return outputs
 
 
 def run_case(name: str, manager: LoRAManager, seg_lens: list[int], lora_ids: list[int],
@@ -115,19 +114,25 @@ def run_case(name: str, manager: LoRAManager, seg_lens: list[int], lora_ids: lis
                                          stack.scales, m.seg_indptr, m.seg_slots)
 
         ours = step.apply(0, fused, x, y0.clone())
-        loop = _per_adapter_loop(manager, fused, x, y0.clone(), token_ids)
+        offsets = stack.slice_offsets
+
+        def unfused_outputs() -> list[torch.Tensor]:
+            return [y0[:, lo:hi].clone() for lo, hi in zip(offsets, offsets[1:])]
+
+        loop = torch.cat(_per_adapter_loop(manager, fused, x, unfused_outputs(), token_ids), 1)
         torch.testing.assert_close(ours, einsum(), atol=1e-4, rtol=1e-4)
         # the loop reads the float32 adapters: bfloat16 stacks differ by their rounding
         loop_tolerance = 1e-4 if manager.dtype == torch.float32 else 2e-2
         torch.testing.assert_close(ours, loop, atol=loop_tolerance, rtol=loop_tolerance)
         timing = (args.repeats, args.min_seconds)
-        y = y0.clone()  # y accumulates over the timed calls: values do not matter
+        # outputs accumulate over the timed calls: their values do not matter
+        y, outputs = y0.clone(), unfused_outputs()
         rows.append(Row(
             name, str(manager.dtype).removeprefix("torch."), fused, n, k, tokens,
             len(set(lora_ids)), manager.rank,
             median_ms(lambda: step.apply(0, fused, x, y), *timing),
             median_ms(einsum, *timing),
-            median_ms(lambda: _per_adapter_loop(manager, fused, x, y, token_ids), *timing),
+            median_ms(lambda: _per_adapter_loop(manager, fused, x, outputs, token_ids), *timing),
             median_ms(lambda: kernels.linear(x, base), *timing)))
         print(" | ".join(rows[-1].cells), flush=True)
     return rows
