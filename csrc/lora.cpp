@@ -306,6 +306,28 @@ void expand(const Segments& segments, const float* h, int64_t h_cols,
     });
 }
 
+namespace {
+
+// The bindings' arguments, from addresses: the segments (values checked) and the expand
+// weights.
+Segments segments_at(std::uintptr_t indptr, std::uintptr_t slots, int64_t count,
+                     int64_t tokens, int64_t num_slots) {
+    const Segments segments{llama_ops::tensor_at<const int32_t>(indptr),
+                            llama_ops::tensor_at<const int32_t>(slots), count, tokens};
+    check_segments(segments, num_slots);
+    return segments;
+}
+
+ExpandWeights expand_weights_at(std::uintptr_t b_stack, bool bf16, int64_t rank, int64_t n,
+                                std::uintptr_t slice_offsets, int64_t num_slices,
+                                std::uintptr_t scales, std::uintptr_t magnitude_ratio) {
+    using llama_ops::tensor_at;
+    return {tensor_at<const void>(b_stack), weight_type(bf16), rank, n,
+            tensor_at<const int64_t>(slice_offsets), num_slices, tensor_at<const float>(scales),
+            tensor_at<const float>(magnitude_ratio)};
+}
+
+}  // namespace
 }  // namespace lora
 
 void register_lora(py::module_& m) {
@@ -314,10 +336,8 @@ void register_lora(py::module_& m) {
     m.def("lora_shrink", [](std::uintptr_t x, int64_t tokens, int64_t k, std::uintptr_t a_stack,
                             bool bf16, int64_t num_slots, int64_t rows, std::uintptr_t seg_indptr,
                             std::uintptr_t seg_slots, int64_t num_segments, std::uintptr_t h) {
-              const lora::Segments segments{tensor_at<const int32_t>(seg_indptr),
-                                            tensor_at<const int32_t>(seg_slots), num_segments,
-                                            tokens};
-              lora::check_segments(segments, num_slots);
+              const lora::Segments segments =
+                  lora::segments_at(seg_indptr, seg_slots, num_segments, tokens, num_slots);
               py::gil_scoped_release release;
               lora::shrink(segments, tensor_at<const float>(x), k, tensor_at<const void>(a_stack),
                            lora::weight_type(bf16), rows, tensor_at<float>(h));
@@ -333,15 +353,10 @@ void register_lora(py::module_& m) {
                             std::uintptr_t scales, std::uintptr_t magnitude_ratio,
                             std::uintptr_t seg_indptr, std::uintptr_t seg_slots,
                             int64_t num_segments) {
-              const lora::Segments segments{tensor_at<const int32_t>(seg_indptr),
-                                            tensor_at<const int32_t>(seg_slots), num_segments,
-                                            tokens};
-              lora::check_segments(segments, num_slots);
-              const lora::ExpandWeights weights{
-                  tensor_at<const void>(b_stack), lora::weight_type(bf16), rank, n,
-                  tensor_at<const int64_t>(slice_offsets),
-                  num_slices, tensor_at<const float>(scales),
-                  tensor_at<const float>(magnitude_ratio)};
+              const lora::Segments segments =
+                  lora::segments_at(seg_indptr, seg_slots, num_segments, tokens, num_slots);
+              const lora::ExpandWeights weights = lora::expand_weights_at(
+                  b_stack, bf16, rank, n, slice_offsets, num_slices, scales, magnitude_ratio);
               py::gil_scoped_release release;
               lora::expand(segments, tensor_at<const float>(h), h_cols, weights,
                            tensor_at<float>(y));
@@ -359,14 +374,10 @@ void register_lora(py::module_& m) {
                          int64_t num_slices, std::uintptr_t scales,
                          std::uintptr_t magnitude_ratio, std::uintptr_t seg_indptr,
                          std::uintptr_t seg_slots, int64_t num_segments) {
-              const lora::Segments segments{tensor_at<const int32_t>(seg_indptr),
-                                            tensor_at<const int32_t>(seg_slots), num_segments,
-                                            tokens};
-              lora::check_segments(segments, num_slots);
-              const lora::ExpandWeights weights{
-                  tensor_at<const void>(b_stack), lora::weight_type(bf16), rank, n,
-                  tensor_at<const int64_t>(slice_offsets), num_slices,
-                  tensor_at<const float>(scales), tensor_at<const float>(magnitude_ratio)};
+              const lora::Segments segments =
+                  lora::segments_at(seg_indptr, seg_slots, num_segments, tokens, num_slots);
+              const lora::ExpandWeights weights = lora::expand_weights_at(
+                  b_stack, bf16, rank, n, slice_offsets, num_slices, scales, magnitude_ratio);
               py::gil_scoped_release release;
               const int64_t rows = num_slices * rank;
               std::vector<float> h(static_cast<size_t>(tokens * rows));
