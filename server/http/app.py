@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from llama_engine.datasets import DatasetRegistry
+from server.api.datasets import DatasetsService
 from server.api.errors import APIError, validation_error
 from server.api.generation import GenerationRunner
 from server.api.inference import InferenceService
@@ -19,6 +22,7 @@ from server.http.routing import JSON_CONTENT_TYPE, JSONL_CONTENT_TYPE, Route
 from server.http.middleware import access_log_middleware, auth_middleware, error_middleware
 from server.http.sse import OPENAI_DONE, send_event_stream
 from server.schemas import llama_stack as ls
+from server.schemas import post_training as pt
 from server.schemas.common import HealthResponse
 from server.schemas import openai as oa
 
@@ -80,16 +84,31 @@ async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
         raise APIError(MAX_JSON_DEPTH_MESSAGE, param="body") from None
 
 
+def parse_query(request: web.Request, model: type[BaseModel]) -> BaseModel:
+    data = dict(request.query)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, data) from None
+
+
 def json_response(result: BaseModel) -> web.Response:
     return web.Response(text=result.model_dump_json(), content_type=JSON_CONTENT_TYPE)
 
 
 def make_handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        body = await parse_body(request, route.request_model)
+        if route.method == "POST":
+            body = await parse_body(request, route.request_model)
+        else:
+            body = parse_query(request, route.request_model)
+        if route.event_stream:
+            return await send_event_stream(request, route.call(body), route.done_marker)
         if route.stream_call is not None and getattr(body, "stream", False):
             return await send_event_stream(request, route.stream_call(body), route.done_marker)
         result = await route.call(body)
+        if result is None:
+            return web.json_response(None)
         if route.jsonl:
             lines = "".join(item.model_dump_json() + "\n" for item in result)
             return web.Response(text=lines, content_type=JSONL_CONTENT_TYPE)
@@ -130,8 +149,23 @@ async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(body=body.encode("utf-8"), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
 
+def datasets_routes(datasets: DatasetsService) -> list[Route]:
+    return [
+        Route("/datasets/create", "Register a dataset: fetch its content once and check its "
+              "columns against every row.", "Datasets", pt.CreateDatasetRequest, None,
+              datasets.create),
+        Route("/datasets/get", "A registered dataset.", "Datasets", pt.DatasetQuery, pt.Dataset,
+              datasets.get, method="GET"),
+        Route("/datasets/delete", "Forget a dataset and its fetched copy.", "Datasets",
+              pt.DatasetQuery, None, datasets.delete, method="DELETE"),
+    ]
+
+
 def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              state_dir: Optional[Path] = None) -> web.Application:
+    """The application; with a ``state_dir``, also the Datasets and PostTraining APIs, whose
+    state lives there."""
     metrics = ServerMetrics(registry)
     runner = GenerationRunner(listener=metrics)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
@@ -140,8 +174,10 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     app[METRICS_KEY] = metrics
     openai = OpenAIService(registry, runner)
     routes = inference_routes(InferenceService(registry, runner), openai)
+    if state_dir is not None:
+        routes += datasets_routes(DatasetsService(DatasetRegistry(state_dir)))
     for route in routes:
-        app.router.add_post(route.path, make_handler(route))
+        app.router.add_route(route.method, route.path, make_handler(route))
     model_names = sorted({name for m in registry.models() for name in [m.model_id, *m.aliases]})
     document = build_openapi(routes, model_names, requires_auth=api_key is not None)
 
