@@ -71,7 +71,8 @@ class FullFineTune:
                  activation_checkpointing: bool = False, device: str | torch.device = "cpu"):
         loaded = load_model(model_path, torch.float32, dequantize=True)
         self.source, self.tokenizer, self.config = model_path, loaded.tokenizer, loaded.config
-        self.model = _trainable_llama(loaded).to(device)
+        self.device = torch.device(device)
+        self.model = _trainable_llama(loaded).to(self.device)
         self.frozen: Llama | None = None
         if keep_reference:
             self.frozen = copy.deepcopy(self.model).requires_grad_(False)

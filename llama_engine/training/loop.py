@@ -54,7 +54,7 @@ class TrainingOptions:
     warmup_steps: Optional[int] = None  # None: DEFAULT_WARMUP_FRACTION of the steps
     max_grad_norm: Optional[float] = None
     seed: int = 0
-    checkpoint_every_n_steps: Optional[int] = None  # None: at each epoch's end
+    checkpoint_every_n_steps: Optional[int] = None  # None: at each epoch's end (and the last step)
     dpo: DPOParams = DPOParams()
 
     def total_steps(self, num_items: int) -> int:
@@ -105,7 +105,7 @@ class Trainer:
         if options.objective == REWARD:
             generator = torch.Generator().manual_seed(options.seed)
             weight = torch.randn(1, model.config.hidden_size, generator=generator)
-            self.score_head = torch.nn.Parameter(weight * SCORE_HEAD_INIT_STD)
+            self.score_head = torch.nn.Parameter((weight * SCORE_HEAD_INIT_STD).to(model.device))
         params = model.trainable_parameters() + ([self.score_head] if self.score_head is not None else [])
         self.params = params
         self.optimizer = build_optimizer(params, options.optimizer_type, options.lr,
@@ -113,13 +113,13 @@ class Trainer:
 
     # ---- one step per objective ---------------------------------------------------------
     def _sft_step(self, examples: Sequence[Example]) -> tuple[torch.Tensor, dict, int]:
-        batch = pack(examples)
+        batch = pack(examples).to(self.model.device)
         rows = _label_rows(batch)
         logits = self.model.compute_logits(self.model.hidden_states(batch)[rows])
         return sft_loss(logits, batch.labels[rows]), {}, batch.num_tokens
 
     def _pair_batch(self, pairs: Sequence[PreferencePair]) -> PackedBatch:
-        return pack([p.chosen for p in pairs] + [p.rejected for p in pairs])
+        return pack([p.chosen for p in pairs] + [p.rejected for p in pairs]).to(self.model.device)
 
     def _dpo_step(self, pairs: Sequence[PreferencePair]) -> tuple[torch.Tensor, dict, int]:
         batch, n = self._pair_batch(pairs), len(pairs)
@@ -171,7 +171,8 @@ class Trainer:
         if found is None:
             return 0
         step, folder = found
-        state = torch.load(folder / TRAINING_STATE_FILE, weights_only=False)
+        state = torch.load(folder / TRAINING_STATE_FILE, map_location=self.model.device,
+                           weights_only=False)
         self.model.load_checkpoint(folder)
         self.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -224,9 +225,9 @@ class Trainer:
                           "tokens_per_s": num_tokens / elapsed, **metrics}
                 records.append(record)
                 self.on_log(record)
-                epoch_done = (index + 1 == per_epoch) or step == total
                 every = o.checkpoint_every_n_steps
-                if (every and step % every == 0) or epoch_done:
+                due = step % every == 0 if every else index + 1 == per_epoch
+                if due or step == total:
                     checkpoints.append((step, self._save(step, epoch, scheduler)))
             if validation and step <= total:
                 record = {"step": step, "epoch": epoch, "validation_loss": self.evaluate(validation)}

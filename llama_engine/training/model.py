@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -18,6 +18,8 @@ from llama_engine.training.batching import PackedBatch
 @runtime_checkable
 class TrainableModel(Protocol):
     config: ModelConfig
+    device: torch.device  # where batches go
+    tokenizer: Any        # llama_engine.tokenizer.Tokenizer of the base model
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """Final-norm hidden states [T, hidden_size] of the packed batch, each sequence

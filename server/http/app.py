@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
@@ -10,7 +11,9 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from llama_engine.datasets import DatasetRegistry
+from llama_engine.training.jobs import JobManager
 from server.api.datasets import DatasetsService
+from server.api.post_training import PostTrainingService
 from server.api.errors import APIError, validation_error
 from server.api.generation import GenerationRunner
 from server.api.inference import InferenceService
@@ -98,10 +101,10 @@ def json_response(result: BaseModel) -> web.Response:
 
 def make_handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        if route.method == "POST":
-            body = await parse_body(request, route.request_model)
-        else:
+        if route.takes_query:
             body = parse_query(request, route.request_model)
+        else:
+            body = await parse_body(request, route.request_model)
         if route.event_stream:
             return await send_event_stream(request, route.call(body), route.done_marker)
         if route.stream_call is not None and getattr(body, "stream", False):
@@ -161,6 +164,25 @@ def datasets_routes(datasets: DatasetsService) -> list[Route]:
     ]
 
 
+def post_training_routes(service: PostTrainingService) -> list[Route]:
+    return [
+        Route("/post_training/supervised_fine_tune/", "Queue a supervised fine-tuning job.",
+              "PostTraining", pt.PostTrainingSFTRequest, None, service.supervised_fine_tune),
+        Route("/post_training/preference_optimize/", "Queue a DPO job.", "PostTraining",
+              pt.PostTrainingRLHFRequest, None, service.preference_optimize),
+        Route("/post_training/job/status", "A job's status, timestamps, resources and "
+              "checkpoints.", "PostTraining", pt.JobQuery, pt.PostTrainingJobStatusResponse,
+              service.status, method="GET"),
+        Route("/post_training/job/logs", "A job's log records as server-sent events, one per "
+              "step, ending when the job ends.", "PostTraining", pt.JobQuery, None, service.logs,
+              stream_model=pt.PostTrainingJobLogStream, method="GET", event_stream=True),
+        Route("/post_training/job/artifacts", "A job's checkpoints.", "PostTraining", pt.JobQuery,
+              pt.PostTrainingJobArtifactsResponse, service.artifacts, method="GET"),
+        Route("/post_training/job/cancel", "Stop a job: it ends failed, the reason in its logs.",
+              "PostTraining", pt.JobQuery, None, service.cancel, query_in_post=True),
+    ]
+
+
 def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               state_dir: Optional[Path] = None) -> web.Application:
@@ -175,7 +197,20 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     openai = OpenAIService(registry, runner)
     routes = inference_routes(InferenceService(registry, runner), openai)
     if state_dir is not None:
-        routes += datasets_routes(DatasetsService(DatasetRegistry(state_dir)))
+        datasets = DatasetRegistry(state_dir)
+        jobs = JobManager(state_dir)
+        routes += datasets_routes(DatasetsService(datasets))
+        routes += post_training_routes(PostTrainingService(jobs, datasets, registry.model_path))
+
+        async def start_jobs(app: web.Application) -> None:
+            jobs.start()
+
+        async def stop_jobs(app: web.Application) -> None:
+            await asyncio.to_thread(jobs.stop)
+            datasets.close()
+
+        app.on_startup.append(start_jobs)
+        app.on_cleanup.append(stop_jobs)
     for route in routes:
         app.router.add_route(route.method, route.path, make_handler(route))
     model_names = sorted({name for m in registry.models() for name in [m.model_id, *m.aliases]})

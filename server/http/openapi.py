@@ -78,11 +78,11 @@ def _operation(route: Route) -> dict[str, Any]:
         "operationId": route.path.strip("/").replace("/", "_"),
         "responses": {"200": {"description": description, "content": content}, **_error_responses()},
     }
-    if route.method == "POST":
+    if route.takes_query:
+        operation["parameters"] = _query_parameters(route.request_model)
+    else:
         operation["requestBody"] = {"required": True,
                                     "content": _json_content(_ref(route.request_model))}
-    else:
-        operation["parameters"] = _query_parameters(route.request_model)
     return operation
 
 
@@ -94,7 +94,7 @@ def _get_operation(summary: str, tag: str, content: dict[str, Any]) -> dict[str,
 
 def _component_schemas(routes: list[Route]) -> dict[str, Any]:
     entries: list[tuple[type[BaseModel], str]] = [(r.request_model, "validation") for r in routes
-                                                  if r.method == "POST"]
+                                                  if not r.takes_query]
     responses = ({r.response_model for r in routes if r.response_model}
                  | {r.stream_model for r in routes if r.stream_model})
     responses |= {ErrorResponse, HealthResponse, ModelList}

@@ -28,3 +28,8 @@ class Route:
     done_marker: Optional[bytes] = None  # what ends the event stream, if anything
     method: str = "POST"
     event_stream: bool = False  # call always answers with an event stream of stream_model
+    query_in_post: bool = False  # a POST whose request model is read from the query string
+
+    @property
+    def takes_query(self) -> bool:
+        return self.method != "POST" or self.query_in_post
