@@ -201,3 +201,34 @@ def test_a_job_interrupted_by_a_server_kill_resumes_from_its_checkpoint(tiny_mod
     assert from_iters >= 5 and from_iters % 5 == 0
     after = [r["step"] for r in records[resumed:] if "loss" in r]
     assert after[0] == from_iters + 1 and after[-1] == 40
+
+
+def test_dpo_job_from_the_sft_checkpoint(server, tmp_path) -> None:
+    checkpoints = requests.get(f"{server.base_url}/post_training/job/artifacts",
+                               params={"job_uuid": "sft-1"}, timeout=TIMEOUT_S).json()["checkpoints"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "prompt": [{"role": "user", "content": f"Code word {i}?"}], "chosen": f"zebra-{i}",
+        "rejected": f"lion-{i}"}) + "\n" for i in range(4)))
+    dataset = {"columns": {"prompt": "dialog", "chosen": "text", "rejected": "text"},
+               "content_url": pairs.as_uri(), "metadata": {}}
+    sft = sft_request("unused", pairs)
+    body = {"job_uuid": "dpo-1", "finetuned_model": checkpoints[-1]["path"], "dataset": dataset,
+            "validation_dataset": dataset, "algorithm": "dpo",
+            "algorithm_config": {"reward_scale": 0.1, "reward_clip": 0.0, "epsilon": 0.0, "gamma": 0.0},
+            "optimizer_config": sft["optimizer_config"],
+            "training_config": {**sft["training_config"], "n_iters": 2, "batch_size": 2},
+            "hyperparam_search_config": {}, "logger_config": {}}
+    for field, value, param in (("finetuned_model", "file:///no/such/model", "finetuned_model"),
+                                ("algorithm_config", {**body["algorithm_config"], "reward_scale": 0},
+                                 "algorithm_config.reward_scale"),
+                                ("dataset", {**dataset, "columns": {"prompt": "dialog", "chosen": "text"}},
+                                 "dataset.columns.rejected")):
+        refused = post(server, "/post_training/preference_optimize/", {**body, field: value})
+        assert (refused.status_code, refused.json()["error"]["param"]) == (400, param), refused.text
+    accepted = post(server, "/post_training/preference_optimize/", body)
+    assert accepted.status_code == 200, accepted.text
+    steps = [r for r in log_records(server, "dpo-1") if "loss" in r]
+    assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 1
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(steps[1])
+    assert status(server, "dpo-1")["status"] == "completed"
