@@ -94,7 +94,8 @@ class PostTrainingService:
             raise dataset_error(e, field) from None
         return source
 
-    def _options(self, request: Any, objective: str, dpo: DPOParams) -> tuple[TrainingOptions, int]:
+    def _options(self, request: pt.TrainingRequest, objective: str,
+                 dpo: DPOParams) -> tuple[TrainingOptions, int]:
         hyper = _checked_options(request.hyperparam_search_config, HYPERPARAMS, "hyperparam_search_config")
         logger = _checked_options(request.logger_config, LOGGER_OPTIONS, "logger_config")
         o, t = request.optimizer_config, request.training_config
@@ -106,7 +107,7 @@ class PostTrainingService:
             checkpoint_every_n_steps=logger.get("checkpoint_every_n_steps"), dpo=dpo)
         return options, hyper.get("max_seq_len", DEFAULT_MAX_SEQ_LEN)
 
-    def _recipe(self, request: Any, objective: str, model_path: str, algorithm: str,
+    def _recipe(self, request: pt.TrainingRequest, objective: str, model_path: str, algorithm: str,
                 algorithm_config: Optional[dict], dpo: DPOParams) -> Recipe:
         if request.training_config.memory_efficient_fsdp_wrap or request.training_config.fsdp_cpu_offload:
             field = ("training_config.memory_efficient_fsdp_wrap"

@@ -122,34 +122,32 @@ HYPERPARAM_DESCRIPTION = (
 LOGGER_DESCRIPTION = "Optional: checkpoint_every_n_steps (default: once per epoch)."
 
 
-class PostTrainingSFTRequest(StrictModel):
+class TrainingRequest(StrictModel):
+    """The fields both training requests share."""
+
+    job_uuid: str = Field(min_length=1)
+    dataset: Dataset
+    validation_dataset: Dataset
+    optimizer_config: OptimizerConfig
+    training_config: TrainingConfig
+    hyperparam_search_config: dict[str, Any] = Field(description=HYPERPARAM_DESCRIPTION)
+    logger_config: dict[str, Any] = Field(description=LOGGER_DESCRIPTION)
+
+
+class PostTrainingSFTRequest(TrainingRequest):
     """Request to finetune a model."""
 
-    job_uuid: str = Field(min_length=1)
     model: str = Field(description="A served model id or an alias of it (e.g. llama3_8b).")
-    dataset: Dataset
-    validation_dataset: Dataset
     algorithm: FinetuningAlgorithm
     algorithm_config: Union[LoraFinetuningConfig, QLoraFinetuningConfig, DoraFinetuningConfig]
-    optimizer_config: OptimizerConfig
-    training_config: TrainingConfig
-    hyperparam_search_config: dict[str, Any] = Field(description=HYPERPARAM_DESCRIPTION)
-    logger_config: dict[str, Any] = Field(description=LOGGER_DESCRIPTION)
 
 
-class PostTrainingRLHFRequest(StrictModel):
+class PostTrainingRLHFRequest(TrainingRequest):
     """Request to finetune a model with preferences (DPO)."""
 
-    job_uuid: str = Field(min_length=1)
     finetuned_model: URL = Field(description="file:// URL of an HF model folder to start from.")
-    dataset: Dataset
-    validation_dataset: Dataset
     algorithm: Literal["dpo"]
     algorithm_config: DPOAlignmentConfig
-    optimizer_config: OptimizerConfig
-    training_config: TrainingConfig
-    hyperparam_search_config: dict[str, Any] = Field(description=HYPERPARAM_DESCRIPTION)
-    logger_config: dict[str, Any] = Field(description=LOGGER_DESCRIPTION)
 
 
 class PostTrainingJobStatus(str, Enum):
