@@ -168,7 +168,8 @@ def test_unknown_job_is_404(server) -> None:
 
 
 def test_jobs_queue_and_cancel(server, data_file) -> None:
-    long = sft_request("long", data_file, n_iters=100_000, **{"logger_config": {}})
+    long = sft_request("long", data_file, n_iters=100_000,
+                       **{"logger_config": {"checkpoint_every_n_steps": 100_000}})
     assert post(server, "/post_training/supervised_fine_tune/", long).status_code == 200
     assert post(server, "/post_training/supervised_fine_tune/",
                 {**long, "job_uuid": "queued"}).status_code == 200

@@ -217,3 +217,34 @@ def test_dpo_first_step_is_ln2_and_reward_model_loads_in_transformers(tiny_model
     with torch.no_grad():
         theirs = scorer(input_ids=ids).logits[0, 0]
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-4)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model: str, tmp_path: Path) -> None:
+    from llama_engine.training.checkpoint import TRAINING_STATE_FILE
+    from llama_engine.training.full import FullFineTune, hf_state_dict
+    from llama_engine.training.loop import SFT, Trainer, TrainingOptions
+    from llama_engine.training.tokenization import sft_example
+
+    options = TrainingOptions(objective=SFT, n_epochs=3, batch_size=2, shuffle=True, lr=1e-3,
+                              lr_min=1e-4, warmup_steps=2, checkpoint_every_n_steps=2)
+    straight = FullFineTune(tiny_model)
+    examples = [sft_example(straight.tokenizer, row) for row in SFT_ROWS[:4]]
+    Trainer(straight, options, tmp_path / "straight").train(examples)
+
+    def stop_after_step_5(record: dict) -> None:
+        if record.get("step") == 5:
+            raise _Interrupt()
+
+    with pytest.raises(_Interrupt):  # killed after step 5: the last checkpoint is step 4
+        Trainer(FullFineTune(tiny_model), options, tmp_path / "resumed", stop_after_step_5).train(examples)
+    assert not (tmp_path / "resumed" / "step-2" / TRAINING_STATE_FILE).exists()  # only the newest
+    resumed = FullFineTune(tiny_model)
+    result = Trainer(resumed, options, tmp_path / "resumed").train(examples)
+    assert [r["step"] for r in result.records if "loss" in r] == [5, 6]
+    expected = hf_state_dict(straight.model)
+    for name, tensor in hf_state_dict(resumed.model).items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0, msg=name)

@@ -100,19 +100,19 @@ class JobStore:
 
     def create(self, job_uuid: str, spec: dict[str, Any]) -> JobRecord:
         """Register a scheduled job. Raises JobExistsError."""
-        try:
-            with self._lock:
-                self._db.execute("BEGIN")
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
                 self._db.execute(
                     "INSERT INTO jobs (job_uuid, spec, status, scheduled_at, output_dir) "
                     "VALUES (?, ?, ?, ?, ?)", (job_uuid, json.dumps(spec), SCHEDULED, time.time(),
                                                spec["output_dir"]))
-                self._db.execute("INSERT INTO logs (job_uuid, record) VALUES (?, ?)",
-                                 (job_uuid, json.dumps({"event": SCHEDULED})))
-                self._db.execute("COMMIT")
-        except sqlite3.IntegrityError:
-            self._db.execute("ROLLBACK")
-            raise JobExistsError(f"job {job_uuid!r} already exists") from None
+            except sqlite3.IntegrityError:
+                self._db.execute("ROLLBACK")
+                raise JobExistsError(f"job {job_uuid!r} already exists") from None
+            self._db.execute("INSERT INTO logs (job_uuid, record) VALUES (?, ?)",
+                             (job_uuid, json.dumps({"event": SCHEDULED})))
+            self._db.execute("COMMIT")
         return self.get(job_uuid)
 
     def exists(self, job_uuid: str) -> bool:

@@ -163,6 +163,11 @@ class Trainer:
                    partial / TRAINING_STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)  # a step-N folder is complete or absent
+        # Only the newest training state is needed to resume (the optimizer's is twice the
+        # model); every checkpoint keeps its weights, the job's artifacts.
+        for entry in self.output_dir.iterdir():
+            if entry != final and CHECKPOINT_DIR.match(entry.name):
+                (entry / TRAINING_STATE_FILE).unlink(missing_ok=True)
         self.on_checkpoint(step, final)
         return final
 
