@@ -248,3 +248,18 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model: str, tmp
     expected = hf_state_dict(straight.model)
     for name, tensor in hf_state_dict(resumed.model).items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_model: str) -> None:
+    from llama_engine.training.batching import pack
+    from llama_engine.training.full import FullFineTune
+    from llama_engine.training.tokenization import sft_example
+
+    grads = []
+    for checkpointing in (False, True):
+        model = FullFineTune(tiny_model, activation_checkpointing=checkpointing)
+        batch = pack([sft_example(model.tokenizer, row) for row in SFT_ROWS[:3]])
+        sft_loss(model.compute_logits(model.hidden_states(batch)), batch.labels).backward()
+        grads.append([p.grad.clone() for p in model.trainable_parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, atol=1e-6, rtol=1e-5)

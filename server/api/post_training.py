@@ -73,21 +73,23 @@ class PostTrainingService:
     # ---- requests -> recipes ------------------------------------------------------------
     def _data_source(self, dataset: pt.Dataset, field: str, task: str, folder: Path,
                      name: str) -> DataSource:
-        """The dataset as a local file with its columns: a registered one (metadata
-        dataset_id), or the content_url fetched now, checked, and copied beside the job."""
+        """The dataset as a file beside the job (deleting a registered dataset later does not
+        break a queued job) with its columns: a registered one (metadata dataset_id), or the
+        content_url fetched now and checked."""
         dataset_id = dataset.metadata.get(DATASET_ID_KEY)
         try:
             if dataset_id is not None:
                 record = lookup(self.datasets, str(dataset_id), f"{field}.metadata.{DATASET_ID_KEY}")
-                source = DataSource(str(record.content_path), record.columns)
+                columns, data, fmt = record.columns, record.content_path.read_bytes(), record.format
             else:
                 content, _ = load_checked_rows(dict(dataset.columns), dataset.content_url,
                                                self.datasets.max_bytes, self.datasets.timeout_s)
-                folder.mkdir(parents=True, exist_ok=True)
-                path = folder / f"{name}.{detect_format(content)}"
-                path.write_bytes(content.data)
-                source = DataSource(str(path), dict(dataset.columns))
-            check_trainer_columns(source.columns, task)
+                columns, data, fmt = dict(dataset.columns), content.data, detect_format(content)
+            check_trainer_columns(columns, task)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{name}.{fmt}"
+            path.write_bytes(data)
+            source = DataSource(str(path), columns)
         except NotFoundError as e:  # a bad reference inside the body: the request is at fault
             raise APIError(e.message, param=e.param) from None
         except (DatasetSourceError, DatasetValidationError) as e:
