@@ -115,6 +115,9 @@ def test_http_fetch_with_size_limit_timeout_and_errors(http_base: str) -> None:
         fetch_content(f"{http_base}/missing")
     with pytest.raises(DatasetSourceError, match="cannot fetch"):
         fetch_content(f"{http_base}/slow", timeout_s=0.2)
+    for malformed in ("http://[::1", "http://exa mple.com/x", "http://h\u00c0]:!$"):
+        with pytest.raises(DatasetSourceError, match="invalid URL"):
+            fetch_content(malformed)
 
 
 @pytest.mark.parametrize("rows, columns, column, row", [

@@ -61,6 +61,8 @@ def _jsonl_rows(data: bytes) -> list[dict]:
             value = json.loads(line)
         except json.JSONDecodeError as e:
             raise DatasetValidationError(f"line {line_no}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DatasetValidationError(f"line {line_no}: JSON nested too deeply") from None
         rows.append(_require_object(value, f"line {line_no}"))
     return rows
 
@@ -71,6 +73,8 @@ def _json_rows(data: bytes) -> list[dict]:
         value = json.loads(text)
     except json.JSONDecodeError:
         return _jsonl_rows(data)  # a .json file that is really one object a line
+    except RecursionError:
+        raise DatasetValidationError("content: JSON nested too deeply") from None
     if isinstance(value, dict):
         return [value]
     if not isinstance(value, list):
@@ -83,14 +87,14 @@ def _csv_rows(data: bytes, json_columns: Iterable[str]) -> list[dict]:
     import pyarrow.csv as pacsv
     try:
         rows = pacsv.read_csv(io.BytesIO(data)).to_pylist()
-    except pa.ArrowInvalid as e:
+    except (pa.ArrowException, UnicodeDecodeError) as e:
         raise DatasetValidationError(f"content: invalid CSV ({e})") from None
     for row in rows:
         for name in json_columns:
             if isinstance(row.get(name), str):
                 try:
                     row[name] = json.loads(row[name])
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     pass  # left a string: the column check names the row
     return rows
 
@@ -100,7 +104,7 @@ def _parquet_rows(data: bytes) -> list[dict]:
     import pyarrow.parquet as pq
     try:
         return pq.read_table(io.BytesIO(data)).to_pylist()
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
         raise DatasetValidationError(f"content: invalid Parquet ({e})") from None
 
 

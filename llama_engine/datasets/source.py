@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -43,11 +44,16 @@ def _fetch_file(url: str, max_bytes: int) -> Content:
     if parsed.netloc not in ("", "localhost"):
         raise DatasetSourceError(f"{url}: file URLs must name a local path (file:///path)")
     path = Path(urllib.parse.unquote(parsed.path))
-    if not path.is_file():
-        raise DatasetSourceError(f"{url}: no such file")
-    if path.stat().st_size > max_bytes:
-        raise DatasetSourceError(f"{url}: file is larger than the limit of {max_bytes} bytes")
-    return Content(path.read_bytes(), path.name, "")
+    try:
+        if not path.is_file():
+            raise DatasetSourceError(f"{url}: no such file")
+        if path.stat().st_size > max_bytes:
+            raise DatasetSourceError(f"{url}: file is larger than the limit of {max_bytes} bytes")
+        return Content(path.read_bytes(), path.name, "")
+    except (OSError, ValueError) as e:  # unreadable, or a path the OS refuses (a NUL byte)
+        if isinstance(e, DatasetSourceError):
+            raise
+        raise DatasetSourceError(f"{url}: cannot read ({e})") from None
 
 
 def _fetch_data(url: str, max_bytes: int) -> Content:
@@ -69,8 +75,8 @@ def _fetch_data(url: str, max_bytes: int) -> Content:
 
 
 def _fetch_http(url: str, max_bytes: int, timeout_s: float) -> Content:
-    request = urllib.request.Request(url, headers={"User-Agent": "llama-engine"})
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": "llama-engine"})
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
@@ -78,9 +84,13 @@ def _fetch_http(url: str, max_bytes: int, timeout_s: float) -> Content:
                     f"{url}: content is larger than the limit of {max_bytes} bytes")
             data = _read_limited(response, max_bytes, url)
             mime_type = response.headers.get_content_type() or ""
+    except DatasetSourceError:
+        raise
     except urllib.error.HTTPError as e:
         raise DatasetSourceError(f"{url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
+    except (ValueError, http.client.InvalidURL) as e:  # a malformed host, port or character
+        raise DatasetSourceError(f"{url[:200]}: invalid URL ({e})") from None
+    except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
         raise DatasetSourceError(f"{url}: cannot fetch ({reason})") from None
     name = Path(urllib.parse.urlparse(url).path).name

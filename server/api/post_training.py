@@ -56,7 +56,11 @@ def _file_url_path(url: str, field: str) -> Path:
     if not url.startswith("file://"):
         raise APIError(f"{field}: must be a file:// URL of a checkpoint on this server", param=field)
     path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # a path the OS refuses (a NUL byte, too long)
+        exists = False
+    if not exists:
         raise APIError(f"{field}: {path} does not exist", param=field)
     if (path / "adapter_config.json").exists():
         raise APIError(f"{field}: {path} is an adapter; training on adapters needs the model's "
