@@ -11,6 +11,11 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     throughput.add_arguments(p)
     p.set_defaults(func=throughput.run)
 
+    from benchmarks import training
+    p = sub.add_parser("training", help="full fine-tuning steps against transformers + torch.optim")
+    training.add_arguments(p)
+    p.set_defaults(func=training.run)
+
     from benchmarks.serving import add_bench_serving_arguments, bench_serving
     p = sub.add_parser("serving", help="load a running server with Poisson arrivals")
     add_bench_serving_arguments(p)

@@ -82,6 +82,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from llama_engine.training.command import run_train
+    run_train(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="llama-engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     _add_model_arguments(chat)
     _add_sampling_arguments(chat)
     chat.set_defaults(func=cmd_chat)
+
+    from llama_engine.training.command import add_train_arguments
+    train = sub.add_parser("train", help="fine-tune: sft, dpo or reward (full fine-tuning)")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
 
     from server.cli import add_serve_arguments
     serve = sub.add_parser("serve", help="serve the Llama Stack and OpenAI APIs over HTTP")

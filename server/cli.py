@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from llama_engine.state import resolve_state_dir
 from server.api.registry import ModelRegistry, ServedModel
 from server.http.app import DEFAULT_MAX_BODY_BYTES, build_app
 
@@ -74,6 +75,7 @@ def split_model_argument(value: Optional[str]) -> tuple[Optional[str], Optional[
 def load_registry(args: argparse.Namespace) -> ModelRegistry:
     from llama_engine.engine.async_engine import AsyncLLMEngine
     from llama_engine.engine.llm_engine import EngineConfig
+    from llama_engine.loader import default_model_path
 
     registry = ModelRegistry()
     max_running = args.max_running or args.max_num_seqs or EngineConfig.max_num_seqs
@@ -81,7 +83,8 @@ def load_registry(args: argparse.Namespace) -> ModelRegistry:
         model_id, path = split_model_argument(value)
         engine = AsyncLLMEngine.from_model(path, **engine_kwargs(args))
         model_id = model_id or engine.model_id
-        registry.add(ServedModel(model_id, engine, max_running=max_running, max_waiting=args.max_waiting))
+        registry.add(ServedModel(model_id, engine, max_running=max_running, max_waiting=args.max_waiting,
+                                 path=path or default_model_path()))
         LOG.info("loaded model %s from %s (context %d tokens)", model_id, path or "the default",
                  engine.max_model_len)
     for mapping in args.alias:
@@ -116,7 +119,8 @@ async def run_until_signalled(app: web.Application, host: str, port: int,
 
 async def _serve(args: argparse.Namespace) -> None:
     registry = load_registry(args)
-    app = build_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = build_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                    state_dir=resolve_state_dir(args.state_dir))
     try:
         await run_until_signalled(app, args.host, args.port, args.drain_timeout)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,8 +67,11 @@ def running_server(*extra_args: str, env: Optional[dict[str, str]] = None) -> It
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="llama-engine-server-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "server.cli", "--host", LOOPBACK, "--port", str(port), *extra_args]
+    # Each server keeps its datasets and jobs in a fresh state directory unless told otherwise.
+    state = {} if "--state-dir" in extra_args else {
+        "LLAMA_ENGINE_STATE_DIR": tempfile.mkdtemp(prefix="llama-engine-state-")}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, **(env or {})})
+                               env={**os.environ, **state, **(env or {})})
     server = ServerProcess(process, port, log.name)
     try:
         for _ in range(STARTUP_MAX_POLLS):
@@ -82,3 +86,5 @@ def running_server(*extra_args: str, env: Optional[dict[str, str]] = None) -> It
     finally:
         server.terminate()
         log.close()
+        if state:
+            shutil.rmtree(state["LLAMA_ENGINE_STATE_DIR"], ignore_errors=True)

@@ -132,7 +132,12 @@ def test_openapi_document_covers_every_route_and_resolves(server: ServerProcess)
     expected = {"/inference/completion": "post", "/inference/chat_completion": "post",
                 "/inference/batch_completion": "post", "/inference/batch_chat_completion": "post",
                 "/v1/completions": "post", "/v1/chat/completions": "post", "/v1/models": "get",
-                "/health": "get", "/metrics": "get"}
+                "/health": "get", "/metrics": "get",
+                "/datasets/create": "post", "/datasets/get": "get", "/datasets/delete": "delete",
+                "/post_training/supervised_fine_tune/": "post",
+                "/post_training/preference_optimize/": "post", "/post_training/job/status": "get",
+                "/post_training/job/logs": "get", "/post_training/job/artifacts": "get",
+                "/post_training/job/cancel": "post"}
     assert {path: next(iter(ops)) for path, ops in document["paths"].items()} == expected
     schemas = document["components"]["schemas"]
     refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(document))

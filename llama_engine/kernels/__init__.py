@@ -24,13 +24,18 @@ except ImportError:  # extension not built: the torch reference still runs every
     _cpu = None
 
 
+def _needs_grad(t: Tensor) -> bool:
+    """The kernels compute no gradient: a tensor that autograd tracks takes the reference."""
+    return t.requires_grad and torch.is_grad_enabled()
+
+
 def _use_triton(t: Tensor) -> bool:
-    return t.is_cuda and not FORCE_TORCH
+    return t.is_cuda and not FORCE_TORCH and not _needs_grad(t)
 
 
 def _use_cpu(t: Tensor) -> bool:
     return (_cpu is not None and not FORCE_TORCH and t.device.type == "cpu"
-            and t.dtype == torch.float32)
+            and t.dtype == torch.float32 and not _needs_grad(t))
 
 
 def _triton():

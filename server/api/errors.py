@@ -29,9 +29,20 @@ class APIError(Exception):
         )
 
 
-class ModelNotFoundError(APIError):
+class NotFoundError(APIError):
     status = 404
     error_type = "not_found_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    pass
+
+
+class ConflictError(APIError):
+    """The request names something that already exists (a dataset or job uuid)."""
+
+    status = 409
+    error_type = "conflict_error"
 
 
 class UnsupportedContentError(APIError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from server.api.errors import APIError, ModelNotFoundError, ServerBusyError
 from server.api.tool_calls import ToolCallFormat, tool_format_for
@@ -23,6 +23,7 @@ class ServedModel:
     max_running: int
     max_waiting: int
     aliases: list[str] = field(default_factory=list)
+    path: Optional[str] = None  # the GGUF file or HF folder it came from: post-training starts there
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # sequences admitted and not yet finished (running or waiting)
 
@@ -90,6 +91,15 @@ class ModelRegistry:
             raise ModelNotFoundError(f"model: unknown model {name!r}; available: {', '.join(known)}",
                                      param="model")
         return self._models[model_id]
+
+    def model_path(self, name: str) -> str:
+        """Where the model ``name`` (an id or alias) was loaded from. Raises
+        ModelNotFoundError, or APIError when it was not loaded from a path."""
+        model = self.resolve(name)
+        if model.path is None:
+            raise APIError(f"model: {name!r} was not loaded from a file this server can train",
+                           param="model")
+        return model.path
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from llama_engine.datasets import DatasetRegistry
+from llama_engine.training.jobs import JobManager
+from server.api.datasets import DatasetsService
+from server.api.post_training import PostTrainingService
 from server.api.errors import APIError, validation_error
 from server.api.generation import GenerationRunner
 from server.api.inference import InferenceService
@@ -19,6 +25,7 @@ from server.http.routing import JSON_CONTENT_TYPE, JSONL_CONTENT_TYPE, Route
 from server.http.middleware import access_log_middleware, auth_middleware, error_middleware
 from server.http.sse import OPENAI_DONE, send_event_stream
 from server.schemas import llama_stack as ls
+from server.schemas import post_training as pt
 from server.schemas.common import HealthResponse
 from server.schemas import openai as oa
 
@@ -80,16 +87,31 @@ async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
         raise APIError(MAX_JSON_DEPTH_MESSAGE, param="body") from None
 
 
+def parse_query(request: web.Request, model: type[BaseModel]) -> BaseModel:
+    data = dict(request.query)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, data) from None
+
+
 def json_response(result: BaseModel) -> web.Response:
     return web.Response(text=result.model_dump_json(), content_type=JSON_CONTENT_TYPE)
 
 
 def make_handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        body = await parse_body(request, route.request_model)
+        if route.takes_query:
+            body = parse_query(request, route.request_model)
+        else:
+            body = await parse_body(request, route.request_model)
+        if route.event_stream:
+            return await send_event_stream(request, route.call(body), route.done_marker)
         if route.stream_call is not None and getattr(body, "stream", False):
             return await send_event_stream(request, route.stream_call(body), route.done_marker)
         result = await route.call(body)
+        if result is None:
+            return web.json_response(None)
         if route.jsonl:
             lines = "".join(item.model_dump_json() + "\n" for item in result)
             return web.Response(text=lines, content_type=JSONL_CONTENT_TYPE)
@@ -130,8 +152,42 @@ async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(body=body.encode("utf-8"), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
 
+def datasets_routes(datasets: DatasetsService) -> list[Route]:
+    return [
+        Route("/datasets/create", "Register a dataset: fetch its content once and check its "
+              "columns against every row.", "Datasets", pt.CreateDatasetRequest, None,
+              datasets.create),
+        Route("/datasets/get", "A registered dataset.", "Datasets", pt.DatasetQuery, pt.Dataset,
+              datasets.get, method="GET"),
+        Route("/datasets/delete", "Forget a dataset and its fetched copy.", "Datasets",
+              pt.DatasetQuery, None, datasets.delete, method="DELETE"),
+    ]
+
+
+def post_training_routes(service: PostTrainingService) -> list[Route]:
+    return [
+        Route("/post_training/supervised_fine_tune/", "Queue a supervised fine-tuning job.",
+              "PostTraining", pt.PostTrainingSFTRequest, None, service.supervised_fine_tune),
+        Route("/post_training/preference_optimize/", "Queue a DPO job.", "PostTraining",
+              pt.PostTrainingRLHFRequest, None, service.preference_optimize),
+        Route("/post_training/job/status", "A job's status, timestamps, resources and "
+              "checkpoints.", "PostTraining", pt.JobQuery, pt.PostTrainingJobStatusResponse,
+              service.status, method="GET"),
+        Route("/post_training/job/logs", "A job's log records as server-sent events, one per "
+              "step, ending when the job ends.", "PostTraining", pt.JobQuery, None, service.logs,
+              stream_model=pt.PostTrainingJobLogStream, method="GET", event_stream=True),
+        Route("/post_training/job/artifacts", "A job's checkpoints.", "PostTraining", pt.JobQuery,
+              pt.PostTrainingJobArtifactsResponse, service.artifacts, method="GET"),
+        Route("/post_training/job/cancel", "Stop a job: it ends failed, the reason in its logs.",
+              "PostTraining", pt.JobQuery, None, service.cancel, query_in_post=True),
+    ]
+
+
 def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              state_dir: Optional[Path] = None) -> web.Application:
+    """The application; with a ``state_dir``, also the Datasets and PostTraining APIs, whose
+    state lives there."""
     metrics = ServerMetrics(registry)
     runner = GenerationRunner(listener=metrics)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
@@ -140,8 +196,23 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     app[METRICS_KEY] = metrics
     openai = OpenAIService(registry, runner)
     routes = inference_routes(InferenceService(registry, runner), openai)
+    if state_dir is not None:
+        datasets = DatasetRegistry(state_dir)
+        jobs = JobManager(state_dir)
+        routes += datasets_routes(DatasetsService(datasets))
+        routes += post_training_routes(PostTrainingService(jobs, datasets, registry.model_path))
+
+        async def start_jobs(app: web.Application) -> None:
+            jobs.start()
+
+        async def stop_jobs(app: web.Application) -> None:
+            await asyncio.to_thread(jobs.stop)
+            datasets.close()
+
+        app.on_startup.append(start_jobs)
+        app.on_cleanup.append(stop_jobs)
     for route in routes:
-        app.router.add_post(route.path, make_handler(route))
+        app.router.add_route(route.method, route.path, make_handler(route))
     model_names = sorted({name for m in registry.models() for name in [m.model_id, *m.aliases]})
     document = build_openapi(routes, model_names, requires_auth=api_key is not None)
 

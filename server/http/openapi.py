@@ -19,7 +19,8 @@ SSE_CONTENT_TYPE = "text/event-stream"
 ERROR_STATUSES = {
     "400": "Invalid request: the message names the field and the reason.",
     "401": "Missing or wrong API key.",
-    "404": "Unknown model.",
+    "404": "Unknown model, dataset or job.",
+    "409": "A dataset or job with this uuid already exists.",
     "413": "Request body too large.",
     "503": "Server at capacity; retry after the Retry-After header's seconds.",
 }
@@ -50,20 +51,39 @@ def _event_schema(route: Route) -> dict[str, Any]:
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
-def _post_operation(route: Route) -> dict[str, Any]:
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema()
+    return [{"in": "query", "name": name, "required": name in schema.get("required", []),
+             "schema": field} for name, field in schema["properties"].items()]
+
+
+def _operation(route: Route) -> dict[str, Any]:
     media = JSONL_CONTENT_TYPE if route.jsonl else JSON_CONTENT_TYPE
-    content: dict[str, Any] = {media: {"schema": _ref(route.response_model)}}
-    description = "One JSON response per line, in request order." if route.jsonl else "The response."
-    if route.stream_model is not None:
+    if route.event_stream:
+        content: dict[str, Any] = {SSE_CONTENT_TYPE: {"schema": _event_schema(route)}}
+        description = f"An event stream of {route.stream_model.__name__}."
+    elif route.response_model is None:
+        content = _json_content({"type": "null"})
+        description = "Done (JSON null)."
+    else:
+        content = {media: {"schema": _ref(route.response_model)}}
+        description = ("One JSON response per line, in request order." if route.jsonl
+                       else "The response.")
+    if route.stream_model is not None and not route.event_stream:
         content[SSE_CONTENT_TYPE] = {"schema": _event_schema(route)}
         description += f" With stream=true, an event stream of {route.stream_model.__name__}."
-    return {
+    operation: dict[str, Any] = {
         "summary": route.summary,
         "tags": [route.tag],
         "operationId": route.path.strip("/").replace("/", "_"),
-        "requestBody": {"required": True, "content": _json_content(_ref(route.request_model))},
         "responses": {"200": {"description": description, "content": content}, **_error_responses()},
     }
+    if route.takes_query:
+        operation["parameters"] = _query_parameters(route.request_model)
+    else:
+        operation["requestBody"] = {"required": True,
+                                    "content": _json_content(_ref(route.request_model))}
+    return operation
 
 
 def _get_operation(summary: str, tag: str, content: dict[str, Any]) -> dict[str, Any]:
@@ -73,8 +93,10 @@ def _get_operation(summary: str, tag: str, content: dict[str, Any]) -> dict[str,
 
 
 def _component_schemas(routes: list[Route]) -> dict[str, Any]:
-    entries: list[tuple[type[BaseModel], str]] = [(r.request_model, "validation") for r in routes]
-    responses = {r.response_model for r in routes} | {r.stream_model for r in routes if r.stream_model}
+    entries: list[tuple[type[BaseModel], str]] = [(r.request_model, "validation") for r in routes
+                                                  if not r.takes_query]
+    responses = ({r.response_model for r in routes if r.response_model}
+                 | {r.stream_model for r in routes if r.stream_model})
     responses |= {ErrorResponse, HealthResponse, ModelList}
     entries += [(m, "serialization") for m in sorted(responses, key=lambda m: m.__name__)]
     _, schemas = models_json_schema(entries, ref_template=REF_TEMPLATE)
@@ -91,7 +113,9 @@ def _restrict_model_names(schemas: dict[str, Any], model_names: list[str]) -> No
 
 
 def build_openapi(routes: list[Route], model_names: list[str], requires_auth: bool) -> dict[str, Any]:
-    paths: dict[str, Any] = {route.path: {"post": _post_operation(route)} for route in routes}
+    paths: dict[str, Any] = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
     paths["/v1/models"] = {"get": _get_operation("List the loaded models.", "OpenAI",
                                                  _json_content(_ref(ModelList)))}
     paths["/health"] = {"get": {"summary": "Liveness.", "tags": ["Operations"],
@@ -104,7 +128,8 @@ def build_openapi(routes: list[Route], model_names: list[str], requires_auth: bo
     document: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {"title": "llama-engine", "version": "0.1.0",
-                 "description": "The llama-stack Inference API and an OpenAI-compatible API."},
+                 "description": "The llama-stack Inference, Datasets and PostTraining APIs "
+                                "and an OpenAI-compatible API."},
         "servers": [{"url": "/"}],
         "paths": paths,
         "components": {"schemas": schemas},

@@ -1,0 +1,132 @@
+"""``llama-engine train sft|dpo|reward --dataset PATH ...``: one training run in this process,
+with a progress bar, checkpoints under --output and a loss-curve PNG beside them."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from llama_engine.datasets import check_columns
+from llama_engine.datasets.columns import PREFERENCE, SFT as SFT_TASK, check_trainer_columns
+from llama_engine.training.loop import DPO, OBJECTIVES, SFT, DPOParams, TrainingOptions
+from llama_engine.training.optim import OPTIMIZERS
+from llama_engine.training.recipe import FULL, DataSource, Recipe, run
+from llama_engine.training.tokenization import DEFAULT_MAX_SEQ_LEN
+
+LOSS_CURVE_FILE = "loss_curve.png"
+METRICS_FILE = "metrics.jsonl"
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("objective", choices=OBJECTIVES)
+    parser.add_argument("--dataset", required=True,
+                        help="JSONL, JSON, CSV or Parquet file; sft reads a 'dialog' or 'text' "
+                             "column, dpo and reward 'prompt' (dialog or text), 'chosen', 'rejected'")
+    parser.add_argument("--validation-dataset", default=None)
+    parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2)")
+    parser.add_argument("--output", required=True, help="checkpoint folder (resumed if it has some)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--n-iters", type=int, default=None, help="cap on optimizer steps")
+    parser.add_argument("--no-shuffle", action="store_true")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--lr-min", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup-steps", type=int, default=None)
+    parser.add_argument("--max-grad-norm", type=float, default=None)
+    parser.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN)
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="steps between checkpoints (default: each epoch)")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO reward_scale")
+    parser.add_argument("--reward-clip", type=float, default=0.0, help="DPO; 0: no clip")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="DPO epsilon (cDPO)")
+    parser.add_argument("--gamma", type=float, default=0.0, help="DPO target reward margin")
+
+
+def _source(path: str, objective: str) -> DataSource:
+    """The file's columns as the trainer reads them, checked against every row."""
+    source = DataSource(str(Path(path).resolve()), {})
+    rows = source.rows()
+    first = rows[0] if rows else {}
+    if objective == SFT:
+        columns = {"dialog": "dialog"} if "dialog" in first else {"text": "text"}
+    else:
+        columns = {"prompt": "dialog" if isinstance(first.get("prompt"), list) else "text",
+                   "chosen": "text", "rejected": "text"}
+    check_trainer_columns(columns, SFT_TASK if objective == SFT else PREFERENCE)
+    check_columns(rows, columns)
+    return DataSource(source.path, columns)
+
+
+def save_loss_curve(records: list[dict], path: Path) -> None:
+    """Training loss per step (and validation loss where measured), as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r for r in records if "loss" in r]
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train")
+    validation = [r for r in records if "validation_loss" in r]
+    if validation:
+        ax.plot([r["step"] for r in validation], [r["validation_loss"] for r in validation],
+                "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+    from llama_engine.loader import default_model_path
+
+    if args.objective == DPO and not 0 <= args.label_smoothing < 0.5:
+        raise ValueError("--label-smoothing must be in [0, 0.5)")
+    options = TrainingOptions(
+        objective=args.objective, n_epochs=args.epochs, batch_size=args.batch_size,
+        shuffle=not args.no_shuffle, n_iters=args.n_iters, optimizer_type=args.optimizer,
+        lr=args.lr, lr_min=args.lr_min, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, seed=args.seed,
+        checkpoint_every_n_steps=args.checkpoint_every,
+        dpo=DPOParams(args.beta, args.reward_clip, args.label_smoothing, args.gamma))
+    recipe = Recipe(
+        objective=args.objective, model_path=args.model or default_model_path(),
+        train=_source(args.dataset, args.objective), output_dir=args.output, options=options,
+        validation=_source(args.validation_dataset, args.objective) if args.validation_dataset else None,
+        algorithm=FULL, max_seq_len=args.max_seq_len,
+        activation_checkpointing=args.activation_checkpointing)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(unit="step", dynamic_ncols=True)
+    records: list[dict] = []
+
+    def on_start(trainer, total: int) -> None:
+        bar.reset(total=total)
+
+    def on_log(record: dict) -> None:
+        records.append(record)
+        with open(output / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if "loss" in record:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def on_checkpoint(step: int, folder: Path) -> None:
+        bar.write(f"checkpoint {folder}")
+
+    try:
+        result = run(recipe, on_log, on_checkpoint, on_start)
+    finally:
+        bar.close()
+    if records:
+        save_loss_curve(records, output / LOSS_CURVE_FILE)
+    last = result.checkpoints[-1][1] if result.checkpoints else None
+    print(f"done: {len([r for r in records if 'loss' in r])} steps; final checkpoint {last}; "
+          f"loss curve {output / LOSS_CURVE_FILE}")

@@ -1,0 +1,121 @@
+"""Full fine-tuning on our own model (``model/llama.py``): every weight dense float32 and
+trainable, checkpoints as HF folders. Implements ``TrainableModel``."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llama_engine.loader import load_model
+from llama_engine.model.llama import Block, Llama
+from llama_engine.training.attention import PackedCausalAttention
+from llama_engine.training.batching import PackedBatch
+from llama_engine.training.checkpoint import (CAUSAL_LM, SEQUENCE_CLASSIFICATION, hf_config,
+                                              save_hf_folder)
+
+HF_LAYER = "model.layers.{}."
+SCORE_HEAD = "score.weight"
+
+
+def _trainable_llama(loaded) -> Llama:
+    model = Llama(loaded.config, loaded.weights)
+    model.embed = nn.Parameter(model.embed)  # a plain tensor attribute in the serving model
+    if loaded.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
+    """Our model's weights under transformers' Llama names: the fused QKV and gate/up
+    projections split back into their parts (rows in HF order, as the loaders keep them)."""
+    c = model.config
+    q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    out = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.norm.weight}
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = model.lm_head.weight
+    for i, block in enumerate(model.layers):
+        p = HF_LAYER.format(i)
+        q, k, v = block.wqkv.weight.split([q_rows, kv_rows, kv_rows])
+        gate, up = block.w_gate_up.weight.split([c.intermediate_size] * 2)
+        out.update({
+            p + "input_layernorm.weight": block.attn_norm.weight,
+            p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+            p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": block.wo.weight,
+            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
+            p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": block.w_down.weight})
+    return out
+
+
+def _checkpointed(block: Block):
+    """Block.forward recomputed in the backward pass instead of keeping its activations."""
+    def forward(*args):
+        return checkpoint(Block.forward, block, *args, use_reentrant=False)
+    return forward
+
+
+class FullFineTune:
+    """Every parameter of the model trains. ``reference()`` runs a frozen copy of the
+    starting weights (made only when ``keep_reference``, for DPO)."""
+
+    def __init__(self, model_path: str, keep_reference: bool = False,
+                 activation_checkpointing: bool = False, device: str | torch.device = "cpu"):
+        loaded = load_model(model_path, torch.float32, dequantize=True)
+        self.source, self.tokenizer, self.config = model_path, loaded.tokenizer, loaded.config
+        self.device = torch.device(device)
+        self.model = _trainable_llama(loaded).to(self.device)
+        self.frozen: Llama | None = None
+        if keep_reference:
+            self.frozen = copy.deepcopy(self.model).requires_grad_(False)
+        if activation_checkpointing:
+            for block in self.model.layers:
+                block.forward = _checkpointed(block)
+        self._active = self.model
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        return self._active(batch.input_ids, batch.positions, PackedCausalAttention(batch))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._active.compute_logits(hidden)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        if self.frozen is None:
+            raise RuntimeError("this model was built without a reference copy (keep_reference)")
+        self._active = self.frozen
+        try:
+            yield
+        finally:
+            self._active = self.model
+
+    def save_checkpoint(self, folder: Path, score_head: torch.Tensor | None = None) -> None:
+        tensors = hf_state_dict(self.model)
+        architecture = CAUSAL_LM
+        if score_head is not None:  # LlamaForSequenceClassification: no LM head, a score head
+            tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+            tensors[SCORE_HEAD] = score_head
+            architecture = SEQUENCE_CLASSIFICATION
+        config = hf_config(self.config, architecture, self.tokenizer.bos_token_id,
+                           self.tokenizer.eos_token_id)
+        if score_head is not None:
+            config["tie_word_embeddings"] = False
+        save_hf_folder(folder, tensors, config, self.source, self.tokenizer)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        saved = load_file(os.path.join(folder, "model.safetensors"))
+        with torch.no_grad():
+            for name, param in hf_state_dict(self.model).items():
+                if name in saved:
+                    param.copy_(saved[name])

@@ -1,0 +1,95 @@
+"""A training run as data (what the worker process and ``llama-engine train`` both execute):
+the objective, the base model, the data files, the options, and where checkpoints go."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from llama_engine.datasets import parse_rows
+from llama_engine.datasets.source import Content
+from llama_engine.training.loop import (DPO, SFT, CheckpointFn, DPOParams, Item, LogFn, Trainer,
+                                        TrainingOptions, TrainingResult)
+from llama_engine.training.model import TrainableModel
+from llama_engine.training.tokenization import DEFAULT_MAX_SEQ_LEN, preference_pair, sft_example
+
+FULL = "full"
+ADAPTER_ALGORITHMS = ("lora", "qlora", "dora")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A local data file (its suffix names the format) and its declared columns."""
+    path: str
+    columns: dict[str, str]
+
+    def rows(self) -> list[dict]:
+        path = Path(self.path)
+        return parse_rows(Content(path.read_bytes(), path.name, ""), self.columns)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    objective: str                      # loop.SFT, DPO or REWARD
+    model_path: str                     # GGUF file or HF folder
+    train: DataSource
+    output_dir: str
+    options: TrainingOptions = TrainingOptions()
+    validation: Optional[DataSource] = None
+    algorithm: str = FULL
+    algorithm_config: Optional[dict[str, Any]] = None
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    activation_checkpointing: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Recipe":
+        options = dict(data["options"])
+        options["dpo"] = DPOParams(**options["dpo"])
+        validation = data.get("validation")
+        return cls(**{**data, "train": DataSource(**data["train"]),
+                      "validation": DataSource(**validation) if validation else None,
+                      "options": TrainingOptions(**options)})
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_model(recipe: Recipe) -> TrainableModel:
+    """The TrainableModel for the recipe's algorithm. Raises ValueError for an adapter
+    algorithm: those train through the model's adapter seam, which this model lacks."""
+    if recipe.algorithm == FULL:
+        from llama_engine.training.full import FullFineTune
+        return FullFineTune(recipe.model_path, keep_reference=recipe.objective == DPO,
+                            activation_checkpointing=recipe.activation_checkpointing,
+                            device=default_device())
+    raise ValueError(f"algorithm: {recipe.algorithm!r} needs adapters in the model "
+                     "(model/llama.py's Linear seam), which this build does not have yet")
+
+
+def load_items(tokenizer: Any, source: DataSource, objective: str, max_seq_len: int) -> list[Item]:
+    """Tokenized examples (SFT) or preference pairs (DPO, reward) of ``source``'s rows."""
+    if objective == SFT:
+        return [sft_example(tokenizer, row, max_seq_len) for row in source.rows()]
+    return [preference_pair(tokenizer, row, max_seq_len) for row in source.rows()]
+
+
+def run(recipe: Recipe, on_log: LogFn = lambda record: None,
+        on_checkpoint: CheckpointFn = lambda step, path: None,
+        on_start: Callable[[Trainer, int], None] = lambda trainer, total: None) -> TrainingResult:
+    """Build the model, tokenize the data, train (resuming from the latest checkpoint under
+    ``output_dir`` if any). ``on_start`` gets the trainer and the number of steps."""
+    model = build_model(recipe)
+    tokenizer = model.tokenizer
+    items = load_items(tokenizer, recipe.train, recipe.objective, recipe.max_seq_len)
+    validation = (load_items(tokenizer, recipe.validation, recipe.objective, recipe.max_seq_len)
+                  if recipe.validation else [])
+    trainer = Trainer(model, recipe.options, Path(recipe.output_dir), on_log, on_checkpoint)
+    on_start(trainer, recipe.options.total_steps(len(items)))
+    return trainer.train(items, validation)

@@ -1,0 +1,214 @@
+"""The spec's PostTraining API: validate a request (model, datasets and their columns,
+configs), turn it into a training recipe, queue it as a job; report status, stream logs,
+cancel, list artifacts. Jobs run in worker processes (llama_engine.training.jobs)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import urllib.parse
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Optional
+
+from llama_engine.datasets import (DatasetRegistry, DatasetSourceError, DatasetValidationError,
+                                   detect_format, load_checked_rows)
+from llama_engine.datasets.columns import PREFERENCE, SFT as SFT_COLUMNS, check_trainer_columns
+from llama_engine.training.jobs import (FINISHED, JobExistsError, JobManager, JobNotFoundError,
+                                        JobRecord, job_dir)
+from llama_engine.training.loop import DPO, SFT, DPOParams, TrainingOptions
+from llama_engine.training.recipe import ADAPTER_ALGORITHMS, DataSource, Recipe
+from llama_engine.training.tokenization import DEFAULT_MAX_SEQ_LEN
+from server.api.datasets import dataset_error, lookup
+from server.api.errors import APIError, ConflictError, NotFoundError
+from server.schemas import post_training as pt
+
+LOG_POLL_INTERVAL_S = 0.25
+DATASET_ID_KEY = "dataset_id"
+# Extra knobs the spec leaves to the free-form configs: name -> (type, lower bound).
+HYPERPARAMS: dict[str, tuple[type, Optional[float]]] = {
+    "seed": (int, None), "warmup_steps": (int, 0), "max_seq_len": (int, 1),
+    "max_grad_norm": (float, 0)}
+LOGGER_OPTIONS: dict[str, tuple[type, Optional[float]]] = {"checkpoint_every_n_steps": (int, 1)}
+
+
+def _timestamp(seconds: Optional[float]) -> Optional[datetime]:
+    return None if seconds is None else datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+def _checked_options(values: dict[str, Any], known: dict[str, tuple[type, Optional[float]]],
+                     field: str) -> dict[str, Any]:
+    for name, value in values.items():
+        if name not in known:
+            raise APIError(f"{field}.{name}: unknown option; known: {', '.join(known)}",
+                           param=f"{field}.{name}")
+        kind, lower = known[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                kind is int and not float(value).is_integer()):
+            raise APIError(f"{field}.{name}: expected {kind.__name__}, got {value!r}",
+                           param=f"{field}.{name}")
+        if lower is not None and value < lower:
+            raise APIError(f"{field}.{name}: must be at least {lower}", param=f"{field}.{name}")
+    return {name: known[name][0](value) for name, value in values.items()}
+
+
+def _file_url_path(url: str, field: str) -> Path:
+    if not url.startswith("file://"):
+        raise APIError(f"{field}: must be a file:// URL of a checkpoint on this server", param=field)
+    path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # a path the OS refuses (a NUL byte, too long)
+        exists = False
+    if not exists:
+        raise APIError(f"{field}: {path} does not exist", param=field)
+    if (path / "adapter_config.json").exists():
+        raise APIError(f"{field}: {path} is an adapter; training on adapters needs the model's "
+                       "adapter seam, not in this build", param=field)
+    return path
+
+
+class PostTrainingService:
+    def __init__(self, jobs: JobManager, datasets: DatasetRegistry,
+                 resolve_model_path: Callable[[str], str]):
+        self.jobs, self.datasets = jobs, datasets
+        self.resolve_model_path = resolve_model_path  # model name -> GGUF file or HF folder
+
+    # ---- requests -> recipes ------------------------------------------------------------
+    def _data_source(self, dataset: pt.Dataset, field: str, task: str, folder: Path,
+                     name: str) -> DataSource:
+        """The dataset as a file beside the job (deleting a registered dataset later does not
+        break a queued job) with its columns: a registered one (metadata dataset_id), or the
+        content_url fetched now and checked."""
+        dataset_id = dataset.metadata.get(DATASET_ID_KEY)
+        try:
+            if dataset_id is not None:
+                record = lookup(self.datasets, str(dataset_id), f"{field}.metadata.{DATASET_ID_KEY}")
+                columns, data, fmt = record.columns, record.content_path.read_bytes(), record.format
+            else:
+                content, _ = load_checked_rows(dict(dataset.columns), dataset.content_url,
+                                               self.datasets.max_bytes, self.datasets.timeout_s)
+                columns, data, fmt = dict(dataset.columns), content.data, detect_format(content)
+            check_trainer_columns(columns, task)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{name}.{fmt}"
+            path.write_bytes(data)
+            source = DataSource(str(path), columns)
+        except NotFoundError as e:  # a bad reference inside the body: the request is at fault
+            raise APIError(e.message, param=e.param) from None
+        except (DatasetSourceError, DatasetValidationError) as e:
+            raise dataset_error(e, field) from None
+        return source
+
+    def _options(self, request: pt.TrainingRequest, objective: str,
+                 dpo: DPOParams) -> tuple[TrainingOptions, int]:
+        hyper = _checked_options(request.hyperparam_search_config, HYPERPARAMS, "hyperparam_search_config")
+        logger = _checked_options(request.logger_config, LOGGER_OPTIONS, "logger_config")
+        o, t = request.optimizer_config, request.training_config
+        options = TrainingOptions(
+            objective=objective, n_epochs=t.n_epochs, batch_size=t.batch_size, shuffle=t.shuffle,
+            n_iters=t.n_iters, optimizer_type=o.optimizer_type, lr=o.lr, lr_min=o.lr_min,
+            weight_decay=o.weight_decay, warmup_steps=hyper.get("warmup_steps"),
+            max_grad_norm=hyper.get("max_grad_norm"), seed=hyper.get("seed", 0),
+            checkpoint_every_n_steps=logger.get("checkpoint_every_n_steps"), dpo=dpo)
+        return options, hyper.get("max_seq_len", DEFAULT_MAX_SEQ_LEN)
+
+    def _recipe(self, request: pt.TrainingRequest, objective: str, model_path: str, algorithm: str,
+                algorithm_config: Optional[dict], dpo: DPOParams) -> Recipe:
+        if request.training_config.memory_efficient_fsdp_wrap or request.training_config.fsdp_cpu_offload:
+            field = ("training_config.memory_efficient_fsdp_wrap"
+                     if request.training_config.memory_efficient_fsdp_wrap else "training_config.fsdp_cpu_offload")
+            raise APIError(f"{field}: FSDP needs several worker processes; this server runs "
+                           "one worker per job", param=field)
+        if algorithm in ADAPTER_ALGORITHMS:
+            raise APIError(f"algorithm: {algorithm!r} needs adapters in the model, not in this "
+                           "build; use 'full'", param="algorithm")
+        options, max_seq_len = self._options(request, objective, dpo)
+        task = SFT_COLUMNS if objective == SFT else PREFERENCE
+        folder = job_dir(self.jobs.state_dir, request.job_uuid)
+        try:
+            train = self._data_source(request.dataset, "dataset", task, folder / "data", "train")
+            validation = self._data_source(request.validation_dataset, "validation_dataset", task,
+                                           folder / "data", "validation")
+        except APIError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return Recipe(objective=objective, model_path=model_path, train=train,
+                      output_dir=str(folder / "checkpoints"), options=options,
+                      validation=validation, algorithm=algorithm, algorithm_config=algorithm_config,
+                      max_seq_len=max_seq_len,
+                      activation_checkpointing=request.training_config.enable_activation_checkpointing)
+
+    def _submit(self, job_uuid: str, recipe: Recipe) -> None:
+        try:
+            self.jobs.store.create(job_uuid, {"recipe": recipe.to_json(), "output_dir": recipe.output_dir})
+        except JobExistsError as e:
+            raise ConflictError(f"job_uuid: {e}", param="job_uuid") from None
+
+    def _refuse_duplicate(self, job_uuid: str) -> None:
+        if self.jobs.store.exists(job_uuid):
+            raise ConflictError(f"job_uuid: job {job_uuid!r} already exists", param="job_uuid")
+
+    async def supervised_fine_tune(self, request: pt.PostTrainingSFTRequest) -> None:
+        def submit() -> None:
+            self._refuse_duplicate(request.job_uuid)
+            model_path = self.resolve_model_path(request.model)
+            recipe = self._recipe(request, SFT, model_path, request.algorithm.value,
+                                  request.algorithm_config.model_dump(), DPOParams())
+            self._submit(request.job_uuid, recipe)
+        await asyncio.to_thread(submit)
+
+    async def preference_optimize(self, request: pt.PostTrainingRLHFRequest) -> None:
+        def submit() -> None:
+            self._refuse_duplicate(request.job_uuid)
+            model_path = _file_url_path(request.finetuned_model, "finetuned_model")
+            c = request.algorithm_config
+            dpo = DPOParams(beta=c.reward_scale, reward_clip=c.reward_clip,
+                            label_smoothing=c.epsilon, gamma=c.gamma)
+            self._submit(request.job_uuid, self._recipe(request, DPO, str(model_path), "full", None, dpo))
+        await asyncio.to_thread(submit)
+
+    # ---- jobs ---------------------------------------------------------------------------
+    def _job(self, job_uuid: str) -> JobRecord:
+        try:
+            return self.jobs.store.get(job_uuid)
+        except JobNotFoundError as e:
+            raise NotFoundError(f"job_uuid: {e}", param="job_uuid") from None
+
+    @staticmethod
+    def _checkpoints(job: JobRecord) -> list[pt.Checkpoint]:
+        return [pt.Checkpoint(iters=iters, path=path.as_uri()) for iters, path in job.checkpoints]
+
+    async def status(self, query: pt.JobQuery) -> pt.PostTrainingJobStatusResponse:
+        job = await asyncio.to_thread(self._job, query.job_uuid)
+        return pt.PostTrainingJobStatusResponse(
+            job_uuid=job.job_uuid, status=job.status, scheduled_at=_timestamp(job.scheduled_at),
+            started_at=_timestamp(job.started_at), completed_at=_timestamp(job.completed_at),
+            resources_allocated=job.resources, checkpoints=self._checkpoints(job))
+
+    async def artifacts(self, query: pt.JobQuery) -> pt.PostTrainingJobArtifactsResponse:
+        job = await asyncio.to_thread(self._job, query.job_uuid)
+        return pt.PostTrainingJobArtifactsResponse(job_uuid=job.job_uuid,
+                                                   checkpoints=self._checkpoints(job))
+
+    async def cancel(self, query: pt.JobQuery) -> None:
+        try:
+            await asyncio.to_thread(self.jobs.cancel, query.job_uuid)
+        except JobNotFoundError as e:
+            raise NotFoundError(f"job_uuid: {e}", param="job_uuid") from None
+
+    async def logs(self, query: pt.JobQuery) -> AsyncIterator[pt.PostTrainingJobLogStream]:
+        """One event per log record (every job has at least its 'scheduled' record), until
+        the job has finished and every record has been sent."""
+        await asyncio.to_thread(self._job, query.job_uuid)  # 404 before the stream opens
+        last_id = 0
+        while True:
+            finished = (await asyncio.to_thread(self._job, query.job_uuid)).status in FINISHED
+            rows = await asyncio.to_thread(self.jobs.store.logs_after, query.job_uuid, last_id)
+            for row_id, record in rows:
+                last_id = row_id
+                yield pt.PostTrainingJobLogStream(job_uuid=query.job_uuid, log_lines=[record])
+            if finished and not rows:
+                return
+            if not rows:
+                await asyncio.sleep(LOG_POLL_INTERVAL_S)
