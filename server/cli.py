@@ -116,7 +116,8 @@ async def run_until_signalled(app: web.Application, host: str, port: int,
 
 async def _serve(args: argparse.Namespace) -> None:
     registry = load_registry(args)
-    app = build_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = build_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                    state_dir=args.state_dir)
     try:
         await run_until_signalled(app, args.host, args.port, args.drain_timeout)
     finally:

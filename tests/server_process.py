@@ -62,12 +62,14 @@ def _healthy(base_url: str) -> bool:
 
 @contextlib.contextmanager
 def running_server(*extra_args: str, env: Optional[dict[str, str]] = None) -> Iterator[ServerProcess]:
-    """`python -m server.cli` on a free loopback port, stopped (SIGTERM) on exit."""
+    """`python -m server.cli` on a free loopback port, stopped (SIGTERM) on exit. Its state
+    (memory banks...) goes to a fresh temporary directory unless ``env`` names one."""
     port = free_port()
+    env = {"LLAMA_ENGINE_STATE_DIR": tempfile.mkdtemp(prefix="llama-engine-state-"), **(env or {})}
     log = tempfile.NamedTemporaryFile(prefix="llama-engine-server-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "server.cli", "--host", LOOPBACK, "--port", str(port), *extra_args]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, **(env or {})})
+                               env={**os.environ, **env})
     server = ServerProcess(process, port, log.name)
     try:
         for _ in range(STARTUP_MAX_POLLS):

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from llama_engine.model.bert import BertModel, mean_pool_normalized
 
 EMBEDDING_MODEL_ID = "all-MiniLM-L6-v2"
+EMBEDDING_MAX_INPUT_TOKENS = 256  # its sentence_bert_config.json max_seq_length, [CLS]/[SEP] included
 DEFAULT_BATCH_SIZE = 32  # sequences per forward pass, as sentence-transformers' default
 SPECIAL_TOKENS_PER_INPUT = 2  # [CLS] and [SEP]
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from llama_engine.memory import MemoryStore
+from pydantic import BaseModel, RootModel, ValidationError
 
 from server.api.errors import APIError, validation_error
 from server.api.generation import GenerationRunner
 from server.api.inference import InferenceService
+from server.api.memory_banks import MemoryBanksService
 from server.api.openai_compat import OpenAIService
 from server.api.registry import ModelRegistry
 from server.http.metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
@@ -20,6 +23,7 @@ from server.http.middleware import access_log_middleware, auth_middleware, error
 from server.http.sse import OPENAI_DONE, send_event_stream
 from server.schemas import llama_stack as ls
 from server.schemas.common import HealthResponse
+from server.schemas import memory_banks as mb
 from server.schemas import openai as oa
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a prompt filling a 128k context is ~0.5 MB of text
@@ -53,7 +57,7 @@ def _lone_surrogate_path(value: Any, path: str) -> Optional[str]:
     return None
 
 
-def _decode_json(raw: bytes) -> Any:
+def _decode_json(raw: bytes, object_only: bool = True) -> Any:
     try:
         data = json.loads(raw or b"null", parse_constant=_reject_constant)
     except ValueError as exc:  # JSONDecodeError and non-UTF-8 bodies
@@ -63,7 +67,7 @@ def _decode_json(raw: bytes) -> Any:
         field = invalid_text_at or "body"
         raise APIError(f"{field}: text contains an unpaired UTF-16 surrogate escape, which is not "
                        "valid Unicode", param=field)
-    if not isinstance(data, dict):
+    if object_only and not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "nothing"
         raise APIError(f"body: must be a JSON object, got {kind}", param="body")
     return data
@@ -72,12 +76,21 @@ def _decode_json(raw: bytes) -> Any:
 async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
     raw = await request.read()  # raises 413 past the body limit
     try:
-        data = _decode_json(raw)
+        data = _decode_json(raw, object_only=not issubclass(model, RootModel))
+        return model.model_validate(data)
+    except ValidationError as exc:
+        # a JSON-array body's errors are named after what it holds ("documents[0].uuid")
+        raise validation_error(exc, data, root=getattr(model, "BODY_NAME", "")) from None
+    except RecursionError:
+        raise APIError(MAX_JSON_DEPTH_MESSAGE, param="body") from None
+
+
+def parse_query(request: web.Request, model: type[BaseModel]) -> BaseModel:
+    data = dict(request.query)
+    try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, data) from None
-    except RecursionError:
-        raise APIError(MAX_JSON_DEPTH_MESSAGE, param="body") from None
 
 
 def json_response(result: BaseModel) -> web.Response:
@@ -86,10 +99,13 @@ def json_response(result: BaseModel) -> web.Response:
 
 def make_handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        body = await parse_body(request, route.request_model)
+        args = [parse_query(request, route.query_model)] if route.query_model else []
+        if route.request_model is not None:
+            args.append(await parse_body(request, route.request_model))
+        body = args[-1] if args else None
         if route.stream_call is not None and getattr(body, "stream", False):
             return await send_event_stream(request, route.stream_call(body), route.done_marker)
-        result = await route.call(body)
+        result = await route.call(*args)
         if route.jsonl:
             lines = "".join(item.model_dump_json() + "\n" for item in result)
             return web.Response(text=lines, content_type=JSONL_CONTENT_TYPE)
@@ -120,6 +136,35 @@ def inference_routes(spec: InferenceService, openai: OpenAIService) -> list[Rout
     ]
 
 
+def memory_bank_routes(memory: MemoryBanksService) -> list[Route]:
+    banks = "MemoryBanks"
+    return [
+        Route("/memory_banks/create", "Create a memory bank holding the documents (spec MemoryBanks API).",
+              banks, mb.MemoryBankDocuments, mb.MemoryBankWriteResponse, memory.create,
+              query_model=mb.CreateBankParams, errors=(409, 415)),
+        Route("/memory_banks/get", "List the memory banks.", banks, None, mb.MemoryBank,
+              memory.list_banks, jsonl=True, method="GET"),
+        Route("/memory_banks/drop", "Drop a memory bank and its documents; answers its uuid.", banks,
+              None, mb.DroppedBank, memory.drop, method="DELETE", query_model=mb.BankParams),
+        Route("/memory_bank/insert", "Add documents to a bank (one transaction).", banks,
+              mb.MemoryBankDocuments, mb.MemoryBankWriteResponse, memory.insert,
+              query_model=mb.BankParams, errors=(409, 415)),
+        Route("/memory_bank/update", "Replace documents of a bank (one transaction).", banks,
+              mb.MemoryBankDocuments, mb.MemoryBankWriteResponse, memory.update,
+              query_model=mb.BankParams, errors=(415,)),
+        Route("/memory_bank/get", "The documents with these uuids.", banks, mb.DocumentUuids,
+              mb.MemoryBankDocument, memory.get_documents, jsonl=True, query_model=mb.BankParams),
+        Route("/memory_bank/delete", "Delete documents; answers the uuids that were deleted.", banks,
+              mb.DocumentUuids, mb.DeletedDocument, memory.delete_documents, jsonl=True,
+              query_model=mb.BankParams),
+        Route("/memory_bank/query", "The chunks that best answer the query, best first; scores are "
+              "cosine similarities.", banks, mb.MemoryBankQueryRequest, mb.MemoryBankQueryResponse,
+              memory.query, query_model=mb.BankParams),
+        Route("/v1/embeddings", "OpenAI-compatible embeddings (all-MiniLM-L6-v2).", "OpenAI",
+              mb.EmbeddingRequest, mb.EmbeddingResponse, memory.embeddings),
+    ]
+
+
 async def health(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
     return json_response(HealthResponse(status="ok", models=[m.model_id for m in registry.models()]))
@@ -131,7 +176,8 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 
 def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              state_dir: Optional[str] = None) -> web.Application:
     metrics = ServerMetrics(registry)
     runner = GenerationRunner(listener=metrics)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
@@ -139,14 +185,18 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     app[REGISTRY_KEY] = registry
     app[METRICS_KEY] = metrics
     openai = OpenAIService(registry, runner)
-    routes = inference_routes(InferenceService(registry, runner), openai)
+    memory = MemoryBanksService(MemoryStore(state_dir))
+    app.on_cleanup.append(lambda app: asyncio.to_thread(memory.store.close))
+    routes = inference_routes(InferenceService(registry, runner), openai) + memory_bank_routes(memory)
     for route in routes:
-        app.router.add_post(route.path, make_handler(route))
+        app.router.add_route(route.method, route.path, make_handler(route))
     model_names = sorted({name for m in registry.models() for name in [m.model_id, *m.aliases]})
     document = build_openapi(routes, model_names, requires_auth=api_key is not None)
 
     async def list_models(request: web.Request) -> web.Response:
-        return json_response(openai.list_models())
+        models = openai.list_models()
+        models.data.append(memory.model_card())
+        return json_response(models)
 
     async def openapi_json(request: web.Request) -> web.Response:
         return web.json_response(document)

@@ -19,9 +19,14 @@ SSE_CONTENT_TYPE = "text/event-stream"
 ERROR_STATUSES = {
     "400": "Invalid request: the message names the field and the reason.",
     "401": "Missing or wrong API key.",
-    "404": "Unknown model.",
+    "404": "Unknown model, memory bank or document.",
     "413": "Request body too large.",
     "503": "Server at capacity; retry after the Retry-After header's seconds.",
+}
+# Statuses only some routes answer (Route.errors).
+ROUTE_ERROR_STATUSES = {
+    409: "Already exists: the message names the uuid.",
+    415: "Unsupported media type: the message names the document.",
 }
 
 
@@ -33,9 +38,19 @@ def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
     return {JSON_CONTENT_TYPE: {"schema": schema}}
 
 
-def _error_responses() -> dict[str, Any]:
+def _error_responses(extra: tuple[int, ...] = ()) -> dict[str, Any]:
+    statuses = {**ERROR_STATUSES, **{str(status): ROUTE_ERROR_STATUSES[status] for status in extra}}
     return {status: {"description": text, "content": _json_content(_ref(ErrorResponse))}
-            for status, text in ERROR_STATUSES.items()}
+            for status, text in sorted(statuses.items())}
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """One OpenAPI query parameter per field of the route's query model."""
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE)
+    return [{"in": "query", "name": name, "required": name in schema.get("required", []),
+             "schema": {k: v for k, v in field.items() if k != "title"},
+             **({"description": field["description"]} if "description" in field else {})}
+            for name, field in schema["properties"].items()]
 
 
 def _event_schema(route: Route) -> dict[str, Any]:
@@ -50,20 +65,25 @@ def _event_schema(route: Route) -> dict[str, Any]:
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
-def _post_operation(route: Route) -> dict[str, Any]:
+def _operation(route: Route) -> dict[str, Any]:
     media = JSONL_CONTENT_TYPE if route.jsonl else JSON_CONTENT_TYPE
     content: dict[str, Any] = {media: {"schema": _ref(route.response_model)}}
     description = "One JSON response per line, in request order." if route.jsonl else "The response."
     if route.stream_model is not None:
         content[SSE_CONTENT_TYPE] = {"schema": _event_schema(route)}
         description += f" With stream=true, an event stream of {route.stream_model.__name__}."
-    return {
+    operation: dict[str, Any] = {
         "summary": route.summary,
         "tags": [route.tag],
         "operationId": route.path.strip("/").replace("/", "_"),
-        "requestBody": {"required": True, "content": _json_content(_ref(route.request_model))},
-        "responses": {"200": {"description": description, "content": content}, **_error_responses()},
+        "responses": {"200": {"description": description, "content": content},
+                      **_error_responses(route.errors)},
     }
+    if route.query_model is not None:
+        operation["parameters"] = _query_parameters(route.query_model)
+    if route.request_model is not None:
+        operation["requestBody"] = {"required": True, "content": _json_content(_ref(route.request_model))}
+    return operation
 
 
 def _get_operation(summary: str, tag: str, content: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +93,8 @@ def _get_operation(summary: str, tag: str, content: dict[str, Any]) -> dict[str,
 
 
 def _component_schemas(routes: list[Route]) -> dict[str, Any]:
-    entries: list[tuple[type[BaseModel], str]] = [(r.request_model, "validation") for r in routes]
+    entries: list[tuple[type[BaseModel], str]] = [(r.request_model, "validation") for r in routes
+                                                  if r.request_model is not None]
     responses = {r.response_model for r in routes} | {r.stream_model for r in routes if r.stream_model}
     responses |= {ErrorResponse, HealthResponse, ModelList}
     entries += [(m, "serialization") for m in sorted(responses, key=lambda m: m.__name__)]
@@ -86,12 +107,15 @@ def _restrict_model_names(schemas: dict[str, Any], model_names: list[str]) -> No
     know the valid values."""
     for schema in schemas.values():
         model_field = schema.get("properties", {}).get("model")
-        if model_field is not None and schema.get("title", "").endswith("Request"):
+        if (model_field is not None and schema.get("title", "").endswith("Request")
+                and "enum" not in model_field):  # a route that names its own models keeps them
             model_field["enum"] = model_names
 
 
 def build_openapi(routes: list[Route], model_names: list[str], requires_auth: bool) -> dict[str, Any]:
-    paths: dict[str, Any] = {route.path: {"post": _post_operation(route)} for route in routes}
+    paths: dict[str, Any] = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
     paths["/v1/models"] = {"get": _get_operation("List the loaded models.", "OpenAI",
                                                  _json_content(_ref(ModelList)))}
     paths["/health"] = {"get": {"summary": "Liveness.", "tags": ["Operations"],

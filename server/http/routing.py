@@ -1,4 +1,4 @@
-"""What a POST route is: the table in app.py is read by both the handlers and the OpenAPI builder."""
+"""What a route is: the table in app.py is read by both the handlers and the OpenAPI builder."""
 
 from __future__ import annotations
 
@@ -13,15 +13,21 @@ JSONL_CONTENT_TYPE = "application/jsonl"
 
 @dataclass(frozen=True)
 class Route:
-    """One POST route: its request model, how it answers, and the service call behind it."""
+    """One route: its request model, how it answers, and the service call behind it.
+
+    ``call`` gets the parsed query (when ``query_model`` is set) and then the parsed body
+    (when ``request_model`` is set); a RootModel body may be a JSON array."""
 
     path: str
     summary: str
     tag: str
-    request_model: type[BaseModel]
+    request_model: Optional[type[BaseModel]]
     response_model: type[BaseModel]
     call: Callable[[Any], Awaitable[Any]]
     stream_call: Optional[Callable[[Any], Any]] = None  # for requests with stream=true
     stream_model: Optional[type[BaseModel]] = None
     jsonl: bool = False  # answers one response per line
     done_marker: Optional[bytes] = None  # what ends the event stream, if anything
+    method: str = "POST"
+    query_model: Optional[type[BaseModel]] = None  # fields read from the query string
+    errors: tuple[int, ...] = ()  # statuses beyond the common ones (409, 415...)
