@@ -46,9 +46,13 @@ class Embedder:
         folder = Path(folder) if folder is not None else default_model_folder()
         self.model = BertModel.from_folder(folder)
         self.max_input_tokens = self._max_seq_length(folder)
+        # two copies: the model's input is cut at its length, the chunker must see every token
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_input_tokens)
+        self._untruncated = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._untruncated.no_padding()
+        self._untruncated.no_truncation()
         self.batch_size = batch_size
         self.dimension = self.model.config.hidden_size
         self.model_id = EMBEDDING_MODEL_ID
@@ -69,7 +73,7 @@ class Embedder:
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """(start, end) character offsets of each word piece of ``text``, no special tokens,
         no truncation: what the chunker counts."""
-        return self.tokenizer.encode(text, add_special_tokens=False).offsets if text else []
+        return self._untruncated.encode(text, add_special_tokens=False).offsets if text else []
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Word pieces each text feeds the model, [CLS] and [SEP] included, after truncation."""
