@@ -7,9 +7,9 @@ import json
 from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
-from llama_engine.memory import MemoryStore
 from pydantic import BaseModel, RootModel, ValidationError
 
+from llama_engine.memory import MemoryStore
 from server.api.errors import APIError, validation_error
 from server.api.generation import GenerationRunner
 from server.api.inference import InferenceService
