@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from llama_engine.memory.threads import single_threaded
 from llama_engine.model.bert import BertModel, mean_pool_normalized
 
 EMBEDDING_MODEL_ID = "all-MiniLM-L6-v2"
 EMBEDDING_MAX_INPUT_TOKENS = 256  # its sentence_bert_config.json max_seq_length, [CLS]/[SEP] included
 DEFAULT_BATCH_SIZE = 32  # sequences per forward pass, as sentence-transformers' default
 SPECIAL_TOKENS_PER_INPUT = 2  # [CLS] and [SEP]
+SINGLE_THREAD_MAX_TOKENS = 256  # padded batch tokens up to which one core is faster (a query)
 
 
 def default_model_folder() -> Path:
@@ -93,7 +95,7 @@ class Embedder:
                 n = len(encodings[row].ids)
                 ids[b, :n] = torch.tensor(encodings[row].ids)
                 mask[b, :n] = 1
-            with self._lock:
+            with self._lock, single_threaded(ids.numel() <= SINGLE_THREAD_MAX_TOKENS):
                 hidden = self.model(ids, mask)
             out[rows] = mean_pool_normalized(hidden, mask).numpy()
         return out

@@ -10,8 +10,12 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import torch
+
+from llama_engine.memory.threads import single_threaded
 
 INITIAL_CAPACITY = 1024
+SINGLE_THREAD_MAX_ROWS = 16384  # 24 MiB of vectors: below this a second core does not pay
 
 
 class VectorIndex:
@@ -61,7 +65,8 @@ class VectorIndex:
             count = len(self._position)
             if count == 0 or k <= 0:
                 return np.empty(0, np.int64), np.empty(0, np.float32)
-            scores = self._vectors[:count] @ query
+            with single_threaded(count <= SINGLE_THREAD_MAX_ROWS):
+                scores = torch.mv(torch.from_numpy(self._vectors[:count]), torch.from_numpy(query)).numpy()
             ids = self._ids[:count]
             if k < count:
                 top = np.argpartition(-scores, k - 1)[:k]
