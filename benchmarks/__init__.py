@@ -20,3 +20,8 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serving", help="load a running server with Poisson arrivals")
     add_bench_serving_arguments(p)
     p.set_defaults(func=bench_serving)
+
+    from benchmarks import memory
+    p = sub.add_parser("memory", help="memory-bank ingest and query latency against sentence-transformers + faiss")
+    memory.add_arguments(p)
+    p.set_defaults(func=memory.run)

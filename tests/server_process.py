@@ -63,11 +63,12 @@ def _healthy(base_url: str) -> bool:
 
 @contextlib.contextmanager
 def running_server(*extra_args: str, env: Optional[dict[str, str]] = None) -> Iterator[ServerProcess]:
-    """`python -m server.cli` on a free loopback port, stopped (SIGTERM) on exit."""
+    """`python -m server.cli` on a free loopback port, stopped (SIGTERM) on exit. Its state
+    (datasets, jobs, memory banks) goes to a fresh temporary directory unless ``--state-dir``
+    or ``env`` names one."""
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="llama-engine-server-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "server.cli", "--host", LOOPBACK, "--port", str(port), *extra_args]
-    # Each server keeps its datasets and jobs in a fresh state directory unless told otherwise.
     state = {} if "--state-dir" in extra_args else {
         "LLAMA_ENGINE_STATE_DIR": tempfile.mkdtemp(prefix="llama-engine-state-")}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,

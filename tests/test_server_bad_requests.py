@@ -126,7 +126,7 @@ CASES = [
                400, "logprobs", "less than or equal to 5"),
     BadRequest("prompt of mixed types", "/v1/completions", {"model": "{model}", "prompt": ["a", 1]}, 400,
                "prompt[1]", "valid string"),
-    BadRequest("unknown route", "/v1/embeddings", {"model": "{model}", "input": "Hi"}, 404, "path", "no such route"),
+    BadRequest("unknown route", "/v1/audio/speech", {"model": "{model}", "input": "Hi"}, 404, "path", "no such route"),
     BadRequest("wrong method", "/inference/completion", None, 405, "method", "not allowed", method="GET"),
 ]
 

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
+from llama_engine.memory import EMBEDDING_MODEL_ID
 from tests.server_process import ServerProcess, running_server
 
 pytestmark = pytest.mark.slow
@@ -83,7 +84,7 @@ def stream(server: ServerProcess, path: str, body: dict[str, Any]) -> list[Any]:
 def test_health_and_models(server: ServerProcess, reference: Any) -> None:
     assert requests.get(f"{server.base_url}/health", timeout=TIMEOUT_S).json()["status"] == "ok"
     models = requests.get(f"{server.base_url}/v1/models", timeout=TIMEOUT_S).json()
-    assert [m["id"] for m in models["data"]] == [reference.engine.model_id]
+    assert [m["id"] for m in models["data"]] == [reference.engine.model_id, EMBEDDING_MODEL_ID]
     assert sorted(models["data"][0]["aliases"]) == [SPEC_COMPLETION_MODEL, SPEC_CHAT_MODEL]
 
 

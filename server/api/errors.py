@@ -86,9 +86,11 @@ def _specificity(error: Any, data: Any) -> tuple[int, int]:
     return path.count(".") + path.count("["), 0 if error["type"].endswith(("_type", "_parsing")) else 1
 
 
-def validation_error(exc: ValidationError, data: Any) -> APIError:
-    """Name the failing field and why."""
+def validation_error(exc: ValidationError, data: Any, root: str = "") -> APIError:
+    """Name the failing field and why; ``root`` names a body that is not an object."""
     best = max(exc.errors(include_url=False), key=lambda err: _specificity(err, data))
     field = _location(best["loc"], data, best["type"] == "missing")
+    if root:
+        field = root if field == "body" else root + field
     reason = {"extra_forbidden": "unknown field", "missing": "field required"}.get(best["type"], best["msg"])
     return APIError(f"{field}: {reason}", param=field)

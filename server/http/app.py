@@ -8,15 +8,18 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, RootModel, ValidationError
 
 from llama_engine.datasets import DatasetRegistry
 from llama_engine.training.jobs import JobManager
 from server.api.datasets import DatasetsService
 from server.api.post_training import PostTrainingService
+from llama_engine.memory import MemoryStore
+from llama_engine.state import resolve_state_dir
 from server.api.errors import APIError, validation_error
 from server.api.generation import GenerationRunner
 from server.api.inference import InferenceService
+from server.api.memory_banks import MemoryBanksService
 from server.api.openai_compat import OpenAIService
 from server.api.registry import ModelRegistry
 from server.http.metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
@@ -27,6 +30,7 @@ from server.http.sse import OPENAI_DONE, send_event_stream
 from server.schemas import llama_stack as ls
 from server.schemas import post_training as pt
 from server.schemas.common import HealthResponse
+from server.schemas import memory_banks as mb
 from server.schemas import openai as oa
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a prompt filling a 128k context is ~0.5 MB of text
@@ -60,7 +64,7 @@ def _lone_surrogate_path(value: Any, path: str) -> Optional[str]:
     return None
 
 
-def _decode_json(raw: bytes) -> Any:
+def _decode_json(raw: bytes, object_only: bool = True) -> Any:
     try:
         data = json.loads(raw or b"null", parse_constant=_reject_constant)
     except ValueError as exc:  # JSONDecodeError and non-UTF-8 bodies
@@ -70,7 +74,7 @@ def _decode_json(raw: bytes) -> Any:
         field = invalid_text_at or "body"
         raise APIError(f"{field}: text contains an unpaired UTF-16 surrogate escape, which is not "
                        "valid Unicode", param=field)
-    if not isinstance(data, dict):
+    if object_only and not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "nothing"
         raise APIError(f"body: must be a JSON object, got {kind}", param="body")
     return data
@@ -79,10 +83,11 @@ def _decode_json(raw: bytes) -> Any:
 async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
     raw = await request.read()  # raises 413 past the body limit
     try:
-        data = _decode_json(raw)
+        data = _decode_json(raw, object_only=not issubclass(model, RootModel))
         return model.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc, data) from None
+        # a JSON-array body's errors are named after what it holds ("documents[0].uuid")
+        raise validation_error(exc, data, root=getattr(model, "BODY_NAME", "")) from None
     except RecursionError:
         raise APIError(MAX_JSON_DEPTH_MESSAGE, param="body") from None
 
@@ -101,15 +106,15 @@ def json_response(result: BaseModel) -> web.Response:
 
 def make_handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        if route.takes_query:
-            body = parse_query(request, route.request_model)
-        else:
-            body = await parse_body(request, route.request_model)
+        args = [parse_query(request, route.query_model)] if route.query_model else []
+        if route.request_model is not None:
+            args.append(await parse_body(request, route.request_model))
+        body = args[-1] if args else None
         if route.event_stream:
-            return await send_event_stream(request, route.call(body), route.done_marker)
+            return await send_event_stream(request, route.call(*args), route.done_marker)
         if route.stream_call is not None and getattr(body, "stream", False):
             return await send_event_stream(request, route.stream_call(body), route.done_marker)
-        result = await route.call(body)
+        result = await route.call(*args)
         if result is None:
             return web.json_response(None)
         if route.jsonl:
@@ -142,6 +147,35 @@ def inference_routes(spec: InferenceService, openai: OpenAIService) -> list[Rout
     ]
 
 
+def memory_bank_routes(memory: MemoryBanksService) -> list[Route]:
+    banks = "MemoryBanks"
+    return [
+        Route("/memory_banks/create", "Create a memory bank holding the documents (spec MemoryBanks API).",
+              banks, mb.MemoryBankDocuments, mb.MemoryBankWriteResponse, memory.create,
+              query_model=mb.CreateBankParams, errors=(409, 415)),
+        Route("/memory_banks/get", "List the memory banks.", banks, None, mb.MemoryBank,
+              memory.list_banks, jsonl=True, method="GET"),
+        Route("/memory_banks/drop", "Drop a memory bank and its documents; answers its uuid.", banks,
+              None, mb.DroppedBank, memory.drop, method="DELETE", query_model=mb.BankParams),
+        Route("/memory_bank/insert", "Add documents to a bank (one transaction).", banks,
+              mb.MemoryBankDocuments, mb.MemoryBankWriteResponse, memory.insert,
+              query_model=mb.BankParams, errors=(409, 415)),
+        Route("/memory_bank/update", "Replace documents of a bank (one transaction).", banks,
+              mb.MemoryBankDocuments, mb.MemoryBankWriteResponse, memory.update,
+              query_model=mb.BankParams, errors=(415,)),
+        Route("/memory_bank/get", "The documents with these uuids.", banks, mb.DocumentUuids,
+              mb.MemoryBankDocument, memory.get_documents, jsonl=True, query_model=mb.BankParams),
+        Route("/memory_bank/delete", "Delete documents; answers the uuids that were deleted.", banks,
+              mb.DocumentUuids, mb.DeletedDocument, memory.delete_documents, jsonl=True,
+              query_model=mb.BankParams),
+        Route("/memory_bank/query", "The chunks that best answer the query, best first; scores are "
+              "cosine similarities.", banks, mb.MemoryBankQueryRequest, mb.MemoryBankQueryResponse,
+              memory.query, query_model=mb.BankParams),
+        Route("/v1/embeddings", "OpenAI-compatible embeddings (all-MiniLM-L6-v2).", "OpenAI",
+              mb.EmbeddingRequest, mb.EmbeddingResponse, memory.embeddings),
+    ]
+
+
 async def health(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
     return json_response(HealthResponse(status="ok", models=[m.model_id for m in registry.models()]))
@@ -156,38 +190,41 @@ def datasets_routes(datasets: DatasetsService) -> list[Route]:
     return [
         Route("/datasets/create", "Register a dataset: fetch its content once and check its "
               "columns against every row.", "Datasets", pt.CreateDatasetRequest, None,
-              datasets.create),
-        Route("/datasets/get", "A registered dataset.", "Datasets", pt.DatasetQuery, pt.Dataset,
-              datasets.get, method="GET"),
+              datasets.create, errors=(409,)),
+        Route("/datasets/get", "A registered dataset.", "Datasets", None, pt.Dataset,
+              datasets.get, method="GET", query_model=pt.DatasetQuery),
         Route("/datasets/delete", "Forget a dataset and its fetched copy.", "Datasets",
-              pt.DatasetQuery, None, datasets.delete, method="DELETE"),
+              None, None, datasets.delete, method="DELETE", query_model=pt.DatasetQuery),
     ]
 
 
 def post_training_routes(service: PostTrainingService) -> list[Route]:
     return [
         Route("/post_training/supervised_fine_tune/", "Queue a supervised fine-tuning job.",
-              "PostTraining", pt.PostTrainingSFTRequest, None, service.supervised_fine_tune),
+              "PostTraining", pt.PostTrainingSFTRequest, None, service.supervised_fine_tune,
+              errors=(409,)),
         Route("/post_training/preference_optimize/", "Queue a DPO job.", "PostTraining",
-              pt.PostTrainingRLHFRequest, None, service.preference_optimize),
+              pt.PostTrainingRLHFRequest, None, service.preference_optimize, errors=(409,)),
         Route("/post_training/job/status", "A job's status, timestamps, resources and "
-              "checkpoints.", "PostTraining", pt.JobQuery, pt.PostTrainingJobStatusResponse,
-              service.status, method="GET"),
+              "checkpoints.", "PostTraining", None, pt.PostTrainingJobStatusResponse,
+              service.status, method="GET", query_model=pt.JobQuery),
         Route("/post_training/job/logs", "A job's log records as server-sent events, one per "
-              "step, ending when the job ends.", "PostTraining", pt.JobQuery, None, service.logs,
-              stream_model=pt.PostTrainingJobLogStream, method="GET", event_stream=True),
-        Route("/post_training/job/artifacts", "A job's checkpoints.", "PostTraining", pt.JobQuery,
-              pt.PostTrainingJobArtifactsResponse, service.artifacts, method="GET"),
+              "step, ending when the job ends.", "PostTraining", None, None, service.logs,
+              stream_model=pt.PostTrainingJobLogStream, method="GET", event_stream=True,
+              query_model=pt.JobQuery),
+        Route("/post_training/job/artifacts", "A job's checkpoints.", "PostTraining", None,
+              pt.PostTrainingJobArtifactsResponse, service.artifacts, method="GET",
+              query_model=pt.JobQuery),
         Route("/post_training/job/cancel", "Stop a job: it ends failed, the reason in its logs.",
-              "PostTraining", pt.JobQuery, None, service.cancel, query_in_post=True),
+              "PostTraining", None, None, service.cancel, query_model=pt.JobQuery),
     ]
 
 
 def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               state_dir: Optional[Path] = None) -> web.Application:
-    """The application; with a ``state_dir``, also the Datasets and PostTraining APIs, whose
-    state lives there."""
+    """The application. Its persistent APIs (memory banks, datasets, post-training jobs) keep
+    their state in ``state_dir`` (default: llama_engine.state's default directory)."""
     metrics = ServerMetrics(registry)
     runner = GenerationRunner(listener=metrics)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
@@ -195,29 +232,33 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     app[REGISTRY_KEY] = registry
     app[METRICS_KEY] = metrics
     openai = OpenAIService(registry, runner)
-    routes = inference_routes(InferenceService(registry, runner), openai)
-    if state_dir is not None:
-        datasets = DatasetRegistry(state_dir)
-        jobs = JobManager(state_dir)
-        routes += datasets_routes(DatasetsService(datasets))
-        routes += post_training_routes(PostTrainingService(jobs, datasets, registry.model_path))
+    state_dir = resolve_state_dir(state_dir)
+    memory = MemoryBanksService(MemoryStore(state_dir))
+    datasets = DatasetRegistry(state_dir)
+    jobs = JobManager(state_dir)
+    routes = (inference_routes(InferenceService(registry, runner), openai)
+              + memory_bank_routes(memory) + datasets_routes(DatasetsService(datasets))
+              + post_training_routes(PostTrainingService(jobs, datasets, registry.model_path)))
 
-        async def start_jobs(app: web.Application) -> None:
-            jobs.start()
+    async def start_jobs(app: web.Application) -> None:
+        jobs.start()
 
-        async def stop_jobs(app: web.Application) -> None:
-            await asyncio.to_thread(jobs.stop)
-            datasets.close()
+    async def close_state(app: web.Application) -> None:
+        await asyncio.to_thread(jobs.stop)
+        datasets.close()
+        await asyncio.to_thread(memory.store.close)
 
-        app.on_startup.append(start_jobs)
-        app.on_cleanup.append(stop_jobs)
+    app.on_startup.append(start_jobs)
+    app.on_cleanup.append(close_state)
     for route in routes:
         app.router.add_route(route.method, route.path, make_handler(route))
     model_names = sorted({name for m in registry.models() for name in [m.model_id, *m.aliases]})
     document = build_openapi(routes, model_names, requires_auth=api_key is not None)
 
     async def list_models(request: web.Request) -> web.Response:
-        return json_response(openai.list_models())
+        models = openai.list_models()
+        models.data.append(memory.model_card())
+        return json_response(models)
 
     async def openapi_json(request: web.Request) -> web.Response:
         return web.json_response(document)

@@ -19,10 +19,14 @@ SSE_CONTENT_TYPE = "text/event-stream"
 ERROR_STATUSES = {
     "400": "Invalid request: the message names the field and the reason.",
     "401": "Missing or wrong API key.",
-    "404": "Unknown model, dataset or job.",
-    "409": "A dataset or job with this uuid already exists.",
+    "404": "Unknown model, memory bank, document, dataset or job.",
     "413": "Request body too large.",
     "503": "Server at capacity; retry after the Retry-After header's seconds.",
+}
+# Statuses only some routes answer (Route.errors).
+ROUTE_ERROR_STATUSES = {
+    409: "Already exists: the message names the uuid.",
+    415: "Unsupported media type: the message names the document.",
 }
 
 
@@ -34,9 +38,19 @@ def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
     return {JSON_CONTENT_TYPE: {"schema": schema}}
 
 
-def _error_responses() -> dict[str, Any]:
+def _error_responses(extra: tuple[int, ...] = ()) -> dict[str, Any]:
+    statuses = {**ERROR_STATUSES, **{str(status): ROUTE_ERROR_STATUSES[status] for status in extra}}
     return {status: {"description": text, "content": _json_content(_ref(ErrorResponse))}
-            for status, text in ERROR_STATUSES.items()}
+            for status, text in sorted(statuses.items())}
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """One OpenAPI query parameter per field of the route's query model."""
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE)
+    return [{"in": "query", "name": name, "required": name in schema.get("required", []),
+             "schema": {k: v for k, v in field.items() if k != "title"},
+             **({"description": field["description"]} if "description" in field else {})}
+            for name, field in schema["properties"].items()]
 
 
 def _event_schema(route: Route) -> dict[str, Any]:
@@ -49,12 +63,6 @@ def _event_schema(route: Route) -> dict[str, Any]:
         marker = route.done_marker.decode().removeprefix("data: ").strip()
         data = {"anyOf": [{"const": marker}, json_data]}
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
-
-
-def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
-    schema = model.model_json_schema()
-    return [{"in": "query", "name": name, "required": name in schema.get("required", []),
-             "schema": field} for name, field in schema["properties"].items()]
 
 
 def _operation(route: Route) -> dict[str, Any]:
@@ -76,13 +84,13 @@ def _operation(route: Route) -> dict[str, Any]:
         "summary": route.summary,
         "tags": [route.tag],
         "operationId": route.path.strip("/").replace("/", "_"),
-        "responses": {"200": {"description": description, "content": content}, **_error_responses()},
+        "responses": {"200": {"description": description, "content": content},
+                      **_error_responses(route.errors)},
     }
-    if route.takes_query:
-        operation["parameters"] = _query_parameters(route.request_model)
-    else:
-        operation["requestBody"] = {"required": True,
-                                    "content": _json_content(_ref(route.request_model))}
+    if route.query_model is not None:
+        operation["parameters"] = _query_parameters(route.query_model)
+    if route.request_model is not None:
+        operation["requestBody"] = {"required": True, "content": _json_content(_ref(route.request_model))}
     return operation
 
 
@@ -94,7 +102,7 @@ def _get_operation(summary: str, tag: str, content: dict[str, Any]) -> dict[str,
 
 def _component_schemas(routes: list[Route]) -> dict[str, Any]:
     entries: list[tuple[type[BaseModel], str]] = [(r.request_model, "validation") for r in routes
-                                                  if not r.takes_query]
+                                                  if r.request_model is not None]
     responses = ({r.response_model for r in routes if r.response_model}
                  | {r.stream_model for r in routes if r.stream_model})
     responses |= {ErrorResponse, HealthResponse, ModelList}
@@ -108,7 +116,8 @@ def _restrict_model_names(schemas: dict[str, Any], model_names: list[str]) -> No
     know the valid values."""
     for schema in schemas.values():
         model_field = schema.get("properties", {}).get("model")
-        if model_field is not None and schema.get("title", "").endswith("Request"):
+        if (model_field is not None and schema.get("title", "").endswith("Request")
+                and "enum" not in model_field):  # a route that names its own models keeps them
             model_field["enum"] = model_names
 
 

@@ -13,13 +13,15 @@ JSONL_CONTENT_TYPE = "application/jsonl"
 
 @dataclass(frozen=True)
 class Route:
-    """One route: its request model (the JSON body of a POST, the query of a GET or DELETE),
-    how it answers, and the service call behind it."""
+    """One route: what it reads, how it answers, and the service call behind it.
+
+    ``call`` gets the parsed query (when ``query_model`` is set) and then the parsed body
+    (when ``request_model`` is set); a RootModel body may be a JSON array."""
 
     path: str
     summary: str
     tag: str
-    request_model: type[BaseModel]
+    request_model: Optional[type[BaseModel]]  # the JSON body; None: the route reads none
     response_model: Optional[type[BaseModel]]  # None: the call returns nothing (JSON null)
     call: Callable[[Any], Awaitable[Any]]
     stream_call: Optional[Callable[[Any], Any]] = None  # for requests with stream=true
@@ -27,9 +29,6 @@ class Route:
     jsonl: bool = False  # answers one response per line
     done_marker: Optional[bytes] = None  # what ends the event stream, if anything
     method: str = "POST"
+    query_model: Optional[type[BaseModel]] = None  # fields read from the query string
+    errors: tuple[int, ...] = ()  # statuses beyond the common ones (409, 415...)
     event_stream: bool = False  # call always answers with an event stream of stream_model
-    query_in_post: bool = False  # a POST whose request model is read from the query string
-
-    @property
-    def takes_query(self) -> bool:
-        return self.method != "POST" or self.query_in_post
