@@ -137,7 +137,12 @@ def test_openapi_document_covers_every_route_and_resolves(server: ServerProcess)
                 "/post_training/supervised_fine_tune/": "post",
                 "/post_training/preference_optimize/": "post", "/post_training/job/status": "get",
                 "/post_training/job/logs": "get", "/post_training/job/artifacts": "get",
-                "/post_training/job/cancel": "post"}
+                "/post_training/job/cancel": "post",
+                "/memory_banks/create": "post", "/memory_banks/get": "get",
+                "/memory_banks/drop": "delete", "/memory_bank/insert": "post",
+                "/memory_bank/update": "post", "/memory_bank/get": "post",
+                "/memory_bank/delete": "post", "/memory_bank/query": "post",
+                "/v1/embeddings": "post"}
     assert {path: next(iter(ops)) for path, ops in document["paths"].items()} == expected
     schemas = document["components"]["schemas"]
     refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(document))
