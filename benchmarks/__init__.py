@@ -15,3 +15,8 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serving", help="load a running server with Poisson arrivals")
     add_bench_serving_arguments(p)
     p.set_defaults(func=bench_serving)
+
+    from benchmarks import startup
+    p = sub.add_parser("startup", help="time to the first token (LLM, serve) beside llama.cpp")
+    startup.add_arguments(p)
+    p.set_defaults(func=startup.run)

