@@ -488,7 +488,9 @@ class Tokenizer:
         """Token ids of text; add_special_tokens adds BOS/EOS only where the model asks for them."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of ids. Special (control) tokens are kept unless skip_special_tokens, the default
+        of HF transformers' decode; generation output asks for what its SamplingParams say."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # --- chat -----------------------------------------------------------------------------------

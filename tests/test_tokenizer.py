@@ -103,9 +103,12 @@ def test_decode_round_trips(ours: Tokenizer, name: str) -> None:
 
 
 def test_decode_special_tokens(ours: Tokenizer, reference) -> None:
+    """Special tokens are kept by default and dropped on request, as transformers' decode does."""
     ids = reference.encode(SAMPLE_TEXTS["special_in_text"])
+    assert ours.decode(ids) == reference.decode(ids) == SAMPLE_TEXTS["special_in_text"]
     assert ours.decode(ids, skip_special_tokens=False) == SAMPLE_TEXTS["special_in_text"]
-    assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+    assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+    assert "<|im_end|>" not in ours.decode(ids, skip_special_tokens=True)
 
 
 def test_vocabulary_and_special_ids(ours: Tokenizer, reference) -> None:
@@ -289,7 +292,8 @@ def test_incremental_detokenizer_after_prompt_and_in_chunks(ours: Tokenizer) -> 
         size = chunk_sizes[index % len(chunk_sizes)]
         pieces.append(detokenizer.step(generated[start:start + size]))
         start += size
-    assert "".join(pieces) + detokenizer.flush() == ours.decode(generated) == STREAM_TEXTS[2]
+    streamed = "".join(pieces) + detokenizer.flush()
+    assert streamed == ours.decode(generated, skip_special_tokens=True) == STREAM_TEXTS[2]
 
 
 def test_incremental_detokenizer_flushes_incomplete_character(ours: Tokenizer) -> None:
@@ -458,7 +462,7 @@ def test_sentencepiece_encode_matches_processor(sentencepiece_pair, text: str) -
 def test_sentencepiece_decode_matches_processor(sentencepiece_pair, text: str) -> None:
     ours, processor = sentencepiece_pair
     ids = processor.encode(text)
-    assert ours.decode([processor.bos_id(), *ids]) == processor.decode(ids)
+    assert ours.decode([processor.bos_id(), *ids], skip_special_tokens=True) == processor.decode(ids)
 
 
 SP_FUZZ_PIECES = [
@@ -490,4 +494,4 @@ def test_sentencepiece_incremental_detokenizer(sentencepiece_pair) -> None:
     ids = ours.encode(text)
     detokenizer = IncrementalDetokenizer(ours)
     pieces = [detokenizer.step([token_id]) for token_id in ids]
-    assert "".join(pieces) + detokenizer.flush() == ours.decode(ids) == text
+    assert "".join(pieces) + detokenizer.flush() == ours.decode(ids, skip_special_tokens=True) == text
