@@ -25,3 +25,8 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("memory", help="memory-bank ingest and query latency against sentence-transformers + faiss")
     memory.add_arguments(p)
     p.set_defaults(func=memory.run)
+
+    from benchmarks import startup
+    p = sub.add_parser("startup", help="time to the first token (LLM, serve) beside llama.cpp")
+    startup.add_arguments(p)
+    p.set_defaults(func=startup.run)

@@ -10,9 +10,18 @@ import os
 # Set before the runtime starts; a value the user chose wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from llama_engine.llm import LLM  # noqa: E402
-from llama_engine.lora_request import LoRARequest  # noqa: E402
-from llama_engine.outputs import CompletionOutput, RequestOutput  # noqa: E402
-from llama_engine.sampling_params import SamplingParams  # noqa: E402
+import importlib  # noqa: E402
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest"]
+# The public names load on first use (PEP 562), so that `import llama_engine` costs nothing
+# until one is needed: the command line reads its arguments (and pauses the garbage
+# collector, see startup.py) before torch loads.
+_EXPORTS = {"LLM": "llama_engine.llm", "SamplingParams": "llama_engine.sampling_params",
+            "RequestOutput": "llama_engine.outputs", "CompletionOutput": "llama_engine.outputs",
+            "LoRARequest": "llama_engine.lora_request"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,8 @@ import argparse
 import sys
 from typing import Iterator
 
+from llama_engine.startup import gc_paused_while_loading
+
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -31,8 +33,9 @@ def _sampling_params(args: argparse.Namespace):
 
 
 def _engine(args: argparse.Namespace):
-    from llama_engine.engine.llm_engine import LLMEngine
-    return LLMEngine.from_model(args.model, dtype=args.dtype, dequantize=args.dequantize)
+    with gc_paused_while_loading():
+        from llama_engine.engine.llm_engine import LLMEngine
+        return LLMEngine.from_model(args.model, dtype=args.dtype, dequantize=args.dequantize)
 
 
 def stream_text(engine, prompt: str | list[int], params) -> Iterator[str]:
@@ -108,14 +111,15 @@ def main(argv: list[str] | None = None) -> None:
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
 
-    from server.cli import add_serve_arguments
-    serve = sub.add_parser("serve", help="serve the Llama Stack and OpenAI APIs over HTTP")
-    add_serve_arguments(serve)
-    serve.set_defaults(func=cmd_serve)
+    with gc_paused_while_loading():  # the server's and the benchmarks' modules load here
+        from server.cli import add_serve_arguments
+        serve = sub.add_parser("serve", help="serve the Llama Stack and OpenAI APIs over HTTP")
+        add_serve_arguments(serve)
+        serve.set_defaults(func=cmd_serve)
 
-    from benchmarks import add_bench_parsers
-    add_bench_parsers(sub.add_parser("bench", help="benchmarks").add_subparsers(
-        dest="bench", required=True))
+        from benchmarks import add_bench_parsers
+        add_bench_parsers(sub.add_parser("bench", help="benchmarks").add_subparsers(
+            dest="bench", required=True))
 
     args = parser.parse_args(argv)
     try:

@@ -17,7 +17,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import gguf
 import jinja2
 import jinja2.ext
 import jinja2.nodes
@@ -121,11 +120,6 @@ class ChatTemplateError(ValueError):
 # ================================================================================================
 # Building the `tokenizers` pipeline from GGUF metadata
 # ================================================================================================
-
-
-def _read_tokenizer_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """The tokenizer.* key/value pairs of a GGUF file, as Python values."""
-    return {name: field.contents() for name, field in reader.fields.items() if name.startswith("tokenizer.")}
 
 
 def _require(metadata: Mapping[str, Any], key: str) -> Any:
@@ -418,10 +412,14 @@ class Tokenizer:
     # --- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, path_or_reader: str | os.PathLike[str] | gguf.GGUFReader) -> Tokenizer:
-        """Build from a GGUF file's tokenizer.* metadata (pass the loader's GGUFReader to reuse it)."""
-        reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(path_or_reader)
-        metadata = _read_tokenizer_metadata(reader)
+    def from_gguf(cls, path_or_metadata: str | os.PathLike[str] | Mapping[str, Any]) -> Tokenizer:
+        """Build from a GGUF file's tokenizer.* metadata: a path, or the metadata the loader read
+        (``GGUFFile.metadata``). Raises ValueError for a missing key or an unsupported model."""
+        if isinstance(path_or_metadata, Mapping):
+            metadata = path_or_metadata
+        else:
+            from llama_engine.loader.gguf_file import GGUFFile
+            metadata = GGUFFile(path_or_metadata).metadata
         backend, default_add_bos = _build_gguf_backend(metadata)
         tokens = metadata[KEY_TOKENS]
         ids = {name: _optional_id(metadata, key, len(tokens)) for name, key in GGUF_SPECIAL_TOKEN_KEYS.items()}
@@ -490,7 +488,9 @@ class Tokenizer:
         """Token ids of text; add_special_tokens adds BOS/EOS only where the model asks for them."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of ids. Special (control) tokens are kept unless skip_special_tokens, the default
+        of HF transformers' decode; generation output asks for what its SamplingParams say."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # --- chat -----------------------------------------------------------------------------------

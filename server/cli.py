@@ -12,6 +12,7 @@ from typing import Any, Optional
 from aiohttp import web
 
 from llama_engine.state import resolve_state_dir
+from llama_engine.startup import gc_paused_while_loading
 from server.api.registry import ModelRegistry, ServedModel
 from server.http.app import DEFAULT_MAX_BODY_BYTES, build_app
 
@@ -118,9 +119,10 @@ async def run_until_signalled(app: web.Application, host: str, port: int,
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    registry = load_registry(args)
-    app = build_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                    state_dir=resolve_state_dir(args.state_dir))
+    with gc_paused_while_loading():
+        registry = load_registry(args)
+        app = build_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                        state_dir=resolve_state_dir(args.state_dir))
     try:
         await run_until_signalled(app, args.host, args.port, args.drain_timeout)
     finally:

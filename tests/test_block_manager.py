@@ -55,7 +55,7 @@ def test_no_leaks_no_double_use(actions, num_blocks, prefix):
         elif kind == "step":
             out = sched.schedule()
             for s in out.scheduled:
-                done = s.samples
+                done = s.do_sample
                 s.seq.num_computed_tokens += s.num_tokens
                 bm.commit(s.seq)
                 if done:  # generate one token; finish long sequences

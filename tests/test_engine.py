@@ -104,9 +104,34 @@ def test_stop_strings_and_stop_tokens(llm):
 
 
 def test_stop_string_never_splits_a_multibyte_character(llm):
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    out = llm.generate("Emoji party: 🎉🎉🎉", params)[0].outputs[0]
-    assert "\ufffd" not in out.text
+    """While a request runs (a stop string held back or not), its text never shows half a
+    character; the 20th token ends inside an emoji, which only the final output may show."""
+    for stop in (None, "never generated"):
+        llm.engine.add_request("emoji", "Emoji party: 🎉🎉🎉", SamplingParams(
+            temperature=0, max_tokens=20, ignore_eos=True, stop=stop))
+        outputs = []
+        while llm.engine.has_unfinished_requests():
+            outputs += [out.outputs[0] for out in llm.engine.step()]
+        assert len(outputs) == 20 and outputs[-1].text.endswith("\ufffd")
+        assert not any("\ufffd" in out.text for out in outputs[:-1])
+
+
+EMOJI = "\U0001F389"  # four UTF-8 bytes, three SmolLM2 tokens
+
+
+def test_request_ending_inside_a_character_sends_its_bytes(llm):
+    """The detokenizer holds back the first bytes of an unfinished character; when the request
+    ends there (length or stop token) they are sent, as decoding the whole output renders them:
+    one U+FFFD for an incomplete UTF-8 sequence (Python's own decoder, errors="replace")."""
+    emoji_ids = llm.get_tokenizer().encode(EMOJI * 2, add_special_tokens=False)
+    prompt = "Party emojis: " + EMOJI * 6  # greedy SmolLM2 repeats the emoji
+    by_length = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4))[0].outputs[0]
+    assert by_length.token_ids == emoji_ids[:4] and by_length.finish_reason == "length"
+    assert by_length.text == (EMOJI.encode() * 2)[:6].decode("utf-8", "replace") == EMOJI + "\ufffd"
+    by_stop = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8,
+                                                  stop_token_ids=[emoji_ids[2]]))[0].outputs[0]
+    assert by_stop.token_ids == emoji_ids[:3] and by_stop.stop_reason == emoji_ids[2]
+    assert by_stop.text == EMOJI.encode()[:3].decode("utf-8", "replace") == "\ufffd"
 
 
 def test_abort_frees_blocks(llm):

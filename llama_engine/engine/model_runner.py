@@ -7,6 +7,8 @@ each sequence that samples this step.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from llama_engine import kernels
@@ -77,8 +79,9 @@ class ModelRunner:
                                         x["block_tables"], x["context_lens"],
                                         x["cu_seqlens_q"], self.scale)
         hidden = self.model(x["input_ids"], x["positions"], attend)
-        last = [int(x["cu_seqlens_q"][i + 1]) - 1
-                for i, s in enumerate(step.scheduled) if s.samples]
+        # Each chunk's last row, from the host-side lengths (reading cu_seqlens_q would sync).
+        ends = itertools.accumulate(s.num_tokens for s in step.scheduled)
+        last = [end - 1 for end, s in zip(ends, step.scheduled) if s.do_sample]
         if not last:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])

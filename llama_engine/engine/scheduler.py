@@ -26,8 +26,9 @@ class ScheduledSeq:
     num_tokens: int  # new tokens computed this step
 
     @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the sequence's last known token."""
+    def do_sample(self) -> bool:
+        """True when this chunk reaches the sequence's last known token, so the logits at
+        its last position give the next token (a chunk that ends mid-prompt samples nothing)."""
         return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
 
 
@@ -71,9 +72,6 @@ class Scheduler:
     def add_running(self, seq: Sequence) -> None:
         """A forked sibling joins its parent among the running."""
         self.running.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

@@ -8,9 +8,11 @@ import torch
 
 from llama_engine.config import ModelConfig
 from llama_engine.loader import LoadedModel, ModelLoadError, Weight
+from llama_engine.loader.gguf_file import GGUFFile, GGUFFormatError, GGUFTensor
 from llama_engine.quant import BLOCK_BYTES, PackedWeight, dequantize as dequantize_packed
 
 DENSE_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DENSE_NUMPY_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits
 
 # GGUF tensor name (after "blk.N.") -> our name
 LAYER_TENSORS = {
@@ -22,26 +24,26 @@ GLOBAL_TENSORS = {"token_embd.weight": "embed", "output_norm.weight": "norm",
                   "output.weight": "lm_head", "rope_freqs.weight": "rope_freqs"}
 
 
-def open_reader(path: str):
-    import gguf
+def open_reader(path: str) -> GGUFFile:
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises many types on damaged files
+        return GGUFFile(path)
+    except GGUFFormatError as e:
         size = os.path.getsize(path)
-        raise ModelLoadError(f"{path}: cannot read GGUF ({size} bytes; truncated or damaged?): "
-                             f"{type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"{path}: cannot read GGUF ({size} bytes; truncated or damaged?): {e}") from e
+    except OSError as e:  # unreadable (permissions, a directory entry gone meanwhile, ...)
+        raise ModelLoadError(f"{path}: cannot read GGUF: {e}") from e
 
 
-def read_field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
+def read_field(reader: GGUFFile, key: str, default=None):
+    value = reader.metadata.get(key)
+    if value is None:
         if default is None:
             raise ModelLoadError(f"GGUF metadata lacks '{key}'")
         return default
-    return f.contents()
+    return value
 
 
-def read_config(reader) -> ModelConfig:
+def read_config(reader: GGUFFile) -> ModelConfig:
     arch = read_field(reader, "general.architecture")
     if arch != "llama":
         raise ModelLoadError(f"unsupported architecture '{arch}' (general.architecture); "
@@ -70,19 +72,23 @@ def read_config(reader) -> ModelConfig:
 
 def unpermute_rows(w: Weight, n_heads: int) -> Weight:
     """llama.cpp's converter interleaves the two rotary halves of each Q/K head; undo it
-    so the model can use the HF "rotate half" convention for every format."""
-    rows = w.shape[0]
+    so the model can use the HF "rotate half" convention for every format.
+
+    The converter stores rows as orig.view(heads, 2, head_dim / 2, -1).transpose(1, 2), so one
+    strided copy of the stored rows viewed as [heads, head_dim / 2, 2, -1] brings them back (a
+    packed row is one output row's blocks, so the same move applies to its bytes)."""
+    data = w.data if isinstance(w, PackedWeight) else w
+    rows = data.shape[0]
     head_dim = rows // n_heads
-    order = torch.arange(rows).view(n_heads, 2, head_dim // 2).transpose(1, 2).reshape(rows)
-    inverse = torch.argsort(order)
-    return w.select_rows(inverse) if isinstance(w, PackedWeight) else w[inverse].contiguous()
+    restored = data.reshape(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(data.shape)
+    return PackedWeight(restored, w.qtype, w.rows, w.cols) if isinstance(w, PackedWeight) else restored
 
 
-def read_tensor(t, dtype: torch.dtype, dequantize: bool) -> Weight:
-    type_name = t.tensor_type.name
-    data = np.array(t.data)  # copy out of the file's memory map
+def read_tensor(t: GGUFTensor, dtype: torch.dtype, dequantize: bool) -> Weight:
+    type_name = t.type_name
+    data = t.data  # a view of the file's private mapping: a weight used as stored is not copied
     if type_name in DENSE_TYPES:
-        raw = torch.from_numpy(data.view(np.uint16) if type_name == "BF16" else data)
+        raw = torch.from_numpy(data.view(DENSE_NUMPY_TYPES[type_name]))
         if type_name == "BF16":
             raw = raw.view(torch.bfloat16)
         return raw.reshape([int(d) for d in reversed(t.shape)]).to(dtype)
@@ -114,4 +120,4 @@ def load_gguf(path: str, dtype: torch.dtype, dequantize: bool) -> LoadedModel:
     if "rope_freqs" in weights:  # llama3 scaling, stored as per-frequency divisors
         config.extra["rope_freq_factors"] = weights.pop("rope_freqs").float().tolist()
     name = os.path.basename(path)
-    return LoadedModel(name, config, weights, Tokenizer.from_gguf(reader))
+    return LoadedModel(name, config, weights, Tokenizer.from_gguf(reader.metadata))

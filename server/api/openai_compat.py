@@ -321,7 +321,7 @@ class OpenAIService:
                            offset: int) -> oa.CompletionChoice:
         prefix = ""
         if request.echo and offset == 0:
-            prefix = prepared.model.tokenizer.decode(prepared.prompts[prompt_index])
+            prefix = prepared.model.tokenizer.decode(prepared.prompts[prompt_index], skip_special_tokens=True)
         return oa.CompletionChoice(
             index=prompt_index * request.n + output.index, text=prefix + delta.text,
             logprobs=completion_logprobs(prepared.model, delta, prepared.top_logprobs, offset + len(prefix)),
