@@ -67,13 +67,24 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
                             _param_column(seqs, "top_p", torch.float32, device),
                             _param_column(seqs, "min_p", torch.float32, device),
                             torch.tensor(uniform, dtype=torch.float32, device=device))
-    k = max((p.logprobs or 0) for p in params)
-    chosen_lp, top_ids, top_lp = kernels.top_logprobs(raw, tokens, k)
+    picked = token_logprobs(raw, tokens, [p.logprobs for p in params])
+    return [SampledToken(token_id, logprob, top)
+            for token_id, (logprob, top) in zip(tokens.tolist(), picked)]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, counts: list[int | None]
+                   ) -> list[tuple[float, dict[int, float] | None]]:
+    """Row i of logits [B, V] scores tokens[i] ([B] long, same device): its log-softmax
+    logprob and, when counts[i] is not None, the counts[i] most likely tokens plus tokens[i]
+    as {token id: logprob} (what the APIs report); None otherwise."""
+    k = max((c or 0) for c in counts)
+    chosen_lp, top_ids, top_lp = kernels.top_logprobs(logits, tokens, k)
+    chosen, ids, values = chosen_lp.tolist(), top_ids.tolist(), top_lp.tolist()
     result = []
-    for row, p in enumerate(params):
+    for row, (token_id, count) in enumerate(zip(tokens.tolist(), counts)):
         top = None
-        if p.logprobs is not None:
-            top = dict(zip(top_ids[row, :p.logprobs].tolist(), top_lp[row, :p.logprobs].tolist()))
-            top[int(tokens[row])] = float(chosen_lp[row])
-        result.append(SampledToken(int(tokens[row]), float(chosen_lp[row]), top))
+        if count is not None:
+            top = dict(zip(ids[row][:count], values[row][:count]))
+            top[token_id] = chosen[row]
+        result.append((chosen[row], top))
     return result

@@ -26,6 +26,21 @@ class ScheduledSeq:
         """True when this chunk reaches the sequence's last known token."""
         return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
 
+    @property
+    def logit_positions(self) -> list[int]:
+        """The positions of this chunk whose logits the step needs, in order: each prompt
+        position whose next token's logprob the request asked for (``prompt_logprobs``),
+        then the last position when this chunk samples. Read before the chunk is counted
+        in ``num_computed_tokens``."""
+        start = self.seq.num_computed_tokens
+        end = start + self.num_tokens
+        positions = []
+        if self.seq.params.prompt_logprobs is not None:
+            positions += range(start, min(end, self.seq.prompt_len - 1))
+        if self.samples:
+            positions.append(end - 1)
+        return positions
+
 
 @dataclass
 class SchedulerOutput:
@@ -85,7 +100,9 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            # A request for prompt logprobs needs logits at every prompt position, which a
+            # prefix found in the cache would skip.
+            if not seq.block_table and seq.params.prompt_logprobs is None:
                 self.blocks.match_prefix(seq)
             num = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_allocate(seq, num):
