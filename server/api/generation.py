@@ -153,9 +153,6 @@ class DeltaTracker:
         self._token_count: dict[int, int] = {}
         self._finished: set[int] = set()  # choices whose finish_reason was already reported
 
-    def text_length(self, index: int) -> int:
-        return self._text_len.get(index, 0)
-
     def advance(self, output: Any) -> ChoiceDelta:
         text_start = self._text_len.get(output.index, 0)
         token_start = self._token_count.get(output.index, 0)
