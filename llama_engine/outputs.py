@@ -23,3 +23,5 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    # SamplingParams.prompt_logprobs: {token id: logprob} per prompt token, None for the first
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -5,16 +5,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llama_engine.errors import RequestValidationError
+
 # Below this a temperature only overflows the softmax: treat it as greedy, as vLLM does.
 GREEDY_TEMPERATURE = 1e-5
 # top_k beyond any vocabulary means no limit (the kernels take it as int32).
 TOP_K_OFF_ABOVE = 1 << 24
+# A smaller positive top_p is zero to the float32 kernels; both mean "only the most likely
+# token", so it is raised to this.
+MIN_TOP_P = 1e-6
+MAX_LOGPROBS = 20
 
 
 @dataclass
 class SamplingParams:
     """How to generate. ``temperature=0`` is greedy. ``max_tokens=None`` generates until a
-    stop condition or the context limit. Bad values raise ValueError naming the field."""
+    stop condition or the context limit; ``max_tokens=0`` generates nothing (with
+    ``prompt_logprobs``, the way a prompt is scored). ``logprobs=k`` reports the k most likely
+    tokens at each generated position plus the chosen one; ``prompt_logprobs=k`` does the
+    same for every prompt token after the first (vLLM's field). Bad values raise
+    ``RequestValidationError`` naming the field."""
 
     n: int = 1
     max_tokens: int | None = 16
@@ -30,6 +40,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stop_strings: list[str] = field(init=False, repr=False)
@@ -37,36 +48,52 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1 or (isinstance(self.top_k, int) and self.top_k > TOP_K_OFF_ABOVE):
+        self._check_types()
+        if self.top_k == -1 or self.top_k > TOP_K_OFF_ABOVE:
             self.top_k = 0
-        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < GREEDY_TEMPERATURE:
+        if 0 < self.temperature < GREEDY_TEMPERATURE:
             self.temperature = 0.0
+        if 0 < self.top_p < MIN_TOP_P:
+            self.top_p = MIN_TOP_P
         checks = [
-            ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
-            ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int)
-                                                       and self.max_tokens >= 1),
-             "must be an integer >= 1 (or None for no limit)"),
+            ("n", self.n >= 1, "must be an integer >= 1"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 0,
+             "must be an integer >= 0 (or None for no limit)"),
             ("temperature", 0.0 <= self.temperature, "must be >= 0"),
             ("top_p", 0.0 < np.float32(self.top_p) <= 1.0,
              "must be in (0, 1] (and > 0 in float32)"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0,
-             "must be an integer >= 0 (0 or -1 disables it)"),
+            ("top_k", self.top_k >= 0, "must be an integer >= 0 (0 or -1 disables it)"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int)
-                                                   and 0 <= self.logprobs <= 20),
-             "must be an integer in [0, 20]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"must be an integer in [0, {MAX_LOGPROBS}]"),
+            ("prompt_logprobs", self.prompt_logprobs is None
+             or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"must be an integer in [0, {MAX_LOGPROBS}]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop_strings),
              "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative integers"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
         ]
         for name, ok, reason in checks:
             if not ok:
-                raise ValueError(f"{name} {reason}, got {getattr(self, name)!r}")
+                raise RequestValidationError(name, f"{reason}, got {getattr(self, name)!r}")
+
+    def _check_types(self) -> None:
+        """Integers where counts belong, numbers where reals do (bool is neither)."""
+        integers = ("n", "top_k", "max_tokens", "logprobs", "prompt_logprobs", "seed")
+        reals = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
+        for name in integers + reals:
+            value = getattr(self, name)
+            if value is None and name in ("max_tokens", "logprobs", "prompt_logprobs", "seed"):
+                continue
+            kinds = (int,) if name in integers else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                kind = "an integer" if name in integers else "a number"
+                raise RequestValidationError(name, f"must be {kind}, got {value!r}")
 
     @property
     def greedy(self) -> bool:

@@ -556,6 +556,38 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes this one token adds to the decoded text, whatever the vocabulary's
+        spelling (GPT-2 byte-to-unicode alphabet, SentencePiece "▁" and <0xNN> byte pieces,
+        added tokens as their text). A token may hold part of a multi-byte character, so
+        the result need not be valid UTF-8 alone; a sequence's tokens joined decode to its
+        text (SentencePiece's one stripped prefix space aside)."""
+        piece = self.id_to_token(token_id)
+        if token_id in _added_token_ids(self._backend):
+            return piece.encode("utf-8")
+        if isinstance(self._backend.decoder, decoders.ByteLevel):
+            return bytes(_byte_level_alphabet()[char] for char in piece)
+        if len(piece) == len("<0x00>") and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8")
+
+
+@lru_cache(maxsize=8)
+def _added_token_ids(backend: BackendTokenizer) -> frozenset[int]:
+    return frozenset(backend.get_added_tokens_decoder())
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table, inverted: printable bytes stand for themselves, the
+    rest (controls, space, ...) for code points from 256 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
+
 
 # ================================================================================================
 # Streaming

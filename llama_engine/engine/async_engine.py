@@ -13,6 +13,7 @@ import threading
 from typing import AsyncIterator
 
 from llama_engine.engine.llm_engine import EngineConfig, LLMEngine, Request
+from llama_engine.errors import RequestValidationError
 from llama_engine.outputs import RequestOutput
 from llama_engine.sampling_params import SamplingParams
 
@@ -52,13 +53,25 @@ class AsyncLLMEngine:
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
+    def make_request(self, request_id: str, prompt: str | list[int],
+                     sampling_params: SamplingParams) -> Request:
+        """Tokenize and validate without starting anything (``LLMEngine.make_request``):
+        raises RequestValidationError naming the field, so a server can refuse a request
+        before it answers."""
+        return self.engine.make_request(request_id, prompt, sampling_params)
+
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative output as it grows; the last has finished=True.
         Leaving the loop early aborts the request and frees its KV blocks."""
-        request = self.engine.make_request(request_id, prompt, sampling_params)
+        async for output in self.run(self.make_request(request_id, prompt, sampling_params)):
+            yield output
+
+    async def run(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """``generate`` for a request ``make_request`` built."""
+        request_id = request.request_id
         if request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already running")
+            raise RequestValidationError("request_id", f"{request_id!r} is already running")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(("add", request))

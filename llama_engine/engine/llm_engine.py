@@ -10,9 +10,10 @@ import torch
 
 from llama_engine.engine.block_manager import BlockManager
 from llama_engine.engine.model_runner import ModelRunner, kv_bytes_per_token
-from llama_engine.engine.sampler import SampledToken, sample
+from llama_engine.engine.sampler import SampledToken, sample, token_logprobs
 from llama_engine.engine.scheduler import Scheduler
 from llama_engine.engine.sequence import Sequence
+from llama_engine.errors import RequestValidationError
 from llama_engine.loader import load_model
 from llama_engine.model.llama import Llama
 from llama_engine.outputs import CompletionOutput, RequestOutput
@@ -58,6 +59,13 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     detokenizers: dict[int, object] = field(default_factory=dict)  # seq id -> detokenizer
     arrival: float = field(default_factory=time.monotonic)
+    # With params.prompt_logprobs: one entry per prompt token (None for the first, which
+    # nothing predicts), filled in as the prefill computes them.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def finished(self) -> bool:
@@ -119,25 +127,40 @@ class LLMEngine:
 
     def make_request(self, request_id: str, prompt: str | list[int],
                      params: SamplingParams) -> Request:
-        """Tokenize and validate; raises ValueError naming the problem. No engine state
-        changes, so a front end may call it from another thread."""
+        """Tokenize and validate: the one place a request is checked against the model.
+        Raises RequestValidationError naming ``prompt`` (empty, ids outside the vocabulary,
+        longer than the context) or ``max_tokens`` (prompt plus max_tokens beyond the
+        context, as OpenAI and vLLM refuse it). No engine state changes, so a front end may
+        call it from another thread."""
         if isinstance(prompt, str):
             ids, text = self.tokenizer.encode(prompt), prompt
         else:
             ids, text = list(prompt), None
             vocab = self.model_config.vocab_size
-            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+            if not all(type(t) is int and 0 <= t < vocab for t in ids):
+                raise RequestValidationError("prompt",
+                                             f"token ids must be integers in [0, {vocab})")
         if not ids:
-            raise ValueError("prompt must not be empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(ids)} tokens; the context limit is "
-                             f"{self.max_model_len}, which leaves no room to generate")
+            raise RequestValidationError("prompt", "must not be empty")
+        self._check_context(len(ids), params.max_tokens)
         return Request(request_id, text, ids, params)
+
+    def _check_context(self, prompt_tokens: int, max_tokens: int | None) -> None:
+        limit = self.max_model_len
+        room = limit - prompt_tokens
+        if room < 0 or (room == 0 and max_tokens != 0):
+            raise RequestValidationError(
+                "prompt", f"the prompt is {prompt_tokens} tokens and the model's context length "
+                          f"is {limit} tokens, which leaves no room to generate")
+        if max_tokens is not None and max_tokens > room:
+            raise RequestValidationError(
+                "max_tokens", f"the model's context length is {limit} tokens; the prompt is "
+                              f"{prompt_tokens} tokens and max_tokens asks for {max_tokens} more "
+                              f"({prompt_tokens + max_tokens} in all)")
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
-            raise ValueError(f"request_id {request.request_id!r} is already running")
+            raise RequestValidationError("request_id", f"{request.request_id!r} is already running")
         self.requests[request.request_id] = request
         seq = Sequence(request.request_id, 0, request.prompt_token_ids, request.params,
                        request.arrival)
@@ -173,17 +196,29 @@ class LLMEngine:
             return []
         logits = self.runner.execute(step)
         sampling_seqs: list[Sequence] = []
-        rows: list[int] = []  # the logits row each sampling sequence reads (siblings share one)
+        rows: list[int] = []  # the logits row each sampling sequence reads (forked siblings share one)
+        touched: dict[str, Request] = {}
+        row = 0  # logits hold each scheduled sequence's logit_positions in turn
         for s in step.scheduled:
-            do_sample = s.do_sample
+            do_sample, positions = s.do_sample, s.logit_positions
+            prompt_positions = positions[:-1] if do_sample else positions
+            if prompt_positions:
+                request = self.requests[s.seq.request_id]
+                self._record_prompt_logprobs(request, prompt_positions,
+                                             logits[row:row + len(prompt_positions)])
+                touched[request.request_id] = request
+                row += len(prompt_positions)
             s.seq.num_computed_tokens += s.num_tokens
             self.block_manager.commit(s.seq)
             if do_sample:
-                row = rows[-1] + 1 if rows else 0
                 for seq in self._fork_if_first_token(s.seq):
-                    sampling_seqs.append(seq)
-                    rows.append(row)
-        touched: dict[str, Request] = {}
+                    if seq.params.max_tokens == 0:  # the prompt only: score it, generate nothing
+                        self._finish(seq, "length", None)
+                        touched[seq.request_id] = self.requests[seq.request_id]
+                    else:
+                        sampling_seqs.append(seq)
+                        rows.append(row)
+                row += 1
         if sampling_seqs:
             picked = sample(logits[torch.tensor(rows, device=logits.device)], sampling_seqs)
             for seq, token in zip(sampling_seqs, picked):
@@ -191,6 +226,18 @@ class LLMEngine:
                 self._append(request, seq, token)
                 touched[request.request_id] = request
         return [self._output(r) for r in touched.values()]
+
+    def _record_prompt_logprobs(self, request: Request, positions: list[int],
+                                logits: torch.Tensor) -> None:
+        """logits [len(positions), V] at prompt positions p predict prompt token p + 1. A
+        recomputed prefill (after preemption) reaches positions already recorded: skipped."""
+        targets = request.prompt_token_ids
+        scored = token_logprobs(logits, torch.tensor([targets[p + 1] for p in positions],
+                                                     device=logits.device),
+                                [request.params.prompt_logprobs] * len(positions))
+        for p, (_, top) in zip(positions, scored):
+            if p + 1 == len(request.prompt_logprobs):
+                request.prompt_logprobs.append(top)
 
     def _fork_if_first_token(self, seq: Sequence) -> list[Sequence]:
         """n > 1: the prompt was computed once; its samples fork here, sharing its blocks."""
@@ -266,7 +313,9 @@ class LLMEngine:
         if finished:
             self.requests.pop(request.request_id, None)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             outputs, finished, request.seqs[0].num_cached_tokens)
+                             outputs, finished, request.seqs[0].num_cached_tokens,
+                             None if request.prompt_logprobs is None
+                             else list(request.prompt_logprobs))
 
     def stats(self) -> dict[str, float]:
         bm = self.block_manager

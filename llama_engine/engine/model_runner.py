@@ -7,7 +7,6 @@ each sequence that samples this step.
 """
 from __future__ import annotations
 
-import itertools
 
 import torch
 
@@ -70,8 +69,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
-        """Run one step; returns float32 logits [number of sampling sequences, vocab] in the
-        order of ``step.scheduled`` (sequences whose chunk does not reach the end skip)."""
+        """Run one step; returns float32 logits [rows, vocab]: the ``logit_positions`` of each
+        of ``step.scheduled`` in turn (the sampled position, and prompt positions for
+        requests that ask for prompt logprobs)."""
         self._copy_blocks(step.block_copies)
         x = self._inputs(step)
 
@@ -79,9 +79,10 @@ class ModelRunner:
                                         x["block_tables"], x["context_lens"],
                                         x["cu_seqlens_q"], self.scale)
         hidden = self.model(x["input_ids"], x["positions"], attend)
-        # Each chunk's last row, from the host-side lengths (reading cu_seqlens_q would sync).
-        ends = itertools.accumulate(s.num_tokens for s in step.scheduled)
-        last = [end - 1 for end, s in zip(ends, step.scheduled) if s.do_sample]
-        if not last:
+        rows, chunk_start = [], 0  # rows of hidden: each sequence's logit_positions in turn
+        for s in step.scheduled:
+            rows += [chunk_start + p - s.seq.num_computed_tokens for p in s.logit_positions]
+            chunk_start += s.num_tokens
+        if not rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
-        return self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])

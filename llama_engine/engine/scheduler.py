@@ -31,6 +31,21 @@ class ScheduledSeq:
         its last position give the next token (a chunk that ends mid-prompt samples nothing)."""
         return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
 
+    @property
+    def logit_positions(self) -> list[int]:
+        """The positions of this chunk whose logits the step needs, in order: each prompt
+        position whose next token's logprob the request asked for (``prompt_logprobs``),
+        then the last position when this chunk samples. Read before the chunk is counted
+        in ``num_computed_tokens``."""
+        start = self.seq.num_computed_tokens
+        end = start + self.num_tokens
+        positions = []
+        if self.seq.params.prompt_logprobs is not None:
+            positions += range(start, min(end, self.seq.prompt_len - 1))
+        if self.do_sample:
+            positions.append(end - 1)
+        return positions
+
 
 @dataclass
 class SchedulerOutput:
@@ -104,7 +119,9 @@ class Scheduler:
                     and len(loras) >= self.max_loras):
                 passed_over.append(self.waiting.popleft())
                 continue
-            if not seq.block_table:
+            # A request for prompt logprobs needs logits at every prompt position, which a
+            # prefix found in the cache would skip.
+            if not seq.block_table and seq.params.prompt_logprobs is None:
                 self.blocks.match_prefix(seq)
             num = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_allocate(seq, num):

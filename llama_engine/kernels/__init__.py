@@ -234,6 +234,24 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
     return reference.sample(logits, temperature, top_k, top_p, min_p, uniform)
 
 
+# ---- penalties and logprobs ----------------------------------------------------------------
+# A few elementwise and top-k torch ops over [B, V]: one implementation runs on every device,
+# but the sampler still reaches them here, so a kernel can take over without touching it.
+
+def apply_penalties(logits: Tensor, prompt_mask: Tensor, output_counts: Tensor,
+                    repetition: Tensor, presence: Tensor, frequency: Tensor) -> Tensor:
+    """Repetition (CTRL), presence and frequency (OpenAI) penalties, in place on logits
+    [B, V] float32; every input on logits' device. See ``reference.apply_penalties``."""
+    return reference.apply_penalties(logits, prompt_mask, output_counts, repetition, presence,
+                                     frequency)
+
+
+def top_logprobs(logits: Tensor, chosen: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-softmax of logits [B, V]: the chosen [B] tokens' logprobs [B] and the k best
+    (ids [B, k], logprobs [B, k]). See ``reference.top_logprobs``."""
+    return reference.top_logprobs(logits, chosen, k)
+
+
 # ---- batched LoRA --------------------------------------------------------------------------
 # One step mixes tokens of many adapters and of the base model. The adapters resident on
 # the device are stacked per projection (LoRAStack); LoRAMapping says which slot each of

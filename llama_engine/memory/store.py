@@ -15,7 +15,6 @@ import re
 import sqlite3
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np

@@ -1,20 +1,24 @@
-"""The one place the API layer calls the engine: prompt checks, sampling parameters, request
-ids, abort on early exit, and timing hooks for metrics."""
+"""The one place the API layer calls the engine: sampling parameters and prompts that the
+engine validates (its refusals become 400s naming the request's own field), request ids, abort
+on early exit, timing hooks for metrics, and the per-choice increments streams send."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Protocol
+from typing import Any, AsyncIterator, Mapping, Optional, Protocol
 
+from llama_engine.errors import RequestValidationError
+from llama_engine.sampling_params import SamplingParams
 from server.api.errors import APIError
 from server.api.registry import ServedModel
 
-_FIELD_PREFIX = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.\[\]]*)")
+# How each API names the engine's fields, where it names them differently; a prompt's field
+# is given per request (its path in the body).
+EngineFields = Mapping[str, str]
 
 
 class GenerationListener(Protocol):
@@ -26,58 +30,56 @@ class GenerationListener(Protocol):
                          seconds_after_first_token: float, cached_tokens: int) -> None: ...
 
 
-def engine_error(exc: ValueError) -> APIError:
-    """The engine's ValueError messages start with the field name: pass both on."""
-    message = str(exc)
-    match = _FIELD_PREFIX.match(message)
-    return APIError(message, param=match.group(1) if match else None)
+def refused(exc: RequestValidationError, fields: EngineFields) -> APIError:
+    """The engine's refusal as a 400 naming the field as this request spelt it."""
+    field = fields.get(exc.field, exc.field)
+    return APIError(f"{field}: {exc.reason}", param=field)
 
 
-# Below these, sampling kernels working in float32 see zero (a top_p of 1e-100 becomes 0 and
-# is refused mid-batch); both limits mean "only the most likely token", i.e. greedy.
-MIN_TOP_P = 1e-6
-MIN_TEMPERATURE = 1e-5
-# A top_k beyond any vocabulary keeps every token, which is top_k off; kernels hold it in int32.
-MAX_MEANINGFUL_TOP_K = 1 << 24
-
-
-def make_sampling_params(**kwargs: Any) -> Any:
-    from llama_engine.sampling_params import SamplingParams
-
-    if 0 < kwargs.get("top_p", 1.0) < MIN_TOP_P:
-        kwargs["top_p"] = MIN_TOP_P
-    if 0 < kwargs.get("temperature", 1.0) < MIN_TEMPERATURE:
-        kwargs["temperature"] = 0.0
-    if kwargs.get("top_k", 0) > MAX_MEANINGFUL_TOP_K:
-        kwargs["top_k"] = 0
+def make_sampling_params(fields: EngineFields, **kwargs: Any) -> SamplingParams:
+    """SamplingParams, which validates and normalises every setting (the engine's one check)."""
     try:
         return SamplingParams(**kwargs)
-    except ValueError as exc:
-        raise engine_error(exc) from None
+    except RequestValidationError as exc:
+        raise refused(exc, fields) from None
 
 
-def check_prompt(model: ServedModel, prompt_ids: list[int], field: str) -> None:
-    if not prompt_ids:
-        raise APIError(f"{field}: the prompt is empty", param=field)
-    if len(prompt_ids) >= model.max_model_len:
-        raise APIError(
-            f"{field}: the prompt is {len(prompt_ids)} tokens, but model {model.model_id!r} "
-            f"has a context of {model.max_model_len} tokens, leaving no room to generate",
-            param=field)
-    vocab_size = getattr(model.tokenizer, "vocab_size", None)
-    if vocab_size is not None and any(not 0 <= t < vocab_size for t in prompt_ids):
-        raise APIError(f"{field}: token ids must be in [0, {vocab_size})", param=field)
+@dataclass
+class EngineRequest:
+    """A request the engine validated and has not started: what GenerationRunner runs."""
+
+    model: ServedModel
+    request: Any  # llama_engine Request, from EngineClient.make_request
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
 
 
-def generation_budget(model: ServedModel, prompt_tokens: int, requested: Optional[int]) -> int:
-    """Tokens to generate: the request's limit, or (None/0) what the context has left; a
-    request for more than the context has left is cut to what is left."""
-    room = model.max_model_len - prompt_tokens
-    return room if not requested else min(requested, room)
+def engine_request(model: ServedModel, prompt_ids: list[int], params: SamplingParams,
+                   fields: EngineFields) -> EngineRequest:
+    """Have the engine check the prompt against the model (vocabulary, context length with
+    max_tokens) before anything is sent back, so a refusal is a plain 400."""
+    try:
+        return EngineRequest(model, model.engine.make_request(f"req-{uuid.uuid4().hex}",
+                                                              prompt_ids, params))
+    except RequestValidationError as exc:
+        raise refused(exc, fields) from None
 
 
-def token_text(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
+# OpenAI's spelling of a token that is not whole UTF-8 on its own: "bytes:\xe3\x81"
+PARTIAL_TOKEN_PREFIX = "bytes:"
+
+
+def token_piece(tokenizer: Any, token_id: int) -> tuple[str, bytes]:
+    """A token as the APIs report it: its text, and its own bytes (``bytes`` joined across a
+    text rebuild it). A token holding part of a multi-byte character has no text of its
+    own; its text then spells its bytes escaped, as OpenAI does."""
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return PARTIAL_TOKEN_PREFIX + "".join(f"\\x{b:02x}" for b in raw), raw
 
 
 @dataclass
@@ -86,23 +88,16 @@ class GenerationRunner:
 
     listener: Optional[GenerationListener] = None
 
-    async def stream(self, model: ServedModel, prompt_ids: list[int],
-                     params: Any) -> AsyncIterator[Any]:
+    async def stream(self, prepared: EngineRequest) -> AsyncIterator[Any]:
         """Yield the engine's cumulative RequestOutputs. Leaving early (a client that went
         away, a cancelled task) aborts the engine request so its KV blocks are freed."""
-        request_id = f"req-{uuid.uuid4().hex}"
+        model, request_id = prepared.model, prepared.request.request_id
         started = time.monotonic()
         first_token_at: Optional[float] = None
         last: Any = None
-        outputs = model.engine.generate(prompt_ids, params, request_id)
+        outputs = model.engine.run(prepared.request)
         try:
-            while True:
-                try:
-                    last = await outputs.__anext__()
-                except StopAsyncIteration:
-                    break
-                except ValueError as exc:  # the engine refused the request before starting it
-                    raise engine_error(exc) from None
+            async for last in outputs:
                 if first_token_at is None and any(o.token_ids for o in last.outputs):
                     first_token_at = time.monotonic()
                     self._first_token(model, first_token_at - started)
@@ -125,15 +120,15 @@ class GenerationRunner:
         self.listener.request_finished(model.model_id, len(last.prompt_token_ids), generated,
                                        decode_s, last.num_cached_tokens)
 
-    def open(self, model: ServedModel, prompt_ids: list[int], params: Any) -> Any:
+    def open(self, prepared: EngineRequest) -> Any:
         """`async with runner.open(...) as outputs`: the stream, closed (and so aborted if
         unfinished) when the block exits, however it exits."""
-        return contextlib.aclosing(self.stream(model, prompt_ids, params))
+        return contextlib.aclosing(self.stream(prepared))
 
-    async def run(self, model: ServedModel, prompt_ids: list[int], params: Any) -> Any:
+    async def run(self, prepared: EngineRequest) -> Any:
         """The finished RequestOutput."""
         last = None
-        async with self.open(model, prompt_ids, params) as outputs:
+        async with self.open(prepared) as outputs:
             async for last in outputs:
                 pass
         return last
@@ -156,9 +151,7 @@ class DeltaTracker:
     def __init__(self) -> None:
         self._text_len: dict[int, int] = {}
         self._token_count: dict[int, int] = {}
-
-    def text_length(self, index: int) -> int:
-        return self._text_len.get(index, 0)
+        self._finished: set[int] = set()  # choices whose finish_reason was already reported
 
     def advance(self, output: Any) -> ChoiceDelta:
         text_start = self._text_len.get(output.index, 0)
@@ -166,9 +159,14 @@ class DeltaTracker:
         self._text_len[output.index] = len(output.text)
         self._token_count[output.index] = len(output.token_ids)
         logprobs = output.logprobs[token_start:] if output.logprobs is not None else None
+        # A choice that finished keeps its finish_reason in every later output of the
+        # request (its siblings still run): report it once.
+        finish_reason = None if output.index in self._finished else output.finish_reason
+        if output.finish_reason is not None:
+            self._finished.add(output.index)
         return ChoiceDelta(index=output.index, text=output.text[text_start:],
                            token_ids=list(output.token_ids[token_start:]), logprobs=logprobs,
-                           finish_reason=output.finish_reason)
+                           finish_reason=finish_reason)
 
 
 async def run_together(coroutines: list[Any]) -> list[Any]:

@@ -6,15 +6,17 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
 from server.api.errors import APIError
-from server.api.generation import (ChoiceDelta, DeltaTracker, GenerationRunner, check_prompt,
-                                   generation_budget, make_sampling_params, run_together,
-                                   token_text)
+from server.api.generation import (ChoiceDelta, DeltaTracker, EngineRequest, GenerationRunner,
+                                   engine_request, make_sampling_params, run_together,
+                                   token_piece)
 from server.api.prompts import content_text, render_messages, spec_dialog_turns, spec_tools
 from server.api.registry import ModelRegistry, ServedModel
 from server.api.tool_calls import ParsedToolCall, StreamingToolCallParser, ToolCallFormat
 from server.schemas import llama_stack as ls
 
 STOP_REASONS = {"stop": ls.StopReason.finished_ok, "length": ls.StopReason.max_tokens}
+# The engine's sampling fields as the spec's requests spell them.
+SAMPLING_FIELDS = {name: f"sampling_params.{name}" for name in ("temperature", "top_p", "top_k")}
 
 
 @dataclass
@@ -22,8 +24,7 @@ class PreparedRequest:
     """A validated request, ready for the engine."""
 
     model: ServedModel
-    prompt_ids: list[int]
-    params: Any  # llama_engine SamplingParams
+    engine_request: EngineRequest
     tool_format: Optional[ToolCallFormat] = None  # set when tools were offered
     tools: list[Any] = field(default_factory=list)
 
@@ -32,15 +33,15 @@ def stop_reason(finish_reason: Optional[str]) -> ls.StopReason:
     return STOP_REASONS.get(finish_reason or "", ls.StopReason.not_stopped)
 
 
-def engine_sampling(model: ServedModel, options: ls.GenerationOptions, prompt_tokens: int,
-                    skip_special_tokens: bool = True) -> Any:
+def engine_sampling(options: ls.GenerationOptions, skip_special_tokens: bool = True) -> Any:
     sp = options.sampling_params
     if sp.strategy == ls.SamplingStrategy.top_k and sp.top_k < 1:
         raise APIError("sampling_params.top_k: must be >= 1 when strategy is top_k",
                        param="sampling_params.top_k")
     temperature = 0.0 if sp.strategy == ls.SamplingStrategy.greedy else sp.temperature
     return make_sampling_params(
-        max_tokens=generation_budget(model, prompt_tokens, options.max_tokens),
+        SAMPLING_FIELDS,
+        max_tokens=options.max_tokens or None,  # the spec's 0: up to a stop or the context
         temperature=temperature,
         top_p=sp.top_p if sp.strategy == ls.SamplingStrategy.top_p else 1.0,
         top_k=sp.top_k if sp.strategy == ls.SamplingStrategy.top_k else 0,
@@ -53,7 +54,7 @@ def logprobs_dict(model: ServedModel, delta: ChoiceDelta) -> Optional[dict[str, 
     """The chosen tokens and their log-probabilities, in generation order."""
     if delta.logprobs is None:
         return None
-    return {"tokens": [token_text(model.tokenizer, t) for t in delta.token_ids],
+    return {"tokens": [token_piece(model.tokenizer, t)[0] for t in delta.token_ids],
             "token_logprobs": [lp.get(t) for t, lp in zip(delta.token_ids, delta.logprobs)]}
 
 
@@ -73,8 +74,8 @@ class InferenceService:
         model = self.registry.resolve(request.model)
         text = content_text(content, field_path, model.model_id)
         prompt_ids = model.tokenizer.encode(text)
-        check_prompt(model, prompt_ids, field_path)
-        return PreparedRequest(model, prompt_ids, engine_sampling(model, request, len(prompt_ids)))
+        return PreparedRequest(model, engine_request(model, prompt_ids, engine_sampling(request),
+                                                     {**SAMPLING_FIELDS, "prompt": field_path}))
 
     def prepare_chat(self, request: ls.GenerationOptions, dialog: ls.Dialog,
                      tool_definitions: list[ls.ToolDefinition], field_path: str) -> PreparedRequest:
@@ -86,10 +87,11 @@ class InferenceService:
             prompt_ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as exc:
             raise APIError(f"{field_path}: {exc}", param=field_path) from None
-        check_prompt(model, prompt_ids, field_path)
         keep_special = bool(tools) and tool_format.needs_special_tokens
-        params = engine_sampling(model, request, len(prompt_ids), skip_special_tokens=not keep_special)
-        return PreparedRequest(model, prompt_ids, params, tool_format if tools else None, tools)
+        params = engine_sampling(request, skip_special_tokens=not keep_special)
+        return PreparedRequest(model, engine_request(model, prompt_ids, params,
+                                                     {**SAMPLING_FIELDS, "prompt": field_path}),
+                               tool_format if tools else None, tools)
 
     # ---- completion -----------------------------------------------------------------------
 
@@ -99,7 +101,7 @@ class InferenceService:
             return await self._complete(prepared)
 
     async def _complete(self, prepared: PreparedRequest) -> ls.CompletionResponse:
-        final = await self.runner.run(prepared.model, prepared.prompt_ids, prepared.params)
+        final = await self.runner.run(prepared.engine_request)
         delta = DeltaTracker().advance(final.outputs[0])
         return ls.CompletionResponse(content=delta.text, stop_reason=stop_reason(delta.finish_reason),
                                      logprobs=logprobs_dict(prepared.model, delta))
@@ -109,10 +111,12 @@ class InferenceService:
         prepared = self.prepare_completion(request, request.content, "content")
         with prepared.model.admit(1):
             tracker = DeltaTracker()
-            async with self.runner.open(prepared.model, prepared.prompt_ids, prepared.params) as outputs:
+            async with self.runner.open(prepared.engine_request) as outputs:
                 async for output in outputs:
                     delta = tracker.advance(output.outputs[0])
-                    if delta.text or output.finished:
+                    # tokens whose text is held back (a possible stop string) still bring
+                    # their logprobs
+                    if delta.text or delta.token_ids or output.finished:
                         yield ls.CompletionResponseStreamChunk(
                             text_delta=delta.text,
                             stop_reason=stop_reason(delta.finish_reason) if output.finished else None,
@@ -132,7 +136,7 @@ class InferenceService:
             return await self._chat(prepared)
 
     async def _chat(self, prepared: PreparedRequest) -> ls.ChatCompletionResponse:
-        final = await self.runner.run(prepared.model, prepared.prompt_ids, prepared.params)
+        final = await self.runner.run(prepared.engine_request)
         delta = DeltaTracker().advance(final.outputs[0])
         text, calls = delta.text, []
         if prepared.tool_format is not None:
@@ -148,7 +152,7 @@ class InferenceService:
         with prepared.model.admit(1):
             tracker = DeltaTracker()
             finish_reason: Optional[str] = None
-            async with self.runner.open(prepared.model, prepared.prompt_ids, prepared.params) as outputs:
+            async with self.runner.open(prepared.engine_request) as outputs:
                 async for output in outputs:
                     delta = tracker.advance(output.outputs[0])
                     finish_reason = delta.finish_reason

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import time
 import uuid
-import contextlib
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Union
 
 from server.api.errors import APIError, UnsupportedContentError
-from server.api.generation import (ChoiceDelta, DeltaTracker, GenerationRunner, check_prompt,
-                                   generation_budget, make_sampling_params, merge_streams,
-                                   run_together,
-                                   token_text)
+from server.api.generation import (ChoiceDelta, DeltaTracker, EngineFields, EngineRequest,
+                                   GenerationRunner, engine_request, make_sampling_params,
+                                   merge_streams, run_together, token_piece)
 from server.api.prompts import ChatTurn, render_messages
 from server.api.registry import ModelRegistry, ServedModel
 from server.api.tool_calls import ParsedToolCall, StreamingToolCallParser, ToolCallFormat, ToolSpec
@@ -21,6 +21,7 @@ from server.schemas import openai as oa
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's defaults when the client leaves these out
 DEFAULT_TOP_P = 1.0
+VLLM_EXTRAS = ("top_k", "min_p", "repetition_penalty")  # left out: the engine's defaults
 
 
 def _new_id(prefix: str) -> str:
@@ -96,16 +97,30 @@ def offered_tools(request: oa.OpenAIChatCompletionRequest) -> list[ToolSpec]:
     return tools
 
 
-def _sampling(model: ServedModel, request: Any, prompt_tokens: int, max_tokens: Optional[int],
-              logprobs: Optional[int], skip_special_tokens: bool = True) -> Any:
+def check_field_dependencies(request: Union[oa.OpenAIChatCompletionRequest,
+                                            oa.OpenAICompletionRequest]) -> None:
+    """Fields that mean something only beside another one are refused without it (as vLLM
+    and OpenAI refuse them) rather than silently ignored."""
+    if request.stream_options is not None and not request.stream:
+        raise APIError("stream_options: only allowed when stream is true", param="stream_options")
+    if (isinstance(request, oa.OpenAIChatCompletionRequest) and request.top_logprobs is not None
+            and not request.logprobs):
+        raise APIError("top_logprobs: only allowed when logprobs is true", param="top_logprobs")
+
+
+def _sampling(request: Any, max_tokens: Optional[int], logprobs: Optional[int],
+              fields: EngineFields, skip_special_tokens: bool = True,
+              prompt_logprobs: Optional[int] = None) -> Any:
+    extras = {name: getattr(request, name) for name in VLLM_EXTRAS
+              if getattr(request, name) is not None}
     return make_sampling_params(
-        n=request.n,
-        max_tokens=generation_budget(model, prompt_tokens, max_tokens),
+        fields, n=request.n, max_tokens=max_tokens,
         temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
         top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
         seed=request.seed, stop=request.stop,
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-        logprobs=logprobs, skip_special_tokens=skip_special_tokens)
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=skip_special_tokens, **extras)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> oa.Usage:
@@ -119,8 +134,8 @@ def _top_entries(tokenizer: Any, logprobs: dict[int, float], count: int) -> list
 
 
 def _top_logprob(tokenizer: Any, token_id: int, value: float) -> oa.TopLogprob:
-    text = token_text(tokenizer, token_id)
-    return oa.TopLogprob(token=text, logprob=value, bytes=list(text.encode("utf-8")))
+    text, raw = token_piece(tokenizer, token_id)
+    return oa.TopLogprob(token=text, logprob=value, bytes=list(raw))
 
 
 def chat_logprobs(model: ServedModel, delta: ChoiceDelta, top: int) -> Optional[oa.ChoiceLogprobs]:
@@ -134,23 +149,6 @@ def chat_logprobs(model: ServedModel, delta: ChoiceDelta, top: int) -> Optional[
     return oa.ChoiceLogprobs(content=content)
 
 
-def completion_logprobs(model: ServedModel, delta: ChoiceDelta, top: int,
-                        text_offset: int) -> Optional[oa.CompletionLogprobs]:
-    if delta.logprobs is None:
-        return None
-    tokens = [token_text(model.tokenizer, t) for t in delta.token_ids]
-    offsets = []
-    for token in tokens:
-        offsets.append(text_offset)
-        text_offset += len(token)
-    return oa.CompletionLogprobs(
-        tokens=tokens,
-        token_logprobs=[lp.get(t) for t, lp in zip(delta.token_ids, delta.logprobs)],
-        top_logprobs=[{e.token: e.logprob for e in _top_entries(model.tokenizer, lp, top)}
-                      for lp in delta.logprobs],
-        text_offset=offsets)
-
-
 def openai_tool_calls(calls: list[ParsedToolCall]) -> list[oa.OpenAIToolCall]:
     return [oa.OpenAIToolCall(id=_tool_call_id(), function=oa.FunctionCall(
         name=c.name, arguments=json.dumps(c.arguments))) for c in calls]
@@ -159,8 +157,7 @@ def openai_tool_calls(calls: list[ParsedToolCall]) -> list[oa.OpenAIToolCall]:
 @dataclass
 class PreparedChat:
     model: ServedModel
-    prompt_ids: list[int]
-    params: Any
+    engine_request: EngineRequest
     tool_format: Optional[ToolCallFormat]
     top_logprobs: int
     forced_prefix: str = ""  # the start of a tool call already written into the prompt
@@ -178,9 +175,60 @@ def forces_tool_call(request: oa.OpenAIChatCompletionRequest) -> bool:
 @dataclass
 class PreparedCompletion:
     model: ServedModel
-    prompts: list[list[int]]
-    params: Any
-    top_logprobs: int
+    engine_requests: list[EngineRequest]  # one per prompt
+    echo_texts: list[Optional[str]]  # each prompt as sent, when echo asks for it
+    logprobs: Optional[int]
+
+
+class CompletionChoiceStream:
+    """One choice of a completion, streamed or not (a whole response is one step): the
+    echoed prompt once, with its tokens' logprobs, then text increments with theirs, and
+    the finish reason once. ``text_offset`` counts characters of the token bytes so far, so
+    a stream's offsets are the whole response's."""
+
+    def __init__(self, index: int, model: ServedModel, echo_text: Optional[str],
+                 logprobs: Optional[int]):
+        self.index = index
+        self.model = model
+        self.echo_text = echo_text  # None once sent, or without echo
+        self.logprobs = logprobs
+        self.characters = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, final: Any, delta: ChoiceDelta) -> Optional[oa.CompletionChoice]:
+        text, token_ids, logprobs = delta.text, delta.token_ids, delta.logprobs
+        if self.echo_text is not None:
+            if not (token_ids or delta.finish_reason):
+                return None  # the prefill (and the prompt's logprobs) is not done yet
+            text = self.echo_text + text
+            if self.logprobs is not None:
+                token_ids = final.prompt_token_ids + token_ids
+                logprobs = final.prompt_logprobs + (logprobs or [])
+            self.echo_text = None
+        if not (text or token_ids or delta.finish_reason):
+            return None
+        return oa.CompletionChoice(index=self.index, text=text,
+                                   logprobs=self._logprobs(token_ids, logprobs),
+                                   finish_reason=delta.finish_reason)
+
+    def _logprobs(self, token_ids: list[int], logprobs: Optional[list[Optional[dict[int, float]]]]
+                  ) -> Optional[oa.CompletionLogprobs]:
+        if self.logprobs is None or logprobs is None:
+            return None
+        tokens, offsets = [], []
+        for token_id in token_ids:
+            text, raw = token_piece(self.model.tokenizer, token_id)
+            tokens.append(text)
+            offsets.append(self.characters)
+            self.characters += len(self.decoder.decode(raw))
+        return oa.CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[None if lp is None else lp.get(t) for t, lp in zip(token_ids, logprobs)],
+            top_logprobs=[None if lp is None else
+                          {e.token: e.logprob for e in _top_entries(self.model.tokenizer, lp,
+                                                                   self.logprobs)}
+                          for lp in logprobs],
+            text_offset=offsets)
 
 
 class ChatChoiceStream:
@@ -231,6 +279,7 @@ class OpenAIService:
     # ---- chat -----------------------------------------------------------------------------
 
     def prepare_chat(self, request: oa.OpenAIChatCompletionRequest) -> PreparedChat:
+        check_field_dependencies(request)
         model = self.registry.resolve(request.model)
         tools = offered_tools(request)
         tool_format = model.tool_format
@@ -243,14 +292,17 @@ class OpenAIService:
         if tools and forces_tool_call(request):
             forced_prefix = tool_format.forced_call_prefix(forced_tool_name(request))
             prompt_ids = prompt_ids + model.tokenizer.encode(forced_prefix, add_special_tokens=False)
-        check_prompt(model, prompt_ids, "messages")
         top = request.top_logprobs or 0
         keep_special = bool(tools) and tool_format.needs_special_tokens
-        params = _sampling(model, request, len(prompt_ids),
-                           request.max_completion_tokens or request.max_tokens,
-                           top if request.logprobs else None, skip_special_tokens=not keep_special)
-        return PreparedChat(model, prompt_ids, params, tool_format if tools else None, top,
-                            forced_prefix)
+        fields = {"prompt": "messages", "logprobs": "top_logprobs",
+                  "max_tokens": ("max_tokens" if request.max_completion_tokens is None
+                                 else "max_completion_tokens")}
+        max_tokens = (request.max_tokens if request.max_completion_tokens is None
+                      else request.max_completion_tokens)
+        params = _sampling(request, max_tokens, top if request.logprobs else None, fields,
+                           skip_special_tokens=not keep_special)
+        return PreparedChat(model, engine_request(model, prompt_ids, params, fields),
+                            tool_format if tools else None, top, forced_prefix)
 
     def _chat_choice(self, prepared: PreparedChat, output: Any) -> oa.ChatChoice:
         delta = DeltaTracker().advance(output)
@@ -265,7 +317,7 @@ class OpenAIService:
     async def chat_completion(self, request: oa.OpenAIChatCompletionRequest) -> oa.OpenAIChatCompletionResponse:
         prepared = self.prepare_chat(request)
         with prepared.model.admit(request.n):
-            final = await self.runner.run(prepared.model, prepared.prompt_ids, prepared.params)
+            final = await self.runner.run(prepared.engine_request)
         return oa.OpenAIChatCompletionResponse(
             id=_new_id("chatcmpl"), created=int(time.time()), model=request.model,
             choices=[self._chat_choice(prepared, o) for o in final.outputs],
@@ -285,7 +337,7 @@ class OpenAIService:
                 yield chunk([oa.ChatChunkChoice(index=i, delta=oa.ChatDelta(role="assistant", content=""))])
             streams = [ChatChoiceStream(i, prepared) for i in range(request.n)]
             tracker, final = DeltaTracker(), None
-            async with self.runner.open(prepared.model, prepared.prompt_ids, prepared.params) as outputs:
+            async with self.runner.open(prepared.engine_request) as outputs:
                 async for final in outputs:
                     for output in final.outputs:
                         for choice in streams[output.index].advance(tracker.advance(output)):
@@ -296,44 +348,48 @@ class OpenAIService:
 
     # ---- completions ----------------------------------------------------------------------
 
-    def _prompt_ids(self, model: ServedModel, prompt: oa.PromptInput) -> list[list[int]]:
+    @staticmethod
+    def _prompts(prompt: oa.PromptInput) -> list[Union[str, list[int]]]:
+        """Each prompt as sent: a text or a list of token ids."""
         if isinstance(prompt, str):
-            prompts = [prompt]
-        elif prompt and all(isinstance(p, int) for p in prompt):
+            return [prompt]
+        if prompt and all(isinstance(p, int) for p in prompt):
             return [list(prompt)]  # type: ignore[arg-type]
-        else:
-            prompts = list(prompt)  # type: ignore[arg-type]
-        if not prompts:
+        if not prompt:
             raise APIError("prompt: must not be an empty list", param="prompt")
-        return [model.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return list(prompt)  # type: ignore[arg-type]
 
     def prepare_completion(self, request: oa.OpenAICompletionRequest) -> PreparedCompletion:
+        check_field_dependencies(request)
         model = self.registry.resolve(request.model)
-        prompts = self._prompt_ids(model, request.prompt)
-        for index, prompt_ids in enumerate(prompts):
-            check_prompt(model, prompt_ids, "prompt" if len(prompts) == 1 else f"prompt[{index}]")
-        longest = max(len(p) for p in prompts)
-        params = _sampling(model, request, longest, request.max_tokens, request.logprobs)
-        return PreparedCompletion(model, prompts, params, request.logprobs or 0)
+        prompts = self._prompts(request.prompt)
+        # The echoed prompt's tokens come with their logprobs (the first has none).
+        prompt_logprobs = request.logprobs if request.echo else None
+        engine_requests = []
+        for index, prompt in enumerate(prompts):
+            fields = {"prompt": "prompt" if len(prompts) == 1 else f"prompt[{index}]",
+                      "prompt_logprobs": "logprobs"}
+            params = _sampling(request, request.max_tokens, request.logprobs, fields,
+                               prompt_logprobs=prompt_logprobs)
+            ids = model.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            engine_requests.append(engine_request(model, ids, params, fields))
+        echo_texts = [None if not request.echo else prompt if isinstance(prompt, str)
+                      else model.tokenizer.decode(prompt, skip_special_tokens=False)
+                      for prompt in prompts]
+        return PreparedCompletion(model, engine_requests, echo_texts, request.logprobs)
 
-    def _completion_choice(self, prepared: PreparedCompletion, request: oa.OpenAICompletionRequest,
-                           prompt_index: int, output: Any, delta: ChoiceDelta,
-                           offset: int) -> oa.CompletionChoice:
-        prefix = ""
-        if request.echo and offset == 0:
-            prefix = prepared.model.tokenizer.decode(prepared.prompts[prompt_index], skip_special_tokens=True)
-        return oa.CompletionChoice(
-            index=prompt_index * request.n + output.index, text=prefix + delta.text,
-            logprobs=completion_logprobs(prepared.model, delta, prepared.top_logprobs, offset + len(prefix)),
-            finish_reason=delta.finish_reason)
+    def _choice_streams(self, prepared: PreparedCompletion, n: int) -> list[list[CompletionChoiceStream]]:
+        """[prompt][choice]: choice j of prompt i is index i * n + j, as OpenAI numbers them."""
+        return [[CompletionChoiceStream(i * n + j, prepared.model, echo, prepared.logprobs)
+                 for j in range(n)] for i, echo in enumerate(prepared.echo_texts)]
 
     async def completion(self, request: oa.OpenAICompletionRequest) -> oa.OpenAICompletionResponse:
         prepared = self.prepare_completion(request)
-        with prepared.model.admit(len(prepared.prompts) * request.n):
-            finals = await run_together([self.runner.run(prepared.model, p, prepared.params)
-                                         for p in prepared.prompts])
-        choices = [self._completion_choice(prepared, request, i, o, DeltaTracker().advance(o), 0)
-                   for i, final in enumerate(finals) for o in final.outputs]
+        with prepared.model.admit(len(prepared.engine_requests) * request.n):
+            finals = await run_together([self.runner.run(r) for r in prepared.engine_requests])
+        choices = [streams[o.index].advance(final, DeltaTracker().advance(o))
+                   for streams, final in zip(self._choice_streams(prepared, request.n), finals)
+                   for o in final.outputs]
         return oa.OpenAICompletionResponse(
             id=_new_id("cmpl"), created=int(time.time()), model=request.model, choices=choices,
             usage=_usage(sum(len(f.prompt_token_ids) for f in finals),
@@ -341,20 +397,21 @@ class OpenAIService:
 
     async def completion_stream(self, request: oa.OpenAICompletionRequest) -> AsyncIterator[oa.OpenAICompletionResponse]:
         prepared = self.prepare_completion(request)
-        with prepared.model.admit(len(prepared.prompts) * request.n):
+        with prepared.model.admit(len(prepared.engine_requests) * request.n):
             chunk_id, created = _new_id("cmpl"), int(time.time())
-            trackers = [DeltaTracker() for _ in prepared.prompts]
+            choice_streams = self._choice_streams(prepared, request.n)
+            trackers = [DeltaTracker() for _ in prepared.engine_requests]
             finals: dict[int, Any] = {}
-            streams = [self.runner.stream(prepared.model, p, prepared.params) for p in prepared.prompts]
+            streams = [self.runner.stream(r) for r in prepared.engine_requests]
             async with contextlib.aclosing(merge_streams(streams)) as outputs:
-                async for prompt_index, output in outputs:
-                    finals[prompt_index] = output
-                    for choice_output in output.outputs:
-                        offset = trackers[prompt_index].text_length(choice_output.index)
-                        delta = trackers[prompt_index].advance(choice_output)
-                        if delta.text or delta.finish_reason or (request.echo and offset == 0):
-                            yield oa.OpenAICompletionResponse(id=chunk_id, created=created, model=request.model, choices=[
-                                self._completion_choice(prepared, request, prompt_index, choice_output, delta, offset)])
+                async for prompt_index, final in outputs:
+                    finals[prompt_index] = final
+                    for output in final.outputs:
+                        choice = choice_streams[prompt_index][output.index].advance(
+                            final, trackers[prompt_index].advance(output))
+                        if choice is not None:
+                            yield oa.OpenAICompletionResponse(id=chunk_id, created=created,
+                                                              model=request.model, choices=[choice])
             if request.stream_options and request.stream_options.include_usage:
                 yield oa.OpenAICompletionResponse(
                     id=chunk_id, created=created, model=request.model, choices=[],

@@ -5,13 +5,42 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, Optional, Protocol
 
 from server.api.errors import APIError, ModelNotFoundError, ServerBusyError
 from server.api.tool_calls import ToolCallFormat, tool_format_for
 
+if TYPE_CHECKING:  # types only: the server reaches the engine through EngineClient
+    from llama_engine.engine.llm_engine import Request
+    from llama_engine.outputs import RequestOutput
+    from llama_engine.sampling_params import SamplingParams
+    from llama_engine.tokenizer import Tokenizer
+
 # How long a client told "busy" should wait before retrying; a CPU batch turns over in seconds.
 BUSY_RETRY_AFTER_S = 1
+
+
+class EngineClient(Protocol):
+    """What the server needs of an engine; llama_engine's AsyncLLMEngine is one."""
+
+    @property
+    def tokenizer(self) -> "Tokenizer": ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def make_request(self, request_id: str, prompt: list[int],
+                     sampling_params: "SamplingParams") -> "Request":
+        """Validate without starting; raises RequestValidationError naming the field."""
+
+    def run(self, request: "Request") -> AsyncIterator["RequestOutput"]:
+        """The request's cumulative outputs; leaving early aborts it."""
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    async def shutdown(self) -> None: ...
 
 
 @dataclass
@@ -19,7 +48,7 @@ class ServedModel:
     """One loaded model: its async engine and the server-side bookkeeping around it."""
 
     model_id: str
-    engine: Any  # llama_engine.engine.async_engine.AsyncLLMEngine
+    engine: EngineClient
     max_running: int
     max_waiting: int
     aliases: list[str] = field(default_factory=list)
@@ -28,12 +57,12 @@ class ServedModel:
     in_flight: int = 0  # sequences admitted and not yet finished (running or waiting)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> "Tokenizer":
         return self.engine.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return int(self.engine.max_model_len)
+        return self.engine.max_model_len
 
     @property
     def tool_format(self) -> ToolCallFormat:

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from server.api.errors import APIError
 
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 OPENAI_DONE = b"data: [DONE]\n\n"
 ERROR_LOG = logging.getLogger("server.error")

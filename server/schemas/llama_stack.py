@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, Strict, StringConstraints
 from typing_extensions import Annotated
 
 from server.schemas.common import StrictModel
@@ -50,7 +50,7 @@ class SamplingStrategy(str, Enum):
 
 
 class SamplingParams(StrictModel):
-    strategy: SamplingStrategy = SamplingStrategy.greedy
+    strategy: SamplingStrategy = Field(default=SamplingStrategy.greedy, strict=False)
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
@@ -89,7 +89,10 @@ class ToolDefinition(StrictModel):
     """A built-in tool, or a custom one whose `parameters` is a JSON schema (or a map of
     parameter name to {param_type, description, required})."""
 
-    tool_name: Union[BuiltinTool, Annotated[str, StringConstraints(min_length=1)]]
+    # A built-in's name is that tool, whatever else a custom tool could be called.
+    tool_name: Union[Annotated[BuiltinTool, Strict(False)],
+                     Annotated[str, StringConstraints(min_length=1)]] = Field(
+        union_mode="left_to_right")
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
     input_shields: list[ShieldConfig] = Field(default_factory=list)

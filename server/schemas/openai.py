@@ -30,6 +30,10 @@ class _SamplingOptions(StrictModel):
     seed: Optional[int] = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # vLLM's extras beyond OpenAI's fields
+    top_k: Optional[int] = Field(default=None, ge=-1, description="-1 or 0: no limit (vLLM)")
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
