@@ -9,9 +9,10 @@ import torch
 
 from llama_engine.engine.block_manager import BlockManager
 from llama_engine.engine.model_runner import ModelRunner, kv_bytes_per_token
-from llama_engine.engine.sampler import SampledToken, sample
+from llama_engine.engine.sampler import SampledToken, TokenBitmask, sample
 from llama_engine.engine.scheduler import Scheduler
 from llama_engine.engine.sequence import Sequence
+from llama_engine.engine.structured_output import StructuredOutputManager
 from llama_engine.loader import load_model
 from llama_engine.model.llama import Llama
 from llama_engine.outputs import CompletionOutput, RequestOutput
@@ -54,6 +55,8 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     detokenizers: dict[int, object] = field(default_factory=dict)  # seq id -> detokenizer
     arrival: float = field(default_factory=time.monotonic)
+    grammar: object | None = None  # structured outputs: the matcher each sample starts from
+    matchers: dict[int, object] = field(default_factory=dict)  # seq id -> its grammar matcher
 
     @property
     def finished(self) -> bool:
@@ -91,6 +94,9 @@ class LLMEngine:
         if config.max_model_len:
             limits.append(config.max_model_len)
         self.max_model_len = min(limits)
+        self.structured = StructuredOutputManager(
+            self.tokenizer.to_json, self.model_config.vocab_size,
+            sorted(self.tokenizer.stop_token_ids))
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -129,7 +135,14 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(ids)} tokens; the context limit is "
                              f"{self.max_model_len}, which leaves no room to generate")
-        return Request(request_id, text, ids, params)
+        vocab = self.model_config.vocab_size
+        outside = [t for t in params.logit_bias or {} if t >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias: token ids {outside} are outside the vocabulary "
+                             f"[0, {vocab})")
+        grammar = (self.structured.matcher(params.structured_outputs)
+                   if params.structured_outputs is not None else None)
+        return Request(request_id, text, ids, params, grammar=grammar)
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -159,6 +172,8 @@ class LLMEngine:
         request.seqs.append(seq)
         request.detokenizers[seq.seq_id] = IncrementalDetokenizer(
             self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
+        if request.grammar is not None:  # siblings fork before their first token: a fresh copy
+            request.matchers[seq.seq_id] = request.grammar.deep_copy()
 
     # ---- stepping -------------------------------------------------------------------
 
@@ -181,7 +196,14 @@ class LLMEngine:
                     rows.append(row)
         touched: dict[str, Request] = {}
         if samplers:
-            picked = sample(logits[torch.tensor(rows, device=logits.device)], samplers)
+            matchers = [self.requests[s.request_id].matchers.get(s.seq_id) for s in samplers]
+            constrained = [row for row, m in enumerate(matchers) if m is not None]
+            bitmask = TokenBitmask(constrained, self.structured.fill_bitmask(
+                [matchers[row] for row in constrained])) if constrained else None
+            picked = sample(logits[torch.tensor(rows, device=logits.device)], samplers, bitmask)
+            if constrained:
+                self.structured.advance([matchers[row] for row in constrained],
+                                        [picked[row].token_id for row in constrained])
             for seq, token in zip(samplers, picked):
                 request = self.requests[seq.request_id]
                 self._append(request, seq, token)
@@ -219,6 +241,10 @@ class LLMEngine:
         previous_len = len(seq.text)
         seq.text += request.detokenizers[seq.seq_id].step([token.token_id])
         if self._hit_stop_string(seq, previous_len):
+            return
+        matcher = request.matchers.get(seq.seq_id)
+        if matcher is not None and matcher.is_stopped():  # the grammar is complete
+            self._finish(seq, "stop", None)
             return
         out_of_tokens = p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens
         if out_of_tokens or seq.num_tokens >= self.max_model_len:
