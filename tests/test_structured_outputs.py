@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llama_engine.engine.sampler import TokenBitmask, apply_token_bitmask
-from llama_engine.engine.structured_output import check_grammar
+from llama_engine.engine.structured_output import grammar_error
 from llama_engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 pytestmark = pytest.mark.slow
@@ -115,8 +115,8 @@ def test_logit_bias_forces_and_bans_a_token(default_llm):
 def test_bad_constraints_are_value_errors_naming_the_field(default_llm):
     with pytest.raises(ValueError, match="structured_outputs"):
         default_llm.generate("x", json_schema_params({"type": "no-such-type"}))
-    with pytest.raises(ValueError, match="structured_outputs"):
-        check_grammar(StructuredOutputsParams(regex="a("))
+    assert "unclosed group" in grammar_error(StructuredOutputsParams(regex="a("))
+    assert grammar_error(StructuredOutputsParams(json={"type": "integer"})) is None
     with pytest.raises(ValueError, match="structured_outputs"):
         StructuredOutputsParams(json={}, regex="a")
     with pytest.raises(ValueError, match="logit_bias"):

@@ -48,9 +48,10 @@ def json_schema_grammar(schema: dict) -> str:
 
 
 def lark_json(schema: dict) -> str:
-    """A Lark rule body that matches JSON valid under ``schema`` (for grammars that embed
-    JSON in other text, such as a tool call in a model's markup)."""
-    return "%json " + json.dumps(schema)
+    """A Lark item (llguidance's ``%json`` extension) matching JSON valid under ``schema``
+    in ``JSON_LAYOUT``, for grammars that embed JSON in other text, such as a tool call in
+    a model's markup."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_LAYOUT})
 
 
 def grammar_text(spec: StructuredOutputsParams) -> str:
@@ -76,12 +77,13 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
     return llguidance.LLMatcher.grammar_from_lark(spec.grammar)
 
 
-def check_grammar(spec: StructuredOutputsParams) -> None:
-    """Raise ValueError (message starting ``structured_outputs``) unless the constraint
-    compiles: an invalid JSON schema, regex or grammar. Needs no model."""
-    error = llguidance.LLMatcher.validate_grammar(grammar_text(spec))
-    if error:
-        raise ValueError(f"structured_outputs: {error}")
+def grammar_error(spec: StructuredOutputsParams) -> str | None:
+    """Why the constraint does not compile (an invalid JSON schema, regex or grammar), or
+    None when it does. Needs no model, so a front end can check before queueing."""
+    try:
+        return llguidance.LLMatcher.validate_grammar(grammar_text(spec)) or None
+    except ValueError as exc:
+        return str(exc)
 
 
 class StructuredOutputManager:

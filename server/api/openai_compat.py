@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 import contextlib
@@ -11,8 +12,8 @@ from typing import Any, AsyncIterator, Optional
 
 from server.api.errors import APIError, UnsupportedContentError
 from server.api.generation import (ChoiceDelta, DeltaTracker, GenerationRunner, check_prompt,
-                                   generation_budget, make_sampling_params, merge_streams,
-                                   run_together,
+                                   forced_call_constraint, generation_budget, json_constraint,
+                                   make_sampling_params, merge_streams, run_together,
                                    token_text)
 from server.api.prompts import ChatTurn, render_messages
 from server.api.registry import ModelRegistry, ServedModel
@@ -96,8 +97,35 @@ def offered_tools(request: oa.OpenAIChatCompletionRequest) -> list[ToolSpec]:
     return tools
 
 
+TOKEN_ID = re.compile(r"[0-9]+")
+
+
+def token_bias(model: ServedModel, request: Any) -> Optional[dict[int, float]]:
+    """`logit_bias` with its keys (token ids written as strings) checked and read."""
+    if not request.logit_bias:
+        return None
+    vocab_size = model.tokenizer.vocab_size
+    bias = {}
+    for key, value in request.logit_bias.items():
+        if not TOKEN_ID.fullmatch(key) or int(key) >= vocab_size:
+            raise APIError(f"logit_bias: key {key!r} is not a token id in [0, {vocab_size})",
+                           param="logit_bias")
+        bias[int(key)] = value
+    return bias
+
+
+def response_constraint(response_format: Optional[Any]) -> Any:
+    """The engine constraint for `response_format` (None for text)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return json_constraint(None, "response_format")
+    return json_constraint(response_format.json_schema.schema_, "response_format.json_schema.schema")
+
+
 def _sampling(model: ServedModel, request: Any, prompt_tokens: int, max_tokens: Optional[int],
-              logprobs: Optional[int], skip_special_tokens: bool = True) -> Any:
+              logprobs: Optional[int], skip_special_tokens: bool = True,
+              structured_outputs: Any = None) -> Any:
     return make_sampling_params(
         n=request.n,
         max_tokens=generation_budget(model, prompt_tokens, max_tokens),
@@ -105,7 +133,8 @@ def _sampling(model: ServedModel, request: Any, prompt_tokens: int, max_tokens: 
         top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
         seed=request.seed, stop=request.stop,
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-        logprobs=logprobs, skip_special_tokens=skip_special_tokens)
+        logprobs=logprobs, skip_special_tokens=skip_special_tokens,
+        logit_bias=token_bias(model, request), structured_outputs=structured_outputs)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> oa.Usage:
@@ -163,12 +192,6 @@ class PreparedChat:
     params: Any
     tool_format: Optional[ToolCallFormat]
     top_logprobs: int
-    forced_prefix: str = ""  # the start of a tool call already written into the prompt
-
-
-def forced_tool_name(request: oa.OpenAIChatCompletionRequest) -> Optional[str]:
-    choice = request.tool_choice
-    return choice.function.name if isinstance(choice, oa.NamedToolChoice) else None
 
 
 def forces_tool_call(request: oa.OpenAIChatCompletionRequest) -> bool:
@@ -191,8 +214,6 @@ class ChatChoiceStream:
         self.index = index
         self.prepared = prepared
         self.parser = StreamingToolCallParser(prepared.tool_format) if prepared.tool_format else None
-        if self.parser is not None:
-            self.parser.feed(prepared.forced_prefix)  # opens the call; nothing to emit yet
         self.calls_sent = 0
 
     def advance(self, delta: ChoiceDelta) -> list[oa.ChatChunkChoice]:
@@ -239,22 +260,25 @@ class OpenAIService:
             prompt_ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as exc:
             raise APIError(f"messages: {exc}", param="messages") from None
-        forced_prefix = ""
-        if tools and forces_tool_call(request):
-            forced_prefix = tool_format.forced_call_prefix(forced_tool_name(request))
-            prompt_ids = prompt_ids + model.tokenizer.encode(forced_prefix, add_special_tokens=False)
         check_prompt(model, prompt_ids, "messages")
+        if tools and forces_tool_call(request):
+            names = [t.function.name for t in request.tools or []]
+            structured = forced_call_constraint(
+                tool_format, tools, [f"tools[{names.index(t.name)}].function.parameters"
+                                     for t in tools], request.parallel_tool_calls is not False)
+        else:
+            structured = response_constraint(request.response_format)
         top = request.top_logprobs or 0
         keep_special = bool(tools) and tool_format.needs_special_tokens
         params = _sampling(model, request, len(prompt_ids),
                            request.max_completion_tokens or request.max_tokens,
-                           top if request.logprobs else None, skip_special_tokens=not keep_special)
-        return PreparedChat(model, prompt_ids, params, tool_format if tools else None, top,
-                            forced_prefix)
+                           top if request.logprobs else None, skip_special_tokens=not keep_special,
+                           structured_outputs=structured)
+        return PreparedChat(model, prompt_ids, params, tool_format if tools else None, top)
 
     def _chat_choice(self, prepared: PreparedChat, output: Any) -> oa.ChatChoice:
         delta = DeltaTracker().advance(output)
-        text, calls = (prepared.tool_format.parse(prepared.forced_prefix + delta.text)
+        text, calls = (prepared.tool_format.parse(delta.text)
                        if prepared.tool_format else (delta.text, []))
         message = oa.ResponseMessage(content=(text.strip() or None) if calls else text,
                                      tool_calls=openai_tool_calls(calls) or None)
@@ -313,7 +337,8 @@ class OpenAIService:
         for index, prompt_ids in enumerate(prompts):
             check_prompt(model, prompt_ids, "prompt" if len(prompts) == 1 else f"prompt[{index}]")
         longest = max(len(p) for p in prompts)
-        params = _sampling(model, request, longest, request.max_tokens, request.logprobs)
+        params = _sampling(model, request, longest, request.max_tokens, request.logprobs,
+                           structured_outputs=response_constraint(request.response_format))
         return PreparedCompletion(model, prompts, params, request.logprobs or 0)
 
     def _completion_choice(self, prepared: PreparedCompletion, request: oa.OpenAICompletionRequest,
