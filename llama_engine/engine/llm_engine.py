@@ -243,7 +243,8 @@ class LLMEngine:
         if self._hit_stop_string(seq, previous_len):
             return
         matcher = request.matchers.get(seq.seq_id)
-        if matcher is not None and matcher.is_stopped():  # the grammar is complete
+        # Complete (or broken, which advance() logged): nothing more can follow.
+        if matcher is not None and (matcher.is_stopped() or matcher.is_error()):
             self._finish(seq, "stop", None)
             return
         out_of_tokens = p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens

@@ -23,6 +23,7 @@ of vLLM, SGLang and llama.cpp), chosen over xgrammar and outlines-core because:
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from functools import lru_cache
 
@@ -30,6 +31,8 @@ import llguidance
 import torch
 
 from llama_engine.sampling_params import StructuredOutputsParams
+
+log = logging.getLogger(__name__)
 
 BITS_PER_WORD = 32  # llguidance bitmasks are int32 words, token t in bit t % 32 of word t // 32
 # JSON layout the grammar enforces: fixed separators and no free whitespace. A small model
@@ -136,10 +139,10 @@ class StructuredOutputManager:
         return bitmask
 
     def advance(self, matchers: list[llguidance.LLMatcher], tokens: list[int]) -> None:
-        """Each matcher consumes its sampled token (in parallel). The mask allowed it, so a
-        refusal means the matcher broke: RuntimeError rather than text that does not match."""
+        """Each matcher consumes its sampled token (in parallel). A matcher that fails (a
+        parser limit hit mid-way; the mask allowed the token) is left in its error state
+        for the engine to end that sample, and logged; the rest of the batch goes on."""
         accepted = self._executor.consume_token_par(list(zip(matchers, tokens)))
         for matcher, ok in zip(matchers, accepted):
             if not ok:
-                raise RuntimeError(f"grammar refused a token its mask allowed: "
-                                   f"{matcher.get_error()}")
+                log.warning("structured output stopped early: %s", matcher.get_error())
