@@ -15,6 +15,38 @@ TOP_K_OFF_ABOVE = 1 << 24
 # token", so it is raised to this.
 MIN_TOP_P = 1e-6
 MAX_LOGPROBS = 20
+# OpenAI's range for logit_bias values: -100 bans a token in practice, +100 forces it.
+MAX_LOGIT_BIAS = 100.0
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text, vLLM's ``StructuredOutputsParams``: set exactly one
+    of ``json`` (a JSON schema, as a dict or a JSON string), ``json_object`` (any JSON
+    object), ``regex``, ``choice`` (one of these strings) or ``grammar`` (a Lark grammar, as
+    llguidance reads it). Decoding only picks tokens that keep the text a prefix of a match,
+    and ends the sample (finish reason "stop") once the text is a complete match that
+    cannot be extended. Whether the schema/regex/grammar itself is valid is checked when
+    the engine takes the request (RequestValidationError naming ``structured_outputs``)."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in ("json", "regex", "choice", "grammar")
+                  if getattr(self, name) is not None] + (["json_object"] if self.json_object else [])
+        if len(chosen) != 1:
+            raise RequestValidationError(
+                "structured_outputs", "must set exactly one of json, json_object, regex, "
+                f"choice, grammar; got {chosen or 'none'}")
+        if self.choice is not None and not (
+                self.choice and all(isinstance(c, str) for c in self.choice)):
+            raise RequestValidationError(
+                "structured_outputs", f"choice must be a non-empty list of strings, got "
+                f"{self.choice!r}")
 
 
 @dataclass
@@ -43,6 +75,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # token id -> value added to its logit before sampling, in [-100, 100] (OpenAI's logit_bias)
+    logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +111,14 @@ class SamplingParams:
              "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative integers"),
+            ("logit_bias", self.logit_bias is None or all(
+                type(t) is int and t >= 0 and type(b) in (int, float)
+                and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias.items()),
+             f"must map token ids (integers >= 0) to biases in [-{MAX_LOGIT_BIAS:g}, "
+             f"{MAX_LOGIT_BIAS:g}]"),
+            ("structured_outputs", self.structured_outputs is None
+             or isinstance(self.structured_outputs, StructuredOutputsParams),
+             "must be a StructuredOutputsParams"),
         ]
         for name, ok, reason in checks:
             if not ok:

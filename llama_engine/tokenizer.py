@@ -493,6 +493,11 @@ class Tokenizer:
         of HF transformers' decode; generation output asks for what its SamplingParams say."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The whole `tokenizers` pipeline as tokenizer.json text, for libraries that
+        rebuild the vocabulary from it (the structured-output grammar engine)."""
+        return self._backend.to_str()
+
     # --- chat -----------------------------------------------------------------------------------
 
     def apply_chat_template(

@@ -130,9 +130,58 @@ def test_rendered_calls_parse_back(tool_format) -> None:
     assert tool_format.parse(tool_format.assistant_text("", calls)) == ("", calls)
 
 
+@pytest.fixture(scope="module")
+def grammar_matcher():
+    """A matcher for a grammar over the default model's vocabulary (llguidance itself)."""
+    import llguidance
+
+    from llama_engine.loader import default_model_path
+    from llama_engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(default_model_path())
+    vocabulary = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=tokenizer.vocab_size)
+
+    def accepts(grammar: str, text: str) -> bool:
+        matcher = llguidance.LLMatcher(vocabulary, grammar, log_level=0)
+        assert not matcher.is_error(), matcher.get_error()
+        return (matcher.consume_tokens(tokenizer.encode(text, add_special_tokens=False))
+                and matcher.is_accepting())
+    return accepts
+
+
+CLOCK = ToolSpec(name="get_time", parameters={
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]})
+# What each family's forced call looks like (ChatML: the rendered <tool_call> list; Llama 3:
+# one bare JSON call), as a function of the calls.
+FORCED_CALL_TEXT = {
+    ChatMLToolFormat: lambda calls: ChatMLToolFormat().assistant_text("", calls),
+    Llama3ToolFormat: lambda calls: json.dumps({"name": calls[0].name, "parameters": calls[0].arguments}),
+}
+
+
 @pytest.mark.parametrize("tool_format", [ChatMLToolFormat(), Llama3ToolFormat()])
-def test_forced_prefix_completes_to_a_call(tool_format) -> None:
-    prefix = tool_format.forced_call_prefix("get_weather")
-    continuation = {ChatMLToolFormat: '{"city": "Paris"}}]</tool_call>', Llama3ToolFormat: '{"city": "Paris"}}'}
-    output = prefix + continuation[type(tool_format)]
-    assert tool_format.parse(output) == ("", [ParsedToolCall("get_weather", {"city": "Paris"})])
+def test_forced_call_grammar_admits_exactly_valid_calls(tool_format, grammar_matcher) -> None:
+    import llguidance
+
+    grammar = llguidance.LLMatcher.grammar_from_lark(
+        tool_format.forced_call_grammar([WEATHER, CLOCK], parallel=False))
+    text = FORCED_CALL_TEXT[type(tool_format)]
+    good = [ParsedToolCall("get_weather", {"city": "Paris"})]
+    assert grammar_matcher(grammar, text(good))
+    assert tool_format.parse(text(good)) == ("", good)
+    assert grammar_matcher(grammar, text([ParsedToolCall("get_time", {"zone": "CET"})]))
+    assert not grammar_matcher(grammar, text([ParsedToolCall("get_stock", {"city": "Paris"})]))
+    assert not grammar_matcher(grammar, text([ParsedToolCall("get_weather", {"town": "Paris"})]))
+    assert not grammar_matcher(grammar, text([ParsedToolCall("get_time", {"zone": "PST"})]))
+    assert not grammar_matcher(grammar, "The weather is fine.")
+
+
+def test_parallel_calls_only_when_allowed(grammar_matcher) -> None:
+    import llguidance
+
+    two = ChatMLToolFormat().assistant_text("", [ParsedToolCall("get_weather", {"city": "Paris"}),
+                                                 ParsedToolCall("get_time", {"zone": "UTC"})])
+    for parallel in (True, False):
+        grammar = llguidance.LLMatcher.grammar_from_lark(
+            ChatMLToolFormat().forced_call_grammar([WEATHER, CLOCK], parallel))
+        assert grammar_matcher(grammar, two) == parallel

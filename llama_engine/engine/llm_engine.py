@@ -10,9 +10,10 @@ import torch
 
 from llama_engine.engine.block_manager import BlockManager
 from llama_engine.engine.model_runner import ModelRunner, kv_bytes_per_token
-from llama_engine.engine.sampler import SampledToken, sample, token_logprobs
+from llama_engine.engine.sampler import SampledToken, TokenBitmask, sample, token_logprobs
 from llama_engine.engine.scheduler import Scheduler
 from llama_engine.engine.sequence import Sequence
+from llama_engine.engine.structured_output import StructuredOutputManager
 from llama_engine.errors import RequestValidationError
 from llama_engine.loader import load_model
 from llama_engine.model.llama import Llama
@@ -66,6 +67,8 @@ class Request:
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = [None]
+    grammar: object | None = None  # structured outputs: the matcher each sample starts from
+    matchers: dict[int, object] = field(default_factory=dict)  # seq id -> its grammar matcher
 
     @property
     def finished(self) -> bool:
@@ -103,6 +106,9 @@ class LLMEngine:
         if config.max_model_len:
             limits.append(config.max_model_len)
         self.max_model_len = min(limits)
+        self.structured = StructuredOutputManager(
+            self.tokenizer.to_json, self.model_config.vocab_size,
+            sorted(self.tokenizer.stop_token_ids))
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -143,7 +149,14 @@ class LLMEngine:
         if not ids:
             raise RequestValidationError("prompt", "must not be empty")
         self._check_context(len(ids), params.max_tokens)
-        return Request(request_id, text, ids, params)
+        vocab = self.model_config.vocab_size
+        outside = [t for t in params.logit_bias or {} if t >= vocab]
+        if outside:
+            raise RequestValidationError(
+                "logit_bias", f"token ids {outside} are outside the vocabulary [0, {vocab})")
+        grammar = (self.structured.matcher(params.structured_outputs)
+                   if params.structured_outputs is not None else None)
+        return Request(request_id, text, ids, params, grammar=grammar)
 
     def _check_context(self, prompt_tokens: int, max_tokens: int | None) -> None:
         limit = self.max_model_len
@@ -186,6 +199,8 @@ class LLMEngine:
         request.seqs.append(seq)
         request.detokenizers[seq.seq_id] = IncrementalDetokenizer(
             self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
+        if request.grammar is not None:  # siblings fork before their first token: a fresh copy
+            request.matchers[seq.seq_id] = request.grammar.deep_copy()
 
     # ---- stepping -------------------------------------------------------------------
 
@@ -220,7 +235,15 @@ class LLMEngine:
                         rows.append(row)
                 row += 1
         if sampling_seqs:
-            picked = sample(logits[torch.tensor(rows, device=logits.device)], sampling_seqs)
+            matchers = [self.requests[s.request_id].matchers.get(s.seq_id) for s in sampling_seqs]
+            constrained = [i for i, m in enumerate(matchers) if m is not None]
+            bitmask = TokenBitmask(constrained, self.structured.fill_bitmask(
+                [matchers[i] for i in constrained])) if constrained else None
+            picked = sample(logits[torch.tensor(rows, device=logits.device)], sampling_seqs,
+                            bitmask)
+            if constrained:
+                self.structured.advance([matchers[i] for i in constrained],
+                                        [picked[i].token_id for i in constrained])
             for seq, token in zip(sampling_seqs, picked):
                 request = self.requests[seq.request_id]
                 self._append(request, seq, token)
@@ -271,6 +294,11 @@ class LLMEngine:
         previous_len = len(seq.text)
         seq.text += detokenizer.step([token.token_id])
         if self._hit_stop_string(seq, previous_len):
+            return
+        matcher = request.matchers.get(seq.seq_id)
+        # Complete (or broken, which advance() logged): nothing more can follow.
+        if matcher is not None and (matcher.is_stopped() or matcher.is_error()):
+            self._finish(seq, "stop", None)
             return
         out_of_tokens = p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens
         if out_of_tokens or seq.num_tokens >= self.max_model_len:

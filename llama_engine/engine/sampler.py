@@ -4,10 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llama_engine import kernels
 from llama_engine.engine.sequence import Sequence
+
+
+# What a banned token's logit drops by: below every finite logit (it may reach -inf), so
+# softmax gives it probability 0 and argmax never picks it. Subtracting a 0/1 mask times
+# this is several times faster on the CPU than masked_fill with a bool mask.
+BANNED_LOGIT_DROP = torch.finfo(torch.float32).max
+BITMASK_SHIFTS = torch.arange(32, dtype=torch.int32)  # bit k of an int32 bitmask word
+
+
+@dataclass
+class TokenBitmask:
+    """Allowed next tokens of some rows of the batch (structured outputs): ``rows[i]`` is
+    the logits row that ``bitmask[i]`` (int32 [words], bit t % 32 of word t // 32 set =
+    token t allowed) applies to."""
+
+    rows: list[int]
+    bitmask: torch.Tensor
 
 
 @dataclass
@@ -52,11 +70,65 @@ def penalized_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
                                                                     logits.device))
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
-    """``logits`` [len(seqs), V] float32, row i for seqs[i]."""
+def _banned_tokens(bitmask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
+    """A bitmask int32 [B, words] (set bit = allowed) as float32 [B, vocab] on ``device``,
+    1 where the token is banned and 0 where it is allowed."""
+    if device.type == "cpu":  # numpy's unpackbits is one vectorised pass over the bytes
+        bits = np.unpackbits(np.invert(bitmask.numpy()).view(np.uint8), axis=1, count=vocab,
+                             bitorder="little")
+        return torch.from_numpy(bits).to(torch.float32)
+    words = torch.bitwise_not(bitmask.to(device, non_blocking=True))
+    bits = (words.unsqueeze(-1) >> BITMASK_SHIFTS.to(device)) & 1
+    return bits.view(words.shape[0], -1)[:, :vocab].to(torch.float32)
+
+
+def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
+    """Ban, in place, the tokens each masked row of ``logits`` [B, V] float32 does not
+    allow: their logits drop below every finite value (BANNED_LOGIT_DROP)."""
+    banned = _banned_tokens(mask.bitmask, logits.shape[1], logits.device)
+    if len(mask.rows) == logits.shape[0]:
+        logits.sub_(banned, alpha=BANNED_LOGIT_DROP)
+        return
+    rows = torch.tensor(mask.rows, device=logits.device)
+    logits[rows] = logits[rows].sub_(banned, alpha=BANNED_LOGIT_DROP)
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Add each row's ``logit_bias`` (token id -> value in [-100, 100], OpenAI's field) to
+    ``logits`` [len(seqs), V] float32, in place."""
+    rows, tokens, biases = [], [], []
+    for row, seq in enumerate(seqs):
+        for token, bias in (seq.params.logit_bias or {}).items():
+            rows.append(row)
+            tokens.append(token)
+            biases.append(float(bias))
+    device = logits.device
+    logits.index_put_((torch.tensor(rows, dtype=torch.long, device=device),
+                       torch.tensor(tokens, dtype=torch.long, device=device)),
+                      torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
+
+
+def _constrain(logits: torch.Tensor, raw: torch.Tensor, seqs: list[Sequence],
+               token_bitmask: TokenBitmask | None) -> torch.Tensor:
+    """logit_bias, then the structured-output masks; ``raw`` (kept for logprobs) is
+    copied before the first change."""
+    biased = any(s.params.logit_bias for s in seqs)
+    if (biased or token_bitmask is not None) and logits is raw:
+        logits = logits.clone()
+    if biased:
+        apply_logit_bias(logits, seqs)
+    if token_bitmask is not None:
+        apply_token_bitmask(logits, token_bitmask)
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence],
+           token_bitmask: TokenBitmask | None = None) -> list[SampledToken]:
+    """``logits`` [len(seqs), V] float32, row i for seqs[i]; ``token_bitmask`` limits the
+    rows under a structured-output constraint to the tokens their grammar allows."""
     device = logits.device
     raw = logits
-    logits = penalized_logits(logits, seqs)
+    logits = _constrain(penalized_logits(logits, seqs), raw, seqs, token_bitmask)
     params = [s.params for s in seqs]
     # One uniform per sampled row from the sequence's own generator; greedy rows draw none.
     uniform = [0.0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]

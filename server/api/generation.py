@@ -56,6 +56,35 @@ class EngineRequest:
         return self.request.prompt_token_ids
 
 
+def constraint(field: str, **spec: Any) -> Any:
+    """The engine's StructuredOutputsParams(**spec) (json=, json_object=, grammar=...),
+    checked now so that a bad schema or grammar is a 400 naming `field` before anything is
+    queued or streamed."""
+    from llama_engine.engine.structured_output import grammar_error
+    from llama_engine.sampling_params import StructuredOutputsParams
+
+    params = StructuredOutputsParams(**spec)
+    error = grammar_error(params)
+    if error:
+        raise APIError(f"{field}: {error}", param=field)
+    return params
+
+
+def json_constraint(schema: Optional[dict[str, Any]], field: str) -> Any:
+    """Output must be JSON valid under `schema` (None: any JSON object)."""
+    return constraint(field, json=schema) if schema is not None else constraint(
+        field, json_object=True)
+
+
+def forced_call_constraint(tool_format: Any, tools: list[Any], parameter_fields: list[str],
+                           parallel: bool) -> Any:
+    """Output must call one of `tools` (ToolSpecs) in the family's format, with arguments
+    valid under the tool's schema; `parameter_fields` name each tool's schema for errors."""
+    for tool, field in zip(tools, parameter_fields):
+        json_constraint(tool.parameters, field)
+    return constraint("tools", grammar=tool_format.forced_call_grammar(tools, parallel))
+
+
 def engine_request(model: ServedModel, prompt_ids: list[int], params: SamplingParams,
                    fields: EngineFields) -> EngineRequest:
     """Have the engine check the prompt against the model (vocabulary, context length with

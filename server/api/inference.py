@@ -7,11 +7,11 @@ from typing import Any, AsyncIterator, Optional
 
 from server.api.errors import APIError
 from server.api.generation import (ChoiceDelta, DeltaTracker, EngineRequest, GenerationRunner,
-                                   engine_request, make_sampling_params, run_together,
-                                   token_piece)
+                                   engine_request, forced_call_constraint, json_constraint,
+                                   make_sampling_params, run_together, token_piece)
 from server.api.prompts import content_text, render_messages, spec_dialog_turns, spec_tools
 from server.api.registry import ModelRegistry, ServedModel
-from server.api.tool_calls import ParsedToolCall, StreamingToolCallParser, ToolCallFormat
+from server.api.tool_calls import ParsedToolCall, StreamingToolCallParser, ToolCallFormat, ToolSpec
 from server.schemas import llama_stack as ls
 
 STOP_REASONS = {"stop": ls.StopReason.finished_ok, "length": ls.StopReason.max_tokens}
@@ -33,7 +33,13 @@ def stop_reason(finish_reason: Optional[str]) -> ls.StopReason:
     return STOP_REASONS.get(finish_reason or "", ls.StopReason.not_stopped)
 
 
-def engine_sampling(options: ls.GenerationOptions, skip_special_tokens: bool = True) -> Any:
+def engine_sampling(options: ls.GenerationOptions, skip_special_tokens: bool = True,
+                    structured_outputs: Any = None) -> Any:
+    """The engine's SamplingParams; `structured_outputs` (a forced tool call) overrides the
+    request's response_format."""
+    if structured_outputs is None and options.response_format is not None:
+        structured_outputs = json_constraint(options.response_format.json_schema,
+                                             "response_format.json_schema")
     sp = options.sampling_params
     if sp.strategy == ls.SamplingStrategy.top_k and sp.top_k < 1:
         raise APIError("sampling_params.top_k: must be >= 1 when strategy is top_k",
@@ -47,6 +53,7 @@ def engine_sampling(options: ls.GenerationOptions, skip_special_tokens: bool = T
         top_k=sp.top_k if sp.strategy == ls.SamplingStrategy.top_k else 0,
         logprobs=0 if options.logprobs else None,
         skip_special_tokens=skip_special_tokens,
+        structured_outputs=structured_outputs,
     )
 
 
@@ -60,6 +67,22 @@ def logprobs_dict(model: ServedModel, delta: ChoiceDelta) -> Optional[dict[str, 
 
 def spec_tool_call(call: ParsedToolCall) -> ls.ToolCall:
     return ls.ToolCall(tool_name=call.name, arguments=call.arguments)
+
+
+def chosen_tools(tools: list[ToolSpec], tool_choice: str) -> list[ToolSpec]:
+    """The tools rendered into the prompt, as narrowed by tool_choice."""
+    if tool_choice in ("auto", "required"):
+        if tool_choice == "required" and not tools:
+            raise APIError("tool_choice: 'required' needs at least one tool in available_tools",
+                           param="tool_choice")
+        return tools
+    if tool_choice == "none":
+        return []
+    named = [t for t in tools if t.name == tool_choice]
+    if not named:
+        raise APIError(f"tool_choice: {tool_choice!r} is not auto, required, none or the name "
+                       "of a tool in available_tools", param="tool_choice")
+    return named
 
 
 class InferenceService:
@@ -80,15 +103,23 @@ class InferenceService:
     def prepare_chat(self, request: ls.GenerationOptions, dialog: ls.Dialog,
                      tool_definitions: list[ls.ToolDefinition], field_path: str) -> PreparedRequest:
         model = self.registry.resolve(request.model)
-        tools = spec_tools(tool_definitions)
+        all_tools = spec_tools(tool_definitions)
+        tools = chosen_tools(all_tools, request.tool_choice)
         tool_format = model.tool_format
         messages = render_messages(spec_dialog_turns(dialog, model.model_id), tools, tool_format)
         try:
             prompt_ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as exc:
             raise APIError(f"{field_path}: {exc}", param=field_path) from None
+        forced = None
+        if tools and request.tool_choice != "auto":
+            names = [t.name for t in all_tools]
+            forced = forced_call_constraint(
+                tool_format, tools, [f"available_tools[{names.index(t.name)}].parameters"
+                                     for t in tools], parallel=True)
         keep_special = bool(tools) and tool_format.needs_special_tokens
-        params = engine_sampling(request, skip_special_tokens=not keep_special)
+        params = engine_sampling(request, skip_special_tokens=not keep_special,
+                                 structured_outputs=forced)
         return PreparedRequest(model, engine_request(model, prompt_ids, params,
                                                      {**SAMPLING_FIELDS, "prompt": field_path}),
                                tool_format if tools else None, tools)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -12,8 +13,9 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from server.api.errors import APIError, UnsupportedContentError
 from server.api.generation import (ChoiceDelta, DeltaTracker, EngineFields, EngineRequest,
-                                   GenerationRunner, engine_request, make_sampling_params,
-                                   merge_streams, run_together, token_piece)
+                                   GenerationRunner, engine_request, forced_call_constraint,
+                                   json_constraint, make_sampling_params, merge_streams,
+                                   run_together, token_piece)
 from server.api.prompts import ChatTurn, render_messages
 from server.api.registry import ModelRegistry, ServedModel
 from server.api.tool_calls import ParsedToolCall, StreamingToolCallParser, ToolCallFormat, ToolSpec
@@ -108,9 +110,34 @@ def check_field_dependencies(request: Union[oa.OpenAIChatCompletionRequest,
         raise APIError("top_logprobs: only allowed when logprobs is true", param="top_logprobs")
 
 
+TOKEN_ID = re.compile(r"[0-9]+")
+
+
+def token_bias(request: Any) -> Optional[dict[int, float]]:
+    """`logit_bias` with its keys (token ids written as strings) read; the engine checks
+    them against the vocabulary."""
+    if not request.logit_bias:
+        return None
+    bias = {}
+    for key, value in request.logit_bias.items():
+        if not TOKEN_ID.fullmatch(key):
+            raise APIError(f"logit_bias: key {key!r} is not a token id", param="logit_bias")
+        bias[int(key)] = value
+    return bias
+
+
+def response_constraint(response_format: Optional[Any]) -> Any:
+    """The engine constraint for `response_format` (None for text)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return json_constraint(None, "response_format")
+    return json_constraint(response_format.json_schema.schema_, "response_format.json_schema.schema")
+
+
 def _sampling(request: Any, max_tokens: Optional[int], logprobs: Optional[int],
               fields: EngineFields, skip_special_tokens: bool = True,
-              prompt_logprobs: Optional[int] = None) -> Any:
+              prompt_logprobs: Optional[int] = None, structured_outputs: Any = None) -> Any:
     extras = {name: getattr(request, name) for name in VLLM_EXTRAS
               if getattr(request, name) is not None}
     return make_sampling_params(
@@ -120,7 +147,8 @@ def _sampling(request: Any, max_tokens: Optional[int], logprobs: Optional[int],
         seed=request.seed, stop=request.stop,
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-        skip_special_tokens=skip_special_tokens, **extras)
+        skip_special_tokens=skip_special_tokens, logit_bias=token_bias(request),
+        structured_outputs=structured_outputs, **extras)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> oa.Usage:
@@ -160,12 +188,6 @@ class PreparedChat:
     engine_request: EngineRequest
     tool_format: Optional[ToolCallFormat]
     top_logprobs: int
-    forced_prefix: str = ""  # the start of a tool call already written into the prompt
-
-
-def forced_tool_name(request: oa.OpenAIChatCompletionRequest) -> Optional[str]:
-    choice = request.tool_choice
-    return choice.function.name if isinstance(choice, oa.NamedToolChoice) else None
 
 
 def forces_tool_call(request: oa.OpenAIChatCompletionRequest) -> bool:
@@ -239,8 +261,6 @@ class ChatChoiceStream:
         self.index = index
         self.prepared = prepared
         self.parser = StreamingToolCallParser(prepared.tool_format) if prepared.tool_format else None
-        if self.parser is not None:
-            self.parser.feed(prepared.forced_prefix)  # opens the call; nothing to emit yet
         self.calls_sent = 0
 
     def advance(self, delta: ChoiceDelta) -> list[oa.ChatChunkChoice]:
@@ -288,10 +308,13 @@ class OpenAIService:
             prompt_ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as exc:
             raise APIError(f"messages: {exc}", param="messages") from None
-        forced_prefix = ""
         if tools and forces_tool_call(request):
-            forced_prefix = tool_format.forced_call_prefix(forced_tool_name(request))
-            prompt_ids = prompt_ids + model.tokenizer.encode(forced_prefix, add_special_tokens=False)
+            names = [t.function.name for t in request.tools or []]
+            structured = forced_call_constraint(
+                tool_format, tools, [f"tools[{names.index(t.name)}].function.parameters"
+                                     for t in tools], request.parallel_tool_calls is not False)
+        else:
+            structured = response_constraint(request.response_format)
         top = request.top_logprobs or 0
         keep_special = bool(tools) and tool_format.needs_special_tokens
         fields = {"prompt": "messages", "logprobs": "top_logprobs",
@@ -300,13 +323,13 @@ class OpenAIService:
         max_tokens = (request.max_tokens if request.max_completion_tokens is None
                       else request.max_completion_tokens)
         params = _sampling(request, max_tokens, top if request.logprobs else None, fields,
-                           skip_special_tokens=not keep_special)
+                           skip_special_tokens=not keep_special, structured_outputs=structured)
         return PreparedChat(model, engine_request(model, prompt_ids, params, fields),
-                            tool_format if tools else None, top, forced_prefix)
+                            tool_format if tools else None, top)
 
     def _chat_choice(self, prepared: PreparedChat, output: Any) -> oa.ChatChoice:
         delta = DeltaTracker().advance(output)
-        text, calls = (prepared.tool_format.parse(prepared.forced_prefix + delta.text)
+        text, calls = (prepared.tool_format.parse(delta.text)
                        if prepared.tool_format else (delta.text, []))
         message = oa.ResponseMessage(content=(text.strip() or None) if calls else text,
                                      tool_calls=openai_tool_calls(calls) or None)
@@ -365,12 +388,13 @@ class OpenAIService:
         prompts = self._prompts(request.prompt)
         # The echoed prompt's tokens come with their logprobs (the first has none).
         prompt_logprobs = request.logprobs if request.echo else None
+        structured = response_constraint(request.response_format)
         engine_requests = []
         for index, prompt in enumerate(prompts):
             fields = {"prompt": "prompt" if len(prompts) == 1 else f"prompt[{index}]",
                       "prompt_logprobs": "logprobs"}
             params = _sampling(request, request.max_tokens, request.logprobs, fields,
-                               prompt_logprobs=prompt_logprobs)
+                               prompt_logprobs=prompt_logprobs, structured_outputs=structured)
             ids = model.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
             engine_requests.append(engine_request(model, ids, params, fields))
         echo_texts = [None if not request.echo else prompt if isinstance(prompt, str)

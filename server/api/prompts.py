@@ -76,6 +76,11 @@ def spec_tools(definitions: Sequence[ls.ToolDefinition]) -> list[ToolSpec]:
     return tools
 
 
+# Llama Stack tool parameters often name Python types; JSON schema spells them differently.
+PYTHON_TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean",
+                     "list": "array", "dict": "object"}
+
+
 def _json_schema(parameters: Optional[dict[str, Any]]) -> dict[str, Any]:
     """Accept a JSON schema as is, or the llama-stack map of name -> {param_type, ...}."""
     if not parameters:
@@ -86,7 +91,8 @@ def _json_schema(parameters: Optional[dict[str, Any]]) -> dict[str, Any]:
     required: list[str] = []
     for name, spec in parameters.items():
         spec = spec if isinstance(spec, dict) else {"description": str(spec)}
-        properties[name] = {"type": spec.get("param_type", spec.get("type", "string")),
+        param_type = spec.get("param_type", spec.get("type", "string"))
+        properties[name] = {"type": PYTHON_TYPE_NAMES.get(param_type, param_type),
                             "description": spec.get("description", "")}
         if spec.get("required", True):
             required.append(name)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+from llama_engine.engine.structured_output import lark_json
+
 LLAMA3_HEADER_TOKEN = "<|start_header_id|>"
 CHATML_START_TOKEN = "<|im_start|>"
 PYTHON_TAG = "<|python_tag|>"
@@ -78,6 +80,18 @@ class ToolSpec:
 class ParsedToolCall:
     name: str
     arguments: dict[str, Any]
+
+
+def call_schema(tool: ToolSpec, arguments_key: str) -> dict[str, Any]:
+    """JSON schema of one call object, {"name": <tool name>, <arguments_key>: {...}}."""
+    return {"type": "object",
+            "properties": {"name": {"const": tool.name}, arguments_key: tool.parameters},
+            "required": ["name", arguments_key], "additionalProperties": False}
+
+
+def any_call_schema(tools: list[ToolSpec], arguments_key: str) -> dict[str, Any]:
+    schemas = [call_schema(t, arguments_key) for t in tools]
+    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
 
 
 def _json_call(obj: Any, argument_keys: tuple[str, ...]) -> Optional[ParsedToolCall]:
@@ -142,9 +156,11 @@ class ToolCallFormat(abc.ABC):
         """Defined by each family."""
 
     @abc.abstractmethod
-    def forced_call_prefix(self, tool_name: Optional[str]) -> str:
-        """The start of a tool call (of the named tool, if given), written into the prompt
-        after the generation prompt, so the model can only continue with a call."""
+    def forced_call_grammar(self, tools: list[ToolSpec], parallel: bool) -> str:
+        """A Lark grammar (llguidance's dialect, JSON embedded with `%json`) that matches
+        exactly the outputs calling one of `tools` with arguments valid under its schema
+        (several calls when `parallel` and the family can write them); decoding under it
+        forces a tool call (tool_choice "required", or one named tool)."""
 
     def parse(self, text: str) -> tuple[str, list[ParsedToolCall]]:
         """Split a finished output into its plain text and its tool calls."""
@@ -200,11 +216,10 @@ class Llama3ToolFormat(ToolCallFormat):
     def tool_result_message(self, tool_name: str, text: str) -> dict[str, str]:
         return {"role": "ipython", "content": text}
 
-    def forced_call_prefix(self, tool_name: Optional[str]) -> str:
-        if tool_name is None:
-            return PYTHON_TAG + '{"name": "'
-        return PYTHON_TAG + json.dumps({"name": tool_name})[:-1] + ', "parameters": '
-
+    def forced_call_grammar(self, tools: list[ToolSpec], parallel: bool) -> str:
+        # One bare JSON call, the way Llama 3.1 calls custom tools; `parallel` has no
+        # JSON form in this family.
+        return "start: " + lark_json(any_call_schema(tools, "parameters"))
 
     def parse_call(self, marker: str, body: str) -> Optional[list[ParsedToolCall]]:
         for end_token in LLAMA3_END_TOKENS:
@@ -300,10 +315,12 @@ class ChatMLToolFormat(ToolCallFormat):
         payload = json.dumps({"name": tool_name, "content": text})
         return {"role": "tool", "content": f"<tool_response>{payload}</tool_response>"}
 
-    def forced_call_prefix(self, tool_name: Optional[str]) -> str:
-        if tool_name is None:
-            return '<tool_call>[{"name": "'
-        return "<tool_call>[" + json.dumps({"name": tool_name})[:-1] + ', "arguments": '
+    def forced_call_grammar(self, tools: list[ToolSpec], parallel: bool) -> str:
+        calls: dict[str, Any] = {"type": "array", "items": any_call_schema(tools, "arguments"),
+                                 "minItems": 1}
+        if not parallel:
+            calls["maxItems"] = 1
+        return f'start: "<tool_call>" {lark_json(calls)} "</tool_call>"'
 
     def parse_call(self, marker: str, body: str) -> Optional[list[ParsedToolCall]]:
         return _json_calls(body.strip(), ("arguments", "parameters"))

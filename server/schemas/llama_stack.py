@@ -99,6 +99,21 @@ class ToolDefinition(StrictModel):
     output_shields: list[ShieldConfig] = Field(default_factory=list)
 
 
+class JsonSchemaResponseFormat(StrictModel):
+    """Output constrained to JSON valid under `json_schema` (later Llama Stack releases'
+    response_format; not in the draft spec)."""
+
+    type: Literal["json_schema"]
+    json_schema: dict[str, Any]
+
+
+TOOL_CHOICE_DESCRIPTION = (
+    "auto (the model decides), required (it must call one of available_tools), none (tools "
+    "are not offered), or the name of the one tool it must call; later Llama Stack releases' "
+    "tool_choice, not in the draft spec."
+)
+
+
 class GenerationOptions(StrictModel):
     model: str = Field(min_length=1, description=MODEL_NAME_DESCRIPTION)
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
@@ -106,6 +121,7 @@ class GenerationOptions(StrictModel):
         default=0, ge=0, description="0 generates until a stop token or the context limit."
     )
     logprobs: bool = False
+    response_format: Optional[JsonSchemaResponseFormat] = None
 
 
 class CompletionRequest(GenerationOptions):
@@ -128,6 +144,7 @@ class CompletionResponseStreamChunk(StrictModel):
 class ChatCompletionRequest(GenerationOptions):
     dialog: Dialog
     available_tools: list[ToolDefinition] = Field(default_factory=list)
+    tool_choice: str = Field(default="auto", min_length=1, description=TOOL_CHOICE_DESCRIPTION)
     stream: bool = False
 
 
@@ -152,3 +169,4 @@ class BatchCompletionRequest(GenerationOptions):
 class BatchChatCompletionRequest(GenerationOptions):
     batch_dialogs: list[Dialog] = Field(min_length=1)
     available_tools: list[ToolDefinition] = Field(default_factory=list)
+    tool_choice: str = Field(default="auto", min_length=1, description=TOOL_CHOICE_DESCRIPTION)

@@ -13,12 +13,42 @@ MAX_CHOICES = 16  # n above this multiplies the load of one request beyond what 
 MAX_STOP_SEQUENCES = 4  # the OpenAI API's own limit
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token in practice, +100 forces it
 
 StopSequences = Union[str, Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)], None]
 
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(StrictModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(
+        default=None, alias="schema",
+        description="The JSON schema the output follows; absent: any JSON object.")
+    strict: Optional[bool] = Field(
+        default=None, description="Accepted; the schema is always enforced during decoding.")
+
+
+class TextResponseFormat(StrictModel):
+    type: Literal["text"]
+
+
+class JsonObjectResponseFormat(StrictModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(StrictModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    Union[TextResponseFormat, JsonObjectResponseFormat, JsonSchemaResponseFormat],
+    Field(discriminator="type")]
+LogitBias = dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]]
 
 
 class _SamplingOptions(StrictModel):
@@ -37,6 +67,9 @@ class _SamplingOptions(StrictModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    logit_bias: Optional[LogitBias] = Field(
+        default=None, description="Token id (as a string) -> bias added to its logit.")
+    response_format: Optional[ResponseFormat] = None
 
 
 # ---- messages ---------------------------------------------------------------------------
