@@ -246,3 +246,16 @@ def test_reopening_finds_every_bank(tmp_path, embedder) -> None:
                                                                       ("b", ChunkingConfig())]
         for bank, (uuid, _, question) in (("a", CORPUS[1]), ("b", CORPUS[5])):
             assert store.query(bank, question, 1, mode="vector").chunks[0].document_uuid == uuid
+
+
+def test_documents_created_with_the_bank_survive_a_delete_in_vector_search(store: MemoryStore) -> None:
+    """Every remaining chunk stays findable by vector search after the first delete or update
+    in a new bank (the index must hold each chunk once)."""
+    docs = [Document.from_text(uuid, text) for uuid, text, _ in CORPUS[:4]]
+    store.create_bank("fresh", "fresh", docs)
+    store.delete_documents("fresh", [docs[0].uuid])
+    found = {c.document_uuid for c in store.query("fresh", "anything at all", 10, "vector").chunks}
+    assert found == {d.uuid for d in docs[1:]}
+    store.update("fresh", [Document.from_text(docs[1].uuid, "A rewritten document.")])
+    found = {c.document_uuid for c in store.query("fresh", "anything at all", 10, "vector").chunks}
+    assert found == {d.uuid for d in docs[1:]}

@@ -263,8 +263,10 @@ class MemoryStore:
             return self._insert_rows(conn, bank_uuid, prepared)
 
         with self._write_lock:
-            added = self._write(work)
+            # The index first (empty: the bank is new), then the rows: an index built after
+            # the commit would read the new chunks from SQLite and be given them again.
             index = self._index(bank_uuid)
+            added = self._write(work)
             for ids, vectors in added:
                 index.add(np.asarray(ids, dtype=np.int64), vectors)
         return WriteResult([p.document.uuid for p in prepared], sum(len(p.chunks) for p in prepared))
