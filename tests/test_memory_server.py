@@ -130,6 +130,8 @@ BAD_REQUESTS = [
     ("DELETE", "/memory_banks/drop?bank_uuid=nope", None, 404, "bank_uuid"),
     ("POST", "/memory_banks/create?bank_uuid=c&bank_name=c&chunk_size_in_tokens=999", [], 400,
      "chunk_size_in_tokens"),
+    ("POST", "/memory_banks/create?bank_uuid=c&bank_name=c&chunk_size_in_tokens=many", [], 400,
+     "chunk_size_in_tokens"),
     ("POST", "/v1/embeddings", {"model": "nope", "input": "x"}, 404, "model"),
     ("POST", "/v1/embeddings", {"model": EMBEDDING_MODEL_ID, "input": ["ok", ""]}, 400, "input[1]"),
     ("POST", "/v1/embeddings", {"model": EMBEDDING_MODEL_ID, "input": "word " * 300}, 400, "input"),
@@ -218,3 +220,13 @@ def test_kill_9_keeps_every_acknowledged_document(tmp_path: Path) -> None:
         for uuid in acknowledged:
             found = query(server, "durable", questions[uuid], max_chunks=3, mode="vector")["chunks"]
             assert uuid in [chunk["document_uuid"] for chunk in found], uuid
+
+
+def test_chunking_options_are_read_from_the_query_string(server: ServerProcess) -> None:
+    """Query-string values are text: "64" is the number 64 there (JSON bodies stay strict)."""
+    text = " ".join(f"Sentence number {i} tells of the quiet lighthouse keeper." for i in range(40))
+    created = post(server, "/memory_banks/create?bank_uuid=small&bank_name=Small"
+                           "&chunk_size_in_tokens=64&overlap_size_in_tokens=8", [document("d", text)])
+    assert created.status_code == 200, created.text
+    chunks = query(server, "small", "lighthouse keeper", max_chunks=100)["chunks"]
+    assert len(chunks) > 1 and all(c["token_count"] <= 64 for c in chunks)

@@ -93,9 +93,11 @@ async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
 
 
 def parse_query(request: web.Request, model: type[BaseModel]) -> BaseModel:
+    """The query string as ``model``. Its values are always text, so they convert to the
+    field's type ("64" to 64) where a JSON body would be held to JSON's own types."""
     data = dict(request.query)
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=False)
     except ValidationError as exc:
         raise validation_error(exc, data) from None
 
