@@ -104,6 +104,7 @@ def test_fault2_echo_returns_the_prompt_tokens_logprobs(server: ServerProcess, r
     want = [lp[t] for t, lp in zip(ids[1:] + generated.token_ids, expected.prompt_logprobs[1:] + generated.logprobs)]
     assert logprobs["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
     assert all(1 <= len(top) <= 2 for top in logprobs["top_logprobs"][1:])  # 1 best, plus the chosen
+    assert all(token in top for token, top in zip(logprobs["tokens"][1:], logprobs["top_logprobs"][1:]))
     assert logprobs["text_offset"][:2] == [0, len(logprobs["tokens"][0])]
     assert logprobs["text_offset"][len(ids)] == len(prompt)
 

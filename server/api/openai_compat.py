@@ -246,9 +246,11 @@ class CompletionChoiceStream:
         return oa.CompletionLogprobs(
             tokens=tokens,
             token_logprobs=[None if lp is None else lp.get(t) for t, lp in zip(token_ids, logprobs)],
+            # OpenAI's completions list the `logprobs` most likely tokens and always the
+            # chosen one (up to logprobs + 1 entries): the engine's entries are exactly that.
             top_logprobs=[None if lp is None else
                           {e.token: e.logprob for e in _top_entries(self.model.tokenizer, lp,
-                                                                   self.logprobs)}
+                                                                   len(lp))}
                           for lp in logprobs],
             text_offset=offsets)
 
