@@ -1,4 +1,4 @@
-// Kernel bodies shared by their own bindings and by the fused block ops (block.cpp). They
+// Kernel bodies shared by their own bindings and by the fused decoder-layer ops (decoder_layer.cpp). They
 // take dense float32 pointers unless said otherwise, never touch the GIL, and trust their
 // callers for shapes (the torch wrappers in llama_engine/kernels/cpu check them).
 #pragma once

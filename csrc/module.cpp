@@ -9,5 +9,5 @@ PYBIND11_MODULE(_C, m) {
     register_norm(m);
     register_attention(m);
     register_sampling(m);
-    register_block(m);
+    register_decoder_layer(m);
 }

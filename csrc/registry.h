@@ -6,4 +6,4 @@ void register_quant(pybind11::module_& m);
 void register_norm(pybind11::module_& m);
 void register_attention(pybind11::module_& m);
 void register_sampling(pybind11::module_& m);
-void register_block(pybind11::module_& m);
+void register_decoder_layer(pybind11::module_& m);

@@ -108,7 +108,7 @@ def linear(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
     return torch.nn.functional.linear(x, weight)
 
 
-# ---- decoder-block ops ---------------------------------------------------------------------
+# ---- decoder-layer ops ---------------------------------------------------------------------
 # Packed weights on the CPU run each of these as one fused extension call (at decode every
 # op inside is cheaper than a Python call); everything else composes the ops above.
 
@@ -143,7 +143,7 @@ def qkv_projection(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps:
     return q, k, v.reshape(-1, num_kv_heads, head_dim).contiguous(), residual
 
 
-def block_output(attn: Tensor, residual: Tensor, wo: Tensor | PackedWeight,
+def o_proj_and_mlp(attn: Tensor, residual: Tensor, wo: Tensor | PackedWeight,
                  norm_weight: Tensor, eps: float, w_gate_up: Tensor | PackedWeight,
                  w_down: Tensor | PackedWeight) -> tuple[Tensor, Tensor]:
     """Output projection, then RMSNorm with the residual add, then the SwiGLU MLP.
@@ -151,7 +151,7 @@ def block_output(attn: Tensor, residual: Tensor, wo: Tensor | PackedWeight,
     attn is [T, A] or [T, H, D]; returns (MLP output, new residual), both [T, C].
     """
     if _use_cpu(attn) and _packed_on_cpu(wo, w_gate_up, w_down):
-        return _cpu.block_output(attn, residual, wo, norm_weight, eps, w_gate_up, w_down)
+        return _cpu.o_proj_and_mlp(attn, residual, wo, norm_weight, eps, w_gate_up, w_down)
     h, residual = rms_norm(linear(attn.reshape(attn.shape[0], -1), wo), norm_weight, eps,
                            residual)
     return linear(silu_and_mul(linear(h, w_gate_up)), w_down), residual
@@ -160,7 +160,7 @@ def block_output(attn: Tensor, residual: Tensor, wo: Tensor | PackedWeight,
 class PagedAttention:
     """``attend(layer, q, k, v)`` over paged KV caches for one step: stores the step's new
     keys and values at their slots, then attends (``store_kv_and_attend``). The model only
-    calls it; ``decoder_layer`` recognises it and, on the CPU, runs the whole block with it
+    calls it; ``decoder_layer`` recognises it and, on the CPU, runs the whole layer with it
     in one extension call."""
 
     def __init__(self, k_caches: list[Tensor], v_caches: list[Tensor], slot_mapping: Tensor,
@@ -177,8 +177,8 @@ class PagedAttention:
                                    self.cu_seqlens_q, self.scale)
 
 
-class BlockWeights(NamedTuple):
-    """One decoder block's parameters, as ``decoder_layer`` takes them."""
+class DecoderLayerWeights(NamedTuple):
+    """One decoder layer's parameters, as ``decoder_layer`` takes them."""
     attn_norm: Tensor
     wqkv: Tensor | PackedWeight
     wo: Tensor | PackedWeight
@@ -191,10 +191,10 @@ class BlockWeights(NamedTuple):
 
 
 def decoder_layer(layer: int, x: Tensor, residual: Tensor | None, positions: Tensor,
-                  cos_sin: Tensor, weights: BlockWeights, attend: AttendFn
+                  cos_sin: Tensor, weights: DecoderLayerWeights, attend: AttendFn
                   ) -> tuple[Tensor, Tensor]:
-    """One pre-norm decoder block: qkv_projection, attend(layer, q, k, v), block_output.
-    Returns (block output, new residual). Packed weights on the CPU with PagedAttention run
+    """One pre-norm decoder layer: qkv_projection, attend(layer, q, k, v), o_proj_and_mlp.
+    Returns (layer output, new residual). Packed weights on the CPU with PagedAttention run
     it as one extension call."""
     w = weights
     if (_use_cpu(x) and isinstance(attend, PagedAttention)
@@ -203,7 +203,7 @@ def decoder_layer(layer: int, x: Tensor, residual: Tensor | None, positions: Ten
         return _cpu.decoder_layer(layer, x, residual, positions, cos_sin, w, attend)
     q, k, v, residual = qkv_projection(x, residual, w.attn_norm, w.eps, w.wqkv, positions,
                                        cos_sin, w.num_heads, w.num_kv_heads)
-    return block_output(attend(layer, q, k, v), residual, w.wo, w.ffn_norm, w.eps,
+    return o_proj_and_mlp(attend(layer, q, k, v), residual, w.wo, w.ffn_norm, w.eps,
                         w.w_gate_up, w.w_down)
 
 

@@ -59,7 +59,7 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
-class Block(nn.Module):
+class DecoderLayer(nn.Module):
     """Attention, then the SwiGLU MLP, each with a pre-norm and a residual: one
     ``kernels.decoder_layer`` call (a single fused extension call on the CPU)."""
 
@@ -72,13 +72,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(w["ffn_norm"], config.rms_norm_eps)
         self.w_gate_up = Linear(concat_rows([w["w_gate"], w["w_up"]]))
         self.w_down = Linear(w["w_down"])
-        self._weights: kernels.BlockWeights | None = None  # gathered on first use
+        self._weights: kernels.DecoderLayerWeights | None = None  # gathered on first use
 
     def forward(self, layer: int, x: torch.Tensor, residual: torch.Tensor | None,
                 positions: torch.Tensor, cos_sin: torch.Tensor, attend: AttendFn
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._weights is None:
-            self._weights = kernels.BlockWeights(
+            self._weights = kernels.DecoderLayerWeights(
                 self.attn_norm.weight, self.wqkv.matrix, self.wo.matrix, self.ffn_norm.weight,
                 self.w_gate_up.matrix, self.w_down.matrix, self.attn_norm.eps,
                 self.num_heads, self.num_kv_heads)
@@ -103,7 +103,7 @@ class Llama(nn.Module):
         self.config = config
         self.embed = weights["embed"]
         self.layers = nn.ModuleList(
-            Block(config, _layer_weights(weights, i)) for i in range(config.num_layers))
+            DecoderLayer(config, _layer_weights(weights, i)) for i in range(config.num_layers))
         self.norm = RMSNorm(weights["norm"], config.rms_norm_eps)
         head = self.embed if config.tie_word_embeddings else weights["lm_head"]
         self.lm_head = Linear(head)
@@ -115,8 +115,8 @@ class Llama(nn.Module):
         """input_ids, positions: [T] for all tokens of the step; returns hidden [T, C]."""
         x = kernels.embedding(input_ids, self.embed)
         residual = None
-        for i, block in enumerate(self.layers):
-            x, residual = block(i, x, residual, positions, self.cos_sin, attend)
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(i, x, residual, positions, self.cos_sin, attend)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,5 +2,5 @@
 from llama_engine.kernels.cpu.ops import (  # noqa: F401
     paged_attention, rms_norm, rope, sample, silu_and_mul, store_kv, store_kv_and_attend)
 from llama_engine.kernels.cpu.quant import dequantize, quant_matmul  # noqa: F401
-from llama_engine.kernels.cpu.block import (  # noqa: F401
-    block_output, decoder_layer, qkv_projection)
+from llama_engine.kernels.cpu.decoder_layer import (  # noqa: F401
+    o_proj_and_mlp, decoder_layer, qkv_projection)

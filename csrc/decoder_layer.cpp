@@ -1,7 +1,7 @@
-// Fused decoder-block ops for packed weights on the CPU. At decode each op of a block is a
+// Fused decoder-layer ops for packed weights on the CPU. At decode each op of a layer is a
 // few microseconds of work, about what one Python call into the extension costs, so:
 //   qkv_projection: RMSNorm -> QKV projection -> RoPE, one call;
-//   block_output:   output projection -> RMSNorm -> SwiGLU MLP, one call;
+//   o_proj_and_mlp:   output projection -> RMSNorm -> SwiGLU MLP, one call;
 //   decoder_layer:  both, with the paged-KV store and attention between them, one call.
 // They run the same kernel bodies as the unfused bindings (cpu_ops.h), so results are
 // identical to calling the ops one by one.
@@ -44,7 +44,7 @@ void matmul(const PackedArg& w, const float* x, int64_t M, int64_t K, int64_t N,
                          int8_activations && w.qtype != "NF4");
 }
 
-struct BlockShape {
+struct LayerShape {
     int64_t tokens, hidden, q_heads, kv_heads, head_dim;
     int64_t q_width() const { return q_heads * head_dim; }
     int64_t kv_width() const { return kv_heads * head_dim; }
@@ -61,7 +61,7 @@ float* scratch(std::vector<float>& buffer, int64_t elements) {
 // RoPE on q and k; q [T, H, D], k and v [T, Hkv, D] dense.
 void qkv_core(const float* x, const float* residual, const float* norm_weight, float eps,
               float* new_residual, const PackedArg& wqkv, const int64_t* positions,
-              const float* cos_sin, float* q, float* k, float* v, const BlockShape& s,
+              const float* cos_sin, float* q, float* k, float* v, const LayerShape& s,
               bool int8_activations) {
     thread_local std::vector<float> normed_buffer, qkv_buffer;
     float* normed = scratch(normed_buffer, s.tokens * s.hidden);
@@ -84,7 +84,7 @@ void qkv_core(const float* x, const float* residual, const float* norm_weight, f
 void output_core(const float* attn, int64_t attn_width, const float* residual,
                  const PackedArg& wo, const float* norm_weight, float eps,
                  const PackedArg& w_gate_up, const PackedArg& w_down, int64_t ffn_width,
-                 float* out, float* new_residual, const BlockShape& s, bool int8_activations) {
+                 float* out, float* new_residual, const LayerShape& s, bool int8_activations) {
     thread_local std::vector<float> h_buffer, normed_buffer, gate_up_buffer, act_buffer;
     float* h = scratch(h_buffer, s.tokens * s.hidden);
     float* normed = scratch(normed_buffer, s.tokens * s.hidden);
@@ -107,9 +107,9 @@ void check_output_weights(const PackedArg& wo, const PackedArg& w_gate_up,
 
 }  // namespace
 
-void register_block(py::module_& m) {
+void register_decoder_layer(py::module_& m) {
     // Tensors are addresses (data_ptr()), packed weights (address, rows, row_bytes, qtype)
-    // tuples; llama_engine/kernels/cpu/block.py checks dtypes and shapes. Checks that need
+    // tuples; llama_engine/kernels/cpu/decoder_layer.py checks dtypes and shapes. Checks that need
     // the data run here before the GIL is released (or, for the attention metadata, right
     // after: pybind11 re-acquires it while the exception unwinds).
     m.def("qkv_projection", [](std::uintptr_t x, std::uintptr_t residual,
@@ -120,7 +120,7 @@ void register_block(py::module_& m) {
                                std::uintptr_t v, int64_t tokens, int64_t hidden,
                                int64_t q_heads, int64_t kv_heads, int64_t head_dim,
                                bool int8_activations) {
-              const BlockShape s{tokens, hidden, q_heads, kv_heads, head_dim};
+              const LayerShape s{tokens, hidden, q_heads, kv_heads, head_dim};
               const PackedArg wqkv = packed_arg(wqkv_arg);
               check(wqkv, s.qkv_width(), hidden);
               check_positions(tensor_at<const int64_t>(positions), tokens, max_pos);
@@ -132,12 +132,12 @@ void register_block(py::module_& m) {
                        int8_activations);
           },
           "RMSNorm (residual add fused) -> QKV projection -> RoPE, into q, k, v.");
-    m.def("block_output", [](std::uintptr_t attn, int64_t attn_width, std::uintptr_t residual,
+    m.def("o_proj_and_mlp", [](std::uintptr_t attn, int64_t attn_width, std::uintptr_t residual,
                              const py::tuple& wo_arg, std::uintptr_t norm_weight, float eps,
                              const py::tuple& w_gate_up_arg, const py::tuple& w_down_arg,
                              std::uintptr_t out, std::uintptr_t new_residual, int64_t tokens,
                              int64_t hidden, int64_t ffn_width, bool int8_activations) {
-              const BlockShape s{tokens, hidden, 0, 0, 0};
+              const LayerShape s{tokens, hidden, 0, 0, 0};
               const PackedArg wo = packed_arg(wo_arg), w_gate_up = packed_arg(w_gate_up_arg),
                               w_down = packed_arg(w_down_arg);
               check_output_weights(wo, w_gate_up, w_down, attn_width, hidden, ffn_width);
@@ -171,7 +171,7 @@ void register_block(py::module_& m) {
               const auto cu_seqlens = step[6].cast<std::uintptr_t>();
               const int64_t num_seqs = step[7].cast<int64_t>();
               const float scale = step[8].cast<float>();
-              const BlockShape s{tokens, hidden, q_heads, kv_heads, head_dim};
+              const LayerShape s{tokens, hidden, q_heads, kv_heads, head_dim};
               const PackedArg wqkv = packed_arg(wqkv_arg), wo = packed_arg(wo_arg),
                               w_gate_up = packed_arg(w_gate_up_arg),
                               w_down = packed_arg(w_down_arg);
@@ -203,5 +203,5 @@ void register_block(py::module_& m) {
                           int8_activations);
           },
           "qkv_projection, store_kv + paged_attention over the layer's caches, then "
-          "block_output: one decoder block.");
+          "o_proj_and_mlp: one decoder layer.");
 }

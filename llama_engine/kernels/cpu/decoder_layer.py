@@ -1,6 +1,6 @@
-"""Torch-facing wrappers of the fused block halves (csrc/block.cpp) for packed weights.
+"""Torch-facing wrappers of the fused decoder-layer halves (csrc/decoder_layer.cpp) for packed weights.
 
-``qkv_projection`` and ``block_output`` compute exactly what ``llama_engine.kernels``
+``qkv_projection`` and ``o_proj_and_mlp`` compute exactly what ``llama_engine.kernels``
 composes from rms_norm, linear, rope and silu_and_mul, in one extension call each: at
 decode those ops take microseconds, about what a Python call costs. Like the other CPU
 wrappers they pass addresses, so the checks that keep the addresses safe are here.
@@ -82,7 +82,7 @@ def qkv_projection(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
     return q, k, v, new_residual
 
 
-def block_output(attn: torch.Tensor, residual: torch.Tensor, wo: PackedWeight,
+def o_proj_and_mlp(attn: torch.Tensor, residual: torch.Tensor, wo: PackedWeight,
                  norm_weight: torch.Tensor, eps: float, w_gate_up: PackedWeight,
                  w_down: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """attn [T, A] or [T, H, D]: h = attn @ wo^T; (normed, new_residual) = RMSNorm(h +
@@ -100,7 +100,7 @@ def block_output(attn: torch.Tensor, residual: torch.Tensor, wo: PackedWeight,
     down = _packed(w_down, hidden, ffn_width, "w_down")
     out = torch.empty(tokens, hidden, dtype=F32)
     new_residual = torch.empty(tokens, hidden, dtype=F32)
-    _C.block_output(rows.data_ptr(), wo.cols, residual.data_ptr(), out_weight,
+    _C.o_proj_and_mlp(rows.data_ptr(), wo.cols, residual.data_ptr(), out_weight,
                     norm_weight.data_ptr(), eps, gate_up, down, out.data_ptr(),
                     new_residual.data_ptr(), tokens, hidden, ffn_width,
                     INT8_ACTIVATIONS_DEFAULT)
@@ -111,8 +111,8 @@ def decoder_layer(layer: int, x: torch.Tensor, residual: torch.Tensor | None,
                   positions: torch.Tensor, cos_sin: torch.Tensor, weights,
                   attention) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv_projection, store_kv_and_attend over ``attention`` (a kernels.PagedAttention) for
-    ``layer``, then block_output, in one extension call; weights is a kernels.BlockWeights.
-    Returns (block output, new residual), both [T, C]."""
+    ``layer``, then o_proj_and_mlp, in one extension call; weights is a kernels.DecoderLayerWeights.
+    Returns (layer output, new residual), both [T, C]."""
     hidden = weights.attn_norm.shape[0]
     rows, positions, cos_sin = _token_inputs(x, hidden, positions, cos_sin)
     tokens, (max_pos, head_dim) = rows.shape[0], cos_sin.shape

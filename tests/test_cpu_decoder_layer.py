@@ -1,6 +1,6 @@
-"""The fused block halves on the CPU (csrc/block.cpp) against the torch reference.
+"""The fused decoder-layer halves on the CPU (csrc/decoder_layer.cpp) against the torch reference.
 
-``kernels.qkv_projection`` and ``kernels.block_output`` run one extension call each for
+``kernels.qkv_projection`` and ``kernels.o_proj_and_mlp`` run one extension call each for
 packed weights on the CPU. Here each is compared with the same chain built from
 kernels/reference.py on the dequantized weights in float64, over random shapes (token
 counts, head layouts, widths that are not multiples of the tile sizes) and every packed
@@ -79,7 +79,7 @@ def test_qkv_projection_matches_reference(seed: int, qtype: str, with_residual: 
 
 @pytest.mark.parametrize("qtype", FORMATS)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_block_output_matches_reference(seed: int, qtype: str) -> None:
+def test_o_proj_and_mlp_matches_reference(seed: int, qtype: str) -> None:
     g, s = _case(seed, qtype)
     T, C, F = s["tokens"], s["hidden"], s["ffn"]
     heads, D = s["kv_heads"] * s["group"], s["head_dim"]
@@ -90,7 +90,7 @@ def test_block_output_matches_reference(seed: int, qtype: str) -> None:
     residual = torch.randn(T, C, generator=g)
     norm_weight = torch.rand(C, generator=g) + 0.5
 
-    out, new_residual = kernels.block_output(attn, residual, wo, norm_weight, 1e-5,
+    out, new_residual = kernels.o_proj_and_mlp(attn, residual, wo, norm_weight, 1e-5,
                                              w_gate_up, w_down)
 
     h = attn.reshape(T, -1).double() @ wo_dense.T
@@ -119,7 +119,7 @@ def test_fused_and_composed_paths_agree_exactly() -> None:
                         positions, cos_sin)
     for got, want in zip(fused, (q, k, v.reshape(T, kv, D), new_residual)):
         assert torch.equal(got, want)
-    out, res2 = kernels.block_output(q, residual, wo, norm_weight, 1e-5, w_gate_up, w_down)
+    out, res2 = kernels.o_proj_and_mlp(q, residual, wo, norm_weight, 1e-5, w_gate_up, w_down)
     h2, want_res = kernels.rms_norm(kernels.linear(q.reshape(T, -1), wo), norm_weight, 1e-5,
                                     residual)
     want = kernels.linear(kernels.silu_and_mul(kernels.linear(h2, w_gate_up)), w_down)
@@ -143,16 +143,16 @@ def test_bad_shapes_are_refused_with_the_argument_named() -> None:
 
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_decoder_layer_in_one_call_equals_the_composed_block(seed: int,
+def test_decoder_layer_in_one_call_equals_the_composed_layer(seed: int,
                                                              with_residual: bool) -> None:
     """decoder_layer with kernels.PagedAttention runs qkv_projection, the paged store and
-    attention, and block_output in one extension call; the same block composed from those
+    attention, and o_proj_and_mlp in one extension call; the same layer composed from those
     ops (attend wrapped so it is not recognised) must give the same outputs and caches.
     The batch mixes a prefill chunk over a cached prefix with decode rows."""
     g, s = _case(seed, "Q4_1")
     C, F, D, kv = s["hidden"], s["ffn"], s["head_dim"], s["kv_heads"]
     heads = kv * s["group"]
-    weights = kernels.BlockWeights(
+    weights = kernels.DecoderLayerWeights(
         torch.rand(C, generator=g) + 0.5, _weight(g, (heads + 2 * kv) * D, C, "Q4_1")[0],
         _weight(g, C, heads * D, "Q4_1")[0], torch.rand(C, generator=g) + 0.5,
         _weight(g, 2 * F, C, "Q4_1")[0], _weight(g, C, F, "Q4_1")[0], 1e-5, heads, kv)
