@@ -72,8 +72,10 @@ def decode_cases() -> dict[str, Callable[[], object]]:
         torch.rand(HIDDEN) + 0.5, quantize(torch.randn(q_size + 2 * kv_size, HIDDEN), "Q4_1"),
         packed, torch.rand(HIDDEN) + 0.5, quantize(torch.randn(2 * FFN, HIDDEN), "Q4_1"),
         quantize(torch.randn(HIDDEN, FFN), "Q4_1"), 1e-5, HEADS, KV_HEADS)
-    attention = kernels.PagedAttention([k_cache], [v_cache], slots, block_tables,
-                                       context_lens, cu_seqlens_q, 0.125)
+    attention = kernels.PagedAttention([k_cache], [v_cache], kernels.AttentionMetadata(
+        slots, block_tables, context_lens, cu_seqlens_q, 0.125))
+    metadata = attention.metadata.native
+    fused_layer = kernels.fused_decoder_layer(layer)
     w = layer
     return {
         "rms_norm": lambda: ops.rms_norm(x, weight, 1e-5),
@@ -88,8 +90,10 @@ def decode_cases() -> dict[str, Callable[[], object]]:
             x, residual, w.attn_norm, w.eps, w.wqkv, positions, cos_sin, HEADS, KV_HEADS),
         "o_proj_and_mlp (fused)": lambda: decoder_layer.o_proj_and_mlp(
             q, residual, w.wo, w.ffn_norm, w.eps, w.w_gate_up, w.w_down),
-        "decoder_layer (one layer)": lambda: decoder_layer.decoder_layer(
-            0, x, residual, positions, cos_sin, w, attention),
+        "store_kv_and_attend (step metadata)": lambda: ops.store_kv_and_attend(
+            q, k, v, k_cache, v_cache, metadata),
+        "decoder_layer (one layer)": lambda: fused_layer(
+            0, x, residual, positions, cos_sin, attention),
     }
 
 

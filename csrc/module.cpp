@@ -5,6 +5,7 @@
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "llama-engine CPU kernels";
+    register_views(m);
     register_quant(m);
     register_norm(m);
     register_attention(m);

@@ -43,7 +43,9 @@ class ModelRunner:
         for cache in (*self.k_caches, *self.v_caches):
             cache[dst] = cache[src]
 
-    def _inputs(self, step: SchedulerOutput) -> dict[str, torch.Tensor]:
+    def _inputs(self, step: SchedulerOutput) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """The step's token inputs and paged-attention metadata as tensors, and the index
+        of each sampling sequence's last token (from the host lists: no device read)."""
         ids, positions, slots, cu_q, ctx_lens = [], [], [], [0], []
         max_blocks = max(len(s.seq.block_table) for s in step.scheduled)
         tables = []
@@ -62,23 +64,21 @@ class ModelRunner:
         def tensor(values, dtype=torch.int32):
             return torch.tensor(values, dtype=dtype, device=self.device)
 
+        last = [cu_q[i + 1] - 1 for i, s in enumerate(step.scheduled) if s.samples]
         return dict(input_ids=tensor(ids, torch.long), positions=tensor(positions, torch.long),
                     slot_mapping=tensor(slots, torch.long), cu_seqlens_q=tensor(cu_q),
-                    context_lens=tensor(ctx_lens), block_tables=tensor(tables))
+                    context_lens=tensor(ctx_lens), block_tables=tensor(tables)), last
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
         """Run one step; returns float32 logits [number of sampling sequences, vocab] in the
         order of ``step.scheduled`` (sequences whose chunk does not reach the end skip)."""
         self._copy_blocks(step.block_copies)
-        x = self._inputs(step)
-
-        attend = kernels.PagedAttention(self.k_caches, self.v_caches, x["slot_mapping"],
-                                        x["block_tables"], x["context_lens"],
-                                        x["cu_seqlens_q"], self.scale)
+        x, last = self._inputs(step)
+        metadata = kernels.AttentionMetadata(x["slot_mapping"], x["block_tables"],
+                                             x["context_lens"], x["cu_seqlens_q"], self.scale)
+        attend = kernels.PagedAttention(self.k_caches, self.v_caches, metadata)
         hidden = self.model(x["input_ids"], x["positions"], attend)
-        last = [int(x["cu_seqlens_q"][i + 1]) - 1
-                for i, s in enumerate(step.scheduled) if s.samples]
         if not last:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])
