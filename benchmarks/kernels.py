@@ -26,8 +26,10 @@ from typing import Callable
 
 
 def _apply_thread_count() -> None:
-    """--threads must reach OMP_NUM_THREADS before torch and llama_engine._C load OpenMP
-    (the OpenMP spin setting is llama_engine's own, applied on import)."""
+    """--threads must reach OMP_NUM_THREADS before torch and llama_engine._C load OpenMP,
+    and the engine's OpenMP spin policy likewise (as the llama-engine command sets it)."""
+    from llama_engine.openmp import configure_openmp
+    configure_openmp()
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--threads", type=int)
     threads = early.parse_known_args()[0].threads
@@ -35,11 +37,10 @@ def _apply_thread_count() -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 _apply_thread_count()
 
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama_engine.quant import PackedWeight, dequantize, quantize  # noqa: E402
 

@@ -83,6 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from llama_engine.openmp import configure_openmp
+    configure_openmp()  # first: libgomp reads it once, when torch loads it
     parser = argparse.ArgumentParser(prog="llama-engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
