@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 
 from llama_engine import kernels
-from llama_engine.kernels.cpu import decoder_layer, ops
+from llama_engine.kernels import cpu
+from llama_engine.kernels.cpu import ops
 from llama_engine.kernels.cpu import quant as cpu_quant
 from llama_engine.quant import quantize
 
@@ -86,9 +87,9 @@ def decode_cases() -> dict[str, Callable[[], object]]:
         "paged_attention": lambda: ops.paged_attention(q, k_cache, v_cache, block_tables,
                                                        context_lens, cu_seqlens_q, 0.125),
         "quant_matmul Q4_1 576x576": lambda: cpu_quant.quant_matmul(x, packed),
-        "qkv_projection (fused)": lambda: decoder_layer.qkv_projection(
+        "qkv_projection (fused)": lambda: cpu.qkv_projection(
             x, residual, w.attn_norm, w.eps, w.wqkv, positions, cos_sin, HEADS, KV_HEADS),
-        "o_proj_and_mlp (fused)": lambda: decoder_layer.o_proj_and_mlp(
+        "o_proj_and_mlp (fused)": lambda: cpu.o_proj_and_mlp(
             q, residual, w.wo, w.ffn_norm, w.eps, w.w_gate_up, w.w_down),
         "store_kv_and_attend (step metadata)": lambda: ops.store_kv_and_attend(
             q, k, v, k_cache, v_cache, metadata),
