@@ -413,8 +413,11 @@ def _serve(conn, run) -> None:
 
 
 def _engine_worker(conn, model: str | None, threads: int) -> None:
-    # OpenMP reads its thread count when the runtime starts, i.e. on the imports below.
+    # OpenMP reads its thread count and spin policy when the runtime starts, i.e. on the
+    # imports below: set both first, as the llama-engine command does.
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    from llama_engine.openmp import configure_openmp
+    configure_openmp()
     from llama_engine import LLM
     from llama_engine.loader import default_model_path
     import torch

@@ -26,8 +26,10 @@ from typing import Callable
 
 
 def _apply_thread_count() -> None:
-    """--threads must reach OMP_NUM_THREADS before torch and llama_engine._C load OpenMP
-    (the OpenMP spin setting is llama_engine's own, applied on import)."""
+    """--threads must reach OMP_NUM_THREADS before torch and llama_engine._C load OpenMP,
+    and the engine's OpenMP spin policy likewise (as the llama-engine command sets it)."""
+    from llama_engine.openmp import configure_openmp
+    configure_openmp()
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--threads", type=int)
     threads = early.parse_known_args()[0].threads
@@ -35,11 +37,10 @@ def _apply_thread_count() -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 _apply_thread_count()
 
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama_engine.quant import PackedWeight, dequantize, quantize  # noqa: E402
 
@@ -107,9 +108,10 @@ def cpu_backend(args: argparse.Namespace) -> list[Row]:
             qtype = "NF4" if precision == "nf4" else gguf_qtype
             weight = quantize(torch.randn(n, k) * WEIGHT_SCALE, qtype)
             dense = dequantize(weight)
+            view = cpu_quant.packed_view(weight)  # checked once, as a model layer's are
             for m in args.m:
                 x = torch.randn(m, k)
-                ours = median_ms(lambda: cpu_quant.quant_matmul(x, weight, isa, int8),
+                ours = median_ms(lambda: cpu_quant.quant_matmul(x, view, isa, int8),
                                  args.repeats, args.min_seconds)
                 ref = median_ms(lambda: torch.nn.functional.linear(x, dense), args.repeats,
                                 args.min_seconds)

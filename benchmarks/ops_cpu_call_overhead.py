@@ -4,9 +4,9 @@ SmolLM2-135M decode calls these ~300 times per token on one-row inputs, where th
 wrapper (argument checks, tensor -> extension hand-over, output allocation) can cost more
 than the kernel. Shapes: x [1, 576]; q [1, 9, 64] and k/v [1, 3, 64] as strided slices of
 a [1, 960] fused QKV output; caches [64 blocks, 16, 3, 64]; one sequence of context 100;
-quant_matmul of [1, 576] by a Q4_1 [576, 576] weight. The fused block ops (csrc/block.cpp)
+quant_matmul of [1, 576] by a Q4_1 [576, 576] weight. The fused decoder-layer ops (csrc/decoder_layer.cpp)
 run at the same shapes with random Q4_1 weights of one SmolLM2 layer: qkv_projection,
-block_output, and decoder_layer (both, with the paged store and attention between them),
+o_proj_and_mlp, and decoder_layer (both, with the paged store and attention between them),
 which together replace the nine single-op calls of a layer.
 
     .venv/bin/python benchmarks/ops_cpu_call_overhead.py [--calls N] [--rounds R] [--save]
@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 
 from llama_engine import kernels
-from llama_engine.kernels.cpu import block, ops
+from llama_engine.kernels import cpu
+from llama_engine.kernels.cpu import ops
 from llama_engine.kernels.cpu import quant as cpu_quant
 from llama_engine.quant import quantize
 
@@ -68,12 +69,14 @@ def decode_cases() -> dict[str, Callable[[], object]]:
     context_lens = torch.tensor([CONTEXT], dtype=torch.int32)
     cu_seqlens_q = torch.tensor([0, 1], dtype=torch.int32)
     packed = quantize(torch.randn(HIDDEN, HIDDEN), "Q4_1")
-    layer = kernels.BlockWeights(
+    layer = kernels.DecoderLayerWeights(
         torch.rand(HIDDEN) + 0.5, quantize(torch.randn(q_size + 2 * kv_size, HIDDEN), "Q4_1"),
         packed, torch.rand(HIDDEN) + 0.5, quantize(torch.randn(2 * FFN, HIDDEN), "Q4_1"),
         quantize(torch.randn(HIDDEN, FFN), "Q4_1"), 1e-5, HEADS, KV_HEADS)
-    attention = kernels.PagedAttention([k_cache], [v_cache], slots, block_tables,
-                                       context_lens, cu_seqlens_q, 0.125)
+    attention = kernels.PagedAttention([k_cache], [v_cache], kernels.AttentionMetadata(
+        slots, block_tables, context_lens, cu_seqlens_q, 0.125))
+    metadata = attention.metadata.native
+    fused_layer = kernels.fused_decoder_layer(layer)
     w = layer
     return {
         "rms_norm": lambda: ops.rms_norm(x, weight, 1e-5),
@@ -84,12 +87,14 @@ def decode_cases() -> dict[str, Callable[[], object]]:
         "paged_attention": lambda: ops.paged_attention(q, k_cache, v_cache, block_tables,
                                                        context_lens, cu_seqlens_q, 0.125),
         "quant_matmul Q4_1 576x576": lambda: cpu_quant.quant_matmul(x, packed),
-        "qkv_projection (fused)": lambda: block.qkv_projection(
+        "qkv_projection (fused)": lambda: cpu.qkv_projection(
             x, residual, w.attn_norm, w.eps, w.wqkv, positions, cos_sin, HEADS, KV_HEADS),
-        "block_output (fused)": lambda: block.block_output(
+        "o_proj_and_mlp (fused)": lambda: cpu.o_proj_and_mlp(
             q, residual, w.wo, w.ffn_norm, w.eps, w.w_gate_up, w.w_down),
-        "decoder_layer (one layer)": lambda: block.decoder_layer(
-            0, x, residual, positions, cos_sin, w, attention),
+        "store_kv_and_attend (step metadata)": lambda: ops.store_kv_and_attend(
+            q, k, v, k_cache, v_cache, metadata),
+        "decoder_layer (one layer)": lambda: fused_layer(
+            0, x, residual, positions, cos_sin, attention),
     }
 
 

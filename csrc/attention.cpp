@@ -27,22 +27,13 @@ constexpr int64_t kTileRowTarget = 32;  // query rows (tokens x group heads) per
 }  // namespace
 
 // Arguments: see cpu_ops.h.
-void llama_ops::store_kv(std::uintptr_t k, int64_t k_stride, std::uintptr_t v,
-                         int64_t v_stride, std::uintptr_t k_cache, std::uintptr_t v_cache,
-                         std::uintptr_t slot_mapping, int64_t tokens, int64_t width,
-                         int64_t capacity) {
-    const TokenRows<const float> k_rows{tensor_at<const float>(k), tokens, k_stride, width};
-    const TokenRows<const float> v_rows{tensor_at<const float>(v), tokens, v_stride, width};
-    float* k_dst = tensor_at<float>(k_cache);
-    float* v_dst = tensor_at<float>(v_cache);
-    const int64_t* slots = tensor_at<const int64_t>(slot_mapping);
-    for (int64_t t = 0; t < tokens; ++t) {
-        if (slots[t] >= capacity) fail("slot_mapping: slot beyond the cache");
-    }
-    parallel_for(tokens, worth_threading(tokens * width), [&](int64_t t) {
+void llama_ops::store_kv(const TokenRows<const float>& k, const TokenRows<const float>& v,
+                         const KvCache& cache, const int64_t* slots) {
+    const int64_t width = cache.width();
+    parallel_for(k.tokens, worth_threading(k.tokens * width), [&](int64_t t) {
         if (slots[t] < 0) return;  // padding token: nothing to store
-        std::memcpy(k_dst + slots[t] * width, k_rows.row(t), width * sizeof(float));
-        std::memcpy(v_dst + slots[t] * width, v_rows.row(t), width * sizeof(float));
+        std::memcpy(cache.k + slots[t] * width, k.row(t), width * sizeof(float));
+        std::memcpy(cache.v + slots[t] * width, v.row(t), width * sizeof(float));
     });
 }
 
@@ -315,13 +306,12 @@ void attend_tile(const AttentionProblem& p, const Tile& tile, TileScratch& s) {
 }
 
 // Checks the per-sequence metadata and cuts every sequence's query rows into tiles.
-std::vector<Tile> plan_tiles(const AttentionProblem& p, const int32_t* context_lens,
-                             const int32_t* cu_seqlens_q, int64_t num_seqs, int64_t num_blocks,
-                             int64_t tokens_per_tile) {
+std::vector<Tile> plan_tiles(const AttentionProblem& p, const AttentionMetadata& m,
+                             int64_t num_blocks, int64_t tokens_per_tile) {
     std::vector<Tile> tiles;
-    for (int64_t i = 0; i < num_seqs; ++i) {
-        const int64_t q_start = cu_seqlens_q[i], q_end = cu_seqlens_q[i + 1];
-        const int64_t q_len = q_end - q_start, ctx = context_lens[i];
+    for (int64_t i = 0; i < m.num_seqs; ++i) {
+        const int64_t q_start = m.cu_seqlens_q[i], q_end = m.cu_seqlens_q[i + 1];
+        const int64_t q_len = q_end - q_start, ctx = m.context_lens[i];
         if (q_len < 0 || q_start < 0 || q_end > p.q.tokens) fail("cu_seqlens_q: bad offsets");
         if (q_len == 0) continue;
         if (q_len > ctx) fail("context_lens: shorter than the sequence's query rows");
@@ -344,25 +334,14 @@ std::vector<Tile> plan_tiles(const AttentionProblem& p, const int32_t* context_l
 }  // namespace
 
 // Arguments: see cpu_ops.h.
-void llama_ops::paged_attention(std::uintptr_t q, int64_t q_stride, int64_t tokens,
-                                int64_t num_heads, int64_t head_dim, std::uintptr_t k_cache,
-                                std::uintptr_t v_cache, int64_t num_blocks, int64_t block_size,
-                                int64_t num_kv_heads, std::uintptr_t block_tables,
-                                int64_t max_blocks, std::uintptr_t context_lens,
-                                std::uintptr_t cu_seqlens_q, int64_t num_seqs, float scale,
-                                std::uintptr_t out) {
-    const AttentionProblem p{{tensor_at<const float>(q), tokens, q_stride, num_heads * head_dim},
-                             tensor_at<float>(out),
-                             tensor_at<const float>(k_cache),
-                             tensor_at<const float>(v_cache),
-                             tensor_at<const int32_t>(block_tables),
-                             max_blocks, block_size, num_heads, num_kv_heads, head_dim,
-                             scale};
+void llama_ops::paged_attention(const TokenRows<const float>& q, int64_t num_heads,
+                                const KvCache& cache, const AttentionMetadata& m, float* out) {
+    const int64_t head_dim = cache.head_dim, num_kv_heads = cache.kv_heads;
+    const AttentionProblem p{q, out, cache.k, cache.v, m.block_tables, m.max_blocks,
+                             cache.block_size, num_heads, num_kv_heads, head_dim, m.scale};
     const int64_t group = num_heads / num_kv_heads;
     const int64_t tokens_per_tile = std::max<int64_t>(1, kTileRowTarget / group);
-    const std::vector<Tile> tiles =
-        plan_tiles(p, tensor_at<const int32_t>(context_lens),
-                   tensor_at<const int32_t>(cu_seqlens_q), num_seqs, num_blocks, tokens_per_tile);
+    const std::vector<Tile> tiles = plan_tiles(p, m, cache.num_blocks, tokens_per_tile);
     const int64_t scratch_rows =
         (tokens_per_tile * group + kRowBlock - 1) / kRowBlock * kRowBlock;
     const int64_t n_tiles = static_cast<int64_t>(tiles.size());
@@ -382,59 +361,76 @@ void llama_ops::paged_attention(std::uintptr_t q, int64_t q_stride, int64_t toke
     }
 }
 
+namespace {
+
+// q [T, H, D] against the caches: its head dim, and heads a multiple of the KV heads.
+TokenRows<const float> query_rows(const TensorView& q, const KvCache& cache) {
+    if (q.ndim != 3 || q.sizes[1] % cache.kv_heads != 0) {
+        fail("q: expected [T, H, D] with H a multiple of the cache's KV heads");
+    }
+    return token_rows(q, "q", q.sizes[1], cache.head_dim);
+}
+
+// Writes of the attention output: a dense float32 tensor shaped like q.
+float* attention_out(const TensorView& out, const TokenRows<const float>& q, int64_t heads,
+                     int64_t head_dim) {
+    return dense<float>(out, "out", {q.tokens, heads, head_dim});
+}
+
+}  // namespace
+
 void register_attention(py::module_& m) {
-    // Tensors are passed as addresses (data_ptr()), checked by llama_engine/kernels/cpu/ops.py.
-    // The kernels check slots and sequence metadata before touching memory and throw with
-    // the GIL released, which pybind11 re-acquires while unwinding.
-    m.def("store_kv", [](std::uintptr_t k, int64_t k_stride, std::uintptr_t v,
-                         int64_t v_stride, std::uintptr_t k_cache, std::uintptr_t v_cache,
-                         std::uintptr_t slot_mapping, int64_t tokens, int64_t width,
-                         int64_t capacity) {
+    using namespace pybind11::literals;
+    // Tensors arrive as views (views.h), the step's metadata as one checked struct. The
+    // kernels check slots and sequence values before touching memory and throw with the
+    // GIL released, which pybind11 re-acquires while unwinding.
+    m.def("store_kv", [](const TensorView& k, const TensorView& v, const TensorView& k_cache,
+                         const TensorView& v_cache, const TensorView& slot_mapping) {
+              const KvCache cache(k_cache, v_cache);
+              const auto k_rows = token_rows(k, "k", cache.kv_heads, cache.head_dim);
+              const auto v_rows = token_rows(v, "v", cache.kv_heads, cache.head_dim);
+              if (v_rows.tokens != k_rows.tokens) fail("k/v: same number of tokens expected");
+              const int64_t* slots = dense<int64_t>(slot_mapping, "slot_mapping", {k_rows.tokens});
+              for (int64_t t = 0; t < k_rows.tokens; ++t) {
+                  if (slots[t] >= cache.capacity()) fail("slot_mapping: slot beyond the cache");
+              }
               py::gil_scoped_release release;
-              store_kv(k, k_stride, v, v_stride, k_cache, v_cache, slot_mapping, tokens, width,
-                       capacity);
+              store_kv(k_rows, v_rows, cache, slots);
           },
-          py::arg("k"), py::arg("k_stride"), py::arg("v"),
-          py::arg("v_stride"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
-          py::arg("tokens"), py::arg("width"), py::arg("capacity"),
+          "k"_a, "v"_a, "k_cache"_a, "v_cache"_a, "slot_mapping"_a,
           "Copy k/v [T, Hkv, D] into the paged caches at slot_mapping (int64 [T]); "
           "negative slots mark padding tokens and are skipped.");
-    m.def("paged_attention", [](std::uintptr_t q, int64_t q_stride, int64_t tokens,
-                                int64_t num_heads, int64_t head_dim, std::uintptr_t k_cache,
-                                std::uintptr_t v_cache, int64_t num_blocks, int64_t block_size,
-                                int64_t num_kv_heads, std::uintptr_t block_tables,
-                                int64_t max_blocks, std::uintptr_t context_lens,
-                                std::uintptr_t cu_seqlens_q, int64_t num_seqs, float scale,
-                                std::uintptr_t out) {
+    m.def("paged_attention", [](const TensorView& q, const TensorView& k_cache,
+                                const TensorView& v_cache, const AttentionMetadata& metadata,
+                                const TensorView& out) {
+              const KvCache cache(k_cache, v_cache);
+              const auto q_rows = query_rows(q, cache);
+              const int64_t heads = q.sizes[1];
+              float* out_data = attention_out(out, q_rows, heads, cache.head_dim);
               py::gil_scoped_release release;
-              paged_attention(q, q_stride, tokens, num_heads, head_dim, k_cache, v_cache,
-                              num_blocks, block_size, num_kv_heads, block_tables, max_blocks,
-                              context_lens, cu_seqlens_q, num_seqs, scale, out);
+              paged_attention(q_rows, heads, cache, metadata, out_data);
           },
-          py::arg("q"), py::arg("q_stride"),
-          py::arg("tokens"), py::arg("num_heads"), py::arg("head_dim"), py::arg("k_cache"),
-          py::arg("v_cache"), py::arg("num_blocks"), py::arg("block_size"),
-          py::arg("num_kv_heads"), py::arg("block_tables"), py::arg("max_blocks"),
-          py::arg("context_lens"), py::arg("cu_seqlens_q"), py::arg("num_seqs"),
-          py::arg("scale"), py::arg("out"),
+          "q"_a, "k_cache"_a, "v_cache"_a, "metadata"_a, "out"_a,
           "Causal GQA attention of q [T, H, D] over paged caches; writes out [T, H, D].");
     // Decode runs the two back to back in every layer: one call saves a Python round trip.
-    m.def("store_kv_and_attend", [](std::uintptr_t q, int64_t q_stride, std::uintptr_t k,
-                                    int64_t k_stride, std::uintptr_t v, int64_t v_stride,
-                                    std::uintptr_t slot_mapping, int64_t tokens,
-                                    int64_t num_heads, int64_t head_dim,
-                                    std::uintptr_t k_cache, std::uintptr_t v_cache,
-                                    int64_t num_blocks, int64_t block_size,
-                                    int64_t num_kv_heads, std::uintptr_t block_tables,
-                                    int64_t max_blocks, std::uintptr_t context_lens,
-                                    std::uintptr_t cu_seqlens_q, int64_t num_seqs, float scale,
-                                    std::uintptr_t out) {
+    m.def("store_kv_and_attend", [](const TensorView& q, const TensorView& k,
+                                    const TensorView& v, const TensorView& k_cache,
+                                    const TensorView& v_cache,
+                                    const AttentionMetadata& metadata, const TensorView& out) {
+              const KvCache cache(k_cache, v_cache);
+              const auto q_rows = query_rows(q, cache);
+              const auto k_rows = token_rows(k, "k", cache.kv_heads, cache.head_dim);
+              const auto v_rows = token_rows(v, "v", cache.kv_heads, cache.head_dim);
+              if (k_rows.tokens != q_rows.tokens || v_rows.tokens != q_rows.tokens) {
+                  fail("q, k and v: same number of tokens expected");
+              }
+              const int64_t* slots = metadata.slots_for(q_rows.tokens, cache);
+              const int64_t heads = q.sizes[1];
+              float* out_data = attention_out(out, q_rows, heads, cache.head_dim);
               py::gil_scoped_release release;
-              store_kv(k, k_stride, v, v_stride, k_cache, v_cache, slot_mapping, tokens,
-                       num_kv_heads * head_dim, num_blocks * block_size);
-              paged_attention(q, q_stride, tokens, num_heads, head_dim, k_cache, v_cache,
-                              num_blocks, block_size, num_kv_heads, block_tables, max_blocks,
-                              context_lens, cu_seqlens_q, num_seqs, scale, out);
+              store_kv(k_rows, v_rows, cache, slots);
+              paged_attention(q_rows, heads, cache, metadata, out_data);
           },
-          "store_kv of k, v at slot_mapping, then paged_attention of q (same arguments).");
+          "q"_a, "k"_a, "v"_a, "k_cache"_a, "v_cache"_a, "metadata"_a, "out"_a,
+          "store_kv of k, v at the metadata's slot_mapping, then paged_attention of q.");
 }

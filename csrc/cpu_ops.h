@@ -1,10 +1,13 @@
-// Kernel bodies shared by their own bindings and by the fused block ops (block.cpp). They
-// take dense float32 pointers unless said otherwise, never touch the GIL, and trust their
-// callers for shapes (the torch wrappers in llama_engine/kernels/cpu check them).
+// Kernel bodies shared by their own bindings and by the fused decoder-layer ops
+// (decoder_layer.cpp). They never touch the GIL. Those taking raw pointers trust their
+// callers for shapes; those taking views (views.h) get sizes that were checked when the
+// views were built.
 #pragma once
 
 #include <cstdint>
 #include <string>
+
+#include "views.h"
 
 namespace llama_ops {
 
@@ -26,23 +29,16 @@ void rope_rows(float* q, int64_t q_stride, int64_t q_heads, float* k, int64_t k_
 // out [rows, width] = silu(gate_up[:, :width]) * gate_up[:, width:].
 void silu_and_mul_rows(const float* gate_up, float* out, int64_t rows, int64_t width);
 
-// Copies k/v [tokens, Hkv, D] (tokens k_stride / v_stride floats apart, `width` = Hkv * D)
-// into the paged caches [capacity slots, Hkv, D] at slot_mapping (int64 [tokens]; negative:
-// padding, skipped). Throws std::invalid_argument for a slot at or beyond `capacity`.
-void store_kv(std::uintptr_t k, int64_t k_stride, std::uintptr_t v, int64_t v_stride,
-              std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t slot_mapping,
-              int64_t tokens, int64_t width, int64_t capacity);
+// Copies k/v rows [tokens, Hkv, D] into the paged caches at `slots` (int64 [tokens],
+// checked against the cache's capacity; negative: padding, skipped).
+void store_kv(const TokenRows<const float>& k, const TokenRows<const float>& v,
+              const KvCache& cache, const int64_t* slots);
 
-// Causal GQA attention of q [tokens, H, D] (tokens q_stride floats apart) over the paged
-// caches [num_blocks, block_size, Hkv, D]; block_tables int32 [>= num_seqs, max_blocks],
-// context_lens int32 [num_seqs], cu_seqlens_q int32 [num_seqs + 1] (values checked: throws
-// std::invalid_argument); writes out, dense [tokens, H, D].
-void paged_attention(std::uintptr_t q, int64_t q_stride, int64_t tokens, int64_t num_heads,
-                     int64_t head_dim, std::uintptr_t k_cache, std::uintptr_t v_cache,
-                     int64_t num_blocks, int64_t block_size, int64_t num_kv_heads,
-                     std::uintptr_t block_tables, int64_t max_blocks,
-                     std::uintptr_t context_lens, std::uintptr_t cu_seqlens_q, int64_t num_seqs,
-                     float scale, std::uintptr_t out);
+// Causal GQA attention of q [tokens, num_heads, D] over the paged caches, each sequence's
+// rows and blocks given by `metadata` (its values are checked: std::invalid_argument);
+// writes out, dense [tokens, num_heads, D].
+void paged_attention(const TokenRows<const float>& q, int64_t num_heads, const KvCache& cache,
+                     const AttentionMetadata& metadata, float* out);
 
 }  // namespace llama_ops
 

@@ -5,10 +5,11 @@
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "llama-engine CPU kernels";
+    register_views(m);
     register_quant(m);
     register_norm(m);
     register_attention(m);
     register_sampling(m);
-    register_block(m);
+    register_decoder_layer(m);
     register_lora(m);
 }

@@ -1,4 +1,4 @@
-// Element-wise hot ops of a transformer block: RMSNorm with the residual add fused in front,
+// Element-wise hot ops of a decoder layer: RMSNorm with the residual add fused in front,
 // rotary embedding (in place) and the SwiGLU activation. Threads split the tokens.
 #include <cmath>
 

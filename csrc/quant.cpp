@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "ops_common.h"
+#include "views.h"
 #include "quant_avx2.h"
 #include "quant_avx512.h"
 #include "quant_common.h"
@@ -21,6 +22,7 @@
 #include "quant_nf4.h"
 #include "quant_scalar.h"
 #include "cpu_ops.h"
+#include "views.h"
 #include "registry.h"
 
 namespace py = pybind11;
@@ -321,23 +323,29 @@ void packed_matmul(const float* x, int M, int K, const uint8_t* w, const std::st
 
 void register_quant(py::module_& m) {
     using namespace pybind11::literals;
-    // x dense float32 [M, K], w dense uint8 [w_rows, w_row_bytes], out dense float32 [M, N]:
-    // llama_engine/kernels/cpu/quant.py checks dtypes, devices and x's shape; the packed
-    // layout is checked here, where the formats' row sizes are known.
-    m.def("quant_matmul", [](std::uintptr_t x, int M, int K, std::uintptr_t w, int64_t w_rows,
-                             int64_t w_row_bytes, const std::string& qtype, int N,
-                             std::uintptr_t out, int isa, bool int8_activations) {
-              quant::check_packed_shape(w_rows, w_row_bytes, qtype, N, K);
+    // x dense float32 [..., K] (M rows in all), w a checked packed view, out dense float32
+    // [..., N] (views.h).
+    m.def("quant_matmul", [](const llama_ops::TensorView& x, const llama_ops::PackedWeightView& w,
+                             const llama_ops::TensorView& out, int isa, bool int8_activations) {
+              const float* x_rows = llama_ops::dense<float>(x, "x", x.ndim);
+              float* out_rows = llama_ops::dense<float>(out, "out", x.ndim);
+              if (x.ndim < 1 || x.sizes[x.ndim - 1] != w.cols) {
+                  throw std::invalid_argument("x: expected " + std::to_string(w.cols) +
+                                              " features (the weight's columns)");
+              }
+              const int64_t M = x.numel() / w.cols;
+              if (out.sizes[out.ndim - 1] != w.rows || out.numel() != M * w.rows) {
+                  throw std::invalid_argument("out: expected x's leading dims and the weight's rows");
+              }
+              if (M > INT32_MAX) throw std::invalid_argument("x: too many rows");
               py::gil_scoped_release release;
-              quant::packed_matmul(llama_ops::tensor_at<const float>(x), M, K,
-                                   llama_ops::tensor_at<const uint8_t>(w), qtype, N,
-                                   llama_ops::tensor_at<float>(out), isa, int8_activations);
+              quant::packed_matmul(x_rows, static_cast<int>(M), static_cast<int>(w.cols), w.data,
+                                   w.qtype, static_cast<int>(w.rows), out_rows, isa,
+                                   int8_activations);
           },
           "out[M, N] = x[M, K] @ dequantize(w)^T, in float32 or with int8-quantized "
-          "activations; isa: 0 auto, 1 scalar, 2 avx2, 3 avx512. x, w and out are addresses "
-          "(data_ptr()), checked by llama_engine/kernels/cpu/quant.py",
-          "x"_a, "m"_a, "k"_a, "w"_a, "w_rows"_a, "w_row_bytes"_a, "qtype"_a, "n"_a, "out"_a,
-          "isa"_a = 0, "int8_activations"_a = false);
+          "activations; isa: 0 auto, 1 scalar, 2 avx2, 3 avx512.",
+          "x"_a, "w"_a, "out"_a, "isa"_a = 0, "int8_activations"_a = false);
     m.def("dequantize", &quant::py_dequantize, "out[N, K] = dequantized packed rows w",
           "w"_a.noconvert(), "qtype"_a, "n"_a, "k"_a, "out"_a.noconvert());
     m.def("quant_isa", [](bool int8_activations) {

@@ -91,6 +91,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from llama_engine.openmp import configure_openmp
+    configure_openmp()  # first: libgomp reads it once, when torch loads it
     parser = argparse.ArgumentParser(prog="llama-engine")
     sub = parser.add_subparsers(dest="command", required=True)
 

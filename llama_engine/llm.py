@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Sequence as Seq
 
-from llama_engine.engine.llm_engine import EngineConfig, LLMEngine
+from llama_engine.openmp import configure_openmp
 from llama_engine.outputs import RequestOutput
 from llama_engine.sampling_params import SamplingParams
 
@@ -20,6 +20,8 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_kwargs):
+        configure_openmp()  # before the engine loads torch (too late if the caller did)
+        from llama_engine.engine.llm_engine import EngineConfig, LLMEngine
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self._ids = itertools.count()
 

@@ -138,6 +138,8 @@ def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m server.cli`: the same as `llama-engine serve`."""
+    from llama_engine.openmp import configure_openmp
+    configure_openmp()  # first: libgomp reads it once, when torch loads it
     parser = argparse.ArgumentParser(prog="llama-engine serve", description=__doc__)
     add_serve_arguments(parser)
     serve(parser.parse_args(argv))

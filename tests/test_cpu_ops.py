@@ -268,7 +268,8 @@ def test_store_kv_and_attend_matches_reference_store_then_attention(seed: int) -
     reference.store_kv(k, v, ref_k_cache, ref_v_cache, slots)
     expected = reference.paged_attention(q, ref_k_cache, ref_v_cache, tables, ctx, cu, scale)
 
-    out = ops.store_kv_and_attend(q, k, v, k_cache, v_cache, slots, tables, ctx, cu, scale)
+    metadata = ops.attention_metadata(slots, tables, ctx, cu, scale)
+    out = ops.store_kv_and_attend(q, k, v, k_cache, v_cache, metadata)
 
     torch.testing.assert_close(out, expected, **FLOAT_TOL)
     assert torch.equal(k_cache, ref_k_cache) and torch.equal(v_cache, ref_v_cache)

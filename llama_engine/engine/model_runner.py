@@ -45,6 +45,7 @@ class ModelRunner:
             cache[dst] = cache[src]
 
     def _inputs(self, step: SchedulerOutput) -> dict[str, torch.Tensor]:
+        """The step's token inputs and paged-attention metadata as tensors."""
         ids, positions, slots, cu_q, ctx_lens = [], [], [], [0], []
         max_blocks = max(len(s.seq.block_table) for s in step.scheduled)
         tables = []
@@ -74,12 +75,13 @@ class ModelRunner:
         requests that ask for prompt logprobs)."""
         self._copy_blocks(step.block_copies)
         x = self._inputs(step)
-
-        attend = kernels.PagedAttention(self.k_caches, self.v_caches, x["slot_mapping"],
-                                        x["block_tables"], x["context_lens"],
-                                        x["cu_seqlens_q"], self.scale)
+        metadata = kernels.AttentionMetadata(x["slot_mapping"], x["block_tables"],
+                                             x["context_lens"], x["cu_seqlens_q"], self.scale)
+        attend = kernels.PagedAttention(self.k_caches, self.v_caches, metadata)
         hidden = self.model(x["input_ids"], x["positions"], attend)
-        rows, chunk_start = [], 0  # rows of hidden: each sequence's logit_positions in turn
+        # Rows of hidden: each sequence's logit_positions in turn, from the host-side lists
+        # (reading cu_seqlens_q back would sync with the device).
+        rows, chunk_start = [], 0
         for s in step.scheduled:
             rows += [chunk_start + p - s.seq.num_computed_tokens for p in s.logit_positions]
             chunk_start += s.num_tokens

@@ -2,40 +2,56 @@
 
 Each function here picks the implementation for its inputs: Triton kernels for CUDA
 tensors, the C++ extension (``llama_engine._C``) for float32 CPU tensors, and the plain
-torch reference (``reference.py``) otherwise. ``LLAMA_ENGINE_KERNELS=torch`` forces the
-reference everywhere (for debugging and for A/B checks).
+torch reference (``reference.py``) otherwise. The choice follows ``KernelOptions``
+(``options.py``): ``LLAMA_ENGINE_KERNELS=torch`` forces the reference everywhere (for
+debugging and for A/B checks). When a gradient is needed (grad mode on and an input or
+weight that requires grad) every op takes a differentiable path: the torch reference, or
+for packed weights ``PackedLinear``, whose backward multiplies by one dequantized matrix
+at a time. The native kernels compute no gradients.
+
+A build whose extension fails to import is not silently slow: importing warns, and the
+first op that needed the extension raises, unless the options ask for the reference.
 """
 from __future__ import annotations
 
-import os
-from typing import Callable, NamedTuple
+import warnings
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from llama_engine.kernels import reference
+from llama_engine.kernels.options import KernelOptions, configure, options  # noqa: F401
 from llama_engine.quant import PackedWeight
-
-FORCE_TORCH = os.environ.get("LLAMA_ENGINE_KERNELS", "") == "torch"
 
 try:
     from llama_engine.kernels import cpu as _cpu
-except ImportError:  # extension not built: the torch reference still runs everything
-    _cpu = None
+    _cpu_import_error: ImportError | None = None
+except ImportError as error:
+    _cpu, _cpu_import_error = None, error
+    warnings.warn(f"llama_engine._C cannot be imported ({error}): the CPU kernels are "
+                  "missing and CPU ops will fail. Build them with `python setup.py "
+                  "build_ext --inplace`, or set LLAMA_ENGINE_KERNELS=torch to run the slow "
+                  "torch reference instead.", RuntimeWarning, stacklevel=2)
 
 
-def _needs_grad(t: Tensor) -> bool:
-    """The kernels compute no gradient: a tensor that autograd tracks takes the reference."""
-    return t.requires_grad and torch.is_grad_enabled()
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record an op over these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _use_triton(t: Tensor) -> bool:
-    return t.is_cuda and not FORCE_TORCH and not _needs_grad(t)
+    return t.is_cuda and options().backend == "auto"
 
 
 def _use_cpu(t: Tensor) -> bool:
-    return (_cpu is not None and not FORCE_TORCH and t.device.type == "cpu"
-            and t.dtype == torch.float32 and not _needs_grad(t))
+    if t.device.type != "cpu" or t.dtype != torch.float32 or options().backend != "auto":
+        return False
+    if _cpu is None:
+        raise RuntimeError(f"llama_engine._C cannot be imported ({_cpu_import_error}): rebuild "
+                           "it (`python setup.py build_ext --inplace`) or set "
+                           "LLAMA_ENGINE_KERNELS=torch to run the torch reference")
+    return True
 
 
 def _triton():
@@ -45,6 +61,9 @@ def _triton():
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float,
              residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """RMSNorm(x + residual) * weight and the new residual; see reference.rms_norm."""
+    if needs_grad(x, weight, residual):
+        return reference.rms_norm(x, weight, eps, residual)
     if _use_triton(x):
         return _triton().rms_norm(x, weight, eps, residual)
     if _use_cpu(x):
@@ -53,6 +72,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float,
 
 
 def rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of q [T, H, D] and k [T, Hkv, D]; see reference.rope (the native
+    kernels rotate in place)."""
+    if needs_grad(q, k):
+        return reference.rope(q, k, positions, cos_sin)
     if _use_triton(q):
         return _triton().rope(q, k, positions, cos_sin)
     if _use_cpu(q):
@@ -61,6 +84,9 @@ def rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tens
 
 
 def silu_and_mul(gate_up: Tensor) -> Tensor:
+    """SwiGLU: [..., 2F] = concat(gate, up) -> silu(gate) * up [..., F]."""
+    if needs_grad(gate_up):
+        return reference.silu_and_mul(gate_up)
     if _use_triton(gate_up):
         return _triton().silu_and_mul(gate_up)
     if _use_cpu(gate_up):
@@ -70,6 +96,9 @@ def silu_and_mul(gate_up: Tensor) -> Tensor:
 
 def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
              slot_mapping: Tensor) -> None:
+    """Write k, v [T, Hkv, D] into the paged caches at slot_mapping [T]."""
+    if needs_grad(k, v):
+        return reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
     if _use_triton(k):
         return _triton().store_kv(k, v, k_cache, v_cache, slot_mapping)
     if _use_cpu(k) and k_cache.dtype == torch.float32:
@@ -79,6 +108,10 @@ def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                     context_lens: Tensor, cu_seqlens_q: Tensor, scale: float) -> Tensor:
+    """Causal GQA attention of q [T, H, D] over paged caches; see reference.paged_attention."""
+    if needs_grad(q, k_cache, v_cache):
+        return reference.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                         cu_seqlens_q, scale)
     if _use_triton(q):
         return _triton().paged_attention(q, k_cache, v_cache, block_tables, context_lens,
                                          cu_seqlens_q, scale)
@@ -89,101 +122,114 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                                      cu_seqlens_q, scale)
 
 
+class AttentionMetadata:
+    """One step's paged-attention metadata (vLLM's names), the same for every layer.
+
+    slot_mapping int64 [T]: cache slot of each new token (block_id * block_size + offset;
+    negative: padding). block_tables int32 [S, max_blocks]; context_lens int32 [S] (each
+    sequence's tokens in the cache once the step's are stored); cu_seqlens_q int32 [S + 1]
+    (each sequence's query rows); scale: the softmax scale (head_dim ** -0.5). Either int
+    width is accepted and converted once here. ``native`` is the C++ kernels' checked copy
+    (None off the CPU), built here once a step rather than once a layer.
+    """
+
+    def __init__(self, slot_mapping: Tensor, block_tables: Tensor, context_lens: Tensor,
+                 cu_seqlens_q: Tensor, scale: float):
+        self.slot_mapping = slot_mapping.to(torch.int64)
+        self.block_tables = block_tables.to(torch.int32)
+        self.context_lens = context_lens.to(torch.int32)
+        self.cu_seqlens_q = cu_seqlens_q.to(torch.int32)
+        self.scale = scale
+        on_cpu = self.slot_mapping.device.type == "cpu" and options().backend == "auto"
+        self.native = (_cpu.attention_metadata(self.slot_mapping, self.block_tables,
+                                               self.context_lens, self.cu_seqlens_q, scale)
+                       if on_cpu and _cpu is not None else None)
+
+
 def store_kv_and_attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                        slot_mapping: Tensor, block_tables: Tensor, context_lens: Tensor,
-                        cu_seqlens_q: Tensor, scale: float) -> Tensor:
+                        metadata: AttentionMetadata) -> Tensor:
     """store_kv of the step's new keys and values, then paged_attention over the caches
     (one extension call on the CPU, where decode runs the pair in every layer)."""
-    if _use_cpu(q) and k_cache.dtype == torch.float32:
-        return _cpu.store_kv_and_attend(q, k, v, k_cache, v_cache, slot_mapping, block_tables,
-                                        context_lens, cu_seqlens_q, scale)
-    store_kv(k, v, k_cache, v_cache, slot_mapping)
-    return paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-                           scale)
+    if (metadata.native is not None and not needs_grad(q, k, v) and _use_cpu(q)
+            and k_cache.dtype == torch.float32):
+        return _cpu.store_kv_and_attend(q, k, v, k_cache, v_cache, metadata.native)
+    m = metadata
+    store_kv(k, v, k_cache, v_cache, m.slot_mapping)
+    return paged_attention(q, k_cache, v_cache, m.block_tables, m.context_lens,
+                           m.cu_seqlens_q, m.scale)
 
 
-def linear(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
-    """y = x @ W^T for a dense or packed (GGUF block format) weight."""
-    if isinstance(weight, PackedWeight):
-        if _use_triton(x):
-            return _triton().quant_matmul(x, weight)
-        if _use_cpu(x):
-            return _cpu.quant_matmul(x, weight)
-        return x @ dequantize(weight).to(x.dtype).t()
-    return torch.nn.functional.linear(x, weight)
+class PagedKV(NamedTuple):
+    """A layer's paged caches and the step's metadata: what a fused decoder-layer kernel
+    needs to store the new keys and values and attend by itself."""
+    k_cache: Tensor
+    v_cache: Tensor
+    metadata: AttentionMetadata
 
 
-# ---- decoder-block ops ---------------------------------------------------------------------
-# Packed weights on the CPU run each of these as one fused extension call (at decode every
-# op inside is cheaper than a Python call); everything else composes the ops above.
+class Attention(Protocol):
+    """Attention over past tokens, as the model sees it: ``attend(layer, q [T, H, D],
+    k, v [T, Hkv, D]) -> [T, H, D]``. ``paged_kv(layer)`` returns the layer's paged caches
+    when a fused decoder-layer kernel may run the store and attention itself, or None when
+    it must call the object (any other cache layout)."""
 
-# attend(layer, q [T, H, D], k, v [T, Hkv, D]) -> attention output [T, H, D]
-AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
 
-def _packed_on_cpu(*weights: Tensor | PackedWeight) -> bool:
-    for w in weights:
-        if not (isinstance(w, PackedWeight) and w.data.is_cpu):
-            return False
-    return True
-
-
-def qkv_projection(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float,
-                   wqkv: Tensor | PackedWeight, positions: Tensor, cos_sin: Tensor,
-                   num_heads: int, num_kv_heads: int
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """RMSNorm(x + residual) -> fused QKV projection -> RoPE on q and k.
-
-    Returns q [T, H, D], k and v [T, Hkv, D] (D = cos_sin's width) and the new residual
-    (x + residual; x itself when residual is None).
-    """
-    if _use_cpu(x) and _packed_on_cpu(wqkv):
-        return _cpu.qkv_projection(x, residual, norm_weight, eps, wqkv, positions, cos_sin,
-                                   num_heads, num_kv_heads)
-    h, residual = rms_norm(x, norm_weight, eps, residual)
-    head_dim = cos_sin.shape[1]
-    kv_size = num_kv_heads * head_dim
-    q, k, v = linear(h, wqkv).split([num_heads * head_dim, kv_size, kv_size], dim=-1)
-    q, k = rope(q.reshape(-1, num_heads, head_dim).contiguous(),
-                k.reshape(-1, num_kv_heads, head_dim).contiguous(), positions, cos_sin)
-    return q, k, v.reshape(-1, num_kv_heads, head_dim).contiguous(), residual
-
-
-def block_output(attn: Tensor, residual: Tensor, wo: Tensor | PackedWeight,
-                 norm_weight: Tensor, eps: float, w_gate_up: Tensor | PackedWeight,
-                 w_down: Tensor | PackedWeight) -> tuple[Tensor, Tensor]:
-    """Output projection, then RMSNorm with the residual add, then the SwiGLU MLP.
-
-    attn is [T, A] or [T, H, D]; returns (MLP output, new residual), both [T, C].
-    """
-    if _use_cpu(attn) and _packed_on_cpu(wo, w_gate_up, w_down):
-        return _cpu.block_output(attn, residual, wo, norm_weight, eps, w_gate_up, w_down)
-    h, residual = rms_norm(linear(attn.reshape(attn.shape[0], -1), wo), norm_weight, eps,
-                           residual)
-    return linear(silu_and_mul(linear(h, w_gate_up)), w_down), residual
+    def paged_kv(self, layer: int) -> PagedKV | None: ...
 
 
 class PagedAttention:
-    """``attend(layer, q, k, v)`` over paged KV caches for one step: stores the step's new
-    keys and values at their slots, then attends (``store_kv_and_attend``). The model only
-    calls it; ``decoder_layer`` recognises it and, on the CPU, runs the whole block with it
-    in one extension call."""
+    """``Attention`` over paged KV caches for one step: stores the step's new keys and
+    values at their slots, then attends (``store_kv_and_attend``)."""
 
-    def __init__(self, k_caches: list[Tensor], v_caches: list[Tensor], slot_mapping: Tensor,
-                 block_tables: Tensor, context_lens: Tensor, cu_seqlens_q: Tensor,
-                 scale: float):
-        self.k_caches, self.v_caches = k_caches, v_caches
-        self.slot_mapping, self.block_tables = slot_mapping, block_tables
-        self.context_lens, self.cu_seqlens_q, self.scale = context_lens, cu_seqlens_q, scale
-        self.cpu_step = None  # the CPU kernels' checked arguments, the same every layer
+    def __init__(self, k_caches: list[Tensor], v_caches: list[Tensor],
+                 metadata: AttentionMetadata):
+        self.k_caches, self.v_caches, self.metadata = k_caches, v_caches, metadata
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return store_kv_and_attend(q, k, v, self.k_caches[layer], self.v_caches[layer],
-                                   self.slot_mapping, self.block_tables, self.context_lens,
-                                   self.cu_seqlens_q, self.scale)
+                                   self.metadata)
+
+    def paged_kv(self, layer: int) -> PagedKV:
+        return PagedKV(self.k_caches[layer], self.v_caches[layer], self.metadata)
 
 
-class BlockWeights(NamedTuple):
-    """One decoder block's parameters, as ``decoder_layer`` takes them."""
+def linear(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
+    """y = x @ W^T: x [..., K], W [N, K] dense or packed (GGUF block format, NF4)."""
+    if isinstance(weight, PackedWeight):
+        if needs_grad(x):
+            return PackedLinear.apply(x, weight)
+        return _packed_matmul(x, weight)
+    return torch.nn.functional.linear(x, weight)
+
+
+def _packed_matmul(x: Tensor, weight: PackedWeight) -> Tensor:
+    if _use_triton(x):
+        return _triton().quant_matmul(x, weight)
+    if _use_cpu(x):
+        return _cpu.quant_matmul(x, weight)
+    return x @ dequantize(weight).to(x.dtype).t()
+
+
+class PackedLinear(torch.autograd.Function):
+    """y = x @ W^T for a frozen packed W, differentiable in x: dx = dy @ W, with W
+    dequantized for that one matmul and dropped after it, so a backward pass never holds
+    more than one layer's matrix unpacked (QLoRA trains adapters over such a base)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: PackedWeight) -> Tensor:
+        ctx.weight = weight
+        return _packed_matmul(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
+        return grad_out @ dequantize(ctx.weight).to(grad_out.dtype), None
+
+
+class DecoderLayerWeights(NamedTuple):
+    """One decoder layer's parameters, as ``fused_decoder_layer`` takes them: RMSNorm
+    weights [C], fused QKV [(H + 2 Hkv) D, C], output [C, H D], fused gate/up [2F, C] and
+    down [C, F] projections."""
     attn_norm: Tensor
     wqkv: Tensor | PackedWeight
     wo: Tensor | PackedWeight
@@ -195,25 +241,53 @@ class BlockWeights(NamedTuple):
     num_kv_heads: int
 
 
-def decoder_layer(layer: int, x: Tensor, residual: Tensor | None, positions: Tensor,
-                  cos_sin: Tensor, weights: BlockWeights, attend: AttendFn
-                  ) -> tuple[Tensor, Tensor]:
-    """One pre-norm decoder block: qkv_projection, attend(layer, q, k, v), block_output.
-    Returns (block output, new residual). Packed weights on the CPU with PagedAttention run
-    it as one extension call."""
-    w = weights
-    if (_use_cpu(x) and isinstance(attend, PagedAttention)
-            and attend.k_caches[layer].dtype == torch.float32
-            and _packed_on_cpu(w.wqkv, w.wo, w.w_gate_up, w.w_down)):
-        return _cpu.decoder_layer(layer, x, residual, positions, cos_sin, w, attend)
-    q, k, v, residual = qkv_projection(x, residual, w.attn_norm, w.eps, w.wqkv, positions,
-                                       cos_sin, w.num_heads, w.num_kv_heads)
-    return block_output(attend(layer, q, k, v), residual, w.wo, w.ffn_norm, w.eps,
-                        w.w_gate_up, w.w_down)
+class FusedDecoderLayer:
+    """One decoder layer (norm, QKV, RoPE, store + attend, output projection, norm, SwiGLU
+    MLP) as one C++ call: at decode each of those ops costs about what a Python call does.
+    Made by ``fused_decoder_layer``, once per layer's weights (checked then)."""
+
+    def __init__(self, weights: DecoderLayerWeights):
+        self.weights = weights
+        self._params = _cpu.decoder_layer_params(*weights)
+
+    def runs(self, x: Tensor) -> bool:
+        """Whether this kernel computes the layer for x: float32 on the CPU, under the
+        auto backend, with no gradient needed (the kernel computes none)."""
+        w = self.weights
+        return _use_cpu(x) and not needs_grad(x, w.attn_norm, w.ffn_norm)
+
+    def __call__(self, layer: int, x: Tensor, residual: Tensor | None, positions: Tensor,
+                 cos_sin: Tensor, attend: Attention) -> tuple[Tensor, Tensor]:
+        """x, residual [T, C] (residual None in the first layer), positions int64 [T];
+        returns (layer output, new residual). With paged float32 caches the store and the
+        attention run inside the call; any other ``attend`` runs between its two halves."""
+        kv = attend.paged_kv(layer)
+        if kv is not None and kv.metadata.native is not None \
+                and kv.k_cache.dtype == torch.float32:
+            return _cpu.decoder_layer(self._params, x, residual, positions, cos_sin,
+                                      kv.k_cache, kv.v_cache, kv.metadata.native)
+        w = self.weights
+        q, k, v, residual = _cpu.qkv_projection(x, residual, w.attn_norm, w.eps, w.wqkv,
+                                                positions, cos_sin, w.num_heads,
+                                                w.num_kv_heads)
+        return _cpu.o_proj_and_mlp(attend(layer, q, k, v), residual, w.wo, w.ffn_norm, w.eps,
+                                   w.w_gate_up, w.w_down)
+
+
+def fused_decoder_layer(weights: DecoderLayerWeights) -> FusedDecoderLayer | None:
+    """The fused kernel for one layer's weights, or None where there is none (dense
+    weights, weights off the CPU, the torch backend, no extension): then the caller composes
+    the layer from the ops above. Raises ValueError when the weights do not fit together."""
+    projections = (weights.wqkv, weights.wo, weights.w_gate_up, weights.w_down)
+    if (options().backend != "auto" or _cpu is None
+            or not all(isinstance(w, PackedWeight) and w.data.is_cpu for w in projections)):
+        return None
+    return FusedDecoderLayer(weights)
 
 
 def dequantize(weight: PackedWeight) -> Tensor:
-    if _cpu is not None and not FORCE_TORCH and weight.data.device.type == "cpu":
+    """float32 [rows, cols] of a packed weight."""
+    if weight.data.device.type == "cpu" and options().backend == "auto" and _cpu is not None:
         return _cpu.dequantize(weight)
     from llama_engine.quant import dequantize as torch_dequantize
     return torch_dequantize(weight)
@@ -310,15 +384,10 @@ class LoRAStack(NamedTuple):
     magnitude_ratio: Tensor | None
 
 
-def _lora_needs_grad(*tensors: Tensor | None) -> bool:
-    """The kernels write without autograd: a step that needs gradients takes the reference."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def lora_shrink(x: Tensor, a_stack: Tensor, mapping: LoRAMapping) -> Tensor:
     """h [T, P*R] float32 = x [T, K] @ A_slot^T per token, zero for tokens with no adapter
     (Punica's SGMV shrink)."""
-    if _lora_needs_grad(x, a_stack):
+    if needs_grad(x, a_stack):
         return reference.lora_shrink(x, a_stack, mapping.seg_indptr, mapping.seg_slots)
     if _use_triton(x):
         return _triton().lora_shrink(x, a_stack, mapping.seg_indptr, mapping.seg_slots,
@@ -334,7 +403,7 @@ def lora_expand(y: Tensor, h: Tensor, stack: LoRAStack, mapping: LoRAMapping) ->
     (Punica's SGMV expand; DoRA's per-row ratio fused in). Returns y."""
     args = (stack.b_stack, stack.slice_offsets, stack.scales, mapping.seg_indptr,
             mapping.seg_slots)
-    if _lora_needs_grad(y, h, stack.b_stack):
+    if needs_grad(y, h, stack.b_stack):
         return reference.lora_expand(y, h, *args, stack.magnitude_ratio)
     if _use_triton(y):
         return _triton().lora_expand(y, h, *args, mapping.max_seg_len, stack.magnitude_ratio)
@@ -346,7 +415,7 @@ def lora_expand(y: Tensor, h: Tensor, stack: LoRAStack, mapping: LoRAMapping) ->
 def add_lora(y: Tensor, x: Tensor, stack: LoRAStack, mapping: LoRAMapping) -> Tensor:
     """y (= x @ W^T, [T, N]) updated in place to the adapted projection of x [T, K]:
     lora_expand(y, lora_shrink(x)), one extension call on the CPU. Returns y."""
-    if (_use_cpu(x) and not _lora_needs_grad(x, y, stack.a_stack, stack.b_stack)
+    if (_use_cpu(x) and not needs_grad(x, y, stack.a_stack, stack.b_stack)
             and stack.a_stack.dtype in LORA_CPU_WEIGHT_DTYPES
             and stack.b_stack.dtype == stack.a_stack.dtype and y.is_contiguous()):
         return _cpu.add_lora(y, x, stack.a_stack, stack.b_stack, stack.slice_offsets,

@@ -1,12 +1,23 @@
 """The Llama model, whole, in one file: GQA attention, RoPE (llama3 scaling), SwiGLU,
 RMSNorm, tied or untied output head.
 
-The model only composes layers. Every hot op goes through ``llama_engine.kernels``, and
-attention over past tokens is the caller's business: ``forward`` takes an ``attend``
-function (layer index, q, k, v -> output) that the model runner builds over its paged KV
-cache, so nothing here knows how the cache is laid out.
+The decoder layer is written out step by step as in gpt-fast: norm, fused QKV projection,
+RoPE, attend, output projection, norm, fused gate/up projection, SiLU-and-multiply, down
+projection. Every hot op goes through ``llama_engine.kernels``, and attention over past
+tokens is the caller's business: ``forward`` takes an ``Attention`` (layer index, q, k, v ->
+output) that the model runner builds over its paged KV cache, so nothing here knows how the
+cache is laid out.
+
+Two seams hang off the layer:
+  * adapters: each projection is a ``Linear`` that adds the step's ``Adapters`` (LoRA and
+    friends) to its output; with none, the path is the base model's;
+  * the fused kernel: where ``kernels.fused_decoder_layer`` has one for the layer's weights
+    (packed weights on the CPU), the layer runs as one kernel call, as long as no adapter
+    or gradient is involved.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -16,7 +27,6 @@ from llama_engine.config import ModelConfig, rope_inv_freq
 from llama_engine.quant import PackedWeight
 
 Weight = torch.Tensor | PackedWeight
-AttendFn = kernels.AttendFn
 
 
 def concat_rows(weights: list[Weight]) -> Weight:
@@ -28,24 +38,66 @@ def concat_rows(weights: list[Weight]) -> Weight:
     return torch.cat(dense)
 
 
-class Linear(nn.Module):
-    """y = x @ W^T, W dense or packed; the kernel is chosen by ``kernels.linear``."""
+class Adapters(Protocol):
+    """The adapters of one step, as the projections see them.
 
-    def __init__(self, weight: Weight):
+    ``adapters(linear, x, y)`` returns y [T, N] plus each token's adapter update on that
+    projection: for the tokens served by adapter i, s_i * (x @ A_i^T) @ B_i^T on the output
+    columns of each module it targets (``linear.parts`` maps the PEFT module names of a
+    fused projection, e.g. q_proj / k_proj / v_proj, to their column ranges). Tokens with no
+    adapter get nothing added. A batched LoRA kernel (shrink, expand by token segment)
+    implements it; ``None`` instead of an Adapters runs the base model.
+    """
+
+    def __call__(self, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+class Linear(nn.Module):
+    """y = x @ W^T (+ the step's adapters), W [N, K] dense or packed.
+
+    A dense W is the parameter ``weight``. A packed W (GGUF block format or NF4) is the
+    uint8 buffer ``qweight`` [N, row bytes] with its format and shape as attributes, so
+    ``state_dict()``, ``.to()`` and ``buffers()`` see it. ``layer`` and ``parts`` (PEFT
+    module name -> output column range) tell an ``Adapters`` which projection this is.
+    """
+
+    def __init__(self, weight: Weight, layer: int = -1,
+                 parts: dict[str, tuple[int, int]] | None = None):
         super().__init__()
+        self.layer = layer
+        self.parts = parts or {}
         if isinstance(weight, PackedWeight):
-            self.packed = weight
             self.weight = None
+            self.register_buffer("qweight", weight.data)
+            self.qtype, self.rows, self.cols = weight.qtype, weight.rows, weight.cols
         else:
-            self.packed = None
             self.weight = nn.Parameter(weight, requires_grad=False)
+            self.qweight = None
+
+    @property
+    def packed(self) -> PackedWeight | None:
+        if self.qweight is None:
+            return None
+        return PackedWeight(self.qweight, self.qtype, self.rows, self.cols)
 
     @property
     def matrix(self) -> Weight:
-        return self.packed if self.packed is not None else self.weight
+        return self.weight if self.qweight is None else self.packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.matrix)
+    def forward(self, x: torch.Tensor, adapters: Adapters | None = None) -> torch.Tensor:
+        y = kernels.linear(x, self.matrix)
+        return y if adapters is None else adapters(self, x, y)
+
+
+class Embedding(nn.Module):
+    """Token embedding rows, dense (parameter ``weight``) or packed (buffer ``qweight``)."""
+
+    def __init__(self, weight: Weight):
+        super().__init__()
+        self.table = Linear(weight)  # same storage rules as a projection's weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return kernels.embedding(ids, self.table.matrix)
 
 
 class RMSNorm(nn.Module):
@@ -56,38 +108,77 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual): the pre-norm layer needs both."""
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
-class Block(nn.Module):
-    """Attention, then the SwiGLU MLP, each with a pre-norm and a residual: one
-    ``kernels.decoder_layer`` call (a single fused extension call on the CPU)."""
+class DecoderLayer(nn.Module):
+    """Attention, then the SwiGLU MLP, each with a pre-norm and a residual."""
 
-    def __init__(self, config: ModelConfig, w: dict[str, Weight]):
+    def __init__(self, config: ModelConfig, w: dict[str, Weight], layer: int):
         super().__init__()
+        eps = config.rms_norm_eps
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.attn_norm = RMSNorm(w["attn_norm"], config.rms_norm_eps)
-        self.wqkv = Linear(concat_rows([w["wq"], w["wk"], w["wv"]]))
-        self.wo = Linear(w["wo"])
-        self.ffn_norm = RMSNorm(w["ffn_norm"], config.rms_norm_eps)
-        self.w_gate_up = Linear(concat_rows([w["w_gate"], w["w_up"]]))
-        self.w_down = Linear(w["w_down"])
-        self._weights: kernels.BlockWeights | None = None  # gathered on first use
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.input_layernorm = RMSNorm(w["attn_norm"], eps)
+        self.qkv_proj = Linear(concat_rows([w["wq"], w["wk"], w["wv"]]), layer, _parts(
+            q_proj=self.q_size, k_proj=self.kv_size, v_proj=self.kv_size))
+        self.o_proj = Linear(w["wo"], layer, _parts(o_proj=config.hidden_size))
+        self.post_attention_layernorm = RMSNorm(w["ffn_norm"], eps)
+        ffn = config.intermediate_size
+        self.gate_up_proj = Linear(concat_rows([w["w_gate"], w["w_up"]]), layer,
+                                   _parts(gate_proj=ffn, up_proj=ffn))
+        self.down_proj = Linear(w["w_down"], layer, _parts(down_proj=config.hidden_size))
+        self._fused: kernels.FusedDecoderLayer | None = None
+        self._fused_checked = False  # asked kernels for a fused kernel yet
 
     def forward(self, layer: int, x: torch.Tensor, residual: torch.Tensor | None,
-                positions: torch.Tensor, cos_sin: torch.Tensor, attend: AttendFn
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._weights is None:
-            self._weights = kernels.BlockWeights(
-                self.attn_norm.weight, self.wqkv.matrix, self.wo.matrix, self.ffn_norm.weight,
-                self.w_gate_up.matrix, self.w_down.matrix, self.attn_norm.eps,
-                self.num_heads, self.num_kv_heads)
-        return kernels.decoder_layer(layer, x, residual, positions, cos_sin, self._weights,
-                                     attend)
+                positions: torch.Tensor, cos_sin: torch.Tensor, attend: kernels.Attention,
+                adapters: Adapters | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [T, C] (residual None in the first layer); returns (layer output,
+        new residual)."""
+        fused = self._fused_kernel()
+        if fused is not None and adapters is None and fused.runs(x):
+            return fused(layer, x, residual, positions, cos_sin, attend)
+        tokens = x.shape[0]
+        h, residual = self.input_layernorm(x, residual)
+        q, k, v = self.qkv_proj(h, adapters).split([self.q_size, self.kv_size, self.kv_size],
+                                                   dim=-1)
+        q, k = kernels.rope(q.reshape(tokens, self.num_heads, self.head_dim).contiguous(),
+                            k.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous(),
+                            positions, cos_sin)
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous()
+        attn = attend(layer, q, k, v)
+        h, residual = self.post_attention_layernorm(
+            self.o_proj(attn.reshape(tokens, -1), adapters), residual)
+        gate_up = self.gate_up_proj(h, adapters)
+        return self.down_proj(kernels.silu_and_mul(gate_up), adapters), residual
+
+    def _fused_kernel(self) -> kernels.FusedDecoderLayer | None:
+        if not self._fused_checked:
+            self._fused = kernels.fused_decoder_layer(kernels.DecoderLayerWeights(
+                self.input_layernorm.weight, self.qkv_proj.matrix, self.o_proj.matrix,
+                self.post_attention_layernorm.weight, self.gate_up_proj.matrix,
+                self.down_proj.matrix, self.input_layernorm.eps, self.num_heads,
+                self.num_kv_heads))
+            self._fused_checked = True
+        return self._fused
 
     def _apply(self, fn, recurse=True):
-        self._weights = None  # .to() and friends replace the parameters: gather them again
+        # .to() and friends replace the tensors: ask for the fused kernel again
+        self._fused, self._fused_checked = None, False
         return super()._apply(fn, recurse)
+
+
+def _parts(**widths: int) -> dict[str, tuple[int, int]]:
+    """Consecutive output column ranges of a fused projection, by PEFT module name."""
+    parts, start = {}, 0
+    for name, width in widths.items():
+        parts[name] = (start, start + width)
+        start += width
+    return parts
 
 
 def rope_cache(config: ModelConfig, max_positions: int) -> torch.Tensor:
@@ -101,22 +192,27 @@ class Llama(nn.Module):
     def __init__(self, config: ModelConfig, weights: dict[str, Weight]):
         super().__init__()
         self.config = config
-        self.embed = weights["embed"]
+        self.embed = Embedding(weights["embed"])
         self.layers = nn.ModuleList(
-            Block(config, _layer_weights(weights, i)) for i in range(config.num_layers))
+            DecoderLayer(config, _layer_weights(weights, i), i)
+            for i in range(config.num_layers))
         self.norm = RMSNorm(weights["norm"], config.rms_norm_eps)
-        head = self.embed if config.tie_word_embeddings else weights["lm_head"]
-        self.lm_head = Linear(head)
+        if config.tie_word_embeddings:  # one tensor for both (a parameter stays shared)
+            self.lm_head = Linear(weights["embed"])
+            if self.embed.table.weight is not None:
+                self.lm_head.weight = self.embed.table.weight
+        else:
+            self.lm_head = Linear(weights["lm_head"])
         self.register_buffer("cos_sin", rope_cache(config, config.max_position_embeddings),
                              persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attend: AttendFn) -> torch.Tensor:
+                attend: kernels.Attention, adapters: Adapters | None = None) -> torch.Tensor:
         """input_ids, positions: [T] for all tokens of the step; returns hidden [T, C]."""
-        x = kernels.embedding(input_ids, self.embed)
+        x = self.embed(input_ids)
         residual = None
-        for i, block in enumerate(self.layers):
-            x, residual = block(i, x, residual, positions, self.cos_sin, attend)
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(i, x, residual, positions, self.cos_sin, attend, adapters)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

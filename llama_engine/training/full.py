@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llama_engine.loader import load_model
-from llama_engine.model.llama import Block, Llama
+from llama_engine.model.llama import DecoderLayer, Llama
 from llama_engine.training.attention import PackedCausalAttention
 from llama_engine.training.batching import PackedBatch
 from llama_engine.training.checkpoint import (CAUSAL_LM, SEQUENCE_CLASSIFICATION, hf_config,
@@ -25,10 +25,7 @@ SCORE_HEAD = "score.weight"
 
 
 def _trainable_llama(loaded) -> Llama:
-    model = Llama(loaded.config, loaded.weights)
-    model.embed = nn.Parameter(model.embed)  # a plain tensor attribute in the serving model
-    if loaded.config.tie_word_embeddings:
-        model.lm_head.weight = model.embed
+    model = Llama(loaded.config, loaded.weights)  # a tied head shares the embedding parameter
     for p in model.parameters():
         p.requires_grad_(True)
     return model
@@ -39,27 +36,29 @@ def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     projections split back into their parts (rows in HF order, as the loaders keep them)."""
     c = model.config
     q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    out = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.norm.weight}
+    out = {"model.embed_tokens.weight": model.embed.table.weight,
+           "model.norm.weight": model.norm.weight}
     if not c.tie_word_embeddings:
         out["lm_head.weight"] = model.lm_head.weight
-    for i, block in enumerate(model.layers):
+    for i, layer in enumerate(model.layers):
         p = HF_LAYER.format(i)
-        q, k, v = block.wqkv.weight.split([q_rows, kv_rows, kv_rows])
-        gate, up = block.w_gate_up.weight.split([c.intermediate_size] * 2)
+        q, k, v = layer.qkv_proj.weight.split([q_rows, kv_rows, kv_rows])
+        gate, up = layer.gate_up_proj.weight.split([c.intermediate_size] * 2)
         out.update({
-            p + "input_layernorm.weight": block.attn_norm.weight,
+            p + "input_layernorm.weight": layer.input_layernorm.weight,
             p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-            p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": block.wo.weight,
-            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
+            p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": layer.o_proj.weight,
+            p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
             p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": block.w_down.weight})
+            p + "mlp.down_proj.weight": layer.down_proj.weight})
     return out
 
 
-def _checkpointed(block: Block):
-    """Block.forward recomputed in the backward pass instead of keeping its activations."""
+def _checkpointed(layer: DecoderLayer):
+    """DecoderLayer.forward recomputed in the backward pass instead of keeping its
+    activations."""
     def forward(*args):
-        return checkpoint(Block.forward, block, *args, use_reentrant=False)
+        return checkpoint(DecoderLayer.forward, layer, *args, use_reentrant=False)
     return forward
 
 
@@ -77,8 +76,8 @@ class FullFineTune:
         if keep_reference:
             self.frozen = copy.deepcopy(self.model).requires_grad_(False)
         if activation_checkpointing:
-            for block in self.model.layers:
-                block.forward = _checkpointed(block)
+            for layer in self.model.layers:
+                layer.forward = _checkpointed(layer)
         self._active = self.model
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:

@@ -19,7 +19,7 @@ passes numpy views.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, NoReturn
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -69,17 +69,6 @@ def _converted(t: torch.Tensor, dtype: torch.dtype, name: str, ndim: int) -> tor
     if t.dim() != ndim:
         _require_dims(t, name, ndim)
     return t
-
-
-def _cache_shape(t: torch.Tensor, name: str) -> torch.Size:
-    """Shape of a paged KV cache [num_blocks, block_size, Hkv, D]. The kernels read and
-    write it in place, so it must already be dense float32."""
-    if not (t.dtype is F32 and t.is_cpu and t.dim() == 4):
-        _require_float32(t, name)
-        _require_dims(t, name, 4)
-    if not t.is_contiguous():
-        _fail(name, "must be C-contiguous")
-    return t.shape
 
 
 def _token_rows(t: torch.Tensor, name: str) -> tuple[torch.Tensor, int, torch.Size]:
@@ -198,42 +187,25 @@ def _float32_rows_like(t: torch.Tensor, count: int, width: int) -> torch.Tensor:
     return torch.empty(*t.shape[:-1], width, dtype=F32)
 
 
+def attention_metadata(slot_mapping: torch.Tensor | None, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                       scale: float) -> _C.AttentionMetadata:
+    """A step's paged-attention metadata as the extension takes it, checked once (dtypes,
+    ranks, one entry per sequence, one slot per query token): slot_mapping int64 [T] (None
+    when the step only attends), block_tables int32 [S, max_blocks], context_lens int32
+    [S], cu_seqlens_q int32 [S + 1]. Either int width is accepted and converted here.
+    Raises ValueError naming the offending tensor."""
+    slots = None if slot_mapping is None else _converted(slot_mapping, I64, "slot_mapping", 1)
+    return _C.AttentionMetadata(slots, _converted(block_tables, I32, "block_tables", 2),
+                                _converted(context_lens, I32, "context_lens", 1),
+                                _converted(cu_seqlens_q, I32, "cu_seqlens_q", 1), scale)
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write k/v [T, Hkv, D] into the paged caches [blocks, block_size, Hkv, D] at
     slot_mapping [T] (int32 or int64; negative slots are padding and are skipped)."""
-    cache_shape = _cache_shape(k_cache, "k_cache")
-    if _cache_shape(v_cache, "v_cache") != cache_shape:
-        _fail("k_cache/v_cache", "same block layout expected")
-    num_blocks, block_size, kv_heads, head_dim = cache_shape
-    kv = _kv_rows(k, v, slot_mapping, kv_heads, head_dim)
-    _C.store_kv(kv.k, kv.k_stride, kv.v, kv.v_stride, k_cache.data_ptr(), v_cache.data_ptr(),
-                kv.slots, kv.tokens, kv_heads * head_dim, num_blocks * block_size)
-
-
-class _KvRows(NamedTuple):
-    """Addresses and token strides of k/v [T, Hkv, D] and slot_mapping [T], with the
-    tensors behind them (kept alive until the kernel returns)."""
-    k: int
-    k_stride: int
-    v: int
-    v_stride: int
-    slots: int
-    tokens: int
-    tensors: tuple
-
-
-def _kv_rows(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, kv_heads: int,
-             head_dim: int) -> _KvRows:
-    k_rows, k_stride, (tokens, k_heads, k_head_dim) = _token_rows(k, "k")
-    v_rows, v_stride, (v_tokens, v_heads, v_head_dim) = _token_rows(v, "v")
-    if not k_heads == v_heads == kv_heads or not k_head_dim == v_head_dim == head_dim:
-        _fail("k/v", "[T, Hkv, D] must match the cache's [Hkv, D]")
-    slots = _converted(slot_mapping, I64, "slot_mapping", 1)
-    if v_tokens != tokens or slots.numel() != tokens:
-        _fail("k, v and slot_mapping", "same number of tokens expected")
-    return _KvRows(k_rows.data_ptr(), k_stride, v_rows.data_ptr(), v_stride, slots.data_ptr(),
-                   tokens, (k_rows, v_rows, slots))
+    _C.store_kv(k, v, k_cache, v_cache, _converted(slot_mapping, I64, "slot_mapping", 1))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -241,57 +213,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     cu_seqlens_q: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal GQA attention of new query rows over each sequence's paged KV cache; see
     reference.paged_attention for the layout. Metadata may be int32 or int64."""
-    out, args, _ = _attention_args(q, k_cache, v_cache, block_tables, context_lens,
-                                   cu_seqlens_q, scale)
-    _C.paged_attention(*args)
+    out = torch.empty(q.shape, dtype=F32)
+    _C.paged_attention(q, k_cache, v_cache,
+                       attention_metadata(None, block_tables, context_lens, cu_seqlens_q, scale),
+                       out)
     return out
 
 
 def store_kv_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                        context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    """store_kv(k, v, ...) then paged_attention(q, ...), in one extension call."""
-    out, args, kept = _attention_args(q, k_cache, v_cache, block_tables, context_lens,
-                                      cu_seqlens_q, scale)
-    (q_ptr, q_stride, tokens, heads, head_dim, k_cache_ptr, v_cache_ptr, num_blocks,
-     block_size, kv_heads, *metadata) = args
-    kv = _kv_rows(k, v, slot_mapping, kv_heads, head_dim)
-    if kv.tokens != tokens:
-        _fail("k, v and q", "same number of tokens expected")
-    _C.store_kv_and_attend(q_ptr, q_stride, kv.k, kv.k_stride, kv.v, kv.v_stride, kv.slots,
-                           tokens, heads, head_dim, k_cache_ptr, v_cache_ptr, num_blocks, block_size,
-                           kv_heads, *metadata)
+                        metadata: _C.AttentionMetadata) -> torch.Tensor:
+    """store_kv(k, v) at the metadata's slots, then paged_attention(q), in one extension
+    call; metadata from ``attention_metadata`` (built once a step, used by every layer)."""
+    out = torch.empty(q.shape, dtype=F32)
+    _C.store_kv_and_attend(q, k, v, k_cache, v_cache, metadata, out)
     return out
-
-
-def _attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_tables: torch.Tensor, context_lens: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, scale: float) -> tuple:
-    """(out, the arguments of _C.paged_attention, the tensors behind its addresses)."""
-    q_rows, q_stride, (tokens, heads, head_dim) = _token_rows(q, "q")
-    cache_shape = _cache_shape(k_cache, "k_cache")
-    if _cache_shape(v_cache, "v_cache") != cache_shape:
-        _fail("v_cache", "shape must match k_cache")
-    num_blocks, block_size, kv_heads, cache_head_dim = cache_shape
-    if cache_head_dim != head_dim:
-        _fail("k_cache", "head dim must match q")
-    if kv_heads == 0 or heads % kv_heads != 0:
-        raise ValueError("q heads must be a multiple of the cache's KV heads")
-    tables = _converted(block_tables, I32, "block_tables", 2)
-    lens = _converted(context_lens, I32, "context_lens", 1)
-    cu_seqlens = _converted(cu_seqlens_q, I32, "cu_seqlens_q", 1)
-    num_seqs = lens.numel()
-    table_rows, max_blocks = tables.shape
-    if cu_seqlens.numel() != num_seqs + 1 or table_rows < num_seqs:
-        _fail("cu_seqlens_q / block_tables", "one entry per sequence expected")
-    out = torch.empty(tokens, heads, head_dim, dtype=F32)
-    args = (q_rows.data_ptr(), q_stride, tokens, heads, head_dim, k_cache.data_ptr(),
-            v_cache.data_ptr(), num_blocks, block_size, kv_heads, tables.data_ptr(),
-            max_blocks, lens.data_ptr(), cu_seqlens.data_ptr(), num_seqs, scale,
-            out.data_ptr())
-    return out, args, (q_rows, tables, lens, cu_seqlens)
 
 
 # ------------------------------------------------------------- sample (numpy views)

@@ -10,23 +10,21 @@ The weights stay in their GGUF block layout. Two precisions:
   (scale = absmax / 127) and the dot products are integer (AVX-512 VNNI / AVX2). Faster for
   many rows of x, but every output moves by up to sum over blocks of (d_x / 2) * sum |w|:
   ~0.5 % (relative 2-norm) for Gaussian x, 1-2 % on SmolLM2's real activations, which
-  changes greedy output, hence not the default. ``LLAMA_ENGINE_INT8_ACTIVATIONS=1`` makes it
-  the default for calls that do not choose (e.g. the dispatcher's ``kernels.linear``).
+  changes greedy output, hence not the default. ``KernelOptions.int8_activations`` (from
+  ``LLAMA_ENGINE_INT8_ACTIVATIONS=1``, see ``kernels/options.py``) makes it the default for
+  calls that do not choose (e.g. the dispatcher's ``kernels.linear``).
 
 NF4 weights (``llama_engine.quant.quantize_nf4``) run on the float32 path only.
 """
 from __future__ import annotations
 
 import enum
-import os
 
 import torch
 
 from llama_engine import _C
+from llama_engine.kernels.options import options
 from llama_engine.quant import PackedWeight
-
-
-INT8_ACTIVATIONS_DEFAULT = os.environ.get("LLAMA_ENGINE_INT8_ACTIVATIONS", "0") == "1"
 
 
 class Isa(enum.IntEnum):
@@ -60,6 +58,12 @@ def _packed_bytes(weight: PackedWeight) -> torch.Tensor:
     return data.contiguous()
 
 
+def packed_view(weight: PackedWeight) -> _C.PackedWeightView:
+    """The weight as the extension takes it: its uint8 rows (kept alive by the view), format
+    and [rows, cols], checked once (ValueError when the row size does not fit the format)."""
+    return _C.PackedWeightView(_packed_bytes(weight), weight.qtype, weight.rows, weight.cols)
+
+
 def dequantize(weight: PackedWeight) -> torch.Tensor:
     """float32 [rows, cols], bit-identical to ``llama_engine.quant.dequantize``."""
     out = torch.empty(weight.rows, weight.cols, dtype=torch.float32)
@@ -68,27 +72,21 @@ def dequantize(weight: PackedWeight) -> torch.Tensor:
     return out
 
 
-def quant_matmul(x: torch.Tensor, weight: PackedWeight, isa: Isa = Isa.AUTO,
-                 int8_activations: bool | None = None) -> torch.Tensor:
+def quant_matmul(x: torch.Tensor, weight: PackedWeight | _C.PackedWeightView,
+                 isa: Isa = Isa.AUTO, int8_activations: bool | None = None) -> torch.Tensor:
     """x float32 [..., K] @ dequantize(weight).T -> float32 [..., N] (int8_activations None:
-    INT8_ACTIVATIONS_DEFAULT)."""
-    # Decode calls this ~200 times per token on small matrices: the extension takes
-    # addresses, so a dense float32 x costs a few attribute reads and the output allocation.
+    the kernel options' default; NF4 has float32 kernels only). A caller that multiplies by
+    the same weight often may pass its ``packed_view`` to skip rebuilding it. Raises
+    ValueError for a dtype, device or shape that does not fit."""
+    view = weight if isinstance(weight, _C.PackedWeightView) else packed_view(weight)
     if x.dtype is not torch.float32 or not x.is_cpu:
         raise ValueError(f"quant_matmul needs float32 CPU activations, got {x.dtype} on {x.device}")
-    features = x.shape[-1]
-    if features != weight.cols:
-        raise ValueError(f"x has {features} features, the weight expects {weight.cols}")
     rows = x if x.is_contiguous() else x.contiguous()  # held until the kernel returns
-    count = rows.numel() // features if features else 0
-    packed = _packed_bytes(weight)
-    packed_rows, row_bytes = packed.shape
     if x.dim() == 2:  # the usual case, and the cheapest torch.empty call
-        out = torch.empty(count, weight.rows, dtype=torch.float32)
+        out = torch.empty(x.shape[0], view.rows, dtype=torch.float32)
     else:
-        out = torch.empty(*x.shape[:-1], weight.rows, dtype=torch.float32)
-    if int8_activations is None:  # NF4 has float32 kernels only
-        int8_activations = INT8_ACTIVATIONS_DEFAULT and weight.qtype != "NF4"
-    _C.quant_matmul(rows.data_ptr(), count, features, packed.data_ptr(), packed_rows, row_bytes,
-                    weight.qtype, weight.rows, out.data_ptr(), isa, int8_activations)
+        out = torch.empty(*x.shape[:-1], view.rows, dtype=torch.float32)
+    if int8_activations is None:
+        int8_activations = options().int8_activations and view.qtype != "NF4"
+    _C.quant_matmul(rows, view, out, isa, int8_activations)
     return out

@@ -10,22 +10,22 @@ import triton.language as tl
 from llama_engine.kernels.triton._launch import rows_view
 
 # Elements one program of silu_and_mul handles along the feature dim.
-SILU_BLOCK = 1024
+SILU_TILE = 1024
 # Row width below which one warp is enough for rms_norm; wider rows get more warps.
 ELEMENTS_PER_WARP = 256
 MAX_WARPS = 16
 
 
-def _warps_for(block: int) -> int:
-    return max(1, min(MAX_WARPS, block // ELEMENTS_PER_WARP))
+def _warps_for(tile: int) -> int:
+    return max(1, min(MAX_WARPS, tile // ELEMENTS_PER_WARP))
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
                      n_cols, x_row_stride, residual_row_stride, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, TILE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
+    cols = tl.arange(0, TILE)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
@@ -49,11 +49,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     new_residual = torch.empty_like(out) if residual is not None else x
     if x_rows.shape[0] == 0:
         return out, (x + residual if residual is not None else x)
-    block = triton.next_power_of_2(n_cols)
+    tile = triton.next_power_of_2(n_cols)
     _rms_norm_kernel[(x_rows.shape[0],)](
         x_rows, residual_rows, weight.contiguous(), out, new_residual,
         n_cols, x_rows.stride(0), residual_rows.stride(0), eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps_for(block))
+        HAS_RESIDUAL=residual is not None, TILE=tile, num_warps=_warps_for(tile))
     return out, new_residual
 
 
@@ -115,9 +115,9 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, n_features, row_stride, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, n_features, row_stride, TILE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
     mask = cols < n_features
     gate = tl.load(gate_up_ptr + row * row_stride + cols, mask=mask, other=0.0)
     up = tl.load(gate_up_ptr + row * row_stride + n_features + cols, mask=mask, other=0.0)
@@ -136,7 +136,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
                       device=gate_up.device)
     if rows.shape[0] == 0 or n_features == 0:
         return out
-    block = min(SILU_BLOCK, triton.next_power_of_2(n_features))
-    grid = (rows.shape[0], triton.cdiv(n_features, block))
-    _silu_and_mul_kernel[grid](rows, out, n_features, rows.stride(0), BLOCK=block)
+    tile = min(SILU_TILE, triton.next_power_of_2(n_features))
+    grid = (rows.shape[0], triton.cdiv(n_features, tile))
+    _silu_and_mul_kernel[grid](rows, out, n_features, rows.stride(0), TILE=tile)
     return out

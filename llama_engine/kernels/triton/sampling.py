@@ -21,7 +21,7 @@ import triton.language as tl
 from llama_engine.kernels.triton._launch import is_interpreter
 
 # Ranked logits a loop step of the sampling kernel reads, per execution mode.
-SAMPLE_BLOCK = {True: 256, False: 2048}
+SAMPLE_TILE = {True: 256, False: 2048}
 SAMPLE_WARPS = 8
 
 
@@ -34,13 +34,13 @@ def _weights(sorted_logits_row, ranks, n_valid, temperature, top_scaled):
 
 @triton.jit
 def _kept_mass(sorted_logits_row, vocab, temperature, top_scaled, top_k, top_p, min_p,
-               normaliser, BLOCK: tl.constexpr):
+               normaliser, TILE: tl.constexpr):
     """Pass 2: (number of kept ranks, their probability mass), walking ranks in order."""
     kept_count = 0
     kept_mass = tl.zeros([], tl.float64)
     mass_before_tile = tl.zeros([], tl.float64)
-    for tile_start in range(0, vocab, BLOCK):
-        ranks = tile_start + tl.arange(0, BLOCK)
+    for tile_start in range(0, vocab, TILE):
+        ranks = tile_start + tl.arange(0, TILE)
         in_vocab = ranks < vocab
         probs = _weights(sorted_logits_row, ranks, vocab, temperature, top_scaled) / normaliser
         mass_before = mass_before_tile + tl.cumsum(probs, axis=0) - probs
@@ -56,7 +56,7 @@ def _kept_mass(sorted_logits_row, vocab, temperature, top_scaled, top_k, top_p, 
 @triton.jit
 def _sample_kernel(sorted_logits_ptr, order_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
                    min_p_ptr, uniform_ptr, out_ptr, vocab, row_stride, order_row_stride,
-                   BLOCK: tl.constexpr):
+                   TILE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     sorted_logits_row = sorted_logits_ptr + row * row_stride
     order_row = order_ptr + row * order_row_stride
@@ -66,20 +66,20 @@ def _sample_kernel(sorted_logits_ptr, order_ptr, temperature_ptr, top_k_ptr, top
         top_scaled = tl.load(sorted_logits_row).to(tl.float64) / temperature
         # Pass 1: softmax normaliser relative to the top logit.
         normaliser = tl.zeros([], tl.float64)
-        for tile_start in range(0, vocab, BLOCK):
-            ranks = tile_start + tl.arange(0, BLOCK)
+        for tile_start in range(0, vocab, TILE):
+            ranks = tile_start + tl.arange(0, TILE)
             normaliser += tl.sum(_weights(sorted_logits_row, ranks, vocab, temperature,
                                           top_scaled), axis=0)
         kept_count, kept_mass = _kept_mass(
             sorted_logits_row, vocab, temperature, top_scaled, tl.load(top_k_ptr + row),
             tl.load(top_p_ptr + row).to(tl.float64), tl.load(min_p_ptr + row).to(tl.float64),
-            normaliser, BLOCK)
+            normaliser, TILE)
         target = tl.load(uniform_ptr + row).to(tl.float64) * kept_mass
         # Pass 3: count kept ranks whose running sum stays <= target.
         chosen_rank = 0
         running_before_tile = tl.zeros([], tl.float64)
-        for tile_start in range(0, kept_count, BLOCK):
-            ranks = tile_start + tl.arange(0, BLOCK)
+        for tile_start in range(0, kept_count, TILE):
+            ranks = tile_start + tl.arange(0, TILE)
             probs = _weights(sorted_logits_row, ranks, kept_count, temperature,
                              top_scaled) / normaliser
             running = running_before_tile + tl.cumsum(probs, axis=0)
@@ -104,8 +104,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     # Per-row parameters may come from the host; the kernel reads them with unit stride.
     params = [p.to(logits.device).contiguous()
               for p in (temperature, top_k, top_p, min_p, uniform)]
-    block = min(SAMPLE_BLOCK[is_interpreter()], triton.next_power_of_2(vocab))
+    tile = min(SAMPLE_TILE[is_interpreter()], triton.next_power_of_2(vocab))
     _sample_kernel[(n_rows,)](
         sorted_logits, order, *params, out, vocab, sorted_logits.stride(0), order.stride(0),
-        BLOCK=block, num_warps=SAMPLE_WARPS)
+        TILE=tile, num_warps=SAMPLE_WARPS)
     return out

@@ -1,7 +1,8 @@
-"""The fused block halves on the CPU (csrc/block.cpp) against the torch reference.
+"""The fused decoder-layer ops on the CPU (csrc/decoder_layer.cpp) against the torch
+reference.
 
-``kernels.qkv_projection`` and ``kernels.block_output`` run one extension call each for
-packed weights on the CPU. Here each is compared with the same chain built from
+``cpu.qkv_projection`` and ``cpu.o_proj_and_mlp`` run one extension call each for packed
+weights on the CPU, ``kernels.FusedDecoderLayer`` the whole layer. Here each is compared with the same chain built from
 kernels/reference.py on the dequantized weights in float64, over random shapes (token
 counts, head layouts, widths that are not multiples of the tile sizes) and every packed
 format, with fresh random inputs per case.
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 try:
-    from llama_engine.kernels import cpu  # noqa: F401
+    from llama_engine.kernels import cpu
 except ImportError as exc:  # extension not built in this checkout
     pytest.skip(f"llama_engine._C cannot be imported ({exc})", allow_module_level=True)
 
@@ -63,7 +64,7 @@ def test_qkv_projection_matches_reference(seed: int, qtype: str, with_residual: 
     positions = torch.randint(0, 500, (T,), generator=g)
     cos_sin = _cos_sin(g, 500, D)
 
-    q, k, v, new_residual = kernels.qkv_projection(x, residual, norm_weight, 1e-5, wqkv,
+    q, k, v, new_residual = cpu.qkv_projection(x, residual, norm_weight, 1e-5, wqkv,
                                                    positions, cos_sin, heads, kv_heads)
 
     h, ref_residual = reference.rms_norm(x.double(), norm_weight.double(), 1e-5,
@@ -79,7 +80,7 @@ def test_qkv_projection_matches_reference(seed: int, qtype: str, with_residual: 
 
 @pytest.mark.parametrize("qtype", FORMATS)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_block_output_matches_reference(seed: int, qtype: str) -> None:
+def test_o_proj_and_mlp_matches_reference(seed: int, qtype: str) -> None:
     g, s = _case(seed, qtype)
     T, C, F = s["tokens"], s["hidden"], s["ffn"]
     heads, D = s["kv_heads"] * s["group"], s["head_dim"]
@@ -90,7 +91,7 @@ def test_block_output_matches_reference(seed: int, qtype: str) -> None:
     residual = torch.randn(T, C, generator=g)
     norm_weight = torch.rand(C, generator=g) + 0.5
 
-    out, new_residual = kernels.block_output(attn, residual, wo, norm_weight, 1e-5,
+    out, new_residual = cpu.o_proj_and_mlp(attn, residual, wo, norm_weight, 1e-5,
                                              w_gate_up, w_down)
 
     h = attn.reshape(T, -1).double() @ wo_dense.T
@@ -111,7 +112,7 @@ def test_fused_and_composed_paths_agree_exactly() -> None:
     x, residual = torch.randn(T, C, generator=g), torch.randn(T, C, generator=g)
     norm_weight, positions = torch.rand(C, generator=g) + 0.5, torch.arange(3, 3 + T)
     cos_sin = _cos_sin(g, 64, D)
-    fused = kernels.qkv_projection(x, residual, norm_weight, 1e-5, wqkv, positions, cos_sin,
+    fused = cpu.qkv_projection(x, residual, norm_weight, 1e-5, wqkv, positions, cos_sin,
                                    4, kv)
     h, new_residual = kernels.rms_norm(x, norm_weight, 1e-5, residual)
     q, k, v = kernels.linear(h, wqkv).split([4 * D, kv * D, kv * D], -1)
@@ -119,7 +120,7 @@ def test_fused_and_composed_paths_agree_exactly() -> None:
                         positions, cos_sin)
     for got, want in zip(fused, (q, k, v.reshape(T, kv, D), new_residual)):
         assert torch.equal(got, want)
-    out, res2 = kernels.block_output(q, residual, wo, norm_weight, 1e-5, w_gate_up, w_down)
+    out, res2 = cpu.o_proj_and_mlp(q, residual, wo, norm_weight, 1e-5, w_gate_up, w_down)
     h2, want_res = kernels.rms_norm(kernels.linear(q.reshape(T, -1), wo), norm_weight, 1e-5,
                                     residual)
     want = kernels.linear(kernels.silu_and_mul(kernels.linear(h2, w_gate_up)), w_down)
@@ -131,28 +132,29 @@ def test_bad_shapes_are_refused_with_the_argument_named() -> None:
     wqkv, _ = _weight(g, 3 * 32, 64, "Q4_1")
     cos_sin = _cos_sin(g, 16, 32)
     with pytest.raises(ValueError, match="wqkv"):  # 1 + 2 * 1 heads of 32 = 96 rows
-        kernels.qkv_projection(torch.randn(2, 64), None, torch.ones(64), 1e-5, wqkv,
+        cpu.qkv_projection(torch.randn(2, 64), None, torch.ones(64), 1e-5, wqkv,
                                torch.arange(2), cos_sin, 2, 1)
     with pytest.raises(ValueError, match="positions"):
-        kernels.qkv_projection(torch.randn(2, 64), None, torch.ones(64), 1e-5, wqkv,
+        cpu.qkv_projection(torch.randn(2, 64), None, torch.ones(64), 1e-5, wqkv,
                                torch.tensor([0, 99]), cos_sin, 1, 1)
     with pytest.raises(ValueError, match="residual"):
-        kernels.qkv_projection(torch.randn(2, 64), torch.randn(3, 64), torch.ones(64), 1e-5,
+        cpu.qkv_projection(torch.randn(2, 64), torch.randn(3, 64), torch.ones(64), 1e-5,
                                wqkv, torch.arange(2), cos_sin, 1, 1)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_decoder_layer_in_one_call_equals_the_composed_block(seed: int,
+def test_decoder_layer_in_one_call_equals_the_composed_layer(seed: int,
                                                              with_residual: bool) -> None:
-    """decoder_layer with kernels.PagedAttention runs qkv_projection, the paged store and
-    attention, and block_output in one extension call; the same block composed from those
-    ops (attend wrapped so it is not recognised) must give the same outputs and caches.
+    """With kernels.PagedAttention the fused layer runs qkv_projection, the paged store and
+    attention, and o_proj_and_mlp in one extension call; with an attention that offers no
+    paged caches it calls those three one by one, which must give the same outputs and
+    caches.
     The batch mixes a prefill chunk over a cached prefix with decode rows."""
     g, s = _case(seed, "Q4_1")
     C, F, D, kv = s["hidden"], s["ffn"], s["head_dim"], s["kv_heads"]
     heads = kv * s["group"]
-    weights = kernels.BlockWeights(
+    weights = kernels.DecoderLayerWeights(
         torch.rand(C, generator=g) + 0.5, _weight(g, (heads + 2 * kv) * D, C, "Q4_1")[0],
         _weight(g, C, heads * D, "Q4_1")[0], torch.rand(C, generator=g) + 0.5,
         _weight(g, 2 * F, C, "Q4_1")[0], _weight(g, C, F, "Q4_1")[0], 1e-5, heads, kv)
@@ -168,19 +170,30 @@ def test_decoder_layer_in_one_call_equals_the_composed_block(seed: int,
     caches = [torch.randn(num_blocks, block_size, kv, D, generator=g) for _ in range(2 * layers)]
 
     def attention(k_caches, v_caches):
-        return kernels.PagedAttention(
-            k_caches, v_caches, torch.tensor(slots), tables,
+        return kernels.PagedAttention(k_caches, v_caches, kernels.AttentionMetadata(
+            torch.tensor(slots), tables,
             torch.tensor([p + q for p, q in zip(prefixes, q_lens)], dtype=torch.int32),
-            torch.tensor([0, 5, 6, 7], dtype=torch.int32), D ** -0.5)
+            torch.tensor([0, 5, 6, 7], dtype=torch.int32), D ** -0.5))
+
+    class Unpaged:  # the same attention, without paged_kv: the layer runs in two halves
+        def __init__(self, paged):
+            self.paged = paged
+
+        def __call__(self, *args):
+            return self.paged(*args)
+
+        def paged_kv(self, layer):
+            return None
 
     x = torch.randn(tokens, C, generator=g)
     residual = torch.randn(tokens, C, generator=g) if with_residual else None
     cos_sin = _cos_sin(g, 32, D)
     fused_caches = [c.clone() for c in caches]
-    fused = kernels.decoder_layer(1, x, residual, torch.tensor(positions), cos_sin, weights,
-                                  attention(fused_caches[:layers], fused_caches[layers:]))
-    paged = attention(caches[:layers], caches[layers:])
-    composed = kernels.decoder_layer(1, x, residual, torch.tensor(positions), cos_sin, weights,
-                                     lambda *args: paged(*args))
+    layer = kernels.fused_decoder_layer(weights)
+    assert layer is not None and layer.runs(x)
+    fused = layer(1, x, residual, torch.tensor(positions), cos_sin,
+                  attention(fused_caches[:layers], fused_caches[layers:]))
+    composed = layer(1, x, residual, torch.tensor(positions), cos_sin,
+                     Unpaged(attention(caches[:layers], caches[layers:])))
     assert torch.equal(fused[0], composed[0]) and torch.equal(fused[1], composed[1])
     assert all(torch.equal(a, b) for a, b in zip(fused_caches, caches))

@@ -1,0 +1,225 @@
+"""The model's seams: packed weights in the module tree, dispatch that honours autograd, and
+the per-projection adapter hook.
+
+References: transformers' own gradients for the same checkpoint, torch autograd on a
+dequantized copy for the packed matmul, and hand-written torch formulas for the ops.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama_engine import kernels
+from llama_engine.loader import load_model
+from llama_engine.model.llama import Linear, Llama
+from llama_engine.quant import dequantize, quantize
+from tests.conftest import make_tiny_llama
+
+FORMATS = ["Q4_0", "Q4_1", "Q8_0", "NF4"]
+# float32 sums of a few hundred terms, computed in another order
+GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
+# the packed kernels sum in another order than torch's matmul, gradients reach ~3
+PACKED_GRAD_TOL = dict(rtol=1e-4, atol=1e-4)
+PROMPT_TOKENS = 24
+BLOCK_SIZE = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama-grad")))
+
+
+def _prefill(model: Llama, ids: torch.Tensor, adapters=None) -> torch.Tensor:
+    """Logits of one sequence's prefill through fresh paged caches."""
+    c = model.config
+    blocks = -(-len(ids) // BLOCK_SIZE)
+    shape = (blocks, BLOCK_SIZE, c.num_kv_heads, c.head_dim)
+    caches = [torch.zeros(shape) for _ in range(2 * c.num_layers)]
+    metadata = kernels.AttentionMetadata(
+        torch.arange(len(ids)), torch.arange(blocks)[None], torch.tensor([len(ids)]),
+        torch.tensor([0, len(ids)]), c.head_dim ** -0.5)
+    attend = kernels.PagedAttention(caches[:c.num_layers], caches[c.num_layers:], metadata)
+    hidden = model(ids, torch.arange(len(ids)), attend, adapters)
+    return model.compute_logits(hidden)
+
+
+def _ids(seed: int) -> torch.Tensor:
+    return torch.randint(0, 49152, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_tiny_model_gradients_equal_transformers(tiny_checkpoint) -> None:
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    loaded = load_model(tiny_checkpoint)
+    ours = Llama(loaded.config, loaded.weights)
+    for p in ours.parameters():
+        p.requires_grad_(True)
+    ids = _ids(0)
+
+    logits = _prefill(ours, ids)
+    loss = torch.nn.functional.cross_entropy(logits[:-1], ids[1:])
+    loss.backward()
+    hf_loss = hf(ids[None], labels=ids[None]).loss
+    hf_loss.backward()
+
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
+    hf_grads = {name: p.grad for name, p in hf.named_parameters()}
+    grads = {name: p.grad for name, p in ours.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    expected = {"embed.table.weight": hf_grads["model.embed_tokens.weight"],
+                "norm.weight": hf_grads["model.norm.weight"],
+                "lm_head.weight": hf_grads["lm_head.weight"]}
+    for i in range(loaded.config.num_layers):
+        hf_layer = f"model.layers.{i}."
+        attn, mlp = hf_layer + "self_attn.", hf_layer + "mlp."
+        expected.update({
+            f"layers.{i}.input_layernorm.weight": hf_grads[hf_layer + "input_layernorm.weight"],
+            f"layers.{i}.post_attention_layernorm.weight":
+                hf_grads[hf_layer + "post_attention_layernorm.weight"],
+            f"layers.{i}.qkv_proj.weight": torch.cat(
+                [hf_grads[attn + f"{p}_proj.weight"] for p in "qkv"]),
+            f"layers.{i}.o_proj.weight": hf_grads[attn + "o_proj.weight"],
+            f"layers.{i}.gate_up_proj.weight": torch.cat(
+                [hf_grads[mlp + "gate_proj.weight"], hf_grads[mlp + "up_proj.weight"]]),
+            f"layers.{i}.down_proj.weight": hf_grads[mlp + "down_proj.weight"],
+        })
+    assert expected.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], **GRAD_TOL, msg=name)
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_packed_linear_input_gradient_equals_torch_on_the_dequantized_weight(qtype: str) -> None:
+    g = torch.Generator().manual_seed(FORMATS.index(qtype))
+    rows, cols = 48, 128
+    packed = quantize(torch.randn(rows, cols, generator=g), qtype)
+    x = torch.randn(5, cols, generator=g, requires_grad=True)
+    upstream = torch.randn(5, rows, generator=g)
+    (kernels.linear(x, packed) * upstream).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    (torch.nn.functional.linear(x_ref, dequantize(packed)) * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_return_gradients_when_a_gradient_is_needed() -> None:
+    """Each op under grad gives torch autograd's gradient of its formula, never a tensor
+    detached from the graph by a native kernel."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 32, generator=g, requires_grad=True)
+    weight = torch.rand(32, generator=g) + 0.5
+    normed, _ = kernels.rms_norm(x, weight, 1e-5)
+    gate_up = torch.randn(4, 64, generator=g, requires_grad=True)
+    act = kernels.silu_and_mul(gate_up)
+    q = torch.randn(4, 2, 16, generator=g, requires_grad=True)
+    k = torch.randn(4, 1, 16, generator=g, requires_grad=True)
+    angles = torch.arange(8)[:, None] * torch.rand(8, generator=g)
+    cos_sin = torch.cat([angles.cos(), angles.sin()], -1)
+    q_rot, k_rot = kernels.rope(q, k, torch.arange(4), cos_sin)
+    (normed.sum() + act.square().sum() + q_rot.sum() + (k_rot * 2).sum()).backward()
+
+    xs = x.detach().requires_grad_(True)
+    (xs * torch.rsqrt(xs.square().mean(-1, keepdim=True) + 1e-5) * weight).sum().backward()
+    gus = gate_up.detach().requires_grad_(True)
+    gate, up = gus.chunk(2, -1)
+    (gate * torch.sigmoid(gate) * up).square().sum().backward()
+    qs, ks = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+    cos, sin = cos_sin[:4, None, :8], cos_sin[:4, None, 8:]
+
+    def rotate(t):
+        return torch.cat([t[..., :8] * cos - t[..., 8:] * sin, t[..., 8:] * cos + t[..., :8] * sin], -1)
+
+    (rotate(qs).sum() + (rotate(ks) * 2).sum()).backward()
+    for got, want in [(x.grad, xs.grad), (gate_up.grad, gus.grad), (q.grad, qs.grad),
+                      (k.grad, ks.grad)]:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _packed_weights(loaded, qtype: str = "Q8_0") -> dict:
+    """The checkpoint's projections quantized (norms stay dense)."""
+    return {name: quantize(w, qtype) if w.dim() == 2 else w
+            for name, w in loaded.weights.items()}
+
+
+def test_packed_weights_are_part_of_the_module_tree(tiny_checkpoint) -> None:
+    loaded = load_model(tiny_checkpoint)
+    weights = _packed_weights(loaded)
+    model = Llama(loaded.config, weights)
+    state = model.state_dict()
+    assert torch.equal(state["layers.1.down_proj.qweight"], weights["layers.1.w_down"].data)
+    assert torch.equal(state["embed.table.qweight"], weights["embed"].data)
+    buffers = {name for name, _ in model.named_buffers()}
+    assert {"layers.0.qkv_proj.qweight", "lm_head.qweight"} <= buffers
+    ids = _ids(1)
+    with torch.inference_mode():
+        expected = _prefill(model, ids)
+
+    # a model built from other weights takes these through load_state_dict
+    other = Llama(loaded.config, _packed_weights(load_model(tiny_checkpoint), "Q8_0"))
+    for module in other.modules():
+        if isinstance(module, Linear) and module.qweight is not None:
+            module.qweight.zero_()
+    other.load_state_dict(state)
+    with torch.inference_mode():
+        assert torch.equal(_prefill(other, ids), expected)
+
+    model.to("meta")  # .to() moves packed weights with everything else
+    assert model.layers[0].qkv_proj.packed.data.is_meta
+    assert all(b.is_meta for b in model.buffers())
+
+
+class OneLoRA:
+    """One LoRA adapter on every token: y[:, cols] += scale * (x @ A^T) @ B^T on each
+    targeted module's columns of a (fused) projection."""
+
+    def __init__(self, model: Llama, targets: tuple[str, ...], rank: int, scale: float,
+                 seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.scale, self.params = scale, {}
+        for linear in model.modules():
+            if not isinstance(linear, Linear) or linear.layer < 0:
+                continue
+            for name, (start, end) in linear.parts.items():
+                if name in targets:
+                    cols = linear.cols if linear.qweight is not None else linear.weight.shape[1]
+                    a = (torch.randn(rank, cols, generator=g) / cols ** 0.5).requires_grad_(True)
+                    b = (torch.randn(end - start, rank, generator=g) * 0.1).requires_grad_(True)
+                    self.params[(linear.layer, name)] = (a, b)
+
+    def __call__(self, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for name, (start, end) in linear.parts.items():
+            if (linear.layer, name) in self.params:
+                a, b = self.params[(linear.layer, name)]
+                delta = torch.zeros_like(y)
+                delta[:, start:end] = self.scale * (x @ a.t()) @ b.t()
+                y = y + delta
+        return y
+
+
+def test_adapters_on_a_packed_base_train_like_on_its_dequantized_copy(tiny_checkpoint) -> None:
+    """QLoRA's setting: a frozen packed base with trainable adapters on attention and MLP
+    projections. Loss and adapter gradients equal those over the dequantized base, and with
+    no adapters the output is the base model's."""
+    loaded = load_model(tiny_checkpoint)
+    packed_weights = _packed_weights(loaded, "Q4_1")
+    packed = Llama(loaded.config, packed_weights)
+    dense = Llama(loaded.config, {name: dequantize(w) if not isinstance(w, torch.Tensor) else w
+                                  for name, w in packed_weights.items()})
+    targets = ("q_proj", "v_proj", "down_proj")
+    ids = _ids(2)
+    losses, grads = [], []
+    for model in (packed, dense):
+        lora = OneLoRA(model, targets, rank=4, scale=2.0, seed=5)
+        logits = _prefill(model, ids, lora)
+        loss = torch.nn.functional.cross_entropy(logits[:-1], ids[1:])
+        loss.backward()
+        losses.append(loss)
+        grads.append({key: (a.grad, b.grad) for key, (a, b) in lora.params.items()})
+        assert len(lora.params) == 3 * loaded.config.num_layers
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    for key, (a_grad, b_grad) in grads[0].items():
+        torch.testing.assert_close(a_grad, grads[1][key][0], **PACKED_GRAD_TOL, msg=str(key))
+        torch.testing.assert_close(b_grad, grads[1][key][1], **PACKED_GRAD_TOL, msg=str(key))
+    with torch.inference_mode():  # no adapters: the base (fused kernel) path
+        torch.testing.assert_close(_prefill(packed, ids), _prefill(dense, ids),
+                                   rtol=1e-4, atol=1e-4)
