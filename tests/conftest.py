@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import os
 
+# Triton kernels run under Triton's interpreter on these CPU-only machines. The variable must
+# be set before anything imports triton (peft and transformers may, while collecting), so
+# here, first. On a GPU, run with TRITON_INTERPRET=0 to test the compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -138,7 +138,7 @@ class PostTrainingSFTRequest(TrainingRequest):
     """Request to finetune a model."""
 
     model: str = Field(description="A served model id or an alias of it (e.g. llama3_8b).")
-    algorithm: FinetuningAlgorithm
+    algorithm: FinetuningAlgorithm = Field(strict=False)  # an enum: its JSON form is a string
     algorithm_config: Union[LoraFinetuningConfig, QLoraFinetuningConfig, DoraFinetuningConfig]
 
 
