@@ -3,30 +3,26 @@ runs as a script (``python benchmarks/<name>.py``)."""
 from __future__ import annotations
 
 import argparse
+import importlib
+
+# name -> (module, its argument builder, its entry point, help)
+COMMANDS = {
+    "throughput": ("throughput", "add_arguments", "run",
+                   "offline throughput against HF transformers"),
+    "training": ("training", "add_arguments", "run",
+                 "full fine-tuning steps against transformers + torch.optim"),
+    "serving": ("serving", "add_bench_serving_arguments", "bench_serving",
+                "load a running server with Poisson arrivals"),
+    "memory": ("memory", "add_arguments", "run",
+               "memory-bank ingest and query latency against sentence-transformers + faiss"),
+    "startup": ("startup", "add_arguments", "run",
+                "time to the first token (LLM, serve) beside llama.cpp"),
+}
 
 
 def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
-    from benchmarks import throughput
-    p = sub.add_parser("throughput", help="offline throughput against HF transformers")
-    throughput.add_arguments(p)
-    p.set_defaults(func=throughput.run)
-
-    from benchmarks import training
-    p = sub.add_parser("training", help="full fine-tuning steps against transformers + torch.optim")
-    training.add_arguments(p)
-    p.set_defaults(func=training.run)
-
-    from benchmarks.serving import add_bench_serving_arguments, bench_serving
-    p = sub.add_parser("serving", help="load a running server with Poisson arrivals")
-    add_bench_serving_arguments(p)
-    p.set_defaults(func=bench_serving)
-
-    from benchmarks import memory
-    p = sub.add_parser("memory", help="memory-bank ingest and query latency against sentence-transformers + faiss")
-    memory.add_arguments(p)
-    p.set_defaults(func=memory.run)
-
-    from benchmarks import startup
-    p = sub.add_parser("startup", help="time to the first token (LLM, serve) beside llama.cpp")
-    startup.add_arguments(p)
-    p.set_defaults(func=startup.run)
+    for name, (module_name, add_arguments, run, help_text) in COMMANDS.items():
+        module = importlib.import_module(f"benchmarks.{module_name}")
+        parser = sub.add_parser(name, help=help_text)
+        getattr(module, add_arguments)(parser)
+        parser.set_defaults(func=getattr(module, run))
