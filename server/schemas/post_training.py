@@ -166,7 +166,7 @@ class PostTrainingJobStatusResponse(StrictModel):
     """Status of a finetuning job."""
 
     job_uuid: str
-    status: PostTrainingJobStatus
+    status: PostTrainingJobStatus = Field(strict=False)  # an enum: its JSON form is a string
     scheduled_at: Optional[datetime] = None
     started_at: Optional[datetime] = None
     completed_at: Optional[datetime] = None
