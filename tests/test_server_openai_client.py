@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
+from llama_engine.memory.embedding import EMBEDDING_MODEL_ID
 from tests.server_process import ServerProcess, running_server
 
 openai = pytest.importorskip("openai")
@@ -55,7 +56,9 @@ def greedy_text(reference: Any, prompt_ids: list[int], max_tokens: int = MAX_TOK
 
 
 def test_models_list(client: Any, reference: Any) -> None:
-    assert [m.id for m in client.models.list().data] == [reference.engine.model_id]
+    # the served model, then the embedding model behind /v1/embeddings
+    assert [m.id for m in client.models.list().data] == [reference.engine.model_id,
+                                                         EMBEDDING_MODEL_ID]
 
 
 def test_chat_completions_create(client: Any, model_id: str, reference: Any) -> None:
