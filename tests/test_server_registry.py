@@ -7,6 +7,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from llama_engine.memory.embedding import EMBEDDING_MODEL_ID
 from server.cli import split_model_argument
 from tests.server_process import ServerProcess, running_server
 
@@ -34,7 +35,8 @@ def server() -> Iterator[ServerProcess]:
 @pytest.mark.slow
 def test_two_models_are_listed_routed_and_named_in_404s(server: ServerProcess) -> None:
     models = requests.get(f"{server.base_url}/v1/models", timeout=TIMEOUT_S).json()["data"]
-    assert [(m["id"], m["aliases"]) for m in models] == [("first", []), ("second", ["llama3_8b_chat"])]
+    assert [(m["id"], m["aliases"]) for m in models] == [("first", []), ("second", ["llama3_8b_chat"]),
+                                                         (EMBEDDING_MODEL_ID, [])]
     texts = []
     for name in ("first", "second", "llama3_8b_chat"):
         response = requests.post(f"{server.base_url}/v1/completions", timeout=TIMEOUT_S, json={
