@@ -290,6 +290,7 @@ def run(args: argparse.Namespace) -> dict:
     markdown = render_markdown(report)
     print(markdown)
     if args.results_dir:
+        os.makedirs(args.results_dir, exist_ok=True)
         stem = os.path.join(args.results_dir, f"startup-{now.strftime('%Y-%m-%dT%H%MZ')}")
         with open(stem + ".json", "w") as f:
             json.dump(report, f, indent=1)
