@@ -12,3 +12,13 @@ class RequestValidationError(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class NotFoundError(KeyError):
+    """A lookup of something the caller named (a dataset, a job) that does not exist.
+    ``str()`` is the message itself: a plain KeyError would show it quoted."""
+
+    default_message = "not found"
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else self.default_message

@@ -17,6 +17,7 @@ from llama_engine.datasets.columns import check_columns
 from llama_engine.datasets.formats import detect_format, parse_rows
 from llama_engine.datasets.source import (DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT_S, Content,
                                           fetch_content)
+from llama_engine.errors import NotFoundError
 from llama_engine.state import open_database
 
 DATABASE_FILE = "datasets.sqlite3"
@@ -38,11 +39,10 @@ class DatasetExistsError(ValueError):
     """A dataset with this uuid is already registered."""
 
 
-class DatasetNotFoundError(KeyError):
+class DatasetNotFoundError(NotFoundError):
     """No dataset with this uuid."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "dataset not found"
+    default_message = "dataset not found"
 
 
 @dataclass(frozen=True)

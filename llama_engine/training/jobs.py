@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from llama_engine.errors import NotFoundError
 from llama_engine.state import open_database
 
 DATABASE_FILE = "post_training.sqlite3"
@@ -61,9 +62,8 @@ class JobExistsError(ValueError):
     pass
 
 
-class JobNotFoundError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "job not found"
+class JobNotFoundError(NotFoundError):
+    default_message = "job not found"
 
 
 @dataclass(frozen=True)
