@@ -265,8 +265,63 @@ def sample_cases(model: ModelShape) -> list[Case]:
     return cases
 
 
+# ------------------------------------------------------------------------------ LoRA
+
+LORA_RANK = 16
+LORA_ADAPTERS = 16
+LORA_PREFILL_SEGMENT = 256
+
+
+def _lora_case(model: ModelShape, name: str, n: int, k: int, slices: int,
+               seg_lens: list[int]) -> Case:
+    """add_lora (shrink + expand) over segments cycling through LORA_ADAPTERS adapters,
+    against what peft's mixed-batch forward does: per adapter, gather its rows, apply
+    B(A(x)) * scale, scatter back."""
+    from llama_engine import kernels
+    tokens, rank = sum(seg_lens), LORA_RANK
+    slots = [i % LORA_ADAPTERS for i in range(len(seg_lens))]
+    a = _randn(LORA_ADAPTERS, slices * rank, k, scale=k ** -0.5)
+    b = _randn(LORA_ADAPTERS, rank, n, scale=rank ** -0.5)
+    offsets = tuple(n * p // slices for p in range(slices + 1))
+    scales = torch.rand(LORA_ADAPTERS, slices, device=DEVICE) + 0.5
+    stack = kernels.LoRAStack(a, b, scales, offsets, None)
+    mapping = kernels.lora_mapping(seg_lens, slots, DEVICE)
+    x, y = _randn(tokens, k), _randn(tokens, n)
+    token_slot = torch.tensor([s for n_, s in zip(seg_lens, slots) for _ in range(n_)],
+                              device=DEVICE)
+    rows = [torch.nonzero(token_slot == s).squeeze(1) for s in range(LORA_ADAPTERS)]
+
+    def theirs() -> torch.Tensor:
+        out = y.clone()
+        for slot, index in enumerate(rows):
+            xs = x[index]
+            for p in range(slices):
+                lo, hi = offsets[p], offsets[p + 1]
+                h = xs @ a[slot, p * rank:(p + 1) * rank].t()
+                out[index, lo:hi] += scales[slot, p].to(DTYPE) * (h @ b[slot, :, lo:hi])
+        return out
+
+    # Weights of every adapter used, x read, y read and written, h written and read (fp32).
+    used = min(len(seg_lens), LORA_ADAPTERS)
+    io = used * (a[0].numel() + b[0].numel()) * BYTES + (tokens * k + 2 * tokens * n) * BYTES \
+        + 2 * tokens * slices * rank * 4
+    return Case("add_lora", f"{name} T={tokens} segs={len(seg_lens)} r={rank}",
+                lambda: kernels.add_lora(y.clone(), x, stack, mapping), theirs, io, io,
+                2.0 * tokens * slices * rank * (k + n // slices))
+
+
+def lora_cases(model: ModelShape) -> list[Case]:
+    qkv = (model.heads + 2 * model.kv_heads) * model.head_dim
+    shapes = [("qkv_proj", qkv, model.hidden, 3), ("down_proj", model.hidden, model.intermediate, 1)]
+    cases = []
+    for name, n, k, slices in shapes:
+        cases.append(_lora_case(model, name, n, k, slices, [1] * DECODE_BATCHES[-1]))
+        cases.append(_lora_case(model, name, n, k, slices, [LORA_PREFILL_SEGMENT] * 4))
+    return cases
+
+
 KERNELS = {"norm": norm_cases, "attention": attention_cases, "quant_matmul": matmul_cases,
-           "sample": sample_cases}
+           "sample": sample_cases, "lora": lora_cases}
 
 
 # --------------------------------------------------------------------------- running

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -40,6 +41,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-hf", action="store_true", help="do not run the transformers peer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                   help="on a GPU: the engine's share of device memory (the peer runs after it)")
+
+
+def _on_gpu() -> bool:
+    """The engine's own choice: a GPU when one is visible."""
+    return torch.cuda.is_available()
+
+
+def _device() -> str:
+    return "cuda" if _on_gpu() else "cpu"
 
 
 def make_workload(args: argparse.Namespace, vocab: int, special: set[int]):
@@ -59,7 +71,8 @@ def make_workload(args: argparse.Namespace, vocab: int, special: set[int]):
 
 def run_engine(args, prompts, output_lens) -> dict:
     from llama_engine import LLM, SamplingParams
-    llm = LLM(args.model, max_num_seqs=args.max_num_seqs)
+    kwargs = {"gpu_memory_utilization": args.gpu_memory_utilization} if _on_gpu() else {}
+    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, **kwargs)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     llm.generate(prompts[:2], params[:2])  # warm-up
     start = time.perf_counter()
@@ -74,8 +87,11 @@ def run_hf(args, prompts, output_lens) -> dict:
     from llama_engine.loader import default_model_path
     path = args.model or default_model_path()
     folder, name = (os.path.split(path) if path.endswith(".gguf") else (path, None))
+    # The engine's own default dtype on each device: float32 on the CPU, bfloat16 on a GPU.
+    dtype = torch.bfloat16 if _on_gpu() else torch.float32
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                              dtype=torch.float32).eval()
+                                                              dtype=dtype).eval()
+    model.to(_device())
     _hf_batch(model, prompts[:2], 2)  # warm-up, as the engine gets
     size = args.hf_batch_size
     start, generated = time.perf_counter(), 0
@@ -91,6 +107,7 @@ def _hf_batch(model, prompts: list[list[int]], new_tokens: int) -> int:
     for row, p in enumerate(prompts):  # left padding, as decoder-only generation needs
         ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -104,12 +121,16 @@ def run(args: argparse.Namespace) -> dict:
     special = {t for t in range(tok.vocab_size) if tok.is_special(t)}
     prompts, output_lens = make_workload(args, tok.vocab_size, special)
     results = {"engine": run_engine(args, prompts, output_lens)}
+    if _on_gpu():  # hand the engine's KV pool back before the peer loads
+        gc.collect()
+        torch.cuda.empty_cache()
     if not args.skip_hf:
         results["transformers"] = run_hf(args, prompts, output_lens)
     report = {
         "date": datetime.date.today().isoformat(), "machine": cpu_model(),
         "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
-        "torch": torch.__version__, "device": "cpu",
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if _on_gpu() else "cpu",
         "workload": {k: getattr(args, k) for k in ("num_requests", "prompt_len", "output_len",
                                                     "dataset", "max_num_seqs", "hf_batch_size")},
     }

@@ -167,3 +167,12 @@ def test_stop_token_text_is_not_in_the_output(llm):
         skip_special_tokens=False))[0].outputs[0]
     assert cut.token_ids[-1] == token
     assert cut.text == tok.decode(cut.token_ids[:-1], skip_special_tokens=False)
+
+
+def test_gpu_kv_cache_budget_follows_utilization_of_total_and_free():
+    from llama_engine.engine.llm_engine import GIB, gpu_kv_cache_budget
+    # A device to ourselves: 0.9 of 140 GiB minus the 2 GiB of weights already loaded.
+    assert gpu_kv_cache_budget(138 * GIB, 140 * GIB, 2 * GIB, 0.9) == 0.9 * 140 * GIB - 2 * GIB
+    # 50 GiB held elsewhere: at most 0.3 of the 90 GiB still free, never a negative plan
+    # (the old free - total * (1 - util) gave 90 - 98 = -8 GiB here).
+    assert gpu_kv_cache_budget(90 * GIB, 140 * GIB, 0, 0.3) == 0.3 * 90 * GIB

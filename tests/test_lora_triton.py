@@ -10,8 +10,11 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from llama_engine.kernels import reference  # noqa: E402
-from llama_engine.kernels.triton import lora as triton_lora  # noqa: E402
+from llama_engine.kernels.triton import lora  # noqa: E402
 from tests.lora_cases import make_case  # noqa: E402
+from tests.triton_device import on_device  # noqa: E402
+
+triton_lora = on_device(lora)
 
 # (atol, rtol) relative to outputs of order 1: float32 is exact up to summation order; the
 # half types round x, the weights and (in the expand's tl.dot) h to the dtype.

@@ -1,4 +1,5 @@
-"""Triton kernels against the torch reference, run on the CPU by Triton's interpreter.
+"""Triton kernels against the torch reference, run on the CPU by Triton's interpreter
+(or compiled on a GPU with TRITON_INTERPRET=0: see tests/triton_device.py).
 
 TRITON_INTERPRET must be set before triton is first imported, hence the environment line
 above the imports. Shapes stay small: the interpreter executes kernels in numpy.
@@ -13,9 +14,15 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from llama_engine.kernels import reference  # noqa: E402
-from llama_engine.kernels import triton as tk  # noqa: E402
-from llama_engine.kernels.triton import attention as triton_attention  # noqa: E402
+from llama_engine.kernels import triton as triton_kernels  # noqa: E402
+from llama_engine.kernels.triton import attention  # noqa: E402
 from llama_engine.quant import dequantize, quantize  # noqa: E402
+from tests.triton_device import on_device  # noqa: E402
+
+# Under the interpreter the modules themselves; on a GPU (TRITON_INTERPRET=0) proxies that
+# run each call on the device.
+tk = on_device(triton_kernels)
+triton_attention = on_device(attention)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (atol, rtol) per dtype for values of order 1: a few units in the last place of the dtype.

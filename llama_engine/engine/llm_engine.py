@@ -36,6 +36,15 @@ def _return_freed_memory() -> None:
         pass
 
 
+def gpu_kv_cache_budget(free: int, total: int, reserved: int, utilization: float) -> float:
+    """Bytes of device memory the KV pool may take (vLLM's meaning of
+    ``gpu_memory_utilization``): this engine holds at most ``utilization`` of the device in
+    all, the weights it already reserved included; and since other processes (or another
+    engine in this one) may hold part of the device, never more than ``utilization`` of
+    what is still free, the rest staying for activations. All in bytes."""
+    return min(total * utilization - reserved, free * utilization)
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # GGUF file or HF folder; None = the default SmolLM2
@@ -121,7 +130,8 @@ class LLMEngine:
         per_block = kv_bytes_per_token(self.model_config, self.dtype) * self.config.block_size
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - total * (1 - self.config.gpu_memory_utilization)
+            budget = gpu_kv_cache_budget(free, total, torch.cuda.memory_reserved(self.device),
+                                         self.config.gpu_memory_utilization)
         else:
             budget = self.config.kv_cache_bytes
         if budget < per_block:
