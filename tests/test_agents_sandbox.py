@@ -2,6 +2,7 @@
 and the limits, timeout and process-group kill that also hold in the unsafe mode."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
@@ -9,6 +10,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import threading
 import time
 
 import pytest
@@ -85,6 +87,30 @@ def test_variables_persist_within_a_session_and_not_across(interpreter):
     assert "NameError" in interpreter.run("b", "secret").error
 
 
+def test_calls_of_one_session_run_one_at_a_time(interpreter):
+    interpreter.run("s", "count = 0")
+
+    def add() -> None:
+        for _ in range(10):
+            interpreter.run("s", "before = count\nimport time\ntime.sleep(0.001)\n"
+                                 "count = before + 1")
+    threads = [threading.Thread(target=add) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert interpreter.run("s", "count").stdout == "30\n"
+
+
+def test_a_worker_that_cannot_start_is_an_error_result(interpreter, monkeypatch):
+    monkeypatch.setattr(sandbox, "WORKER_SCRIPT", interpreter.scratch_root / "missing.py")
+    result = interpreter.run("s", "print(1)")
+    assert result.error.startswith("killed: worker failed to start") and result.stdout == ""
+    assert "missing.py" in result.error  # the interpreter's own message says what went wrong
+    monkeypatch.undo()
+    assert interpreter.run("s", "print(1)").stdout == "1\n"
+
+
 def test_an_exception_is_a_traceback_of_the_user_code(interpreter):
     error = interpreter.run("s", "def f():\n    return 1 / 0\nf()").error
     assert error.startswith("Traceback") and error.endswith("ZeroDivisionError: division by zero\n")
@@ -121,6 +147,8 @@ def test_a_timeout_kills_the_whole_process_group(interpreter):
 
 
 def test_matplotlib_figures_come_back_as_png(interpreter):
+    # Importing pyplot can take seconds on a loaded machine: not the timeout under test here.
+    interpreter.limits = dataclasses.replace(LIMITS, wall_seconds=120)
     result = interpreter.run("s", "import matplotlib.pyplot as plt\n"
                                   "plt.figure(figsize=(2, 1), dpi=50)\nplt.plot([1, 3, 2])\n"
                                   "plt.figure(figsize=(3, 2), dpi=40)\nplt.show()")

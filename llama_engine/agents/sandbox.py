@@ -59,6 +59,10 @@ PROBE_TIMEOUT_S = 30.0
 KILL_WAIT_S = 10.0
 KILL_POLL_S = 0.01
 GRACEFUL_EXIT_S = 1.0
+# Threads count against RLIMIT_NPROC: BLAS and OpenMP pools sized to a many-core host would
+# exhaust the process limit as numpy loads.
+SINGLE_THREADED_MATH = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                        "MKL_NUM_THREADS": "1"}
 # Fresh, world-writable tmpfs mounts in the jail: the host's copies are hidden, not shared.
 PRIVATE_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 STICKY_WORLD_WRITABLE = "01777"
@@ -68,6 +72,10 @@ OTHERS_READ_SEARCH = stat.S_IROTH | stat.S_IXOTH
 
 class SandboxUnavailableError(RuntimeError):
     """No working bubblewrap here and the interpreter was not allowed to run code unsandboxed."""
+
+
+class WorkerStartError(RuntimeError):
+    """A session's worker did not come up (its call gets an error result, not this)."""
 
 
 @dataclass
@@ -242,11 +250,14 @@ class Worker:
             os.close(reply_write)
         ready = self.read_line(time.monotonic() + STARTUP_TIMEOUT_S)
         if ready is None:
+            reason = self.startup_error()
             self.kill()
-            raise RuntimeError(f"code interpreter worker failed to start: {self.startup_error()}")
+            raise WorkerStartError(f"worker failed to start: {reason}")
 
     def startup_error(self) -> str:
-        if self.process.poll() is None:
+        try:
+            self.process.wait(timeout=GRACEFUL_EXIT_S)  # it may be exiting still
+        except subprocess.TimeoutExpired:
             return f"no answer within {STARTUP_TIMEOUT_S:g} s"
         return (self.process.stderr.read() or b"").decode(errors="replace").strip() or \
             f"exit status {self.process.returncode}"
@@ -377,7 +388,12 @@ class CodeInterpreter:
             if session.worker is None or not session.worker.alive():
                 if session.worker is not None:
                     session.worker.kill()
-                session.worker = self.start_worker(session)
+                try:
+                    session.worker = self.start_worker(session)
+                except WorkerStartError as error:
+                    session.worker = None
+                    logger.error("code interpreter: %s", error)
+                    return CodeResult(stdout="", stderr="", error=f"killed: {error}")
             reply = session.worker.execute(code, self.limits.wall_seconds)
             if reply is not None:
                 return CodeResult(
@@ -426,7 +442,7 @@ class CodeInterpreter:
             limits.update(uid=session.uid, gid=session.uid)
         python = [sys.executable, "-I", str(WORKER_SCRIPT)]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
-               "HOME": str(directory), "MPLBACKEND": "Agg"}
+               "HOME": str(directory), "MPLBACKEND": "Agg", **SINGLE_THREADED_MATH}
         if self.unavailable is not None:
             env["MPLCONFIGDIR"] = str(directory / ".matplotlib")
             return Worker(python, str(directory), env, limits)
