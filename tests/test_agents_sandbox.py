@@ -87,6 +87,14 @@ def test_variables_persist_within_a_session_and_not_across(interpreter):
     assert "NameError" in interpreter.run("b", "secret").error
 
 
+def test_a_session_outlives_the_thread_that_started_it(interpreter):
+    starter = threading.Thread(target=interpreter.run, args=("s", "kept = 'still here'"))
+    starter.start()
+    starter.join()
+    time.sleep(0.2)  # a worker bound to the ended thread would be dying by now
+    assert interpreter.run("s", "kept").stdout == "'still here'\n"
+
+
 def test_calls_of_one_session_run_one_at_a_time(interpreter):
     interpreter.run("s", "count = 0")
 

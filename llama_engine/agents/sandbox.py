@@ -27,6 +27,7 @@ warning is logged.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -234,17 +235,21 @@ def interpreter_paths() -> list[str]:
 class Worker:
     """One worker process and its two protocol pipes."""
 
-    def __init__(self, argv: list[str], cwd: str, env: dict, limits: dict):
+    def __init__(self, argv: list[str], cwd: str, env: dict, limits: dict,
+                 spawner: concurrent.futures.Executor):
+        """Start the worker; ``spawner`` runs the fork. bwrap's --die-with-parent is
+        PR_SET_PDEATHSIG, which fires when the *thread* that forked bwrap ends, so the fork
+        must come from a thread that lives as long as the interpreter, not the caller's."""
         request_read, self.request_fd = os.pipe()
         self.reply_fd, reply_write = os.pipe()
         self.buffer = bytearray()
         try:
             # start_new_session: the worker leads its own process group, which the kill takes.
-            self.process = subprocess.Popen(
-                [*argv, str(request_read), str(reply_write), json.dumps(limits)],
+            self.process = spawner.submit(
+                subprocess.Popen, [*argv, str(request_read), str(reply_write), json.dumps(limits)],
                 cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, pass_fds=(request_read, reply_write),
-                start_new_session=True)
+                start_new_session=True).result()
         finally:
             os.close(request_read)
             os.close(reply_write)
@@ -361,6 +366,8 @@ class CodeInterpreter:
         self.hidden_paths = [os.path.realpath(path) for path in hidden_paths]
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
+        self.spawner = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="code-interpreter-spawner")
         self.unavailable = sandbox_unavailable_reason()
         if self.unavailable is not None:
             if allow_unsafe:
@@ -445,7 +452,7 @@ class CodeInterpreter:
                "HOME": str(directory), "MPLBACKEND": "Agg", **SINGLE_THREADED_MATH}
         if self.unavailable is not None:
             env["MPLCONFIGDIR"] = str(directory / ".matplotlib")
-            return Worker(python, str(directory), env, limits)
+            return Worker(python, str(directory), env, limits, self.spawner)
         env.update(TMPDIR="/tmp", MPLCONFIGDIR="/tmp/matplotlib")
         mounts = JailMounts([str(self.scratch_root), *self.hidden_paths],
                             self.drops_privileges())
@@ -456,7 +463,7 @@ class CodeInterpreter:
                 "--chdir", str(directory), "--clearenv"]
         for name, value in env.items():
             argv += ["--setenv", name, value]
-        return Worker([*argv, "--", *python], str(directory), env, limits)
+        return Worker([*argv, "--", *python], str(directory), env, limits, self.spawner)
 
     def close_session(self, session_id: str) -> None:
         """Kill the session's processes and delete its scratch directory."""
@@ -471,5 +478,6 @@ class CodeInterpreter:
             shutil.rmtree(session.directory, ignore_errors=True)
 
     def close(self) -> None:
+        """Close every session; the interpreter can still be used afterwards."""
         for session_id in list(self.sessions):
             self.close_session(session_id)
