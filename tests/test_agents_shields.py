@@ -240,6 +240,13 @@ def test_code_guard_runs_semgrep_rules(code_guard):
         ("CWE-78", "semgrep", 4)]
 
 
+def test_code_guard_runs_inside_a_running_event_loop(code_guard):
+    """The server calls shields from its event loop's threads too."""
+    async def from_a_coroutine():
+        return code_guard.run([{"role": "assistant", "content": MD5_PASSWORDS}])
+    assert asyncio.run(from_a_coroutine()).violation_type == "error"
+
+
 def test_code_guard_passes_safe_code_and_plain_text(code_guard):
     safe = "```python\nimport hashlib\nprint(hashlib.sha256(b'x').hexdigest())\n```"
     assert code_guard.run([{"role": "assistant", "content": safe}]) is None

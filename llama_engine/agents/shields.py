@@ -242,9 +242,14 @@ class CodeGuardShield:
     scanned as that language; an untagged or unknown one with all of CodeShield's languages."""
 
     def __init__(self):
-        # semgrep's binary is found when this imports: a missing one fails here, at create time.
-        from codeshield.insecure_code_detector import insecure_code_detector, languages
-        from codeshield.insecure_code_detector.usecases import UseCase
+        # semgrep's binary is looked up as this imports: a missing one fails here, when the
+        # agent is created, rather than passing code unscanned later.
+        try:
+            from codeshield.insecure_code_detector import insecure_code_detector, languages
+            from codeshield.insecure_code_detector.usecases import UseCase
+        except Exception as error:  # ImportError, or CodeShield's own "semgrep-core not found"
+            raise RequestValidationError("shield_type", f"code_guard is not available on this "
+                                                        f"server: {error}") from error
         self.detector = insecure_code_detector
         self.languages = languages
         self.usecase = UseCase.CODESHIELD
