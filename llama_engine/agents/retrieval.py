@@ -4,7 +4,7 @@ template.
 
 The template (the newest user message's text becomes):
 
-    Passages retrieved from memory (use them if they help):
+    Use these passages retrieved from memory to answer:
     [1] <chunk text>
     [2] <chunk text>
 
@@ -20,7 +20,9 @@ from typing import Any
 from llama_engine.memory import MemoryStore, NotFoundError
 
 CHUNKS_PER_BANK = 5
-MEMORY_CONTEXT_HEADER = "Passages retrieved from memory (use them if they help):"
+# Worded so that even SmolLM2-135M answers from the passages (tried against other wordings
+# on invented facts, with a distractor passage beside the answer).
+MEMORY_CONTEXT_HEADER = "Use these passages retrieved from memory to answer:"
 PASSAGE_TEMPLATE = "[{index}] {text}"
 QUERY_MODE = "hybrid"
 LOG = logging.getLogger(__name__)

@@ -189,13 +189,13 @@ def agentic_system_routes(agents: AgenticSystemService) -> list[Route]:
     return [
         Route("/agentic_system/create", "Create an agent (stored under the state directory).", tag,
               ag.AgenticSystemCreateRequest, ag.AgenticSystemCreateResponse, agents.create,
-              errors=(404, 409)),
+              errors=(409,)),
         Route("/agentic_system/execute", "Run one turn: shields, memory retrieval, inference and "
               "tools; stream: true sends its steps as server-sent events.", tag,
               ag.AgenticSystemExecuteRequest, ag.AgenticSystemExecuteResponse, agents.execute,
-              agents.execute_stream, ag.AgenticSystemExecuteResponseStreamChunk, errors=(404,)),
+              agents.execute_stream, ag.AgenticSystemExecuteResponseStreamChunk),
         Route("/agentic_system/delete", "Delete an agent.", tag, None, None, agents.delete,
-              method="DELETE", query_model=ag.AgentQuery, errors=(404,)),
+              method="DELETE", query_model=ag.AgentQuery),
     ]
 
 
