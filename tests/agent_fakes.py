@@ -88,3 +88,15 @@ class EchoCodeInterpreter:
 
     def close(self) -> None:
         pass
+
+
+def example_tool_turn(question: str, tool_name: str, arguments: dict[str, Any], result: str,
+                      answer: str) -> dict[str, Any]:
+    """A finished turn in which the model called ``tool_name`` and answered from its result:
+    put in ``turn_history``, it shows a small model how calls and answers look."""
+    return {"user_messages": [{"role": "user", "content": question}],
+            "steps": [{"step_type": "model_inference", "uuid": "example-inference", "text": ""},
+                      {"step_type": "tool_execution", "uuid": "example-tool",
+                       "tool_calls": [{"tool_name": tool_name, "arguments": arguments}],
+                       "tool_responses": [{"tool_name": tool_name, "content": result}]}],
+            "response_message": {"role": "assistant", "content": answer}}

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from llama_engine.agents.options import AgentOptions
 from llama_engine.errors import RequestValidationError
-from tests.agent_fakes import EchoCodeInterpreter, Violation
+from tests.agent_fakes import EchoCodeInterpreter, Violation, example_tool_turn
 
 pytestmark = pytest.mark.slow
 
@@ -24,13 +24,8 @@ GUARD_PROMPT = "Is this message safe? Answer safe or unsafe. Message: hello\nAns
 
 
 # SmolLM2-135M writes a sound call once it has seen one
-CODE_EXAMPLE_TURN = {
-    "user_messages": [{"role": "user", "content": "Print 2 plus 3 in Python."}],
-    "steps": [{"step_type": "model_inference", "uuid": "e1", "text": ""},
-              {"step_type": "tool_execution", "uuid": "e2",
-               "tool_calls": [{"tool_name": "code_interpreter", "arguments": {"code": "print(2 + 3)"}}],
-               "tool_responses": [{"tool_name": "code_interpreter", "content": "[stdout]\n5\n"}]}],
-    "response_message": {"role": "assistant", "content": "2 plus 3 is 5."}}
+CODE_EXAMPLE_TURN = example_tool_turn("Print 2 plus 3 in Python.", "code_interpreter",
+                                      {"code": "print(2 + 3)"}, "[stdout]\n5\n", "2 plus 3 is 5.")
 
 
 class GuardShield:

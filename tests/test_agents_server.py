@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 import requests
 
+from tests.agent_fakes import example_tool_turn
 from tests.server_process import ServerProcess, running_server
 
 pytestmark = pytest.mark.slow
@@ -30,13 +31,8 @@ WEATHER = {"tool_name": "get_weather", "description": "Get the current weather f
 FACT = "The secret password of the Zorblax lab is PURPLE-HERON-42."
 DISTRACTOR = "Zorvian tea is brewed from roasted acorn shells and blue mint."
 # SmolLM2-135M answers from a tool's result once it has seen one exchange like it.
-EXAMPLE_TURN = {
-    "user_messages": [{"role": "user", "content": "What is the weather in Rome?"}],
-    "steps": [{"step_type": "model_inference", "uuid": "example-1", "text": ""},
-              {"step_type": "tool_execution", "uuid": "example-2",
-               "tool_calls": [{"tool_name": "get_weather", "arguments": {"city": "Rome"}}],
-               "tool_responses": [{"tool_name": "get_weather", "content": "It is 18 degrees and cloudy in Rome."}]}],
-    "response_message": {"role": "assistant", "content": "It is 18 degrees and cloudy in Rome."}}
+EXAMPLE_TURN = example_tool_turn("What is the weather in Rome?", "get_weather", {"city": "Rome"},
+                                 "It is 18 degrees and cloudy in Rome.", "It is 18 degrees and cloudy in Rome.")
 EVENT_TYPES = {"step_start", "step_progress", "step_end"}
 STEP_TYPES = {"model_inference", "tool_execution", "safety_filtering", "memory_retrieval"}
 # The payload fields each step type may carry in a chunk (the spec's chunk, plus score and

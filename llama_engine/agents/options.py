@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from llama_engine.agents.tools import CodeRunner, ToolsConfig
+from llama_engine.errors import RequestValidationError
 
 SCRATCH_FOLDER = "agent_scratch"  # under the state directory: one folder per agent session
 LOG = logging.getLogger(__name__)
@@ -30,13 +31,20 @@ class AgentOptions:
 
     def shield_builder(self) -> ShieldBuilder:
         def build(shield_type: str, params: dict[str, Any], generate: Optional[Callable[[str], str]]) -> Any:
-            from llama_engine.agents.shields import build_shield
+            try:
+                from llama_engine.agents.shields import build_shield
+            except ImportError as exc:  # an install without the shields' dependencies
+                raise RequestValidationError("shield_type", f"shields cannot run on this server: {exc}") from None
             return build_shield(shield_type, params, generate=generate, shield_models=self.shield_models)
         return build
 
-    def code_interpreter_factory(self, state_dir: str | os.PathLike) -> Callable[[], CodeRunner]:
-        def make() -> CodeRunner:
-            from llama_engine.agents.sandbox import CodeInterpreter
+    def code_interpreter_factory(self, state_dir: str | os.PathLike) -> Callable[[], Optional[CodeRunner]]:
+        def make() -> Optional[CodeRunner]:
+            try:
+                from llama_engine.agents.sandbox import CodeInterpreter
+            except ImportError as exc:  # an install without the sandbox: the tool says so
+                LOG.warning("code_interpreter is unavailable: %s", exc)
+                return None
             if self.allow_unsafe_code and not CodeInterpreter.sandbox_available():
                 LOG.warning("code_interpreter runs model-written code WITHOUT a sandbox "
                             "(--allow-unsafe-code-interpreter): it can read, write and reach "

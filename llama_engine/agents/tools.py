@@ -75,7 +75,7 @@ class BuiltinTools:
     (starting a sandbox costs time only agents that run code should pay)."""
 
     def __init__(self, config: ToolsConfig,
-                 code_interpreter: Optional[Callable[[], CodeRunner]] = None):
+                 code_interpreter: Optional[Callable[[], Optional[CodeRunner]]] = None):
         self.config = config
         self._code_factory = code_interpreter
         self._code: Optional[CodeRunner] = None

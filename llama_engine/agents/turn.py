@@ -129,6 +129,7 @@ class Turn:
         self.history = replay(turn_history)
         self.conversation: list[dict[str, Any]] = []
         self.refusal: Optional[dict[str, Any]] = None  # set by a blocking shield
+        self.response: Optional[dict[str, Any]] = None  # the model's last message, once known
 
     # ---- steps ----------------------------------------------------------------------------
 
@@ -295,7 +296,7 @@ class Turn:
             run_here = [c for c in calls if c["tool_name"] in agent.executable_tools
                         or agent.tool(c["tool_name"]) is None]
             client_calls = [c for c in calls if c not in run_here]
-            if not run_here or iteration == agent.max_infer_iters - 1 and not client_calls:
+            if not run_here or (iteration == agent.max_infer_iters - 1 and not client_calls):
                 async for chunk in self._final(result, client_calls):
                     yield chunk
                 return
