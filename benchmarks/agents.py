@@ -45,7 +45,16 @@ STEP_METRIC = "llama_engine_agent_step_seconds"
 FACTS = ["The Zorblax lab keeps 42 copper kettles on its roof.",
          "Velbrook rowing club's mascot is a green heron named Pimbly.",
          "Captain Orla Vantree mapped the island of Skerrow in 1742."]
-QUESTION = "How many copper kettles does the Zorblax lab keep, times 3?"
+QUESTION = "What is 42 times 3?"
+# One earlier exchange shows SmolLM2-135M how a math call looks (zero-shot it writes prose
+# into the expression).
+EXAMPLE_TURN = {
+    "user_messages": [{"role": "user", "content": "What is 6 times 7?"}],
+    "steps": [{"step_type": "model_inference", "uuid": "example-inference", "text": ""},
+              {"step_type": "tool_execution", "uuid": "example-tool",
+               "tool_calls": [{"tool_name": "math", "arguments": {"expression": "6*7"}}],
+               "tool_responses": [{"tool_name": "math", "content": "42"}]}],
+    "response_message": {"role": "assistant", "content": "6 times 7 is 42."}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,14 +108,16 @@ def step_histogram(url: str) -> dict[str, tuple[float, int]]:
     return {k: (v[0], int(v[1])) for k, v in found.items()}
 
 
-def streamed_turn(url: str, agent: str) -> tuple[float, dict[str, list[float]]]:
-    """One streamed turn: its wall time, and each step's start-to-end seconds by step type."""
+def streamed_turn(url: str, agent: str) -> tuple[float, dict[str, list[float]], str]:
+    """One streamed turn: its wall time, each step's start-to-end seconds by step type, and
+    the response's text."""
     body = json.dumps({"agent_uuid": agent, "messages": [{"role": "user", "content": QUESTION}],
-                       "turn_history": [], "stream": True}).encode()
+                       "turn_history": [EXAMPLE_TURN], "stream": True}).encode()
     req = urllib.request.Request(url + "/agentic_system/execute", data=body, method="POST",
                                  headers={"Content-Type": "application/json"})
     started_at: dict[str, float] = {}
     steps: dict[str, list[float]] = defaultdict(list)
+    answer = ""
     started = time.perf_counter()
     with urllib.request.urlopen(req, timeout=TIMEOUT_S) as response:
         for raw in response:
@@ -119,7 +130,8 @@ def streamed_turn(url: str, agent: str) -> tuple[float, dict[str, list[float]]]:
                 started_at[chunk["step_uuid"]] = now
             elif chunk["event_type"] == "step_end":
                 steps[chunk["step_type"]].append(now - started_at[chunk["step_uuid"]])
-    return time.perf_counter() - started, steps
+            answer = (chunk.get("response_message") or {}).get("content", answer)
+    return time.perf_counter() - started, steps, answer
 
 
 def bench_turn_breakdown(url: str, model: str | None, turns: int) -> dict[str, Any]:
@@ -138,11 +150,11 @@ def bench_turn_breakdown(url: str, model: str | None, turns: int) -> dict[str, A
         "available_tools": [math_tool], "executable_tools": ["math"], "memory_bank_uuids": [bank],
         "input_shields": [], "output_shields": [], "tool_choice": "required", "max_infer_iters": 2,
         "max_tokens": MAX_TOKENS})
-    streamed_turn(url, agent)  # warm-up: embedding model, sympy, prefix cache
+    print("warm-up answer:", streamed_turn(url, agent)[2])  # embedding model, sympy, prefix cache
     before = step_histogram(url)
     walls, client = [], defaultdict(list)
     for _ in range(turns):
-        wall, steps = streamed_turn(url, agent)
+        wall, steps, _ = streamed_turn(url, agent)
         walls.append(wall)
         for step_type, seconds in steps.items():
             client[step_type].append(sum(seconds))
@@ -166,7 +178,8 @@ def write_results(report: dict[str, Any], results_dir: str) -> Path:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     turn = report["turn"]
     lines = [f"# Agent turn breakdown ({report['date']})", "",
-             f"- machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs",
+             f"- machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs, load average "
+             f"{report['machine']['load_average_1m']:.1f} (shared: other work ran beside this)",
              f"- command: `{report['command']}`",
              f"- model: {turn['model']}; {turn['turns']} streamed turns after one warm-up; memory bank of "
              f"{len(FACTS)} facts, math executable, tool_choice required, max_infer_iters 2, max_tokens {MAX_TOKENS}",
@@ -185,7 +198,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         url = args.url or stack.enter_context(spawned_server())
         turn = bench_turn_breakdown(url, args.model, args.turns)
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform()},
+              "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                          "load_average_1m": os.getloadavg()[0]},
               "command": "python benchmarks/agents.py " + " ".join(sys.argv[1:]), "turn": turn}
     print(json.dumps(turn, indent=2))
     print("wrote", write_results(report, args.results_dir))

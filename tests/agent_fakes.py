@@ -26,11 +26,13 @@ class ScriptedInference:
     def __init__(self, outputs: list[ScriptedOutput]):
         self.outputs = list(outputs)
         self.requests: list[InferenceRequest] = []
+        self.sent = 0  # deltas yielded so far
 
     async def chat(self, request: InferenceRequest) -> AsyncIterator[InferenceDelta]:
         self.requests.append(request)
         output = self.outputs.pop(0)
         for start in range(0, len(output.text), self.CHUNK):
+            self.sent += 1
             yield InferenceDelta(text=output.text[start:start + self.CHUNK])
         yield InferenceDelta(tool_calls=output.tool_calls, stop_reason=output.stop_reason)
 

@@ -62,6 +62,17 @@ def test_plain_answer_streams_text_and_ends_with_the_response() -> None:
     assert request.messages[1:] == [USER]
 
 
+def test_text_is_sent_as_it_is_generated() -> None:
+    model = ScriptedInference([ScriptedOutput("one two three four")])
+    turn = Turn(agent(), AgentShields(), AgentRuntime(model, BuiltinTools(ToolsConfig())), [USER], [])
+
+    async def deltas_seen_per_chunk() -> list[int]:
+        return [model.sent async for chunk in turn.run() if chunk.response_text_delta]
+
+    # each piece reaches the client before the model makes the next one
+    assert asyncio.run(deltas_seen_per_chunk()) == [1, 2, 3, 4, 5]
+
+
 def test_several_builtin_calls_run_and_the_model_reads_their_results() -> None:
     calls = [{"tool_name": "math", "arguments": {"expression": "2^10"}},
              {"tool_name": "math", "arguments": {"expression": "sqrt(8)"}}]

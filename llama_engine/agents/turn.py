@@ -25,6 +25,7 @@ from llama_engine.agents.steps import (MEMORY_RETRIEVAL, MODEL_INFERENCE, SAFETY
 from llama_engine.agents.tools import BuiltinTools
 
 DEFAULT_REFUSAL = "I can't help with that."
+FLUSH = None  # yielded by _steps before silent work: send the step_end it holds now
 BLOCKING_VIOLATION = "error"  # a "warn" violation is recorded and the turn goes on
 
 
@@ -193,7 +194,7 @@ class Turn:
                 return
 
     async def _inference_step(self, tool_choice: str, stream_text: bool,
-                              result: dict[str, Any]) -> AsyncIterator[StepChunk]:
+                              result: dict[str, Any]) -> AsyncIterator[Optional[StepChunk]]:
         """A model_inference step. With ``stream_text`` off (output shields set) nothing is
         sent while the model runs: the step is sent once the caller has checked it
         (``_held_inference_chunks``). ``result`` gets text, tool_calls and stop_reason."""
@@ -203,8 +204,7 @@ class Turn:
                                    sampling_params=agent.sampling_params, max_tokens=agent.max_tokens)
         step = result["step"] = new_step_uuid()
         text, calls, stop_reason = [], [], None
-        if stream_text:
-            yield StepChunk(STEP_START, step, MODEL_INFERENCE)
+        yield StepChunk(STEP_START, step, MODEL_INFERENCE) if stream_text else FLUSH
         with self._timed(MODEL_INFERENCE):
             async for delta in self.runtime.inference.chat(request):
                 calls.extend(delta.tool_calls)
@@ -262,18 +262,25 @@ class Turn:
     # ---- the loop -------------------------------------------------------------------------
 
     async def run(self) -> AsyncIterator[StepChunk]:
-        last: Optional[StepChunk] = None
+        """The turn's chunks, each sent as soon as it is made, except that a step_end waits
+        for the next chunk: the turn's last chunk (always a step_end) carries the response."""
+        held: Optional[StepChunk] = None
         async for chunk in self._steps():
-            if last is not None:
-                yield last
-            last = chunk
-        response = self.refusal or self.response
-        if last is None:  # nothing ran: no shields, banks or inference (cannot happen today)
-            raise RuntimeError("a turn produced no steps")
-        last.response_message = response
-        yield last
+            if held is not None:
+                yield held
+                held = None
+            if chunk is FLUSH:
+                continue
+            if chunk.event_type == STEP_END:
+                held = chunk
+            else:
+                yield chunk
+        if held is None:  # unreachable: every path through _steps ends with a step_end
+            raise RuntimeError("a turn ended without a step_end")
+        held.response_message = self.refusal or self.response
+        yield held
 
-    async def _steps(self) -> AsyncIterator[StepChunk]:
+    async def _steps(self) -> AsyncIterator[Optional[StepChunk]]:
         agent = self.agent
         if self.shields.input:
             async for chunk in self._shield_step(self.shields.input, self.new_messages):
