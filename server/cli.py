@@ -132,6 +132,9 @@ def agent_options(args: argparse.Namespace) -> AgentOptions:
     search = web_search_config(args.web_search_provider, args.web_search_api_key, args.web_search_url)
     image = (ImageGenConfig(args.image_gen_url, args.image_gen_api_key, args.image_gen_model)
              if args.image_gen_url else None)
+    if args.allow_unsafe_code_interpreter:
+        LOG.warning("--allow-unsafe-code-interpreter: where bubblewrap cannot run, model-written "
+                    "code runs unsandboxed, with this server's access to files and network")
     return AgentOptions(shield_models, args.allow_unsafe_code_interpreter, ToolsConfig(search, image))
 
 

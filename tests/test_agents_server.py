@@ -183,6 +183,9 @@ BAD_CREATES = [
     ({"model": "llama3_70b_chat"}, 404, "model"),
     ({"tool_choice": "always"}, 400, "tool_choice"),
     ({"max_infer_iters": 0}, 400, "max_infer_iters"),
+    ({"available_tools": [{**WEATHER, "parameters": {"type": "object", "properties": 5}}]}, 400,
+     "available_tools[0].parameters"),
+    ({"sampling_params": {"strategy": "top_k", "top_k": 0}}, 400, "sampling_params.top_k"),
 ]
 
 

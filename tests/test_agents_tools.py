@@ -142,3 +142,28 @@ def test_unconfigured_tools_and_bad_arguments_say_so() -> None:
     assert "not available" in asyncio.run(tools.run("code_interpreter", {"code": "1"}, "s"))
     assert "needs a non-empty string argument 'expression'" in asyncio.run(tools.run("math", {"x": 1}, "s"))
     assert asyncio.run(tools.run("math", {"query": "1+1"}, "s")) == "2"  # Llama 3's wolfram_alpha argument
+
+
+def test_serve_flags_build_the_agent_options(monkeypatch) -> None:
+    import argparse
+
+    from server.cli import add_serve_arguments, agent_options
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    monkeypatch.delenv("BRAVE_SEARCH_API_KEY", raising=False)
+    monkeypatch.delenv("BING_SEARCH_API_KEY", raising=False)
+    monkeypatch.setenv("TAVILY_SEARCH_API_KEY", "from-env")
+    options = agent_options(parser.parse_args([
+        "--shield-model", "llama_guard=/models/guard.gguf", "--allow-unsafe-code-interpreter",
+        "--image-gen-url", "http://127.0.0.1:9/v1", "--image-gen-model", "sd"]))
+    assert options.shield_models == {"llama_guard": "/models/guard.gguf"}
+    assert options.allow_unsafe_code
+    assert options.tools.web_search == WebSearchConfig("tavily", "from-env")
+    assert options.tools.image_gen == ImageGenConfig("http://127.0.0.1:9/v1", None, "sd")
+    explicit = agent_options(parser.parse_args(["--web-search-provider", "brave", "--web-search-api-key", "k",
+                                                "--web-search-url", "http://127.0.0.1:9/s"]))
+    assert explicit.tools.web_search == WebSearchConfig("brave", "k", "http://127.0.0.1:9/s")
+    for bad in (["--shield-model", "llama_guard"], ["--web-search-api-key", "k"]):
+        with pytest.raises(SystemExit):
+            agent_options(parser.parse_args(bad))

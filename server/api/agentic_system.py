@@ -16,8 +16,9 @@ from llama_engine.agents.turn import AgentRuntime, AgentShields, Turn
 from llama_engine.errors import RequestValidationError
 from llama_engine.memory import NotFoundError as BankNotFoundError
 from server.api.errors import APIError, ConflictError, NotFoundError
-from server.api.generation import engine_request, make_sampling_params
-from server.api.inference import InferenceService
+from server.api.generation import engine_request, json_constraint, make_sampling_params
+from server.api.inference import InferenceService, engine_sampling
+from server.api.prompts import spec_tools
 from server.schemas import agentic_system as ag
 from server.schemas import llama_stack as ls
 
@@ -123,6 +124,7 @@ class AgenticSystemService:
         except RequestValidationError as exc:
             raise APIError(str(exc), param=exc.field) from None
         self.inference.inference.registry.resolve(agent.model)  # 404 naming `model`
+        self._check_generation(request)
         await self._check_banks(agent)
         self.inference.loop = asyncio.get_running_loop()
         shields = await asyncio.to_thread(self._build_shields, agent)
@@ -132,6 +134,15 @@ class AgenticSystemService:
             raise ConflictError(str(exc), param="uuid") from None
         self._shields[agent.uuid] = shields
         return ag.AgenticSystemCreateResponse(agent_uuid=agent.uuid)
+
+    @staticmethod
+    def _check_generation(request: ag.AgenticSystemCreateRequest) -> None:
+        """What every inference of the agent will use, checked now rather than at its first
+        turn: the sampling settings, and each tool's schema as a decoding grammar."""
+        engine_sampling(ls.GenerationOptions(model=request.model, sampling_params=request.sampling_params,
+                                             max_tokens=request.max_tokens))
+        for index, tool in enumerate(spec_tools(request.available_tools)):
+            json_constraint(tool.parameters, f"available_tools[{index}].parameters")
 
     async def _check_banks(self, agent: AgentConfig) -> None:
         for index, bank_uuid in enumerate(agent.memory_bank_uuids):
