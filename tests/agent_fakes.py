@@ -36,9 +36,6 @@ class ScriptedInference:
             yield InferenceDelta(text=output.text[start:start + self.CHUNK])
         yield InferenceDelta(tool_calls=output.tool_calls, stop_reason=output.stop_reason)
 
-    def generate(self, model: str, prompt: str, max_tokens: int) -> str:
-        return "safe"
-
 
 @dataclass
 class Violation:

@@ -60,3 +60,22 @@ def test_turn_writes_passages_into_the_newest_user_message(store) -> None:
     assert prompt_user.startswith(f"{MEMORY_CONTEXT_HEADER}\n[1] {text}\n[2] ")
     assert prompt_user.endswith(f"\n\n{question}")
     assert result["user_messages"] == [user]  # the turn keeps what the user wrote
+
+
+def test_passages_go_before_attachments(store) -> None:
+    _, text, question = CORPUS[0]
+    attachment = {"url": "data:text/plain,see%20above", "mime_type": "text/plain"}
+    agent = AgentConfig(uuid="a", instructions="", model="m", memory_bank_uuids=["facts"])
+    model = ScriptedInference([ScriptedOutput("ok")])
+    user = {"role": "user", "content": attachment, "tool_calls": [], "tool_responses": []}
+    history = [{"user_messages": [{**user, "content": question}], "steps": [],
+                "response_message": {"role": "assistant", "content": "?", "tool_calls": [], "tool_responses": []}}]
+    turn = Turn(agent, AgentShields(), AgentRuntime(model, BuiltinTools(ToolsConfig()), store), [user], history)
+
+    async def drain():
+        return [c async for c in turn.run()]
+
+    asyncio.run(drain())
+    passages, kept = model.requests[0].messages[-1]["content"]
+    assert passages.startswith(f"{MEMORY_CONTEXT_HEADER}\n[1] {text}")  # queried with the history's question
+    assert kept == attachment

@@ -36,7 +36,3 @@ class ChatInference(Protocol):
     def chat(self, request: InferenceRequest) -> AsyncIterator[InferenceDelta]:
         """Stream the completion; raises RequestValidationError (or the implementation's
         own refusal) before the first delta for a request it will not run."""
-
-    def generate(self, model: str, prompt: str, max_tokens: int) -> str:
-        """Greedy completion of a raw prompt, blocking (called from worker threads: guard
-        models behind shields use it)."""

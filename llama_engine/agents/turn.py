@@ -186,10 +186,11 @@ class Turn:
         for index in range(len(self.conversation) - 1, -1, -1):
             current = self.conversation[index]
             if current["role"] == "user":
-                if isinstance(current["content"], list):
-                    content = [retrieval.context(""), *current["content"]]
-                else:
-                    content = retrieval.context(content_text(current["content"]))
+                if isinstance(current["content"], str):
+                    content: Any = retrieval.context(current["content"])
+                else:  # attachments stay, after the passages
+                    items = current["content"] if isinstance(current["content"], list) else [current["content"]]
+                    content = [retrieval.context(""), *items]
                 self.conversation[index] = {**current, "content": content}
                 return
 
