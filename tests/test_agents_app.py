@@ -1,8 +1,9 @@
 """The agents' seams inside the real application on the default model, with stand-ins for
 the shields and the sandbox (built on another branch): a guard shield's ``generate`` runs
 on the served model from its worker thread (same text as /inference/completion), an output
-violation streams no text, a shield refused at create time names its field, and a forced
-code_interpreter call runs in the agent's session (closed when the agent is deleted)."""
+violation streams no text, a shield refused at create time names its field, a forced
+code_interpreter call runs in the agent's session (closed when the agent is deleted), and a
+forced web_search call reaches a stub Brave server on the loopback (--web-search-url)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import json
 from typing import Any, Callable, Optional
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from llama_engine.agents.options import AgentOptions
+from llama_engine.agents.tools import ToolsConfig
+from llama_engine.agents.web_search import WebSearchConfig
 from llama_engine.errors import RequestValidationError
 from tests.agent_fakes import EchoCodeInterpreter, Violation, example_tool_turn
 
@@ -26,6 +30,14 @@ GUARD_PROMPT = "Is this message safe? Answer safe or unsafe. Message: hello\nAns
 # SmolLM2-135M writes a sound call once it has seen one
 CODE_EXAMPLE_TURN = example_tool_turn("Print 2 plus 3 in Python.", "code_interpreter",
                                       {"code": "print(2 + 3)"}, "[stdout]\n5\n", "2 plus 3 is 5.")
+
+
+SEARCH_EXAMPLE_TURN = example_tool_turn(
+    "Search the web for the tallest tree.", "web_search", {"query": "tallest tree"},
+    '{"query": "tallest tree", "results": [{"title": "Hyperion", "url": "https://t.example", '
+    '"content": "Hyperion is the tallest tree."}]}', "Hyperion is the tallest tree.")
+BRAVE_ANSWER = {"web": {"results": [{"title": "Kettle facts", "url": "https://k.example",
+                                     "description": "Kettles boil water."}]}}
 
 
 class GuardShield:
@@ -43,8 +55,8 @@ class GuardShield:
 class StandInOptions(AgentOptions):
     """Real options, with the shields and the sandbox replaced by stand-ins."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, search_url: str) -> None:
+        super().__init__(tools=ToolsConfig(web_search=WebSearchConfig("brave", "KEY", search_url)))
         self.shields: list[GuardShield] = []
         self.code = EchoCodeInterpreter()
 
@@ -65,17 +77,25 @@ def run_app(tmp_path, scenario: Callable[[TestClient, StandInOptions], Any]) -> 
     from server.api.registry import ModelRegistry, ServedModel
     from server.http.app import build_app
 
+    async def brave(request: web.Request) -> web.Response:
+        return web.json_response(BRAVE_ANSWER)
+
     async def main() -> Any:
+        stub = web.Application()
+        stub.router.add_get("/search", brave)
+        search = TestServer(stub, host="127.0.0.1")
+        await search.start_server()
         engine = AsyncLLMEngine.from_model(None, max_model_len=MAX_MODEL_LEN)
         registry = ModelRegistry()
         registry.add(ServedModel(engine.model_id, engine, max_running=8, max_waiting=8))
-        options = StandInOptions()
+        options = StandInOptions(str(search.make_url("/search")))
         client = TestClient(TestServer(build_app(registry, state_dir=tmp_path, agent_options=options)))
         await client.start_server()
         try:
             return await scenario(client, options)
         finally:
             await client.close()
+            await search.close()
             await engine.shutdown()
 
     return asyncio.run(main())
@@ -128,5 +148,16 @@ def test_shields_and_code_interpreter_in_the_app(tmp_path) -> None:
         assert turn["steps"][-1]["step_type"] == "model_inference"
         assert (await client.delete("/agentic_system/delete?agent_id=coder")).status == 200
         assert options.code.closed == ["coder"]
+
+        search_tool = {"tool_name": "web_search", "input_shields": [], "output_shields": []}
+        await create(client, "searcher", available_tools=[search_tool], executable_tools=["web_search"],
+                     tool_choice="required", max_infer_iters=2, max_tokens=48)
+        body = {"agent_uuid": "searcher", "messages": [{"role": "user", "content": "Search the web for kettles."}],
+                "turn_history": [SEARCH_EXAMPLE_TURN], "stream": False}
+        turn = (await (await client.post("/agentic_system/execute", json=body)).json())["turn"]
+        execution = next(s for s in turn["steps"] if s["step_type"] == "tool_execution")
+        [call] = execution["tool_calls"]
+        assert json.loads(execution["tool_responses"][0]["content"]) == {"query": call["arguments"]["query"], "results": [
+            {"title": "Kettle facts", "url": "https://k.example", "content": "Kettles boil water."}]}
 
     run_app(tmp_path, scenario)
