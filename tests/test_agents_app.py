@@ -111,7 +111,22 @@ async def create(client: TestClient, uuid: str, status: int = 200, **fields: Any
     return model, await response.json()
 
 
-def test_shields_and_code_interpreter_in_the_app(tmp_path) -> None:
+async def forced_builtin_turn(client: TestClient, agent: str, tool: str, example: dict,
+                              question: str) -> tuple[dict, dict]:
+    """A turn of a new agent that must call the built-in ``tool`` (run by the server); the
+    turn and its tool_execution step."""
+    definition = {"tool_name": tool, "input_shields": [], "output_shields": []}
+    await create(client, agent, available_tools=[definition], executable_tools=[tool],
+                 tool_choice="required", max_infer_iters=2, max_tokens=64)
+    body = {"agent_uuid": agent, "messages": [{"role": "user", "content": question}],
+            "turn_history": [example], "stream": False}
+    turn = (await (await client.post("/agentic_system/execute", json=body)).json())["turn"]
+    execution = [s for s in turn["steps"] if s["step_type"] == "tool_execution"]
+    assert execution, json.dumps(turn)
+    return turn, execution[0]
+
+
+def test_shields_and_builtin_tools_in_the_app(tmp_path) -> None:
     guard = {"shield_type": "llama_guard", "params": {}}
 
     async def scenario(client: TestClient, options: StandInOptions) -> None:
@@ -133,29 +148,18 @@ def test_shields_and_code_interpreter_in_the_app(tmp_path) -> None:
             "model": model, "content": GUARD_PROMPT, "max_tokens": 32})).json()
         assert options.shields[-1].guard_outputs == [reference["content"]]
 
-        code_tool = {"tool_name": "code_interpreter", "input_shields": [], "output_shields": []}
-        await create(client, "coder", available_tools=[code_tool], executable_tools=["code_interpreter"],
-                     tool_choice="required", max_infer_iters=2, max_tokens=64)
-        body = {"agent_uuid": "coder", "messages": [{"role": "user", "content": "Print 6 times 7 in Python."}],
-                "turn_history": [CODE_EXAMPLE_TURN], "stream": False}
-        turn = (await (await client.post("/agentic_system/execute", json=body)).json())["turn"]
-        assert options.code.calls, json.dumps(turn)
+        turn, execution = await forced_builtin_turn(client, "coder", "code_interpreter", CODE_EXAMPLE_TURN,
+                                                    "Print 6 times 7 in Python.")
         [(session, code)] = options.code.calls
         assert session == "coder"
-        execution = next(s for s in turn["steps"] if s["step_type"] == "tool_execution")
         assert execution["tool_calls"] == [{"tool_name": "code_interpreter", "arguments": {"code": code}}]
         assert execution["tool_responses"][0]["content"][0] == f"[stdout]\nran: {code}\n"
         assert turn["steps"][-1]["step_type"] == "model_inference"
         assert (await client.delete("/agentic_system/delete?agent_id=coder")).status == 200
         assert options.code.closed == ["coder"]
 
-        search_tool = {"tool_name": "web_search", "input_shields": [], "output_shields": []}
-        await create(client, "searcher", available_tools=[search_tool], executable_tools=["web_search"],
-                     tool_choice="required", max_infer_iters=2, max_tokens=48)
-        body = {"agent_uuid": "searcher", "messages": [{"role": "user", "content": "Search the web for kettles."}],
-                "turn_history": [SEARCH_EXAMPLE_TURN], "stream": False}
-        turn = (await (await client.post("/agentic_system/execute", json=body)).json())["turn"]
-        execution = next(s for s in turn["steps"] if s["step_type"] == "tool_execution")
+        _, execution = await forced_builtin_turn(client, "searcher", "web_search", SEARCH_EXAMPLE_TURN,
+                                                 "Search the web for kettles.")
         [call] = execution["tool_calls"]
         assert json.loads(execution["tool_responses"][0]["content"]) == {"query": call["arguments"]["query"], "results": [
             {"title": "Kettle facts", "url": "https://k.example", "content": "Kettles boil water."}]}
