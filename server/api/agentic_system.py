@@ -24,15 +24,15 @@ from server.schemas import llama_stack as ls
 
 # The chat path names its errors after the Inference API's body; here they are the turn's.
 CHAT_FIELD_PREFIX = "dialog"
-SHIELD_LISTS = ("input_shields", "output_shields")
 EXECUTE_ROLES = ("user", "tool")
+GUARD_MAX_TOKENS = 32  # "unsafe\nS1,S2,..." fits with room to spare
 
 
 class ServerChatInference:
     """agents.inference.ChatInference over this server's Inference API."""
 
-    def __init__(self, inference: InferenceService):
-        self.inference = inference
+    def __init__(self, service: InferenceService):
+        self.service = service
         self.loop: Optional[asyncio.AbstractEventLoop] = None  # the server's, for generate()
 
     async def chat(self, request: InferenceRequest) -> AsyncIterator[InferenceDelta]:
@@ -42,7 +42,7 @@ class ServerChatInference:
             "tool_choice": request.tool_choice, "stream": True,
             "dialog": {"message": request.messages[-1], "message_history": request.messages[:-1]}})
         try:
-            async for chunk in self.inference.chat_completion_stream(spec_request):
+            async for chunk in self.service.chat_completion_stream(spec_request):
                 yield InferenceDelta(
                     text=chunk.text_delta,
                     tool_calls=[chunk.tool_call.model_dump(mode="json")] if chunk.tool_call else [],
@@ -55,11 +55,11 @@ class ServerChatInference:
             raise
 
     async def _generate(self, model_name: str, prompt: str, max_tokens: int) -> str:
-        model = self.inference.registry.resolve(model_name)
+        model = self.service.registry.resolve(model_name)
         params = make_sampling_params({}, temperature=0.0, max_tokens=max_tokens, skip_special_tokens=True)
         prepared = engine_request(model, model.tokenizer.encode(prompt), params, {"prompt": "prompt"})
         with model.admit(1):
-            final = await self.inference.runner.run(prepared)
+            final = await self.service.runner.run(prepared)
         return final.outputs[0].text
 
     def generate(self, model: str, prompt: str, max_tokens: int) -> str:
@@ -67,8 +67,6 @@ class ServerChatInference:
         assert self.loop is not None, "generate() before the server's loop was known"
         return asyncio.run_coroutine_threadsafe(self._generate(model, prompt, max_tokens), self.loop).result()
 
-
-GUARD_MAX_TOKENS = 32  # "unsafe\nS1,S2,..." fits with room to spare
 
 
 class AgenticSystemService:
@@ -123,7 +121,7 @@ class AgenticSystemService:
             agent.validate()
         except RequestValidationError as exc:
             raise APIError(str(exc), param=exc.field) from None
-        self.inference.inference.registry.resolve(agent.model)  # 404 naming `model`
+        self.inference.service.registry.resolve(agent.model)  # 404 naming `model`
         self._check_generation(request)
         await self._check_banks(agent)
         self.inference.loop = asyncio.get_running_loop()
