@@ -17,6 +17,8 @@ COMMANDS = {
                "memory-bank ingest and query latency against sentence-transformers + faiss"),
     "startup": ("startup", "add_arguments", "run",
                 "time to the first token (LLM, serve) beside llama.cpp"),
+    "agents": ("agents", "add_arguments", "run",
+               "an agent turn's step breakdown (memory, inference, tools)"),
 }
 
 

@@ -11,6 +11,10 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from llama_engine.agents.image_gen import ImageGenConfig
+from llama_engine.agents.options import AgentOptions
+from llama_engine.agents.tools import ToolsConfig
+from llama_engine.agents.web_search import KEY_ENV, PROVIDERS, web_search_config
 from llama_engine.state import resolve_state_dir
 from llama_engine.startup import gc_paused_while_loading
 from server.api.registry import ModelRegistry, ServedModel
@@ -51,6 +55,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where datasets, jobs, checkpoints, memory banks and agents persist "
                              "(SQLite; default: $LLAMA_ENGINE_STATE_DIR or ~/.local/share/llama-engine)")
     parser.add_argument("--log-level", default="INFO")
+    agents = parser.add_argument_group("agents (the AgenticSystem API)")
+    agents.add_argument("--shield-model", action="append", metavar="NAME=PATH", default=[],
+                        help="checkpoint of a shield: llama_guard=PATH (a Llama GGUF or HF folder; "
+                             "default: the agent's own model), prompt_guard=PATH (a Prompt-Guard-86M "
+                             "style classifier)")
+    agents.add_argument("--allow-unsafe-code-interpreter", action="store_true",
+                        help="let code_interpreter run model-written code with no sandbox when "
+                             "bubblewrap is missing (logged as a warning); never on a shared host")
+    agents.add_argument("--web-search-provider", choices=PROVIDERS, default=None,
+                        help="default: the first provider whose key is in the environment "
+                             f"({', '.join(KEY_ENV.values())})")
+    agents.add_argument("--web-search-api-key", default=None,
+                        help="the provider's key (default: its environment variable)")
+    agents.add_argument("--web-search-url", default=None,
+                        help="the provider's endpoint, when not its public one")
+    agents.add_argument("--image-gen-url", default=None,
+                        help="base URL of an OpenAI-compatible images API (POST {URL}/images/generations)")
+    agents.add_argument("--image-gen-api-key", default=None)
+    agents.add_argument("--image-gen-model", default=None)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -96,6 +119,25 @@ def load_registry(args: argparse.Namespace) -> ModelRegistry:
     return registry
 
 
+def agent_options(args: argparse.Namespace) -> AgentOptions:
+    """The agents' shields and built-in tools from the command line (and the environment)."""
+    shield_models = {}
+    for mapping in args.shield_model:
+        name, sep, path = mapping.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--shield-model must look like NAME=PATH, got {mapping!r}")
+        shield_models[name] = path
+    if args.web_search_api_key and not args.web_search_provider:
+        raise SystemExit("--web-search-api-key needs --web-search-provider")
+    search = web_search_config(args.web_search_provider, args.web_search_api_key, args.web_search_url)
+    image = (ImageGenConfig(args.image_gen_url, args.image_gen_api_key, args.image_gen_model)
+             if args.image_gen_url else None)
+    if args.allow_unsafe_code_interpreter:
+        LOG.warning("--allow-unsafe-code-interpreter: where bubblewrap cannot run, model-written "
+                    "code runs unsandboxed, with this server's access to files and network")
+    return AgentOptions(shield_models, args.allow_unsafe_code_interpreter, ToolsConfig(search, image))
+
+
 async def run_until_signalled(app: web.Application, host: str, port: int,
                               drain_timeout_s: float) -> None:
     """Serve until SIGTERM or SIGINT; then stop accepting, let in-flight requests finish
@@ -119,10 +161,11 @@ async def run_until_signalled(app: web.Application, host: str, port: int,
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    options = agent_options(args)  # before the models load: a bad flag fails at once
     with gc_paused_while_loading():
         registry = load_registry(args)
         app = build_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                        state_dir=resolve_state_dir(args.state_dir))
+                        state_dir=resolve_state_dir(args.state_dir), agent_options=options)
     try:
         await run_until_signalled(app, args.host, args.port, args.drain_timeout)
     finally:

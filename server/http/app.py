@@ -10,12 +10,17 @@ from typing import Any, Awaitable, Callable, Optional
 from aiohttp import web
 from pydantic import BaseModel, RootModel, ValidationError
 
+from llama_engine.agents.options import AgentOptions
+from llama_engine.agents.store import AgentStore
+from llama_engine.agents.tools import BuiltinTools
+from llama_engine.agents.turn import AgentRuntime
 from llama_engine.datasets import DatasetRegistry
 from llama_engine.training.jobs import JobManager
 from server.api.datasets import DatasetsService
 from server.api.post_training import PostTrainingService
 from llama_engine.memory import MemoryStore
 from llama_engine.state import resolve_state_dir
+from server.api.agentic_system import AgenticSystemService, ServerChatInference
 from server.api.errors import APIError, validation_error
 from server.api.generation import GenerationRunner
 from server.api.inference import InferenceService
@@ -27,6 +32,7 @@ from server.http.openapi import build_openapi
 from server.http.routing import JSON_CONTENT_TYPE, JSONL_CONTENT_TYPE, Route
 from server.http.middleware import access_log_middleware, auth_middleware, error_middleware
 from server.http.sse import OPENAI_DONE, send_event_stream
+from server.schemas import agentic_system as ag
 from server.schemas import llama_stack as ls
 from server.schemas import post_training as pt
 from server.schemas.common import HealthResponse
@@ -178,6 +184,21 @@ def memory_bank_routes(memory: MemoryBanksService) -> list[Route]:
     ]
 
 
+def agentic_system_routes(agents: AgenticSystemService) -> list[Route]:
+    tag = "AgenticSystem"
+    return [
+        Route("/agentic_system/create", "Create an agent (stored under the state directory).", tag,
+              ag.AgenticSystemCreateRequest, ag.AgenticSystemCreateResponse, agents.create,
+              errors=(409,)),
+        Route("/agentic_system/execute", "Run one turn: shields, memory retrieval, inference and "
+              "tools; stream: true sends its steps as server-sent events.", tag,
+              ag.AgenticSystemExecuteRequest, ag.AgenticSystemExecuteResponse, agents.execute,
+              agents.execute_stream, ag.AgenticSystemExecuteResponseStreamChunk),
+        Route("/agentic_system/delete", "Delete an agent.", tag, None, None, agents.delete,
+              method="DELETE", query_model=ag.AgentQuery),
+    ]
+
+
 async def health(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
     return json_response(HealthResponse(status="ok", models=[m.model_id for m in registry.models()]))
@@ -224,9 +245,11 @@ def post_training_routes(service: PostTrainingService) -> list[Route]:
 
 def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              state_dir: Optional[Path] = None) -> web.Application:
-    """The application. Its persistent APIs (memory banks, datasets, post-training jobs) keep
-    their state in ``state_dir`` (default: llama_engine.state's default directory)."""
+              state_dir: Optional[Path] = None,
+              agent_options: Optional[AgentOptions] = None) -> web.Application:
+    """The application. Its persistent APIs (memory banks, datasets, post-training jobs,
+    agents) keep their state in ``state_dir`` (default: llama_engine.state's default
+    directory); ``agent_options`` configures shields and built-in tools."""
     metrics = ServerMetrics(registry)
     runner = GenerationRunner(listener=metrics)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
@@ -238,9 +261,16 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     memory = MemoryBanksService(MemoryStore(state_dir))
     datasets = DatasetRegistry(state_dir)
     jobs = JobManager(state_dir)
-    routes = (inference_routes(InferenceService(registry, runner), openai)
+    inference = InferenceService(registry, runner)
+    agent_options = agent_options or AgentOptions()
+    tools = BuiltinTools(agent_options.tools, agent_options.code_interpreter_factory(state_dir))
+    chat = ServerChatInference(inference)
+    agents = AgenticSystemService(AgentStore(state_dir), AgentRuntime(chat, tools, memory.store, metrics),
+                                  chat, agent_options.shield_builder())
+    routes = (inference_routes(inference, openai)
               + memory_bank_routes(memory) + datasets_routes(DatasetsService(datasets))
-              + post_training_routes(PostTrainingService(jobs, datasets, registry.model_path)))
+              + post_training_routes(PostTrainingService(jobs, datasets, registry.model_path))
+              + agentic_system_routes(agents))
 
     async def start_jobs(app: web.Application) -> None:
         jobs.start()
@@ -248,6 +278,8 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     async def close_state(app: web.Application) -> None:
         await asyncio.to_thread(jobs.stop)
         datasets.close()
+        await asyncio.to_thread(tools.close)
+        agents.store.close()
         await asyncio.to_thread(memory.store.close)
 
     app.on_startup.append(start_jobs)

@@ -15,6 +15,10 @@ METRIC_PREFIX = "llama_engine"
 # prompt behind a full batch); time per output token spans ~1 ms to ~1 s.
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# An agent step spans a millisecond (a math call, a keyword shield) to minutes (a long answer,
+# a code-interpreter call that runs to its timeout).
+AGENT_STEP_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                        60.0, 120.0)
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -74,6 +78,7 @@ class ServerMetrics:
         self.cached_prompt_tokens: dict[Labels, int] = defaultdict(int)
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.tpot = Histogram(TPOT_BUCKETS_S)
+        self.agent_steps = Histogram(AGENT_STEP_BUCKETS_S)
 
     # ---- GenerationListener --------------------------------------------------------------
 
@@ -88,6 +93,11 @@ class ServerMetrics:
         self.cached_prompt_tokens[labels] += cached_tokens
         if generated_tokens > 1:
             self.tpot.observe(labels, seconds_after_first_token / (generated_tokens - 1))
+
+    # ---- agents.turn.StepListener ---------------------------------------------------------
+
+    def step_finished(self, step_type: str, seconds: float) -> None:
+        self.agent_steps.observe((("step_type", step_type),), seconds)
 
     # ---- HTTP -----------------------------------------------------------------------------
 
@@ -138,6 +148,10 @@ class ServerMetrics:
             *self._family("time_per_output_token_seconds", "histogram",
                           "Mean seconds per output token after the first, per request.", []),
             *[f"{METRIC_PREFIX}_{line}" for line in self.tpot.lines("time_per_output_token_seconds")],
+            *self._family("agent_step_seconds", "histogram",
+                          "Seconds per agent turn step: safety_filtering (shields), "
+                          "memory_retrieval, model_inference, tool_execution.", []),
+            *[f"{METRIC_PREFIX}_{line}" for line in self.agent_steps.lines("agent_step_seconds")],
             *self._family("requests_waiting", "gauge", "Requests waiting in the engine.", gauges["requests_waiting"]),
             *self._family("requests_running", "gauge", "Requests running in the engine.", gauges["requests_running"]),
             *self._family("requests_in_flight", "gauge", "Sequences admitted by the server and not yet finished.",

@@ -19,7 +19,7 @@ SSE_CONTENT_TYPE = "text/event-stream"
 ERROR_STATUSES = {
     "400": "Invalid request: the message names the field and the reason.",
     "401": "Missing or wrong API key.",
-    "404": "Unknown model, memory bank, document, dataset or job.",
+    "404": "Unknown model, memory bank, document, dataset, job or agent.",
     "413": "Request body too large.",
     "503": "Server at capacity; retry after the Retry-After header's seconds.",
 }
