@@ -4,7 +4,8 @@ SmolLM2-135M decode calls these ~300 times per token on one-row inputs, where th
 wrapper (argument checks, tensor -> extension hand-over, output allocation) can cost more
 than the kernel. Shapes: x [1, 576]; q [1, 9, 64] and k/v [1, 3, 64] as strided slices of
 a [1, 960] fused QKV output; caches [64 blocks, 16, 3, 64]; one sequence of context 100;
-quant_matmul of [1, 576] by a Q4_1 [576, 576] weight. The fused decoder-layer ops (csrc/decoder_layer.cpp)
+quant_matmul of [1, 576] by a Q4_1 [576, 576] weight; sample of one row of SmolLM2's 49152
+logits, greedy and with temperature / top-p. The fused decoder-layer ops (csrc/decoder_layer.cpp)
 run at the same shapes with random Q4_1 weights of one SmolLM2 layer: qkv_projection,
 o_proj_and_mlp, and decoder_layer (both, with the paged store and attention between them),
 which together replace the nine single-op calls of a layer.
@@ -34,6 +35,7 @@ RESULTS_DIR = Path(__file__).parent / "results"
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 576, 9, 3, 64, 1536
 NUM_BLOCKS, BLOCK_SIZE, CONTEXT = 64, 16, 100
+VOCAB = 49152
 
 
 def per_call_us(fn: Callable[[], object], calls: int, rounds: int) -> float:
@@ -48,6 +50,13 @@ def per_call_us(fn: Callable[[], object], calls: int, rounds: int) -> float:
             fn()
         best = min(best, (time.perf_counter() - start) / calls)
     return best * 1e6
+
+
+def sampling_params(temperature: float, top_p: float) -> tuple[torch.Tensor, ...]:
+    """One row's (temperature, top_k, top_p, min_p, uniform) as ``ops.sample`` takes them."""
+    def row(value: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return torch.full((1,), value, dtype=dtype)
+    return row(temperature), row(0, torch.int64), row(top_p), row(0.0), row(0.5)
 
 
 def decode_cases() -> dict[str, Callable[[], object]]:
@@ -69,6 +78,8 @@ def decode_cases() -> dict[str, Callable[[], object]]:
     context_lens = torch.tensor([CONTEXT], dtype=torch.int32)
     cu_seqlens_q = torch.tensor([0, 1], dtype=torch.int32)
     packed = quantize(torch.randn(HIDDEN, HIDDEN), "Q4_1")
+    logits = torch.randn(1, VOCAB)
+    greedy, top_p = sampling_params(0.0, 1.0), sampling_params(0.7, 0.9)
     layer = kernels.DecoderLayerWeights(
         torch.rand(HIDDEN) + 0.5, quantize(torch.randn(q_size + 2 * kv_size, HIDDEN), "Q4_1"),
         packed, torch.rand(HIDDEN) + 0.5, quantize(torch.randn(2 * FFN, HIDDEN), "Q4_1"),
@@ -87,6 +98,8 @@ def decode_cases() -> dict[str, Callable[[], object]]:
         "paged_attention": lambda: ops.paged_attention(q, k_cache, v_cache, block_tables,
                                                        context_lens, cu_seqlens_q, 0.125),
         "quant_matmul Q4_1 576x576": lambda: cpu_quant.quant_matmul(x, packed),
+        "sample greedy (1 x 49152)": lambda: ops.sample(logits, *greedy),
+        "sample top-p 0.9 (1 x 49152)": lambda: ops.sample(logits, *top_p),
         "qkv_projection (fused)": lambda: cpu.qkv_projection(
             x, residual, w.attn_norm, w.eps, w.wqkv, positions, cos_sin, HEADS, KV_HEADS),
         "o_proj_and_mlp (fused)": lambda: cpu.o_proj_and_mlp(
@@ -108,7 +121,8 @@ def main() -> None:
     rows = ["| op | us/call |", "|---|---:|"]
     print(f"{'op':28s} {'us/call':>8s}")
     for name, fn in decode_cases().items():
-        cheap = not any(word in name for word in ("attention", "matmul", "fused", "layer"))
+        cheap = not any(word in name
+                        for word in ("attention", "matmul", "fused", "layer", "sample"))
         calls = args.calls if cheap else args.calls // 5
         us = per_call_us(fn, calls, args.rounds)
         print(f"{name:28s} {us:8.2f}", flush=True)

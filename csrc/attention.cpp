@@ -365,10 +365,12 @@ namespace {
 
 // q [T, H, D] against the caches: its head dim, and heads a multiple of the KV heads.
 TokenRows<const float> query_rows(const TensorView& q, const KvCache& cache) {
-    if (q.ndim != 3 || q.sizes[1] % cache.kv_heads != 0) {
-        fail("q: expected [T, H, D] with H a multiple of the cache's KV heads");
+    const TokenRows<const float> rows = token_rows(q, "q", -1, cache.head_dim);
+    if (q.sizes[1] % cache.kv_heads != 0) {
+        fail("q: heads must be a multiple of the cache's " + std::to_string(cache.kv_heads) +
+             " KV heads, got " + std::to_string(q.sizes[1]));
     }
-    return token_rows(q, "q", q.sizes[1], cache.head_dim);
+    return rows;
 }
 
 // Writes of the attention output: a dense float32 tensor shaped like q.

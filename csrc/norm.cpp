@@ -101,39 +101,55 @@ void silu_and_mul_rows(const float* gate_up, float* out, int64_t rows, int64_t w
 
 void register_norm(py::module_& m) {
     using namespace llama_ops;
-    // Tensors are passed as addresses (data_ptr()), checked by llama_engine/kernels/cpu/ops.py.
-    m.def("rms_norm", [](std::uintptr_t x, std::uintptr_t weight, float eps,
-                         std::uintptr_t residual, std::uintptr_t out,
-                         std::uintptr_t new_residual, int64_t tokens, int64_t hidden) {
+    using namespace pybind11::literals;
+    // Tensors arrive as views (views.h), checked here before the GIL is released.
+    m.def("rms_norm", [](const TensorView& x, const TensorView& weight, float eps,
+                         const std::optional<TensorView>& residual, const TensorView& out,
+                         const std::optional<TensorView>& new_residual) {
+              const TokenRows<float> rows = dense_rows<float>(x, "x");
+              const float* w = dense<float>(weight, "weight", {rows.width});
+              float* normed = dense_like<float>(out, "out", x);
+              if (residual.has_value() != new_residual.has_value()) {
+                  fail("new_residual: given exactly when residual is");
+              }
+              const float* res = residual ? dense_like<float>(*residual, "residual", x) : nullptr;
+              float* new_res =
+                  new_residual ? dense_like<float>(*new_residual, "new_residual", x) : nullptr;
               py::gil_scoped_release release;
-              rms_norm_rows(tensor_at<const float>(x), tensor_at<const float>(weight), eps,
-                            tensor_at<const float>(residual), tensor_at<float>(out),
-                            tensor_at<float>(new_residual), tokens, hidden);
+              rms_norm_rows(rows.data, w, eps, res, normed, new_res, rows.tokens, rows.width);
           },
-          py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual"), py::arg("out"),
-          py::arg("new_residual"), py::arg("tokens"), py::arg("hidden"),
-          "out = rmsnorm(x + residual) * weight over [tokens, hidden]; writes x + residual to "
-          "new_residual when a residual is given (residual = new_residual = 0: none).");
-    m.def("rope", [](std::uintptr_t q, int64_t q_stride, int64_t q_heads, std::uintptr_t k,
-                     int64_t k_stride, int64_t k_heads, int64_t tokens, int64_t head_dim,
-                     std::uintptr_t positions, std::uintptr_t cos_sin, int64_t max_pos) {
-              check_positions(tensor_at<const int64_t>(positions), tokens, max_pos);
+          "x"_a, "weight"_a, "eps"_a, "residual"_a, "out"_a, "new_residual"_a,
+          "out = rmsnorm(x + residual) * weight over x float32 [..., hidden]; writes x + "
+          "residual to new_residual when a residual is given (both None: no residual). All "
+          "C-contiguous and shaped like x; weight float32 [hidden].");
+    m.def("rope", [](const TensorView& q, const TensorView& k, const TensorView& positions,
+                     const TensorView& cos_sin) {
+              const TokenRows<float> q_rows = token_rows<float>(q, "q", -1, -1);
+              const int64_t q_heads = q.sizes[1], head_dim = q.sizes[2];
+              if (head_dim % 2 != 0) fail("q: head dim must be even, got " + std::to_string(head_dim));
+              const TokenRows<float> k_rows = token_rows<float>(k, "k", -1, head_dim);
+              if (k_rows.tokens != q_rows.tokens) fail("q/k: same number of tokens expected");
+              const int64_t* pos = dense<int64_t>(positions, "positions", {q_rows.tokens});
+              const float* table = dense<float>(cos_sin, "cos_sin", {-1, head_dim});
+              check_positions(pos, q_rows.tokens, cos_sin.sizes[0]);
               py::gil_scoped_release release;
-              rope_rows(tensor_at<float>(q), q_stride, q_heads, tensor_at<float>(k), k_stride,
-                        k_heads, tokens, head_dim, tensor_at<const int64_t>(positions),
-                        tensor_at<const float>(cos_sin));
+              rope_rows(q_rows.data, q_rows.stride, q_heads, k_rows.data, k_rows.stride,
+                        k.sizes[1], q_rows.tokens, head_dim, pos, table);
           },
-          py::arg("q"), py::arg("q_stride"), py::arg("q_heads"), py::arg("k"),
-          py::arg("k_stride"), py::arg("k_heads"), py::arg("tokens"), py::arg("head_dim"),
-          py::arg("positions"), py::arg("cos_sin"), py::arg("max_pos"),
-          "Rotary embedding in place on q [T, H, D] and k [T, Hkv, D] (tokens q_stride / "
-          "k_stride elements apart), positions int64 [T], cos_sin [max_pos, D].");
-    m.def("silu_and_mul", [](std::uintptr_t gate_up, std::uintptr_t out, int64_t rows,
-                             int64_t width) {
+          "q"_a, "k"_a, "positions"_a, "cos_sin"_a,
+          "Rotary embedding in place on float32 q [T, H, D] and k [T, Hkv, D] (each token's "
+          "[H, D] dense, dim 0 any stride), positions int64 [T], cos_sin float32 [max_pos, D].");
+    m.def("silu_and_mul", [](const TensorView& gate_up, const TensorView& out) {
+              const TokenRows<float> rows = dense_rows<float>(gate_up, "gate_up");
+              if (rows.width % 2 != 0) {
+                  fail("gate_up: last dim must be even, got " + std::to_string(rows.width));
+              }
+              const int64_t width = rows.width / 2;
+              float* out_rows = dense_like<float>(out, "out", gate_up, width);
               py::gil_scoped_release release;
-              silu_and_mul_rows(tensor_at<const float>(gate_up), tensor_at<float>(out), rows,
-                                width);
+              silu_and_mul_rows(rows.data, out_rows, rows.tokens, width);
           },
-          py::arg("gate_up"), py::arg("out"), py::arg("rows"), py::arg("width"),
-          "out [rows, width] = silu(gate_up[:, :width]) * gate_up[:, width:].");
+          "gate_up"_a, "out"_a,
+          "out [..., F] = silu(gate_up[..., :F]) * gate_up[..., F:] for C-contiguous float32 "
+          "gate_up [..., 2F].");
 }

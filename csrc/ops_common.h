@@ -1,9 +1,8 @@
-// Shared helpers for the non-matmul CPU kernels (norm.cpp, attention.cpp, sampling.cpp):
-// tensors passed by address (quant.cpp's matmul takes its tensors so too), argument checks
-// on numpy buffers (sample), the multi-ISA attribute and vectorisable exp().
+// Shared helpers for the CPU kernels: threading, argument errors, tensors passed by address
+// (the LoRA bindings; the others take views, views.h), the multi-ISA attribute and
+// vectorisable exp().
 #pragma once
 
-#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <omp.h>
@@ -85,41 +84,9 @@ inline float greater_of(float a, float b) { return a > b ? a : b; }
 
 [[noreturn]] inline void fail(const std::string& what) { throw std::invalid_argument(what); }
 
-template <class T>
-void require_dtype(const py::array& a, const char* name) {
-    if (!a.dtype().equal(py::dtype::of<T>())) {
-        fail(std::string(name) + ": unexpected dtype " + std::string(py::str(a.dtype())));
-    }
-}
-
-inline void require_ndim(const py::array& a, const char* name, py::ssize_t ndim) {
-    if (a.ndim() != ndim) {
-        fail(std::string(name) + ": expected " + std::to_string(ndim) + " dims, got " +
-             std::to_string(a.ndim()));
-    }
-}
-
-// A fully C-contiguous array of T with the given rank.
-template <class T>
-const T* dense(const py::array& a, const char* name, py::ssize_t ndim) {
-    require_dtype<T>(a, name);
-    require_ndim(a, name, ndim);
-    if (!(a.flags() & py::array::c_style)) fail(std::string(name) + ": must be C-contiguous");
-    return static_cast<const T*>(a.data());
-}
-
-template <class T>
-T* dense_mutable(py::array& a, const char* name, py::ssize_t ndim) {
-    dense<T>(a, name, ndim);
-    if (!a.writeable()) fail(std::string(name) + ": must be writeable");
-    return static_cast<T*>(a.mutable_data());
-}
-
-// The hot ops (rms_norm, rope, silu_and_mul, store_kv, paged_attention, quant_matmul) take
-// their tensors as raw addresses (torch's data_ptr()) plus the sizes and strides they need:
-// the torch wrappers in llama_engine/kernels/cpu check dtype, device, shape and contiguity
-// before the call. A numpy view per argument (what a py::array parameter needs) cost more
-// than the decode-sized kernels themselves: ~0.6 us each, 2-5 per call, ~300 calls a token.
+// The LoRA bindings (csrc/lora.cpp) take their tensors as raw addresses (torch's
+// data_ptr()) plus the sizes they need, checked by llama_engine/kernels/cpu/lora.py before
+// the call. Every other binding takes checked views (views.h).
 template <class T>
 T* tensor_at(std::uintptr_t address) {
     return reinterpret_cast<T*>(address);

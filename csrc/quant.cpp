@@ -5,7 +5,6 @@
 // pass-through operands (_mm512_undefined_*) wherever they are inlined: silence that noise.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -261,9 +260,6 @@ void dequantize_rows(DecodeFn&& decode, const uint8_t* w, int64_t row_bytes, int
         decode(w + n * row_bytes, row_bytes, 1, K, out + static_cast<int64_t>(n) * K);
 }
 
-using FloatArray = py::array_t<float, py::array::c_style>;
-using ByteArray = py::array_t<uint8_t, py::array::c_style>;
-
 const std::string kNf4Name = "NF4";
 
 // Bytes per packed row of format `qtype` (GGUF block formats or NF4), validating K.
@@ -275,27 +271,20 @@ int64_t row_bytes_for(const std::string& qtype, int K) {
     return nf4 ? nf4::row_bytes(K) : packed_row_bytes(parse_qtype(qtype), K);
 }
 
-void check_packed(const ByteArray& w, const std::string& qtype, int N, int K) {
-    if (w.ndim() != 2) throw std::invalid_argument("packed weight must be uint8 [N, packed row bytes]");
-    check_packed_shape(w.shape(0), w.shape(1), qtype, N, K);
-}
-
-void py_dequantize(const ByteArray& w, const std::string& qtype, int N, int K, FloatArray& out) {
-    check_packed(w, qtype, N, K);
-    if (out.ndim() != 2 || out.shape(0) != N || out.shape(1) != K)
-        throw std::invalid_argument("out must be float32 [N, K]");
-    const uint8_t* w_ptr = w.data();
-    float* out_ptr = out.mutable_data();
-    const int64_t row_bytes = row_bytes_for(qtype, K);
+// out [rows, cols] = the dequantized rows of a checked packed weight (views.h).
+void py_dequantize(const llama_ops::PackedWeightView& w, const llama_ops::TensorView& out) {
+    float* out_ptr = llama_ops::dense<float>(out, "out", {w.rows, w.cols});
+    const int N = static_cast<int>(w.rows), K = static_cast<int>(w.cols);
+    const int64_t row_bytes = row_bytes_for(w.qtype, K);
     py::gil_scoped_release release;
-    if (qtype == kNf4Name) {
-        dequantize_rows(nf4::decode_rows_scalar, w_ptr, row_bytes, N, K, out_ptr);
+    if (w.qtype == kNf4Name) {
+        dequantize_rows(nf4::decode_rows_scalar, w.data, row_bytes, N, K, out_ptr);
     } else {
-        const QType t = parse_qtype(qtype);
+        const QType t = parse_qtype(w.qtype);
         const auto decode = [t](const uint8_t* rows, int64_t stride, int n, int cols, float* dst) {
             f32::scalar::decode_rows(t, rows, stride, n, cols, dst);
         };
-        dequantize_rows(decode, w_ptr, row_bytes, N, K, out_ptr);
+        dequantize_rows(decode, w.data, row_bytes, N, K, out_ptr);
     }
 }
 
@@ -327,27 +316,25 @@ void register_quant(py::module_& m) {
     // [..., N] (views.h).
     m.def("quant_matmul", [](const llama_ops::TensorView& x, const llama_ops::PackedWeightView& w,
                              const llama_ops::TensorView& out, int isa, bool int8_activations) {
-              const float* x_rows = llama_ops::dense<float>(x, "x", x.ndim);
-              float* out_rows = llama_ops::dense<float>(out, "out", x.ndim);
-              if (x.ndim < 1 || x.sizes[x.ndim - 1] != w.cols) {
+              const auto x_rows = llama_ops::dense_rows<float>(x, "x");
+              if (x_rows.width != w.cols) {
                   throw std::invalid_argument("x: expected " + std::to_string(w.cols) +
-                                              " features (the weight's columns)");
+                                              " features (the weight's columns), got " +
+                                              std::to_string(x_rows.width));
               }
-              const int64_t M = x.numel() / w.cols;
-              if (out.sizes[out.ndim - 1] != w.rows || out.numel() != M * w.rows) {
-                  throw std::invalid_argument("out: expected x's leading dims and the weight's rows");
-              }
-              if (M > INT32_MAX) throw std::invalid_argument("x: too many rows");
+              float* out_rows = llama_ops::dense_like<float>(out, "out", x, w.rows);
+              if (x_rows.tokens > INT32_MAX) throw std::invalid_argument("x: too many rows");
               py::gil_scoped_release release;
-              quant::packed_matmul(x_rows, static_cast<int>(M), static_cast<int>(w.cols), w.data,
-                                   w.qtype, static_cast<int>(w.rows), out_rows, isa,
-                                   int8_activations);
+              quant::packed_matmul(x_rows.data, static_cast<int>(x_rows.tokens),
+                                   static_cast<int>(w.cols), w.data, w.qtype,
+                                   static_cast<int>(w.rows), out_rows, isa, int8_activations);
           },
           "out[M, N] = x[M, K] @ dequantize(w)^T, in float32 or with int8-quantized "
           "activations; isa: 0 auto, 1 scalar, 2 avx2, 3 avx512.",
           "x"_a, "w"_a, "out"_a, "isa"_a = 0, "int8_activations"_a = false);
-    m.def("dequantize", &quant::py_dequantize, "out[N, K] = dequantized packed rows w",
-          "w"_a.noconvert(), "qtype"_a, "n"_a, "k"_a, "out"_a.noconvert());
+    m.def("dequantize", &quant::py_dequantize,
+          "out float32 [N, K] (C-contiguous) = the dequantized rows of a packed [N, K] weight",
+          "w"_a, "out"_a);
     m.def("quant_isa", [](bool int8_activations) {
         return std::string(int8_activations ? quant::kernels_for(quant::Isa::Auto).name
                                             : quant::f32_kernels_for(quant::Isa::Auto).name);

@@ -11,6 +11,7 @@
 
 #include "ops_common.h"
 #include "registry.h"
+#include "views.h"
 
 namespace py = pybind11;
 using namespace llama_ops;
@@ -196,19 +197,17 @@ void check_params(const double* temperature, const double* top_p, const double* 
     }
 }
 
-void sample(py::array logits, py::array temperature, py::array top_k, py::array top_p,
-            py::array min_p, py::array uniform, py::array out) {
+void sample(const TensorView& logits, const TensorView& temperature, const TensorView& top_k,
+            const TensorView& top_p, const TensorView& min_p, const TensorView& uniform,
+            const TensorView& out) {
     const float* logit_data = dense<float>(logits, "logits", 2);
-    const int64_t rows = logits.shape(0), vocab = logits.shape(1);
-    const double* temp = dense<double>(temperature, "temperature", 1);
-    const int64_t* k = dense<int64_t>(top_k, "top_k", 1);
-    const double* p = dense<double>(top_p, "top_p", 1);
-    const double* mp = dense<double>(min_p, "min_p", 1);
-    const double* u = dense<double>(uniform, "uniform", 1);
-    int64_t* picks = dense_mutable<int64_t>(out, "out", 1);
-    for (const py::array* a : {&temperature, &top_k, &top_p, &min_p, &uniform, &out}) {
-        if (a->shape(0) != rows) fail("sampling parameters: one value per row expected");
-    }
+    const int64_t rows = logits.sizes[0], vocab = logits.sizes[1];
+    const double* temp = dense<double>(temperature, "temperature", {rows});
+    const int64_t* k = dense<int64_t>(top_k, "top_k", {rows});
+    const double* p = dense<double>(top_p, "top_p", {rows});
+    const double* mp = dense<double>(min_p, "min_p", {rows});
+    const double* u = dense<double>(uniform, "uniform", {rows});
+    int64_t* picks = dense<int64_t>(out, "out", {rows});
     if (vocab <= 0 || vocab > INT32_MAX) fail("logits: vocabulary size out of range");
     check_params(temp, p, mp, u, rows);
     py::gil_scoped_release release;
@@ -227,8 +226,10 @@ void sample(py::array logits, py::array temperature, py::array top_k, py::array 
 }  // namespace
 
 void register_sampling(py::module_& m) {
-    m.def("sample", &sample, py::arg("logits"), py::arg("temperature"), py::arg("top_k"),
-          py::arg("top_p"), py::arg("min_p"), py::arg("uniform"), py::arg("out"),
+    using namespace pybind11::literals;
+    m.def("sample", &sample, "logits"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a,
+          "uniform"_a, "out"_a,
           "One token per row of logits [B, V] float32; temperature/top_p/min_p/uniform "
-          "float64 [B], top_k int64 [B]; writes int64 ids to out [B].");
+          "float64 [B], top_k int64 [B]; writes int64 ids to out [B]. All C-contiguous CPU "
+          "tensors.");
 }

@@ -1,6 +1,8 @@
 // Building and checking the boundary views (views.h), and their Python bindings.
 #include "views.h"
 
+#include <algorithm>
+
 #include "cpu_ops.h"
 #include "registry.h"
 
@@ -60,10 +62,26 @@ int read_ints(PyObject* tuple, int64_t* out) {
     return static_cast<int>(n);
 }
 
-std::string shape_string(const TensorView& t) {
+// "[2, *, 64]": a -1 size (not checked) is written as *.
+std::string sizes_string(const int64_t* sizes, int ndim) {
     std::string s = "[";
-    for (int d = 0; d < t.ndim; ++d) s += (d ? ", " : "") + std::to_string(t.sizes[d]);
+    for (int d = 0; d < ndim; ++d) {
+        s += (d ? ", " : "") + (sizes[d] < 0 ? std::string("*") : std::to_string(sizes[d]));
+    }
     return s + "]";
+}
+
+std::string shape_string(const TensorView& t) { return sizes_string(t.sizes, t.ndim); }
+
+// ValueError naming `name` unless t's sizes are `sizes` (a -1 size is not checked); t's
+// rank was checked before.
+void require_sizes(const TensorView& t, const char* name, const int64_t* sizes) {
+    for (int d = 0; d < t.ndim; ++d) {
+        if (sizes[d] >= 0 && t.sizes[d] != sizes[d]) {
+            fail(std::string(name) + ": expected shape " + sizes_string(sizes, t.ndim) +
+                 ", got " + shape_string(t));
+        }
+    }
 }
 
 void require(const TensorView& t, const char* name, DType dtype, int ndim) {
@@ -136,17 +154,27 @@ T* dense(const TensorView& t, const char* name, int ndim) {
 template <class T>
 T* dense(const TensorView& t, const char* name, std::initializer_list<int64_t> sizes) {
     T* data = dense<T>(t, name, static_cast<int>(sizes.size()));
-    int d = 0;
-    for (int64_t size : sizes) {
-        if (size >= 0 && t.sizes[d] != size) {
-            std::string expected = "[";
-            int i = 0;
-            for (int64_t s : sizes) expected += (i++ ? ", " : "") + (s < 0 ? "*" : std::to_string(s));
-            fail(std::string(name) + ": expected shape " + expected + "], got " + shape_string(t));
-        }
-        ++d;
-    }
+    require_sizes(t, name, sizes.begin());
     return data;
+}
+
+template <class T>
+T* dense_like(const TensorView& t, const char* name, const TensorView& like, int64_t last) {
+    T* data = dense<T>(t, name, like.ndim);
+    int64_t sizes[kMaxDims];
+    std::copy(like.sizes, like.sizes + like.ndim, sizes);
+    if (last >= 0) sizes[like.ndim - 1] = last;
+    require_sizes(t, name, sizes);
+    return data;
+}
+
+template <class T>
+TokenRows<T> dense_rows(const TensorView& t, const char* name) {
+    if (t.ndim < 1) fail(std::string(name) + ": expected [..., width], got a scalar");
+    T* data = dense<T>(t, name, t.ndim);
+    const int64_t width = t.sizes[t.ndim - 1];
+    const int64_t rows = width ? t.numel() / width : 0;
+    return {data, rows, width, width};
 }
 
 template float* dense<float>(const TensorView&, const char*, int);
@@ -156,19 +184,27 @@ template uint8_t* dense<uint8_t>(const TensorView&, const char*, int);
 template float* dense<float>(const TensorView&, const char*, std::initializer_list<int64_t>);
 template int32_t* dense<int32_t>(const TensorView&, const char*, std::initializer_list<int64_t>);
 template int64_t* dense<int64_t>(const TensorView&, const char*, std::initializer_list<int64_t>);
+template double* dense<double>(const TensorView&, const char*, std::initializer_list<int64_t>);
+template float* dense_like<float>(const TensorView&, const char*, const TensorView&, int64_t);
+template TokenRows<float> dense_rows<float>(const TensorView&, const char*);
 
-TokenRows<const float> token_rows(const TensorView& t, const char* name, int64_t heads,
-                                  int64_t head_dim) {
+template <class T>
+TokenRows<T> token_rows(const TensorView& t, const char* name, int64_t heads,
+                        int64_t head_dim) {
     require(t, name, DType::Float32, 3);
-    if (t.sizes[1] != heads || t.sizes[2] != head_dim) {
-        fail(std::string(name) + ": expected [T, " + std::to_string(heads) + ", " +
-             std::to_string(head_dim) + "], got " + shape_string(t));
-    }
+    const int64_t expected[] = {-1, heads, head_dim};
+    require_sizes(t, name, expected);
+    heads = t.sizes[1];
+    head_dim = t.sizes[2];
     const bool dense_heads = (heads == 1 || t.strides[1] == head_dim) &&
                              (head_dim == 1 || t.strides[2] == 1);
     if (!dense_heads) fail(std::string(name) + ": each token's [H, D] must be dense");
-    return {reinterpret_cast<const float*>(t.data), t.sizes[0], t.strides[0], heads * head_dim};
+    return {reinterpret_cast<T*>(t.data), t.sizes[0], t.strides[0], heads * head_dim};
 }
+
+template TokenRows<const float> token_rows<const float>(const TensorView&, const char*,
+                                                        int64_t, int64_t);
+template TokenRows<float> token_rows<float>(const TensorView&, const char*, int64_t, int64_t);
 
 PackedWeightView::PackedWeightView(py::object tensor, std::string qtype_, int64_t rows_,
                                    int64_t cols_)

@@ -1,6 +1,6 @@
-// Typed views of what crosses the Python boundary into the attention and decoder-layer
-// kernels: a tensor (address, dtype, device, sizes, strides), a packed weight, the paged
-// KV caches, a step's paged-attention metadata and one decoder layer's parameters.
+// Typed views of what crosses the Python boundary into the kernels (all but the LoRA ones,
+// csrc/lora.cpp): a tensor (address, dtype, device, sizes, strides), a packed weight, the
+// paged KV caches, a step's paged-attention metadata and one decoder layer's parameters.
 //
 // Each view is read from its Python object once, by a pybind11 type caster (TensorView,
 // from a torch.Tensor) or a bound class (the others), and checked where it is built. The
@@ -30,6 +30,7 @@ template <> constexpr DType dtype_of<float>() { return DType::Float32; }
 template <> constexpr DType dtype_of<int32_t>() { return DType::Int32; }
 template <> constexpr DType dtype_of<int64_t>() { return DType::Int64; }
 template <> constexpr DType dtype_of<uint8_t>() { return DType::UInt8; }
+template <> constexpr DType dtype_of<double>() { return DType::Float64; }
 
 constexpr int kMaxDims = 4;  // the widest tensor a kernel takes: a KV cache
 
@@ -57,11 +58,21 @@ T* dense(const TensorView& t, const char* name, int ndim);
 // The same, plus the exact sizes (a -1 size is not checked).
 template <class T>
 T* dense(const TensorView& t, const char* name, std::initializer_list<int64_t> sizes);
+// The same, shaped like `like` except for the last dim, which is `last` (-1: like's too).
+template <class T>
+T* dense_like(const TensorView& t, const char* name, const TensorView& like, int64_t last = -1);
+
+// A C-contiguous CPU tensor of T of any rank >= 1 as rows of its last dim ([..., width]:
+// numel / width rows), for the element-wise ops that take any leading dims.
+template <class T>
+TokenRows<T> dense_rows(const TensorView& t, const char* name);
 
 // A float32 [T, heads, head_dim] tensor whose per-token dims are dense; dim 0 may have any
-// stride (q, k and v are slices of one fused projection output).
-TokenRows<const float> token_rows(const TensorView& t, const char* name, int64_t heads,
-                                  int64_t head_dim);
+// stride (q, k and v are slices of one fused projection output). A -1 size is not checked.
+// T = float for the kernels that write in place (rope).
+template <class T = const float>
+TokenRows<T> token_rows(const TensorView& t, const char* name, int64_t heads,
+                        int64_t head_dim);
 
 // A packed (GGUF block format or NF4) [rows, cols] weight over a uint8 [rows, row bytes]
 // tensor, which it keeps alive. Checked when built: the row size fits qtype and cols.

@@ -67,8 +67,7 @@ def packed_view(weight: PackedWeight) -> _C.PackedWeightView:
 def dequantize(weight: PackedWeight) -> torch.Tensor:
     """float32 [rows, cols], bit-identical to ``llama_engine.quant.dequantize``."""
     out = torch.empty(weight.rows, weight.cols, dtype=torch.float32)
-    _C.dequantize(_packed_bytes(weight).numpy(), weight.qtype, weight.rows, weight.cols,
-                  out.numpy())
+    _C.dequantize(packed_view(weight), out)
     return out
 
 
