@@ -93,7 +93,8 @@ class Embedder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """[len(texts), dimension] float32, each row of unit L2 norm, in input order."""
-        encodings = self.tokenizer.encode_batch(list(texts))
+        # one text (a query) skips the batch call's hand-off to the tokenizer's thread pool
+        encodings = [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(list(texts))
         out = np.empty((len(encodings), self.dimension), dtype=np.float32)
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids), reverse=True)
         for first in range(0, len(order), self.batch_size):
