@@ -259,3 +259,15 @@ def test_documents_created_with_the_bank_survive_a_delete_in_vector_search(store
     store.update("fresh", [Document.from_text(docs[1].uuid, "A rewritten document.")])
     found = {c.document_uuid for c in store.query("fresh", "anything at all", 10, "vector").chunks}
     assert found == {d.uuid for d in docs[1:]}
+
+
+def test_keyword_search_finds_a_banks_chunk_behind_better_matches_in_other_banks(store: MemoryStore) -> None:
+    """One FTS index holds every bank: a bank's only match must be found even when other
+    banks hold many chunks that BM25 ranks above it."""
+    store.create_bank("crowd", "crowd", [Document.from_text(f"c{i}", "Zebra zebra zebra, zebras everywhere.")
+                                         for i in range(12)])
+    store.create_bank("lone", "lone", [Document.from_text("lone", "A zebra once crossed the old bridge."),
+                                       Document.from_text("other", "Kettles boil water.")])
+    for mode in ("keyword", "hybrid"):
+        result = store.query("lone", "zebra", max_chunks=1, mode=mode)
+        assert [c.document_uuid for c in result.chunks] == ["lone"], mode

@@ -211,6 +211,16 @@ def _packed_matmul(x: Tensor, weight: PackedWeight) -> Tensor:
     return x @ dequantize(weight).to(x.dtype).t()
 
 
+def weight_only_linear(x: Tensor, weight: PackedWeight) -> Tensor:
+    """y = x @ dequantize(W)^T with x float32 [M, K] kept in float32 on every path (weight-only
+    quantization: never the int8-activation kernels, whatever the options say), so y is off
+    from x @ W_true^T by W's rounding and float32 accumulation alone. A caller that bounds
+    that error (the memory banks' pre-scan, ``memory/vector_index.py``) relies on it."""
+    if _use_cpu(x):
+        return _cpu.quant_matmul(x, weight, int8_activations=False)
+    return x @ dequantize(weight).to(x.dtype).t()
+
+
 class PackedLinear(torch.autograd.Function):
     """y = x @ W^T for a frozen packed W, differentiable in x: dx = dy @ W, with W
     dequantized for that one matmul and dropped after it, so a backward pass never holds

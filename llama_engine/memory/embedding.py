@@ -8,6 +8,7 @@ L2 norm. Batches are sorted by length so padding costs little.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -26,6 +27,7 @@ EMBEDDING_MAX_INPUT_TOKENS = 256  # its sentence_bert_config.json max_seq_length
 DEFAULT_BATCH_SIZE = 32  # sequences per forward pass, as sentence-transformers' default
 SPECIAL_TOKENS_PER_INPUT = 2  # [CLS] and [SEP]
 SINGLE_THREAD_MAX_TOKENS = 256  # padded batch tokens up to which one core is faster (a query)
+QUERY_CACHE_SIZE = 256  # recent query embeddings kept: agents often ask a bank the same thing again
 
 
 def default_model_folder() -> Path:
@@ -59,6 +61,14 @@ class Embedder:
         self.dimension = self.model.config.hidden_size
         self.model_id = EMBEDDING_MODEL_ID
         self._lock = threading.Lock()
+        self.embed_query = functools.lru_cache(QUERY_CACHE_SIZE)(self._embed_query)
+
+    def _embed_query(self, text: str) -> np.ndarray:
+        """[dimension] float32 unit-norm embedding of one text, read-only (``embed_query``
+        caches it: the QUERY_CACHE_SIZE most recent texts)."""
+        vector = self.embed([text])[0]
+        vector.flags.writeable = False
+        return vector
 
     def _max_seq_length(self, folder: Path) -> int:
         """The input length the model was trained to (sentence_bert_config.json), capped by
@@ -83,7 +93,8 @@ class Embedder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """[len(texts), dimension] float32, each row of unit L2 norm, in input order."""
-        encodings = self.tokenizer.encode_batch(list(texts))
+        # one text (a query) skips the batch call's hand-off to the tokenizer's thread pool
+        encodings = [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(list(texts))
         out = np.empty((len(encodings), self.dimension), dtype=np.float32)
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids), reverse=True)
         for first in range(0, len(order), self.batch_size):
