@@ -61,16 +61,32 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def lora_spec(recipe: Recipe):
+    """The recipe's adapter configuration (``lora.LoRASpec``); rsLoRA scaling when the
+    algorithm config says ``use_rslora``. Raises ValueError for a bad config."""
+    from llama_engine.training.lora import LoRASpec
+    config = recipe.algorithm_config or {}
+    return LoRASpec.from_config(recipe.algorithm, config, bool(config.get("use_rslora")))
+
+
 def build_model(recipe: Recipe) -> TrainableModel:
-    """The TrainableModel for the recipe's algorithm. Raises ValueError for an adapter
-    algorithm: those train through the model's adapter seam, which this model lacks."""
+    """The TrainableModel for the recipe's algorithm: full fine-tuning, or adapters (LoRA,
+    DoRA; QLoRA over an NF4 base). Raises ValueError for an unknown algorithm or a bad
+    adapter config."""
+    device = default_device()
     if recipe.algorithm == FULL:
         from llama_engine.training.full import FullFineTune
         return FullFineTune(recipe.model_path, keep_reference=recipe.objective == DPO,
                             activation_checkpointing=recipe.activation_checkpointing,
-                            device=default_device())
-    raise ValueError(f"algorithm: {recipe.algorithm!r} needs adapters in the model "
-                     "(model/llama.py's Linear seam), which this build does not have yet")
+                            device=device)
+    if recipe.algorithm in ADAPTER_ALGORITHMS:
+        from llama_engine.training.lora import QLORA, AdapterFineTune
+        return AdapterFineTune(recipe.model_path, lora_spec(recipe),
+                               quantize_base=recipe.algorithm == QLORA,
+                               activation_checkpointing=recipe.activation_checkpointing,
+                               seed=recipe.options.seed, device=device)
+    raise ValueError(f"algorithm: unknown {recipe.algorithm!r}; known: "
+                     f"{', '.join((FULL,) + ADAPTER_ALGORITHMS)}")
 
 
 def load_items(tokenizer: Any, source: DataSource, objective: str, max_seq_len: int) -> list[Item]:
