@@ -152,3 +152,132 @@ def test_rslora_scale_and_config_mapping() -> None:
                        ({"lora_attn_modules": ["attention"]}, "lora_attn_modules")):
         with pytest.raises(ValueError, match=field):
             LoRASpec.from_config("lora", {**config, **bad})
+
+
+# ---- QLoRA: the NF4 base -------------------------------------------------------------------
+
+def _bnb_nf4_restated(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bitsandbytes' NF4 with double quantization restated in plain torch (its CUDA kernel's
+    and torch backend's semantics: nearest value, ties to the lower): returns 4-bit codes
+    [n], 8-bit absmax codes [n / 64], the offset, and the group scales [ceil(n / 64 / 256)]."""
+    from bitsandbytes.functional import create_dynamic_map, get_4bit_type
+    nf4, dynamic = get_4bit_type("nf4", device="cpu"), create_dynamic_map(signed=True)
+
+    def nearest(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        distance = (x[:, None] - table[None, :]).abs()
+        return distance.argmin(-1)  # the first (lower) index on a tie
+
+    blocks = w.reshape(-1, 64)
+    absmax = blocks.abs().amax(-1)
+    codes = nearest((blocks * (1.0 / absmax)[:, None]).clamp(-1, 1).reshape(-1), nf4)
+    offset = absmax.mean()
+    centered = absmax - offset
+    scales, qs = [], []
+    for group in centered.split(256):
+        scale = group.abs().amax()
+        qs.append(nearest((group * (1.0 / scale) if len(group) == 256 else group / scale).clamp(-1, 1),
+                          dynamic))
+        scales.append(scale)
+    return codes, torch.cat(qs), offset, torch.stack(scales)
+
+
+def _our_nf4_fields(w: torch.Tensor):
+    """(4-bit codes [n] row-major, 8-bit absmax codes [n / 64], offset, group scales) of our
+    packed NF4 rows, read back from the row layout."""
+    from llama_engine.quant import NF4_GROUP, quantize_nf4
+    rows, cols = w.shape
+    packed = quantize_nf4(w)
+    blocks = cols // 64
+    codes = packed.data[:, :cols // 2].reshape(rows, blocks, 32)
+    codes = torch.cat([codes & 0x0F, codes >> 4], -1).reshape(-1).long()
+    q = packed.data[:, cols // 2:cols // 2 + blocks].reshape(-1).long()
+    floats = packed.data[:, cols // 2 + blocks:].contiguous().view(torch.float32)
+    offset, phase = floats[:, 0], floats[:, 1].long()
+    scales = {}
+    for r in range(rows):
+        for b in range(blocks):
+            group = (r * blocks + b) // NF4_GROUP
+            scales[group] = floats[r, 2 + (phase[r] + b) // NF4_GROUP]
+    return codes, q, offset, torch.stack([scales[g] for g in sorted(scales)])
+
+
+@pytest.mark.parametrize("shape", [(45, 576), (600, 576), (3, 64 * 300), (7, 64)])
+def test_nf4_codes_and_scales_equal_bitsandbytes(shape: tuple[int, int]) -> None:
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0]))
+    codes, q, offsets, scales = _our_nf4_fields(w)
+    expected_codes, expected_q, expected_offset, expected_scales = _bnb_nf4_restated(w)
+    assert torch.equal(codes, expected_codes)
+    assert torch.equal(q, expected_q)
+    assert torch.equal(offsets, expected_offset.expand_as(offsets))
+    assert torch.equal(scales, expected_scales)
+
+    # bitsandbytes itself: the same 4-bit codes (high nibble first in its bytes), offset and
+    # group scales; its native CPU search for the 8-bit absmax codes strays from the nearest
+    # value close to a midpoint (a few per thousand), so those are checked to be such cases.
+    packed, state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    packed = packed.reshape(-1)
+    assert torch.equal(codes, torch.stack([packed >> 4, packed & 0x0F], -1).reshape(-1).long())
+    assert offsets[0].item() == state.offset.item()
+    assert torch.equal(scales, state.state2.absmax)
+    theirs = state.absmax.long()
+    strays = (theirs != q).nonzero().flatten()
+    assert len(strays) <= max(1, q.numel() // 100)
+    dynamic = state.state2.code
+    centered = (w.reshape(-1, 64).abs().amax(-1) - state.offset)
+    for i in strays.tolist():
+        x = (centered[i] / scales[i // 256]).item()
+        midpoint = (dynamic[theirs[i]] + dynamic[q[i]]).item() / 2
+        assert abs(x - midpoint) < 1e-3 * abs(dynamic[theirs[i]] - dynamic[q[i]]).item() + 1e-4
+
+
+def test_nf4_input_gradient_reads_the_packed_rows_chunk_by_chunk() -> None:
+    """kernels.PackedLinear's backward (over several row chunks) equals autograd through
+    dequantize-then-linear."""
+    from llama_engine import kernels
+    from llama_engine.quant import dequantize, quantize_nf4
+    g = torch.Generator().manual_seed(3)
+    rows, cols = kernels.BACKWARD_ROW_CHUNK * 2 + 70, 128
+    packed = quantize_nf4(torch.randn(rows, cols, generator=g))
+    x = torch.randn(9, cols, generator=g, requires_grad=True)
+    upstream = torch.randn(9, rows, generator=g)
+    (kernels.linear(x, packed) * upstream).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (torch.nn.functional.linear(x_ref, dequantize(packed)) * upstream).sum().backward()
+    assert_close(x.grad, x_ref.grad, "input gradient")
+
+
+def test_qlora_equals_lora_over_the_dequantized_nf4_base(tiny_model: str) -> None:
+    from llama_engine.loader import load_model
+    from llama_engine.model.llama import Llama
+    from llama_engine.quant import PackedWeight, dequantize
+    from llama_engine.training.lora import TrainingAdapters, nf4_base
+
+    spec = LoRASpec(ALL_LINEAR, rank=4, alpha=8)
+    qlora = AdapterFineTune(tiny_model, spec, quantize_base=True)
+    _perturb(qlora)
+    linears = [m for m in qlora.model.modules() if m.__class__.__name__ == "Linear"]
+    # never dense, but for the tiny model's down_proj: 160 columns are not whole NF4 blocks
+    packed = [m for m in linears if m.weight is None]
+    assert all(m.qtype == "NF4" for m in packed)
+    assert {m.weight.shape[1] for m in linears if m.weight is not None} == {160}
+    assert len(packed) == len(linears) - qlora.config.num_layers
+
+    loaded = load_model(tiny_model)
+    nf4_base(loaded.weights)
+    dense = {k: dequantize(v) if isinstance(v, PackedWeight) else v for k, v in loaded.weights.items()}
+    reference = Llama(loaded.config, dense).requires_grad_(False)
+    adapters = TrainingAdapters(reference, spec)
+    adapters.load_state_dict(qlora.adapters.state_dict())
+
+    examples = _examples(qlora.config.vocab_size)
+    batch = pack(examples)
+    from llama_engine.training.attention import PackedCausalAttention
+    expected = reference.compute_logits(reference(batch.input_ids, batch.positions,
+                                                  PackedCausalAttention(batch), adapters))
+    logits = _ours_logits(qlora, examples)
+    assert_close(logits, expected, "logits")
+    _loss(logits, examples).backward()
+    _loss(expected, examples).backward()
+    for (name, ours), (_, theirs) in zip(qlora.adapters.named_parameters(), adapters.named_parameters()):
+        assert_close(ours.grad, theirs.grad, name)

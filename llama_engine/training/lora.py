@@ -29,9 +29,10 @@ from torch import nn
 from llama_engine import kernels
 from llama_engine.loader import load_model
 from llama_engine.model.llama import Linear, Llama
-from llama_engine.quant import PackedWeight, quantize_nf4
+from llama_engine.quant import NF4_BLOCK, PackedWeight, quantize_nf4
 from llama_engine.training.attention import PackedCausalAttention
 from llama_engine.training.batching import PackedBatch
+from llama_engine.training.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from llama_engine.training.full import checkpointed_layers
 
 LORA, QLORA, DORA = "lora", "qlora", "dora"
@@ -43,8 +44,6 @@ MODULE_ALIASES = {"output_proj": "o_proj"}
 PEFT_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
                "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 PEFT_PREFIX = "base_model.model."
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 # the base model's weights that QLoRA packs (the norms stay float32, as in bitsandbytes)
 NF4_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -89,6 +88,32 @@ class LoRASpec:
             modules.append(OUTPUT_MODULE)
         return cls(tuple(dict.fromkeys(modules)), int(config["rank"]), float(config["alpha"]),
                    use_dora=algorithm == DORA, use_rslora=use_rslora)
+
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> "LoRASpec":
+        """From a PEFT adapter_config.json (one rank and alpha for every module, named
+        target modules). Raises ValueError for what this trainer cannot continue."""
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise ValueError("per-module ranks or alphas (rank_pattern, alpha_pattern) are not "
+                             "supported")
+        targets = config.get("target_modules")
+        if not isinstance(targets, list):
+            raise ValueError(f"target_modules {targets!r}: a list of module names expected")
+        return cls(tuple(t.rsplit(".", 1)[-1] for t in targets), int(config.get("r", 8)),
+                   float(config.get("lora_alpha", 8)), bool(config.get("use_dora")),
+                   bool(config.get("use_rslora")))
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """A PEFT folder's adapter_config.json. Raises ValueError when missing or unreadable."""
+    try:
+        config = json.loads((Path(folder) / ADAPTER_CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: cannot read {ADAPTER_CONFIG_FILE}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder}/{ADAPTER_CONFIG_FILE}: a JSON object expected")
+    return config
 
 
 class LoRALayer(nn.Module):
@@ -204,10 +229,13 @@ def _layer_for(linear: Linear, start: int, end: int, spec: LoRASpec,
 
 def nf4_base(weights: dict[str, Any]) -> None:
     """Replace the decoder projections and the embedding (also the tied output head) in
-    ``weights`` by NF4, one matrix at a time, so the dense model never exists whole."""
+    ``weights`` by NF4, one matrix at a time, so the dense model never exists whole. A
+    matrix whose rows are not whole NF4 blocks (columns not a multiple of 64; no released
+    Llama has one) stays as it is."""
     for name in list(weights):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in NF4_WEIGHTS or name in ("embed", "lm_head"):
+        if (leaf in NF4_WEIGHTS or name in ("embed", "lm_head")) \
+                and weights[name].shape[1] % NF4_BLOCK == 0:
             w = weights[name]
             dense = kernels.dequantize(w) if isinstance(w, PackedWeight) else w.float()
             weights[name] = quantize_nf4(dense)
