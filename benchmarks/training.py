@@ -154,6 +154,7 @@ def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
 
 
 def plot(results: dict, path: str) -> None:
+    from llama_engine.training.command import finish_loss_plot
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -163,13 +164,7 @@ def plot(results: dict, path: str) -> None:
             if r.get(side):
                 ax.plot(range(len(r[side]["losses"])), r[side]["losses"], style, label=side)
         ax.set_title(method)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_loss_plot(fig, list(axes[0]), path)
 
 
 def run(args: argparse.Namespace) -> None:

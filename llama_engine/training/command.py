@@ -92,10 +92,17 @@ def save_loss_curve(records: list[dict], path: Path) -> None:
     if validation:
         ax.plot([r["step"] for r in validation], [r["validation_loss"] for r in validation],
                 "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    finish_loss_plot(fig, [ax], path)
+
+
+def finish_loss_plot(fig, axes: list, path: Path | str) -> None:
+    """Label the loss-per-step axes, save the matplotlib figure as a PNG at ``path``, close it."""
+    import matplotlib.pyplot as plt
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
