@@ -134,13 +134,17 @@ class LoRALayer(nn.Module):
         if spec.use_dora:
             self.magnitude = nn.Parameter(torch.linalg.vector_norm(base_weight.float(), dim=1))
 
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """LoRA's s B A x [T, out] of x [T, in] (PEFT's order: B(A x), then times s)."""
+        return ((x @ self.lora_A.t()) @ self.lora_B.t()) * self.scale
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, base_weight: torch.Tensor | None
                 ) -> torch.Tensor:
         """y [T, out] (the base projection's output for these columns) plus the adapter's
         update of x [T, in]."""
-        lora = (x @ self.lora_A.t()) @ self.lora_B.t()
         if self.magnitude is None:
-            return y + lora * self.scale
+            return y + self.update(x)
+        lora = (x @ self.lora_A.t()) @ self.lora_B.t()
         with torch.no_grad():  # DoRA detaches the norm (Liu et al. 2024, section 4.3)
             # B A computed as PEFT does (its rounding), (A^T B^T)^T
             adapted = base_weight + self.scale * (self.lora_A.t() @ self.lora_B.t()).t()
@@ -177,6 +181,13 @@ class TrainingAdapters(nn.Module):
         adapters = {name: table[name] for name in parts if name in table}
         if not any(a is not None for a in adapters.values()):
             return y
+        if all(a is None or a.magnitude is None for a in adapters.values()):
+            # LoRA: y + one [T, N] update, so the backward passes dy on whole instead of
+            # through a slice (a zero-filled [T, N] and a copy) per part
+            updates = [adapters[name].update(x) if adapters.get(name) is not None
+                       else y.new_zeros(*y.shape[:-1], end - start)
+                       for name, (start, end) in parts.items()]
+            return y + (updates[0] if len(updates) == 1 else torch.cat(updates, dim=-1))
         pieces = []
         for name, (start, end) in parts.items():
             adapter = adapters.get(name)
