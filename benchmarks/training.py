@@ -1,9 +1,11 @@
-"""Training throughput: full fine-tuning steps (forward + backward + AdamW step) on
-llama-engine's model, then the same batches on HF transformers + torch.optim, in the same
-run, each side in its own process (so peak RSS is its own). Prints tokens/s, peak RSS, the
-ratio, and how far apart the two loss curves are.
+"""Training throughput: steps (forward + backward + AdamW step) on llama-engine's model, then
+the same batches on HF transformers (+ peft for adapters, + bitsandbytes for QLoRA) with the
+same hyperparameters and the same initial adapter weights, in the same run, each side in its
+own process (so peak RSS is its own). Methods: full fine-tuning, LoRA r=16 on all linear
+layers, QLoRA (the same over an NF4 base with double-quantized scales), DoRA. Prints
+tokens/s, peak RSS, the ratios, how far apart the loss curves are, and plots them.
 
-    python benchmarks/training.py --seq-len 128 --batch-size 4 --steps 5
+    python benchmarks/training.py --methods lora,qlora --seq-len 128 --batch-size 4 --steps 5
 """
 from __future__ import annotations
 
@@ -19,7 +21,11 @@ import time
 import torch
 
 LR = 1e-5
+ADAPTER_LR = 1e-3  # adapters start at zero: a full fine-tune's lr would barely move them
 WARMUP_STEPS = 1  # not timed: first-touch allocation and thread-pool start
+METHODS = ("full", "lora", "qlora", "dora")
+LORA_RANK, LORA_ALPHA = 16, 32
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--output-json", default=None)
+    p.add_argument("--plot", default=None, help="PNG of both sides' loss curves per method")
 
 
 def _batches(vocab: int, args: argparse.Namespace) -> list[torch.Tensor]:
@@ -53,14 +62,29 @@ def _timed(step, batches: list[torch.Tensor]) -> dict:
             "peak_rss_bytes": _peak_rss_bytes()}
 
 
-def run_ours(model_path: str, args: argparse.Namespace) -> dict:
+def _lr(method: str) -> float:
+    return LR if method == "full" else ADAPTER_LR
+
+
+def run_ours(model_path: str, method: str, args: argparse.Namespace, adapter_file: str) -> dict:
+    """Our side; for adapters, the initial adapter weights go to ``adapter_file`` (PEFT
+    names) so that peft starts from the same ones."""
+    from safetensors.torch import save_file
+
     from llama_engine.training.batching import pack
-    from llama_engine.training.full import FullFineTune
     from llama_engine.training.losses import IGNORE_INDEX, sft_loss
     from llama_engine.training.tokenization import Example
 
-    model = FullFineTune(model_path)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=LR)
+    if method == "full":
+        from llama_engine.training.full import FullFineTune
+        model = FullFineTune(model_path)
+    else:
+        from llama_engine.training.lora import AdapterFineTune, LoRASpec
+        spec = LoRASpec(ALL_LINEAR, LORA_RANK, LORA_ALPHA, use_dora=method == "dora")
+        model = AdapterFineTune(model_path, spec, quantize_base=method == "qlora", seed=args.seed)
+        save_file({k: v.detach().contiguous() for k, v in model.adapters.peft_state_dict().items()},
+                  adapter_file)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=_lr(method))
 
     def step(batch: torch.Tensor) -> float:
         packed = pack([Example(row.tolist(), row[1:].tolist() + [IGNORE_INDEX]) for row in batch])
@@ -73,16 +97,29 @@ def run_ours(model_path: str, args: argparse.Namespace) -> dict:
     return _timed(step, _batches(model.config.vocab_size, args))
 
 
-def run_transformers(model_path: str, args: argparse.Namespace) -> dict:
+def run_transformers(model_path: str, method: str, args: argparse.Namespace,
+                     adapter_file: str) -> dict:
+    """transformers (+ peft, + bitsandbytes NF4 with double quantization for QLoRA)."""
     import transformers
+    kwargs = {"dtype": torch.float32}
+    if method == "qlora":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
     if os.path.isdir(model_path):
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     else:
         folder, name = os.path.split(model_path)
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                                  dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
+    if method != "full":
+        import peft
+        from safetensors.torch import load_file
+        config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                 target_modules=list(ALL_LINEAR), use_dora=method == "dora")
+        model = peft.get_peft_model(model, config)
+        peft.set_peft_model_state_dict(model, load_file(adapter_file))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=_lr(method))
 
     def step(batch: torch.Tensor) -> float:
         loss = model(input_ids=batch, labels=batch).loss
@@ -94,9 +131,40 @@ def run_transformers(model_path: str, args: argparse.Namespace) -> dict:
     return _timed(step, _batches(model.config.vocab_size, args))
 
 
-def _in_child(fn, model_path: str, args: argparse.Namespace) -> dict:
+def _in_child(fn, *fn_args) -> dict:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, (model_path, args))
+        return pool.apply(fn, fn_args)
+
+
+def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
+    """Both sides of one method, each in a fresh process."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        adapter_file = os.path.join(folder, "initial_adapter.safetensors")
+        ours = _in_child(run_ours, model_path, method, args, adapter_file)
+        try:
+            theirs = _in_child(run_transformers, model_path, method, args, adapter_file)
+        except Exception as e:  # the peer could not run this method here: say so
+            return {"llama_engine": ours, "transformers": None, "peer_error": f"{type(e).__name__}: {e}"}
+    gap = max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"]))
+    return {"llama_engine": ours, "transformers": theirs,
+            "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+            "peak_rss_ratio": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
+            "max_loss_gap": gap}
+
+
+def plot(results: dict, path: str) -> None:
+    from llama_engine.training.command import finish_loss_plot
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.5), squeeze=False)
+    for ax, (method, r) in zip(axes[0], results.items()):
+        for side, style in (("llama_engine", "o-"), ("transformers", "x--")):
+            if r.get(side):
+                ax.plot(range(len(r[side]["losses"])), r[side]["losses"], style, label=side)
+        ax.set_title(method)
+    finish_loss_plot(fig, list(axes[0]), path)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -104,26 +172,42 @@ def run(args: argparse.Namespace) -> None:
     from llama_engine.loader import default_model_path
 
     model_path = args.model or default_model_path()
-    ours = _in_child(run_ours, model_path, args)
-    theirs = _in_child(run_transformers, model_path, args)
-    gap = max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"]))
+    methods = [m for m in args.methods.split(",") if m]
+    for method in methods:
+        if method not in METHODS:
+            raise SystemExit(f"--methods: unknown {method!r}; known: {', '.join(METHODS)}")
+    results = {}
+    for method in methods:
+        r = results[method] = compare(model_path, method, args)
+        ours, theirs = r["llama_engine"], r["transformers"]
+        print(f"[{method}] llama-engine {ours['tokens_per_s']:8.1f} tok/s  peak RSS "
+              f"{ours['peak_rss_bytes'] / 2**30:.2f} GiB")
+        if theirs is None:
+            print(f"[{method}] transformers could not run: {r['peer_error']}")
+            continue
+        print(f"[{method}] transformers {theirs['tokens_per_s']:8.1f} tok/s  peak RSS "
+              f"{theirs['peak_rss_bytes'] / 2**30:.2f} GiB")
+        print(f"[{method}] ratio {r['tokens_per_s_ratio']:.2f}x tokens/s, {r['peak_rss_ratio']:.2f}x "
+              f"peak RSS; loss curves differ by at most {r['max_loss_gap']:.2e}")
+    if "lora" in results and "qlora" in results:
+        print("QLoRA / LoRA peak RSS (ours): {:.2f}".format(
+            results["qlora"]["llama_engine"]["peak_rss_bytes"]
+            / results["lora"]["llama_engine"]["peak_rss_bytes"]))
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{platform.python_implementation()} {platform.python_version()}",
         "command": "python benchmarks/training.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if v is not None and k not in ("func", "output_json")),
-        "mode": "full fine-tuning, AdamW", "model": os.path.basename(model_path),
-        "llama_engine": ours, "transformers": theirs,
-        "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
-        "peak_rss_ratio": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
-        "max_loss_gap": gap,
+            if v is not None and k not in ("func", "output_json", "plot")),
+        "model": os.path.basename(model_path),
+        "hyperparameters": {"optimizer": "AdamW", "lr_full": LR, "lr_adapters": ADAPTER_LR,
+                            "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA,
+                            "lora_targets": list(ALL_LINEAR)},
+        "methods": results,
     }
-    print(f"llama-engine  {ours['tokens_per_s']:8.1f} tok/s  peak RSS {ours['peak_rss_bytes'] / 2**30:.2f} GiB")
-    print(f"transformers  {theirs['tokens_per_s']:8.1f} tok/s  peak RSS {theirs['peak_rss_bytes'] / 2**30:.2f} GiB")
-    print(f"ratio {result['tokens_per_s_ratio']:.2f}x tokens/s, {result['peak_rss_ratio']:.2f}x peak RSS; "
-          f"loss curves differ by at most {gap:.2e}")
+    if args.plot:
+        plot(results, args.plot)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

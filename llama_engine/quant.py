@@ -11,7 +11,8 @@ Block layouts (32 weights a block, little-endian fp16 scales):
   nibble j (0..15) is the low half of qs[j]; nibble j+16 is the high half of qs[j].
 
 NF4 (QLoRA 4-bit NormalFloat, not a GGUF format; see quantize_nf4): blocks of 64 weights,
-w = NF4_LEVELS[code] * absmax, with the block absmax values double-quantized to int8.
+w = NF4_LEVELS[code] * absmax, with the block absmax values double-quantized to 8 bits as
+bitsandbytes does.
 """
 from __future__ import annotations
 
@@ -109,12 +110,21 @@ def quantize(w: torch.Tensor, qtype: str) -> PackedWeight:
 
 
 # ---- NF4 -------------------------------------------------------------------------------
-# Row layout (every row self-contained, so select_rows and row-parallel kernels work):
+# QLoRA's NF4 with double quantization, value for value as bitsandbytes computes it
+# (``quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)``):
+#   * the matrix, read row-major, is cut into blocks of 64; each block's absmax is kept and
+#     its weights scaled by 1 / absmax are rounded to the nearest of the 16 NF4 levels;
+#   * double quantization: offset = the mean of all absmax values; absmax - offset is cut
+#     into groups of 256 blocks (row-major over the whole matrix), each group scaled by
+#     1 / its largest |absmax - offset| and rounded to the nearest value of the signed 8-bit
+#     dynamic map (Dettmers 2015, bitsandbytes' create_dynamic_map).
+# Dequantized: absmax = DYNAMIC_MAP[q] * group_scale + offset; w = NF4_LEVELS[code] * absmax.
+# Row layout (each row self-contained, so select_rows and row-parallel kernels work):
 #   codes   u8[cols / 2]: block b's byte j holds code j (low nibble) and j + 32 (high)
-#   absmax  i8[cols / 64]: (absmax - offset) / scale rounded, per block
-#   groups  f32[2 * ceil(blocks / 256)]: (scale, offset) per group of 256 blocks
-# QLoRA double-quantizes the absmax values in groups of 256 with the mean as offset; here a
-# group never spans rows (rows of <= 16384 columns have one group).
+#   absmax  u8[cols / 64]: index into NF4_ABSMAX_MAP, per block
+#   f32[2 + G]: offset, phase, then the scales of the G groups the row's blocks touch;
+#     block b of the row belongs to slot (phase + b) // 256, phase = the row's first block
+#     index within its group (a group may span rows, as in bitsandbytes).
 
 NF4_BLOCK = 64
 NF4_GROUP = 256  # blocks per double-quantization group
@@ -124,57 +134,101 @@ NF4_LEVELS = torch.tensor([
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+NF4_HEADER_FLOATS = 2  # offset, phase
+SMALLEST_SCALE = 1e-38  # bitsandbytes' floor under an absmax before taking 1 / absmax
 
 
-NF4_ABSMAX_MAX = 127.0  # int8 range of the double-quantized absmax
-NF4_GROUP_BYTES = 8  # float32 scale + float32 offset
+def dynamic_map(exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The signed dynamic quantization map (Dettmers 2015, "8-Bit Approximations for
+    Parallelism in Deep Learning"; bitsandbytes' create_dynamic_map(signed=True)): 2^bits
+    sorted float32 values in [-1, 1], dense near 0. For each exponent i the fraction
+    midpoints of linspace(0.1, 1) are scaled by 10^(i - exponent_bits + 1), both signs."""
+    values: list[float] = []
+    fraction_bits = total_bits - 1 - exponent_bits
+    for i in range(exponent_bits):
+        bounds = torch.linspace(0.1, 1, 2 ** (i + fraction_bits) + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        power = 10 ** (-(exponent_bits - 1) + i)  # scaled in float32, as bitsandbytes does
+        values += (power * means).tolist() + (-power * means).tolist()
+    if 2 ** fraction_bits - 1 > 0:  # the all-zero-exponent values (none for 7 of 8 bits)
+        bounds = torch.linspace(0.1, 1, 2 ** fraction_bits, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        power = 10 ** (-(exponent_bits - 1) + exponent_bits - 1)
+        values += (power * means).tolist() + (-power * means).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (2 ** total_bits - len(values))
+    return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-def _nf4_groups(blocks: int) -> int:
-    return -(-blocks // NF4_GROUP)
+NF4_ABSMAX_MAP = dynamic_map()
+
+
+def _nf4_slots(blocks: int) -> int:
+    """Group scales a row of ``blocks`` blocks stores: enough for any phase."""
+    return (blocks + NF4_GROUP - 2) // NF4_GROUP + 1
 
 
 def nf4_row_bytes(cols: int) -> int:
     blocks = cols // NF4_BLOCK
-    return cols // 2 + blocks + NF4_GROUP_BYTES * _nf4_groups(blocks)
+    return cols // 2 + blocks + 4 * (NF4_HEADER_FLOATS + _nf4_slots(blocks))
+
+
+def _round_to_map(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted ``values`` (ties to the lower), as bitsandbytes'
+    bucketize over the midpoints."""
+    return torch.bucketize(x, (values[:-1] + values[1:]) / 2, out_int32=True).to(torch.uint8)
+
+
+def _blockwise(x: torch.Tensor, size: int, values: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' blockwise quantization of flat x: per block of ``size``, the absmax
+    and each value times 1 / absmax (clamped to [-1, 1]) rounded to ``values`` (a partial
+    last block divides instead, as bitsandbytes does)."""
+    full = x.numel() - x.numel() % size
+    head = x[:full].reshape(-1, size)
+    absmax = head.abs().amax(-1)
+    scaled = [(head * (1.0 / absmax.clamp(min=SMALLEST_SCALE))[:, None]).clamp(-1, 1).reshape(-1)]
+    if full < x.numel():
+        tail_max = x[full:].abs().amax().clamp(min=SMALLEST_SCALE)
+        absmax = torch.cat([absmax, tail_max[None]])
+        scaled.append((x[full:] / tail_max).clamp(-1, 1))
+    return _round_to_map(torch.cat(scaled), values), absmax
 
 
 def quantize_nf4(w: torch.Tensor) -> PackedWeight:
-    """Round a float [rows, cols] matrix to NF4 with double-quantized absmax (see above)."""
+    """Round a float [rows, cols] matrix to NF4 with double-quantized absmax, as
+    bitsandbytes does (see above). Raises ValueError unless cols is a multiple of 64."""
     rows, cols = w.shape
     if cols % NF4_BLOCK:
         raise ValueError(f"NF4 needs a multiple of {NF4_BLOCK} columns, got {cols}")
     blocks = cols // NF4_BLOCK
-    x = w.float().reshape(rows, blocks, NF4_BLOCK)
-    absmax = x.abs().amax(-1)
-    normed = x / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[..., None]
-    codes = (normed[..., None] - NF4_LEVELS).abs().argmin(-1).to(torch.uint8)
+    codes, absmax = _blockwise(w.float().reshape(-1), NF4_BLOCK, NF4_LEVELS)
+    codes = codes.reshape(rows, blocks, NF4_BLOCK)
     half = NF4_BLOCK // 2
     packed_codes = (codes[..., :half] | (codes[..., half:] << 4)).reshape(rows, -1)
-    groups = _nf4_groups(blocks)
-    padded = torch.nn.functional.pad(absmax, (0, groups * NF4_GROUP - blocks))
-    valid = torch.arange(groups * NF4_GROUP) < blocks
-    grouped, grouped_valid = padded.reshape(rows, groups, NF4_GROUP), valid.reshape(groups, NF4_GROUP)
-    offset = (grouped * grouped_valid).sum(-1) / grouped_valid.sum(-1)
-    spread = ((grouped - offset[..., None]).abs() * grouped_valid).amax(-1)
-    scale = torch.where(spread > 0, spread / NF4_ABSMAX_MAX, torch.ones_like(spread))
-    q = ((grouped - offset[..., None]) / scale[..., None]).round().clamp(-NF4_ABSMAX_MAX, NF4_ABSMAX_MAX)
-    q = q.reshape(rows, -1)[:, :blocks].to(torch.int8).view(torch.uint8)
-    group_floats = torch.stack([scale, offset], -1).reshape(rows, -1).contiguous().view(torch.uint8)
-    data = torch.cat([packed_codes, q, group_floats], -1).contiguous()
+    offset = absmax.mean()
+    q, group_scale = _blockwise(absmax - offset, NF4_GROUP, NF4_ABSMAX_MAP)
+    slots = _nf4_slots(blocks)
+    first_block = torch.arange(rows) * blocks
+    group_scale = torch.cat([group_scale, torch.zeros(slots)])  # rows ending early pad with 0
+    scales = group_scale[(first_block // NF4_GROUP)[:, None] + torch.arange(slots)]
+    header = torch.stack([offset.expand(rows), (first_block % NF4_GROUP).float()], -1)
+    floats = torch.cat([header, scales], -1).contiguous().view(torch.uint8)
+    data = torch.cat([packed_codes, q.reshape(rows, blocks), floats], -1).contiguous()
     return PackedWeight(data, "NF4", rows, cols)
 
 
 def dequantize_nf4(w: PackedWeight) -> torch.Tensor:
-    """Reference NF4 dequantization: absmax = q * scale + offset, w = level * absmax."""
+    """Reference NF4 dequantization: absmax = NF4_ABSMAX_MAP[q] * group scale + offset,
+    w = NF4_LEVELS[code] * absmax (bitsandbytes' dequantize_4bit)."""
     blocks = w.cols // NF4_BLOCK
-    groups = _nf4_groups(blocks)
     codes_end, absmax_end = w.cols // 2, w.cols // 2 + blocks
     packed = w.data[:, :codes_end].reshape(w.rows, blocks, NF4_BLOCK // 2)
     codes = torch.cat([packed & 0x0F, packed >> 4], -1).long()
-    q = w.data[:, codes_end:absmax_end].contiguous().view(torch.int8).float()
-    group_floats = w.data[:, absmax_end:].contiguous().view(torch.float32).reshape(w.rows, groups, 2)
-    group_of_block = torch.arange(blocks) // NF4_GROUP
-    scale, offset = group_floats[:, group_of_block, 0], group_floats[:, group_of_block, 1]
-    absmax = q * scale + offset
+    q = w.data[:, codes_end:absmax_end].long()
+    floats = w.data[:, absmax_end:].contiguous().view(torch.float32)
+    offset, phase = floats[:, :1], floats[:, 1:2].long()
+    slot = (phase + torch.arange(blocks)) // NF4_GROUP
+    scale = floats[:, NF4_HEADER_FLOATS:].gather(1, slot)
+    absmax = NF4_ABSMAX_MAP[q] * scale + offset
     return (NF4_LEVELS[codes] * absmax[..., None]).reshape(w.rows, w.cols)

@@ -233,3 +233,49 @@ def test_dpo_job_from_the_sft_checkpoint(server, tmp_path) -> None:
     assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 1
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(steps[1])
     assert status(server, "dpo-1")["status"] == "completed"
+
+
+def test_dora_job_writes_a_peft_folder_and_dpo_goes_on_from_it(server, data_file, tiny_model,
+                                                               tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    body = sft_request("dora-1", data_file, n_iters=2, algorithm="dora",
+                       **{"hyperparam_search_config": {"warmup_steps": 0, "use_rslora": True},
+                          "optimizer_config.lr": 1e-2, "optimizer_config.lr_min": 1e-3})
+    refused = post(server, "/post_training/supervised_fine_tune/",
+                   {**body, "job_uuid": "dora-bad",
+                    "hyperparam_search_config": {"use_rslora": 1}})
+    assert (refused.status_code, refused.json()["error"]["param"]) == \
+        (400, "hyperparam_search_config.use_rslora")
+    assert post(server, "/post_training/supervised_fine_tune/", body).status_code == 200
+    assert list(log_records(server, "dora-1"))[-1] == {"event": "completed"}
+    folder = status(server, "dora-1")["checkpoints"][-1]["path"]
+    path = folder.removeprefix("file://")
+    config = json.loads(Path(path, "adapter_config.json").read_text())
+    assert config["use_dora"] and config["use_rslora"] and config["r"] == 8
+    assert sorted(config["target_modules"]) == sorted(
+        ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    trained = peft.PeftModel.from_pretrained(base, path)  # peft reads it
+    assert any("lora_magnitude_vector" in name for name, _ in trained.named_parameters())
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "prompt": f"Code word {i}?", "chosen": f"zebra-{i}", "rejected": f"lion-{i}"}) + "\n"
+        for i in range(4)))
+    dataset = {"columns": {"prompt": "text", "chosen": "text", "rejected": "text"},
+               "content_url": pairs.as_uri(), "metadata": {}}
+    dpo = {"job_uuid": "dpo-dora", "finetuned_model": folder, "dataset": dataset,
+           "validation_dataset": dataset, "algorithm": "dpo",
+           "algorithm_config": {"reward_scale": 0.1, "reward_clip": 0.0, "epsilon": 0.0, "gamma": 0.0},
+           "optimizer_config": body["optimizer_config"],
+           "training_config": {**body["training_config"], "n_iters": 1, "batch_size": 2},
+           "hyperparam_search_config": {}, "logger_config": {}}
+    assert post(server, "/post_training/preference_optimize/", dpo).status_code == 200
+    records = list(log_records(server, "dpo-dora"))
+    assert records[-1] == {"event": "completed"}, records[-3:]
+    # the reference is the base (adapter off), the policy the trained DoRA: not ln 2
+    step = next(r for r in records if "loss" in r)
+    assert step["loss"] != pytest.approx(0.693147, abs=1e-6)
+    assert Path(status(server, "dpo-dora")["checkpoints"][-1]["path"].removeprefix("file://"),
+                "adapter_config.json").exists()

@@ -221,10 +221,16 @@ def weight_only_linear(x: Tensor, weight: PackedWeight) -> Tensor:
     return x @ dequantize(weight).to(x.dtype).t()
 
 
+# Rows of a packed W unpacked at a time in PackedLinear's backward: 1024 rows of 4096
+# float32 columns are 16 MiB, whatever the size of W (a 49152-row output head included).
+BACKWARD_ROW_CHUNK = 1024
+
+
 class PackedLinear(torch.autograd.Function):
-    """y = x @ W^T for a frozen packed W, differentiable in x: dx = dy @ W, with W
-    dequantized for that one matmul and dropped after it, so a backward pass never holds
-    more than one layer's matrix unpacked (QLoRA trains adapters over such a base)."""
+    """y = x @ W^T for a frozen packed W, differentiable in x (QLoRA trains adapters over
+    such a base). The forward is the packed matmul kernel; the backward dx = dy @ W walks W
+    by BACKWARD_ROW_CHUNK rows, each dequantized by the kernel, multiplied and dropped, so W
+    is never dense as a whole."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: PackedWeight) -> Tensor:
@@ -233,7 +239,14 @@ class PackedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
-        return grad_out @ dequantize(ctx.weight).to(grad_out.dtype), None
+        w: PackedWeight = ctx.weight
+        grad_in = None
+        for start in range(0, w.rows, BACKWARD_ROW_CHUNK):
+            end = min(start + BACKWARD_ROW_CHUNK, w.rows)
+            rows = PackedWeight(w.data[start:end], w.qtype, end - start, w.cols)
+            part = grad_out[..., start:end] @ dequantize(rows).to(grad_out.dtype)
+            grad_in = part if grad_in is None else grad_in.add_(part)
+        return grad_in, None
 
 
 class DecoderLayerWeights(NamedTuple):

@@ -9,21 +9,30 @@ from llama_engine.training.batching import PackedBatch
 
 
 class PackedCausalAttention:
-    """Scaled dot-product attention where each token sees the tokens of its own sequence at
-    positions up to its own: a block-diagonal causal mask over the packed batch. GQA key/value
-    heads are repeated to the query heads as HF's ``repeat_kv`` does."""
+    """Causal scaled dot-product attention inside each sequence of the packed batch. Each
+    sequence attends on its own (one masked [T, T] attention over the whole batch would cost
+    B times the work and memory); sequences of one length run as one batched call. GQA key
+    and value heads are repeated to the query heads as HF's ``repeat_kv`` does."""
 
     def __init__(self, batch: PackedBatch):
-        same_seq = batch.seq_index[:, None] == batch.seq_index[None, :]
-        causal = batch.positions[None, :] <= batch.positions[:, None]
-        self.mask = same_seq & causal  # [T, T] bool, True = may attend
+        bounds = batch.cu_seqlens.tolist()
+        self.spans = list(zip(bounds[:-1], bounds[1:]))
+        lengths = {end - start for start, end in self.spans}
+        self.uniform = len(lengths) == 1  # one [B, H, L, D] call
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                  ) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hkv, D] -> [T, H, D]."""
         group = q.shape[1] // k.shape[1]
-        q_, k_, v_ = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, T, D]
         if group > 1:
-            k_, v_ = k_.repeat_interleave(group, dim=1), v_.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=self.mask)
-        return out[0].transpose(0, 1)
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        if self.uniform:
+            b = len(self.spans)
+            q_, k_, v_ = (t.reshape(b, -1, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
+            return out.transpose(1, 2).reshape(q.shape)
+        outs = []
+        for start, end in self.spans:
+            q_, k_, v_ = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [heads, L, D]
+            outs.append(F.scaled_dot_product_attention(q_, k_, v_, is_causal=True).transpose(0, 1))
+        return torch.cat(outs)

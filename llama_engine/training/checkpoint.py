@@ -17,6 +17,7 @@ from llama_engine.config import ModelConfig
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "chat_template.json")
 TRAINING_STATE_FILE = "training_state.pt"
+ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 CAUSAL_LM, SEQUENCE_CLASSIFICATION = "LlamaForCausalLM", "LlamaForSequenceClassification"
 
 

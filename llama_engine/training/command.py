@@ -10,7 +10,7 @@ from llama_engine.datasets import check_columns
 from llama_engine.datasets.columns import PREFERENCE, SFT as SFT_TASK, check_trainer_columns
 from llama_engine.training.loop import DPO, OBJECTIVES, SFT, DPOParams, TrainingOptions
 from llama_engine.training.optim import OPTIMIZERS
-from llama_engine.training.recipe import FULL, DataSource, Recipe, run
+from llama_engine.training.recipe import ADAPTER_ALGORITHMS, FULL, DataSource, Recipe, run
 from llama_engine.training.tokenization import DEFAULT_MAX_SEQ_LEN
 
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -40,6 +40,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps between checkpoints (default: each epoch)")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--algorithm", choices=(FULL,) + ADAPTER_ALGORITHMS, default=FULL,
+                        help="full fine-tuning, or an adapter: lora, qlora (NF4 base), dora")
+    parser.add_argument("--rank", type=int, default=8, help="adapter rank r")
+    parser.add_argument("--alpha", type=float, default=16.0, help="adapter alpha")
+    parser.add_argument("--lora-modules", default="q_proj,v_proj",
+                        help="comma-separated attention projections to adapt (q_proj, k_proj, "
+                             "v_proj, o_proj)")
+    parser.add_argument("--lora-mlp", action="store_true", help="adapt gate/up/down_proj too")
+    parser.add_argument("--lora-output", action="store_true", help="adapt the output head")
+    parser.add_argument("--rslora", action="store_true", help="scale alpha / sqrt(r) (rsLoRA)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO reward_scale")
     parser.add_argument("--reward-clip", type=float, default=0.0, help="DPO; 0: no clip")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="DPO epsilon (cDPO)")
@@ -61,6 +71,15 @@ def _source(path: str, objective: str) -> DataSource:
     return DataSource(source.path, columns)
 
 
+def _algorithm_config(args: argparse.Namespace) -> dict | None:
+    """The spec's LoraFinetuningConfig fields (and use_rslora) from the adapter flags."""
+    if args.algorithm == FULL:
+        return None
+    return {"lora_attn_modules": [m for m in args.lora_modules.split(",") if m],
+            "apply_lora_to_mlp": args.lora_mlp, "apply_lora_to_output": args.lora_output,
+            "rank": args.rank, "alpha": args.alpha, "use_rslora": args.rslora}
+
+
 def save_loss_curve(records: list[dict], path: Path) -> None:
     """Training loss per step (and validation loss where measured), as a PNG."""
     import matplotlib
@@ -73,10 +92,17 @@ def save_loss_curve(records: list[dict], path: Path) -> None:
     if validation:
         ax.plot([r["step"] for r in validation], [r["validation_loss"] for r in validation],
                 "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    finish_loss_plot(fig, [ax], path)
+
+
+def finish_loss_plot(fig, axes: list, path: Path | str) -> None:
+    """Label the loss-per-step axes, save the matplotlib figure as a PNG at ``path``, close it."""
+    import matplotlib.pyplot as plt
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -99,7 +125,8 @@ def run_train(args: argparse.Namespace) -> None:
         objective=args.objective, model_path=args.model or default_model_path(),
         train=_source(args.dataset, args.objective), output_dir=args.output, options=options,
         validation=_source(args.validation_dataset, args.objective) if args.validation_dataset else None,
-        algorithm=FULL, max_seq_len=args.max_seq_len,
+        algorithm=args.algorithm, algorithm_config=_algorithm_config(args),
+        max_seq_len=args.max_seq_len,
         activation_checkpointing=args.activation_checkpointing)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,13 @@ def _checkpointed(layer: DecoderLayer):
     return forward
 
 
+def checkpointed_layers(model: Llama) -> None:
+    """Activation checkpointing per decoder layer (the spec's
+    enable_activation_checkpointing)."""
+    for layer in model.layers:
+        layer.forward = _checkpointed(layer)
+
+
 class FullFineTune:
     """Every parameter of the model trains. ``reference()`` runs a frozen copy of the
     starting weights (made only when ``keep_reference``, for DPO)."""
@@ -76,8 +83,7 @@ class FullFineTune:
         if keep_reference:
             self.frozen = copy.deepcopy(self.model).requires_grad_(False)
         if activation_checkpointing:
-            for layer in self.model.layers:
-                layer.forward = _checkpointed(layer)
+            checkpointed_layers(self.model)
         self._active = self.model
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:

@@ -3,6 +3,7 @@ the objective, the base model, the data files, the options, and where checkpoint
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -41,6 +42,7 @@ class Recipe:
     validation: Optional[DataSource] = None
     algorithm: str = FULL
     algorithm_config: Optional[dict[str, Any]] = None
+    adapter_path: Optional[str] = None  # a PEFT folder the adapter starts from (its config wins)
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     activation_checkpointing: bool = False
 
@@ -61,16 +63,58 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@dataclass(frozen=True)
+class AdapterStart:
+    """Where training from an existing PEFT adapter starts: its base and its algorithm."""
+    model_path: str
+    algorithm: str
+
+
+def adapter_start(folder: str | Path) -> AdapterStart:
+    """The base model (``base_model_name_or_path``, a local GGUF file or HF folder) and the
+    algorithm (dora or lora) of a PEFT adapter folder. Raises ValueError naming the problem."""
+    from llama_engine.training.lora import LoRASpec, read_adapter_config
+    config = read_adapter_config(Path(folder))
+    base = config.get("base_model_name_or_path")
+    if not base or not os.path.exists(base):
+        raise ValueError(f"{folder}: its base model {base!r} (base_model_name_or_path) is not a "
+                         "path on this server")
+    spec = LoRASpec.from_peft_config(config)
+    return AdapterStart(str(base), "dora" if spec.use_dora else "lora")
+
+
+def lora_spec(recipe: Recipe):
+    """The recipe's adapter configuration (``lora.LoRASpec``): the starting adapter's, or
+    the algorithm config's (rsLoRA scaling when it says ``use_rslora``). Raises ValueError
+    for a bad config."""
+    from llama_engine.training.lora import LoRASpec, read_adapter_config
+    if recipe.adapter_path:
+        return LoRASpec.from_peft_config(read_adapter_config(Path(recipe.adapter_path)))
+    config = recipe.algorithm_config or {}
+    return LoRASpec.from_config(recipe.algorithm, config, bool(config.get("use_rslora")))
+
+
 def build_model(recipe: Recipe) -> TrainableModel:
-    """The TrainableModel for the recipe's algorithm. Raises ValueError for an adapter
-    algorithm: those train through the model's adapter seam, which this model lacks."""
+    """The TrainableModel for the recipe's algorithm: full fine-tuning, or adapters (LoRA,
+    DoRA; QLoRA over an NF4 base). Raises ValueError for an unknown algorithm or a bad
+    adapter config."""
+    device = default_device()
     if recipe.algorithm == FULL:
         from llama_engine.training.full import FullFineTune
         return FullFineTune(recipe.model_path, keep_reference=recipe.objective == DPO,
                             activation_checkpointing=recipe.activation_checkpointing,
-                            device=default_device())
-    raise ValueError(f"algorithm: {recipe.algorithm!r} needs adapters in the model "
-                     "(model/llama.py's Linear seam), which this build does not have yet")
+                            device=device)
+    if recipe.algorithm in ADAPTER_ALGORITHMS:
+        from llama_engine.training.lora import QLORA, AdapterFineTune
+        model = AdapterFineTune(recipe.model_path, lora_spec(recipe),
+                                quantize_base=recipe.algorithm == QLORA,
+                                activation_checkpointing=recipe.activation_checkpointing,
+                                seed=recipe.options.seed, device=device)
+        if recipe.adapter_path:
+            model.load_checkpoint(Path(recipe.adapter_path))
+        return model
+    raise ValueError(f"algorithm: unknown {recipe.algorithm!r}; known: "
+                     f"{', '.join((FULL,) + ADAPTER_ALGORITHMS)}")
 
 
 def load_items(tokenizer: Any, source: DataSource, objective: str, max_seq_len: int) -> list[Item]:

@@ -17,7 +17,8 @@ from llama_engine.datasets.columns import PREFERENCE, SFT as SFT_COLUMNS, check_
 from llama_engine.training.jobs import (FINISHED, JobExistsError, JobManager, JobNotFoundError,
                                         JobRecord, job_dir)
 from llama_engine.training.loop import DPO, SFT, DPOParams, TrainingOptions
-from llama_engine.training.recipe import ADAPTER_ALGORITHMS, DataSource, Recipe
+from llama_engine.training.checkpoint import ADAPTER_CONFIG_FILE
+from llama_engine.training.recipe import FULL, DataSource, Recipe, adapter_start
 from llama_engine.training.tokenization import DEFAULT_MAX_SEQ_LEN
 from server.api.datasets import dataset_error, lookup
 from server.api.errors import APIError, ConflictError, NotFoundError
@@ -28,7 +29,7 @@ DATASET_ID_KEY = "dataset_id"
 # Extra knobs the spec leaves to the free-form configs: name -> (type, lower bound).
 HYPERPARAMS: dict[str, tuple[type, Optional[float]]] = {
     "seed": (int, None), "warmup_steps": (int, 0), "max_seq_len": (int, 1),
-    "max_grad_norm": (float, 0)}
+    "max_grad_norm": (float, 0), "use_rslora": (bool, None)}
 LOGGER_OPTIONS: dict[str, tuple[type, Optional[float]]] = {"checkpoint_every_n_steps": (int, 1)}
 
 
@@ -43,6 +44,11 @@ def _checked_options(values: dict[str, Any], known: dict[str, tuple[type, Option
             raise APIError(f"{field}.{name}: unknown option; known: {', '.join(known)}",
                            param=f"{field}.{name}")
         kind, lower = known[name]
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise APIError(f"{field}.{name}: expected true or false, got {value!r}",
+                               param=f"{field}.{name}")
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 kind is int and not float(value).is_integer()):
             raise APIError(f"{field}.{name}: expected {kind.__name__}, got {value!r}",
@@ -62,9 +68,6 @@ def _file_url_path(url: str, field: str) -> Path:
         exists = False
     if not exists:
         raise APIError(f"{field}: {path} does not exist", param=field)
-    if (path / "adapter_config.json").exists():
-        raise APIError(f"{field}: {path} is an adapter; training on adapters needs the model's "
-                       "adapter seam, not in this build", param=field)
     return path
 
 
@@ -114,15 +117,13 @@ class PostTrainingService:
         return options, hyper.get("max_seq_len", DEFAULT_MAX_SEQ_LEN)
 
     def _recipe(self, request: pt.TrainingRequest, objective: str, model_path: str, algorithm: str,
-                algorithm_config: Optional[dict], dpo: DPOParams) -> Recipe:
+                algorithm_config: Optional[dict], dpo: DPOParams,
+                adapter_path: Optional[str] = None) -> Recipe:
         if request.training_config.memory_efficient_fsdp_wrap or request.training_config.fsdp_cpu_offload:
             field = ("training_config.memory_efficient_fsdp_wrap"
                      if request.training_config.memory_efficient_fsdp_wrap else "training_config.fsdp_cpu_offload")
             raise APIError(f"{field}: FSDP needs several worker processes; this server runs "
                            "one worker per job", param=field)
-        if algorithm in ADAPTER_ALGORITHMS:
-            raise APIError(f"algorithm: {algorithm!r} needs adapters in the model, not in this "
-                           "build; use 'full'", param="algorithm")
         options, max_seq_len = self._options(request, objective, dpo)
         task = SFT_COLUMNS if objective == SFT else PREFERENCE
         folder = job_dir(self.jobs.state_dir, request.job_uuid)
@@ -136,7 +137,7 @@ class PostTrainingService:
         return Recipe(objective=objective, model_path=model_path, train=train,
                       output_dir=str(folder / "checkpoints"), options=options,
                       validation=validation, algorithm=algorithm, algorithm_config=algorithm_config,
-                      max_seq_len=max_seq_len,
+                      adapter_path=adapter_path, max_seq_len=max_seq_len,
                       activation_checkpointing=request.training_config.enable_activation_checkpointing)
 
     def _submit(self, job_uuid: str, recipe: Recipe) -> None:
@@ -153,19 +154,30 @@ class PostTrainingService:
         def submit() -> None:
             self._refuse_duplicate(request.job_uuid)
             model_path = self.resolve_model_path(request.model)
-            recipe = self._recipe(request, SFT, model_path, request.algorithm.value,
-                                  request.algorithm_config.model_dump(), DPOParams())
+            config = request.algorithm_config.model_dump()
+            config["use_rslora"] = request.hyperparam_search_config.get("use_rslora", False)
+            recipe = self._recipe(request, SFT, model_path, request.algorithm.value, config,
+                                  DPOParams())
             self._submit(request.job_uuid, recipe)
         await asyncio.to_thread(submit)
 
     async def preference_optimize(self, request: pt.PostTrainingRLHFRequest) -> None:
         def submit() -> None:
             self._refuse_duplicate(request.job_uuid)
-            model_path = _file_url_path(request.finetuned_model, "finetuned_model")
+            path = _file_url_path(request.finetuned_model, "finetuned_model")
             c = request.algorithm_config
             dpo = DPOParams(beta=c.reward_scale, reward_clip=c.reward_clip,
                             label_smoothing=c.epsilon, gamma=c.gamma)
-            self._submit(request.job_uuid, self._recipe(request, DPO, str(model_path), "full", None, dpo))
+            if (path / ADAPTER_CONFIG_FILE).exists():  # go on training the adapter
+                try:
+                    start = adapter_start(path)
+                except ValueError as e:
+                    raise APIError(f"finetuned_model: {e}", param="finetuned_model") from None
+                recipe = self._recipe(request, DPO, start.model_path, start.algorithm, None, dpo,
+                                      adapter_path=str(path))
+            else:
+                recipe = self._recipe(request, DPO, str(path), FULL, None, dpo)
+            self._submit(request.job_uuid, recipe)
         await asyncio.to_thread(submit)
 
     # ---- jobs ---------------------------------------------------------------------------

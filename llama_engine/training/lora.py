@@ -1,0 +1,327 @@
+"""Adapter fine-tuning (LoRA, rsLoRA, DoRA, QLoRA) on our own model, through the model's
+adapter seam (``model/llama.py``: every projection is a ``Linear`` that hands its input and
+output to the step's ``Adapters``). The base stays frozen; only the adapters train.
+Implements ``TrainableModel``; checkpoints are PEFT adapter folders.
+
+Formulas, with s the scale (alpha / r, or rsLoRA's alpha / sqrt(r), Kalajdzievski 2023):
+  LoRA (Hu et al. 2021):  y = W x + s B A x,  A [r, in] Kaiming-uniform, B [out, r] zero.
+  DoRA (Liu et al. 2024, eq. 5, PEFT's DoraLinearLayer):
+      y = m / ||W + s B A||_row * (W x + s B A x), the norm detached from the graph
+      (the paper's section 4.3), m [out] starting at ||W||_row.
+  QLoRA (Dettmers et al. 2023): LoRA over a base held in NF4 with double-quantized absmax
+      (``quant.quantize_nf4``); ``kernels.linear`` runs the packed matmuls forward and
+      backward (``kernels.PackedLinear``), so the base is never dense.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llama_engine import kernels
+from llama_engine.loader import load_model
+from llama_engine.model.llama import Linear, Llama
+from llama_engine.quant import NF4_BLOCK, PackedWeight, quantize_nf4
+from llama_engine.training.attention import PackedCausalAttention
+from llama_engine.training.batching import PackedBatch
+from llama_engine.training.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from llama_engine.training.full import checkpointed_layers
+
+LORA, QLORA, DORA = "lora", "qlora", "dora"
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+OUTPUT_MODULE = "lm_head"
+# torchtune's name for the attention output projection (the spec's lora_attn_modules use it)
+MODULE_ALIASES = {"output_proj": "o_proj"}
+PEFT_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+               "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+PEFT_PREFIX = "base_model.model."
+# the base model's weights that QLoRA packs (the norms stay float32, as in bitsandbytes)
+NF4_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """What to adapt and how: PEFT module names (``q_proj`` .. ``down_proj``, ``lm_head``),
+    rank r > 0, alpha > 0, DoRA or not, rsLoRA scaling or not."""
+    target_modules: tuple[str, ...]
+    rank: int
+    alpha: float
+    use_dora: bool = False
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        known = ATTENTION_MODULES + MLP_MODULES + (OUTPUT_MODULE,)
+        for name in self.target_modules:
+            if name not in known:
+                raise ValueError(f"lora_attn_modules: unknown module {name!r}; known: "
+                                 f"{', '.join(known)} (and output_proj for o_proj)")
+        if not self.target_modules:
+            raise ValueError("lora_attn_modules: no module to adapt")
+        if self.rank <= 0:
+            raise ValueError(f"rank: must be positive, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha: must be positive, got {self.alpha}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @classmethod
+    def from_config(cls, algorithm: str, config: dict[str, Any], use_rslora: bool = False
+                    ) -> "LoRASpec":
+        """From the spec's LoraFinetuningConfig fields (``lora_attn_modules``,
+        ``apply_lora_to_mlp``, ``apply_lora_to_output``, ``rank``, ``alpha``); DoRA when
+        ``algorithm`` is dora."""
+        modules = [MODULE_ALIASES.get(m, m) for m in config["lora_attn_modules"]]
+        if config.get("apply_lora_to_mlp"):
+            modules += MLP_MODULES
+        if config.get("apply_lora_to_output"):
+            modules.append(OUTPUT_MODULE)
+        return cls(tuple(dict.fromkeys(modules)), int(config["rank"]), float(config["alpha"]),
+                   use_dora=algorithm == DORA, use_rslora=use_rslora)
+
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> "LoRASpec":
+        """From a PEFT adapter_config.json (one rank and alpha for every module, named
+        target modules). Raises ValueError for what this trainer cannot continue."""
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise ValueError("per-module ranks or alphas (rank_pattern, alpha_pattern) are not "
+                             "supported")
+        targets = config.get("target_modules")
+        if not isinstance(targets, list):
+            raise ValueError(f"target_modules {targets!r}: a list of module names expected")
+        return cls(tuple(t.rsplit(".", 1)[-1] for t in targets), int(config.get("r", 8)),
+                   float(config.get("lora_alpha", 8)), bool(config.get("use_dora")),
+                   bool(config.get("use_rslora")))
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """A PEFT folder's adapter_config.json. Raises ValueError when missing or unreadable."""
+    try:
+        config = json.loads((Path(folder) / ADAPTER_CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: cannot read {ADAPTER_CONFIG_FILE}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder}/{ADAPTER_CONFIG_FILE}: a JSON object expected")
+    return config
+
+
+class LoRALayer(nn.Module):
+    """The adapter of one module (e.g. layer 3's q_proj): ``lora_A`` [r, in], ``lora_B``
+    [out, r] and, for DoRA, ``magnitude`` [out]."""
+
+    def __init__(self, in_features: int, out_features: int, spec: LoRASpec,
+                 base_weight: torch.Tensor | None, generator: torch.Generator):
+        super().__init__()
+        self.scale = spec.scale
+        a = torch.empty(spec.rank, in_features)
+        # PEFT's (and nn.Linear's) initialisation: Kaiming-uniform with a = sqrt(5), i.e.
+        # U(-1/sqrt(in), 1/sqrt(in)); B starts at zero so training starts at the base model.
+        bound = 1.0 / math.sqrt(in_features)
+        self.lora_A = nn.Parameter(a.uniform_(-bound, bound, generator=generator))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, spec.rank))
+        self.magnitude = None
+        if spec.use_dora:
+            self.magnitude = nn.Parameter(torch.linalg.vector_norm(base_weight.float(), dim=1))
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """LoRA's s B A x [T, out] of x [T, in] (PEFT's order: B(A x), then times s)."""
+        return ((x @ self.lora_A.t()) @ self.lora_B.t()) * self.scale
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, base_weight: torch.Tensor | None
+                ) -> torch.Tensor:
+        """y [T, out] (the base projection's output for these columns) plus the adapter's
+        update of x [T, in]."""
+        if self.magnitude is None:
+            return y + self.update(x)
+        lora = (x @ self.lora_A.t()) @ self.lora_B.t()
+        with torch.no_grad():  # DoRA detaches the norm (Liu et al. 2024, section 4.3)
+            # B A computed as PEFT does (its rounding), (A^T B^T)^T
+            adapted = base_weight + self.scale * (self.lora_A.t() @ self.lora_B.t()).t()
+            norm = torch.linalg.vector_norm(adapted, dim=1)
+        ratio = self.magnitude / norm
+        # ratio * (y + s * lora), in PEFT's order of float operations
+        return y + ((ratio - 1) * y + ratio * lora * self.scale)
+
+
+class TrainingAdapters(nn.Module):
+    """The ``Adapters`` of a model being adapter-tuned: one ``LoRALayer`` per targeted module,
+    ``layers[i][module]`` for the decoder layers and ``lm_head`` for the output head."""
+
+    def __init__(self, model: Llama, spec: LoRASpec, seed: int = 0):
+        super().__init__()
+        self.spec = spec
+        generator = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleList()
+        for layer in model.layers:
+            table = nn.ModuleDict()
+            for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                for name, (start, end) in linear.parts.items():
+                    if name in spec.target_modules:
+                        table[name] = _layer_for(linear, start, end, spec, generator)
+            self.layers.append(table)
+        self.lm_head = None
+        if OUTPUT_MODULE in spec.target_modules:
+            head = model.lm_head
+            self.lm_head = _layer_for(head, 0, _rows(head), spec, generator)
+
+    def __call__(self, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        table = self.layers[linear.layer] if linear.layer >= 0 else {OUTPUT_MODULE: self.lm_head}
+        parts = linear.parts or {OUTPUT_MODULE: (0, y.shape[-1])}
+        adapters = {name: table[name] for name in parts if name in table}
+        if not any(a is not None for a in adapters.values()):
+            return y
+        if all(a is None or a.magnitude is None for a in adapters.values()):
+            # LoRA: y + one [T, N] update, so the backward passes dy on whole instead of
+            # through a slice (a zero-filled [T, N] and a copy) per part
+            updates = [adapters[name].update(x) if adapters.get(name) is not None
+                       else y.new_zeros(*y.shape[:-1], end - start)
+                       for name, (start, end) in parts.items()]
+            return y + (updates[0] if len(updates) == 1 else torch.cat(updates, dim=-1))
+        pieces = []
+        for name, (start, end) in parts.items():
+            adapter = adapters.get(name)
+            piece = y[..., start:end]
+            if adapter is not None:
+                base = _dense_rows(linear, start, end) if adapter.magnitude is not None else None
+                piece = adapter(x, piece, base)
+            pieces.append(piece)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+
+    def named_adapters(self) -> Iterator[tuple[str, LoRALayer]]:
+        """(PEFT module path, adapter), e.g. ("model.layers.0.self_attn.q_proj", ...)."""
+        for i, table in enumerate(self.layers):
+            for name, adapter in table.items():
+                yield f"model.layers.{i}.{PEFT_PARENT[name]}.{name}", adapter
+        if self.lm_head is not None:
+            yield OUTPUT_MODULE, self.lm_head
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter weights under PEFT's saved names."""
+        out = {}
+        for path, adapter in self.named_adapters():
+            out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = adapter.lora_A
+            out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = adapter.lora_B
+            if adapter.magnitude is not None:
+                out[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = adapter.magnitude
+        return out
+
+
+def _rows(linear: Linear) -> int:
+    return linear.weight.shape[0] if linear.weight is not None else linear.rows
+
+
+def _cols(linear: Linear) -> int:
+    return linear.weight.shape[1] if linear.weight is not None else linear.cols
+
+
+def _dense_rows(linear: Linear, start: int, end: int) -> torch.Tensor:
+    """Rows start:end of the projection's weight, float32 (dequantized when packed)."""
+    if linear.weight is not None:
+        return linear.weight[start:end]
+    return kernels.dequantize(linear.packed.select_rows(torch.arange(start, end)))
+
+
+def _layer_for(linear: Linear, start: int, end: int, spec: LoRASpec,
+               generator: torch.Generator) -> LoRALayer:
+    base = _dense_rows(linear, start, end) if spec.use_dora else None
+    return LoRALayer(_cols(linear), end - start, spec, base, generator)
+
+
+def nf4_base(weights: dict[str, Any]) -> None:
+    """Replace the decoder projections and the embedding (also the tied output head) in
+    ``weights`` by NF4, one matrix at a time, so the dense model never exists whole. A
+    matrix whose rows are not whole NF4 blocks (columns not a multiple of 64; no released
+    Llama has one) stays as it is."""
+    for name in list(weights):
+        leaf = name.rsplit(".", 1)[-1]
+        if (leaf in NF4_WEIGHTS or name in ("embed", "lm_head")) \
+                and weights[name].shape[1] % NF4_BLOCK == 0:
+            w = weights[name]
+            dense = kernels.dequantize(w) if isinstance(w, PackedWeight) else w.float()
+            weights[name] = quantize_nf4(dense)
+            del w, dense
+
+
+class AdapterFineTune:
+    """LoRA / DoRA / QLoRA training of ``model_path`` (a GGUF file or an HF folder)."""
+
+    def __init__(self, model_path: str, spec: LoRASpec, quantize_base: bool = False,
+                 activation_checkpointing: bool = False, seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        if quantize_base and spec.use_dora:
+            raise ValueError("algorithm: DoRA over an NF4 base is not offered; use dora or qlora")
+        loaded = load_model(model_path, torch.float32, dequantize=not quantize_base)
+        if quantize_base:
+            nf4_base(loaded.weights)
+        self.source, self.tokenizer, self.config = model_path, loaded.tokenizer, loaded.config
+        self.spec, self.quantized = spec, quantize_base
+        self.device = torch.device(device)
+        self.model = Llama(loaded.config, loaded.weights).to(self.device)
+        del loaded
+        self.model.requires_grad_(False)
+        self.adapters = TrainingAdapters(self.model, spec, seed).to(self.device)
+        if activation_checkpointing:
+            checkpointed_layers(self.model)
+        self._enabled = True
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        return self.model(batch.input_ids, batch.positions, PackedCausalAttention(batch),
+                          self.adapters if self._enabled else None)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.lm_head
+        adapters = self.adapters if self._enabled and self.adapters.lm_head is not None else None
+        return head(hidden, adapters).float()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.adapters.parameters())
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The base model: the adapters switched off (DPO's reference policy)."""
+        self._enabled = False
+        try:
+            yield
+        finally:
+            self._enabled = True
+
+    def adapter_config(self) -> dict[str, Any]:
+        """adapter_config.json as PEFT writes it for this adapter."""
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.spec.rank,
+                "lora_alpha": self.spec.alpha, "target_modules": sorted(self.spec.target_modules),
+                "use_dora": self.spec.use_dora, "use_rslora": self.spec.use_rslora,
+                "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+                "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+                "base_model_name_or_path": os.path.abspath(self.source)}
+
+    def save_checkpoint(self, folder: Path, score_head: torch.Tensor | None = None) -> None:
+        """A PEFT adapter folder; a reward model's score head is saved beside the adapter
+        weights as PEFT saves a module_to_save (``base_model.model.score.weight``), with
+        task_type SEQ_CLS."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = self.adapters.peft_state_dict()
+        config = self.adapter_config()
+        if score_head is not None:
+            tensors[f"{PEFT_PREFIX}score.weight"] = score_head
+            config.update(task_type="SEQ_CLS", modules_to_save=["score"])
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+        (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+    def load_checkpoint(self, folder: Path) -> None:
+        saved = load_file(os.path.join(folder, ADAPTER_WEIGHTS_FILE))
+        with torch.no_grad():
+            for name, param in self.adapters.peft_state_dict().items():
+                param.copy_(saved[name])

@@ -1,0 +1,283 @@
+"""Adapter training against HF peft on the same tiny random HF Llama (float32): LoRA, DoRA and
+rsLoRA layers give peft's logits and gradients (1e-5); the PEFT folder we save loads in peft
+(same logits) and in our adapter loader; QLoRA's NF4 base equals bitsandbytes' algorithm and
+its forward and input gradient equal dequantize-then-linear."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_engine.training.batching import pack
+from llama_engine.training.lora import AdapterFineTune, LoRASpec
+from llama_engine.training.tokenization import Example
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# 1e-5 of the tensor's largest magnitude: the tiny model's logits reach ~15, where the base
+# models alone (our kernels vs HF eager, no adapter) differ by ~3e-5 in float32.
+REL_TOL = 1e-5
+SEQ_LENS = (7, 12)  # two sequences of different lengths, packed by us, one by one for HF
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from tests.conftest import make_tiny_llama
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny")))
+
+
+def _examples(vocab: int) -> list[Example]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in SEQ_LENS:
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        out.append(Example(ids, ids[1:] + [-100]))
+    return out
+
+
+def _perturb(ours: AdapterFineTune) -> None:
+    """Non-zero B and magnitudes away from ||W||: every gradient and the DoRA ratio matter."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, adapter in ours.adapters.named_adapters():
+            adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * 0.1)
+            if adapter.magnitude is not None:
+                adapter.magnitude.mul_(1 + 0.1 * torch.randn(adapter.magnitude.shape, generator=g))
+
+
+def _peft_model(tiny_model: str, spec: LoRASpec):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    base = transformers.LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32,
+                                                         attn_implementation="eager")
+    config = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
+                             target_modules=list(spec.target_modules), use_dora=spec.use_dora,
+                             use_rslora=spec.use_rslora)
+    return peft.get_peft_model(base, config)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
+    scale = expected.abs().max().item()
+    error = (actual - expected).abs().max().item()
+    assert error <= REL_TOL * scale, f"{name}: max error {error:.3g} > {REL_TOL} * {scale:.3g}"
+
+
+def _ours_logits(ours: AdapterFineTune, examples: list[Example]) -> torch.Tensor:
+    return ours.compute_logits(ours.hidden_states(pack(examples)))
+
+
+def _peft_logits(model, examples: list[Example]) -> torch.Tensor:
+    return torch.cat([model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in examples])
+
+
+def _loss(logits: torch.Tensor, examples: list[Example]) -> torch.Tensor:
+    labels = torch.tensor([t for e in examples for t in e.labels])
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+
+
+@pytest.mark.parametrize("use_dora, use_rslora", [(False, False), (True, False), (False, True)],
+                         ids=["lora", "dora", "rslora"])
+def test_forward_and_gradients_equal_peft(tiny_model: str, use_dora: bool, use_rslora: bool) -> None:
+    from peft import set_peft_model_state_dict
+
+    spec = LoRASpec(ALL_LINEAR + ("lm_head",), rank=4, alpha=8, use_dora=use_dora,
+                    use_rslora=use_rslora)
+    ours = AdapterFineTune(tiny_model, spec)
+    _perturb(ours)
+    theirs = _peft_model(tiny_model, spec)
+    state = {k: v.detach().clone() for k, v in ours.adapters.peft_state_dict().items()}
+    result = set_peft_model_state_dict(theirs, state)
+    assert not result.unexpected_keys  # our names are PEFT's
+    assert not [k for k in result.missing_keys if "lora_" in k]
+
+    examples = _examples(ours.config.vocab_size)
+    logits = _ours_logits(ours, examples)
+    expected = _peft_logits(theirs, examples)
+    assert_close(logits, expected, "logits")
+    _loss(logits, examples).backward()
+    _loss(expected, examples).backward()
+    named = dict(theirs.named_parameters())
+    checked = 0
+    for path, adapter in ours.adapters.named_adapters():
+        prefix = f"base_model.model.{path}"
+        pairs = [(adapter.lora_A, f"{prefix}.lora_A.default.weight"),
+                 (adapter.lora_B, f"{prefix}.lora_B.default.weight")]
+        if use_dora:
+            pairs.append((adapter.magnitude, f"{prefix}.lora_magnitude_vector.default.weight"))
+        for param, name in pairs:
+            assert param.grad is not None and param.grad.abs().max() > 0, name
+            assert_close(param.grad, named[name].grad, name)
+            checked += 1
+    modules = 2 * len(ALL_LINEAR) + 1  # two decoder layers and the output head
+    assert checked == modules * (3 if use_dora else 2)
+
+
+def test_saved_adapter_loads_in_peft_and_in_our_loader(tiny_model: str, tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from llama_engine.loader.adapters import load_lora_adapter
+
+    spec = LoRASpec(("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"), rank=8, alpha=16,
+                    use_dora=True)
+    ours = AdapterFineTune(tiny_model, spec)
+    _perturb(ours)
+    ours.save_checkpoint(tmp_path / "adapter")
+    base = transformers.LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    examples = _examples(ours.config.vocab_size)
+    with torch.no_grad():
+        assert_close(_ours_logits(ours, examples), _peft_logits(loaded, examples), "logits")
+
+    adapter = load_lora_adapter(str(tmp_path / "adapter"), ours.config, max_rank=16)
+    q = adapter.weights[(1, "wq")]
+    assert q.scale == pytest.approx(16 / 8)
+    torch.testing.assert_close(q.b, ours.adapters.layers[1]["q_proj"].lora_B.detach())
+    assert set(p for _, p in adapter.weights) == {"wq", "wv", "wo", "w_gate", "w_down"}
+
+    resumed = AdapterFineTune(tiny_model, spec, seed=5)  # other initial weights
+    resumed.load_checkpoint(tmp_path / "adapter")
+    for (name, a), (_, b) in zip(ours.adapters.named_parameters(), resumed.adapters.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_rslora_scale_and_config_mapping() -> None:
+    config = {"lora_attn_modules": ["q_proj", "output_proj"], "apply_lora_to_mlp": True,
+              "apply_lora_to_output": True, "rank": 16, "alpha": 32}
+    spec = LoRASpec.from_config("dora", config, use_rslora=True)
+    assert spec.target_modules == ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+    assert spec.use_dora and spec.scale == pytest.approx(32 / math.sqrt(16))
+    assert LoRASpec.from_config("lora", config).scale == pytest.approx(2.0)
+    for bad, field in (({"rank": 0}, "rank"), ({"alpha": 0}, "alpha"),
+                       ({"lora_attn_modules": ["attention"]}, "lora_attn_modules")):
+        with pytest.raises(ValueError, match=field):
+            LoRASpec.from_config("lora", {**config, **bad})
+
+
+# ---- QLoRA: the NF4 base -------------------------------------------------------------------
+
+def _bnb_nf4_restated(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bitsandbytes' NF4 with double quantization restated in plain torch (its CUDA kernel's
+    and torch backend's semantics: nearest value, ties to the lower): returns 4-bit codes
+    [n], 8-bit absmax codes [n / 64], the offset, and the group scales [ceil(n / 64 / 256)]."""
+    from bitsandbytes.functional import create_dynamic_map, get_4bit_type
+    nf4, dynamic = get_4bit_type("nf4", device="cpu"), create_dynamic_map(signed=True)
+
+    def nearest(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        distance = (x[:, None] - table[None, :]).abs()
+        return distance.argmin(-1)  # the first (lower) index on a tie
+
+    blocks = w.reshape(-1, 64)
+    absmax = blocks.abs().amax(-1)
+    codes = nearest((blocks * (1.0 / absmax)[:, None]).clamp(-1, 1).reshape(-1), nf4)
+    offset = absmax.mean()
+    centered = absmax - offset
+    scales, qs = [], []
+    for group in centered.split(256):
+        scale = group.abs().amax()
+        qs.append(nearest((group * (1.0 / scale) if len(group) == 256 else group / scale).clamp(-1, 1),
+                          dynamic))
+        scales.append(scale)
+    return codes, torch.cat(qs), offset, torch.stack(scales)
+
+
+def _our_nf4_fields(w: torch.Tensor):
+    """(4-bit codes [n] row-major, 8-bit absmax codes [n / 64], offset, group scales) of our
+    packed NF4 rows, read back from the row layout."""
+    from llama_engine.quant import NF4_GROUP, quantize_nf4
+    rows, cols = w.shape
+    packed = quantize_nf4(w)
+    blocks = cols // 64
+    codes = packed.data[:, :cols // 2].reshape(rows, blocks, 32)
+    codes = torch.cat([codes & 0x0F, codes >> 4], -1).reshape(-1).long()
+    q = packed.data[:, cols // 2:cols // 2 + blocks].reshape(-1).long()
+    floats = packed.data[:, cols // 2 + blocks:].contiguous().view(torch.float32)
+    offset, phase = floats[:, 0], floats[:, 1].long()
+    scales = {}
+    for r in range(rows):
+        for b in range(blocks):
+            group = (r * blocks + b) // NF4_GROUP
+            scales[group] = floats[r, 2 + (phase[r] + b) // NF4_GROUP]
+    return codes, q, offset, torch.stack([scales[g] for g in sorted(scales)])
+
+
+@pytest.mark.parametrize("shape", [(45, 576), (600, 576), (3, 64 * 300), (7, 64)])
+def test_nf4_codes_and_scales_equal_bitsandbytes(shape: tuple[int, int]) -> None:
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0]))
+    codes, q, offsets, scales = _our_nf4_fields(w)
+    expected_codes, expected_q, expected_offset, expected_scales = _bnb_nf4_restated(w)
+    assert torch.equal(codes, expected_codes)
+    assert torch.equal(q, expected_q)
+    assert torch.equal(offsets, expected_offset.expand_as(offsets))
+    assert torch.equal(scales, expected_scales)
+
+    # bitsandbytes itself: the same 4-bit codes (high nibble first in its bytes), offset and
+    # group scales; its native CPU search for the 8-bit absmax codes strays from the nearest
+    # value close to a midpoint (a few per thousand), so those are checked to be such cases.
+    packed, state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    packed = packed.reshape(-1)
+    assert torch.equal(codes, torch.stack([packed >> 4, packed & 0x0F], -1).reshape(-1).long())
+    assert offsets[0].item() == state.offset.item()
+    assert torch.equal(scales, state.state2.absmax)
+    theirs = state.absmax.long()
+    strays = (theirs != q).nonzero().flatten()
+    assert len(strays) <= max(1, q.numel() // 100)
+    dynamic = state.state2.code
+    centered = (w.reshape(-1, 64).abs().amax(-1) - state.offset)
+    for i in strays.tolist():
+        x = (centered[i] / scales[i // 256]).item()
+        midpoint = (dynamic[theirs[i]] + dynamic[q[i]]).item() / 2
+        assert abs(x - midpoint) < 1e-3 * abs(dynamic[theirs[i]] - dynamic[q[i]]).item() + 1e-4
+
+
+def test_nf4_input_gradient_reads_the_packed_rows_chunk_by_chunk() -> None:
+    """kernels.PackedLinear's backward (over several row chunks) equals autograd through
+    dequantize-then-linear."""
+    from llama_engine import kernels
+    from llama_engine.quant import dequantize, quantize_nf4
+    g = torch.Generator().manual_seed(3)
+    rows, cols = kernels.BACKWARD_ROW_CHUNK * 2 + 70, 128
+    packed = quantize_nf4(torch.randn(rows, cols, generator=g))
+    x = torch.randn(9, cols, generator=g, requires_grad=True)
+    upstream = torch.randn(9, rows, generator=g)
+    (kernels.linear(x, packed) * upstream).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (torch.nn.functional.linear(x_ref, dequantize(packed)) * upstream).sum().backward()
+    assert_close(x.grad, x_ref.grad, "input gradient")
+
+
+def test_qlora_equals_lora_over_the_dequantized_nf4_base(tiny_model: str) -> None:
+    from llama_engine.loader import load_model
+    from llama_engine.model.llama import Llama
+    from llama_engine.quant import PackedWeight, dequantize
+    from llama_engine.training.lora import TrainingAdapters, nf4_base
+
+    spec = LoRASpec(ALL_LINEAR, rank=4, alpha=8)
+    qlora = AdapterFineTune(tiny_model, spec, quantize_base=True)
+    _perturb(qlora)
+    linears = [m for m in qlora.model.modules() if m.__class__.__name__ == "Linear"]
+    # never dense, but for the tiny model's down_proj: 160 columns are not whole NF4 blocks
+    packed = [m for m in linears if m.weight is None]
+    assert all(m.qtype == "NF4" for m in packed)
+    assert {m.weight.shape[1] for m in linears if m.weight is not None} == {160}
+    assert len(packed) == len(linears) - qlora.config.num_layers
+
+    loaded = load_model(tiny_model)
+    nf4_base(loaded.weights)
+    dense = {k: dequantize(v) if isinstance(v, PackedWeight) else v for k, v in loaded.weights.items()}
+    reference = Llama(loaded.config, dense).requires_grad_(False)
+    adapters = TrainingAdapters(reference, spec)
+    adapters.load_state_dict(qlora.adapters.state_dict())
+
+    examples = _examples(qlora.config.vocab_size)
+    batch = pack(examples)
+    from llama_engine.training.attention import PackedCausalAttention
+    expected = reference.compute_logits(reference(batch.input_ids, batch.positions,
+                                                  PackedCausalAttention(batch), adapters))
+    logits = _ours_logits(qlora, examples)
+    assert_close(logits, expected, "logits")
+    _loss(logits, examples).backward()
+    _loss(expected, examples).backward()
+    for (name, ours), (_, theirs) in zip(qlora.adapters.named_parameters(), adapters.named_parameters()):
+        assert_close(ours.grad, theirs.grad, name)
