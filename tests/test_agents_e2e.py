@@ -18,6 +18,7 @@ import requests
 import torch
 
 from llama_engine.agents.sandbox import sandbox_unavailable_reason
+from llama_engine.agents.store import DATABASE_FILE
 from tests.agent_fakes import example_tool_turn
 from tests.server_process import ServerProcess, running_server
 
@@ -174,7 +175,7 @@ def test_the_sandbox_under_the_server(server: ServerProcess, state_dir: Path, tm
         "OSError: [Errno 30] Read-only file system: '/etc/owned'")
     assert not Path("/etc/owned").exists()
     # the state directory (the server's databases) is an empty folder but for the scratch root
-    assert (state_dir / "agents.sqlite").exists()
+    assert (state_dir / DATABASE_FILE).exists()
     assert run_copied(server, agent, f"import os; print(os.listdir('{state_dir}'))") == \
         "[stdout]\n['agent_scratch']\n"
     looped = run_copied(server, agent, "while True: pass")
