@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
                           "load_average_1m": os.getloadavg()[0]},
-              "command": "python benchmarks/agents.py " + " ".join(sys.argv[1:]), "turn": turn,
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "turn": turn,
               "code_interpreter": code_interpreter}
     print(json.dumps({"turn": turn, "code_interpreter": code_interpreter}, indent=2))
     print("wrote", write_results(report, args.results_dir))
