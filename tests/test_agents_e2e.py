@@ -26,8 +26,9 @@ UNAVAILABLE = sandbox_unavailable_reason()
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(UNAVAILABLE is not None, reason=f"no sandbox here: {UNAVAILABLE}")]
 
-# A fork bomb's error output (cut to the sandbox's output limit) must fit in the next prompt.
-MAX_MODEL_LEN = 4096
+# A fork bomb's error output (stdout and stderr each cut to the sandbox's 8000 characters,
+# about 4k tokens at worst) must fit in the next inference's prompt.
+MAX_MODEL_LEN = 8192
 TIMEOUT_S = 300
 CODE_TOOL = {"tool_name": "code_interpreter", "input_shields": [], "output_shields": []}
 ASK = "Run this code with the code interpreter: "
@@ -125,7 +126,7 @@ def create(server: ServerProcess, uuid: str, **fields: Any) -> str:
 
 def coder(server: ServerProcess, uuid: str, tool: dict = CODE_TOOL) -> str:
     return create(server, uuid, available_tools=[tool], executable_tools=["code_interpreter"],
-                  tool_choice="required", max_infer_iters=2)
+                  tool_choice="required", max_infer_iters=2, max_tokens=128)
 
 
 def execute(server: ServerProcess, agent: str, text: str, history: list = COPY_EXAMPLES) -> dict:
@@ -138,7 +139,9 @@ def run_copied(server: ServerProcess, agent: str, code: str) -> str:
     """Ask the model to run ``code``; the tool response it got. Fails unless the model's call
     holds exactly ``code`` (the snippets here are ones the model copies faithfully)."""
     turn = execute(server, agent, ASK + code)
-    [step] = [s for s in turn["steps"] if s["step_type"] == "tool_execution"][:1]
+    executions = [s for s in turn["steps"] if s["step_type"] == "tool_execution"]
+    assert executions, json.dumps(turn)
+    step = executions[0]
     assert step["tool_calls"] == [{"tool_name": "code_interpreter", "arguments": {"code": code}}]
     return step["tool_responses"][0]["content"]
 
@@ -181,7 +184,8 @@ def test_the_sandbox_under_the_server(server: ServerProcess, state_dir: Path, tm
     looped = run_copied(server, agent, "while True: pass")
     assert looped.startswith("[error]\ntimed out after")
     bomb = run_copied(server, agent, "while True: __import__('os').fork()")
-    assert bomb.startswith("[error]")
+    # the process limit stops it (fork fails in the call and in the children), or the timeout
+    assert "[error]\n" in bomb and ("BlockingIOError" in bomb or "timed out" in bomb), bomb
     hog = run_copied(server, agent, "print(len(bytearray(8 << 30)))")
     assert hog.rstrip().endswith("MemoryError")
     # the server keeps serving, and so does the session
