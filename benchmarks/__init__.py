@@ -18,7 +18,7 @@ COMMANDS = {
     "startup": ("startup", "add_arguments", "run",
                 "time to the first token (LLM, serve) beside llama.cpp"),
     "agents": ("agents", "add_arguments", "run",
-               "an agent turn's step breakdown (memory, inference, tools)"),
+               "an agent turn's step breakdown and the code interpreter's cold and warm calls"),
 }
 
 

@@ -9,8 +9,9 @@ step: memory_retrieval, model_inference (a forced math call), tool_execution, mo
 (the answer). For each step type it records the client-side time from ``step_start`` to
 ``step_end`` (streamed), and the server's own ``llama_engine_agent_step_seconds`` histogram
 (its sum and count before and after, from ``/metrics``). The agent layer's overhead is the
-turn's wall time over the time its inference steps took (1.0: no overhead). Results go to
-benchmarks/results/agents-<date>.{md,json}.
+turn's wall time over the time its inference steps took (1.0: no overhead). Then the code
+interpreter's cold and warm call latency (``benchmarks/code_interpreter.py``, run here in
+process). Results go to benchmarks/results/agents-<date>.{md,json}.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.code_interpreter import add_call_arguments, bench_code_interpreter, table_lines  # noqa: E402
 from benchmarks.throughput import cpu_model  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -62,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model id or alias (default: the server's first)")
     p.add_argument("--turns", type=int, default=5)
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
+    add_call_arguments(p)
 
 
 def request(url: str, body: Any = None, method: str = "POST") -> Any:
@@ -189,6 +192,7 @@ def write_results(report: dict[str, Any], results_dir: str) -> Path:
     for step_type, server in sorted(turn["server_step_mean_ms"].items()):
         client = turn["client_ms_median_per_turn"].get(step_type, float("nan"))
         lines.append(f"| {step_type} | {client:.1f} | {server['mean_ms']:.1f} | {server['count']} |")
+    lines += ["", "## Code interpreter call latency", "", *table_lines(report["code_interpreter"])]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return stem
 
@@ -197,11 +201,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         url = args.url or stack.enter_context(spawned_server())
         turn = bench_turn_breakdown(url, args.model, args.turns)
+    code_interpreter = bench_code_interpreter(args.code_cold_calls, args.code_warm_calls)
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
                           "load_average_1m": os.getloadavg()[0]},
-              "command": "python benchmarks/agents.py " + " ".join(sys.argv[1:]), "turn": turn}
-    print(json.dumps(turn, indent=2))
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "turn": turn,
+              "code_interpreter": code_interpreter}
+    print(json.dumps({"turn": turn, "code_interpreter": code_interpreter}, indent=2))
     print("wrote", write_results(report, args.results_dir))
     return report
 

@@ -88,15 +88,13 @@ def bench_code_interpreter(cold_calls: int = 20, warm_calls: int = 200) -> dict:
     return report
 
 
-def render_markdown(report: dict) -> str:
+def table_lines(report: dict) -> list[str]:
+    """The latency table and the goals verdict for a ``bench_code_interpreter()`` report."""
     peer = report["fresh_python"]
-    lines = [f"# Code interpreter call latency, CPU, {report['date']}", "",
-             f"- machine: {report['machine']}; load average {report['load_average']} at start, "
-             f"{report['load_average_end']} at end",
-             f"- command: `{report['command']}`",
-             f"- cold: a new session per call (jail + worker start, then `{COLD_CODE!r}`); warm: "
+    lines = [f"- cold: a new session per call (jail + worker start, then `{COLD_CODE!r}`); warm: "
              f"`{WARM_CODE!r}` in a running session; peer: `python -I -c` per call "
-             "(no jail, no state)", "",
+             "(no jail, no state); load average "
+             f"{report['load_average']} at start, {report['load_average_end']} at end", "",
              "| mode | cold p50 / p99 ms | warm p50 / p99 ms | peer p50 ms | cold / peer | "
              "warm / peer |", "|---|---|---|---|---|---|"]
     for mode in ("jail", "unsafe"):
@@ -114,12 +112,25 @@ def render_markdown(report: dict) -> str:
                   f"{'met' if jail['warm']['p99_ms'] < WARM_GOAL_MS else 'NOT met'} (p99); "
                   f"cold < {COLD_GOAL_MS:g} ms: "
                   f"{'met' if jail['cold']['p99_ms'] < COLD_GOAL_MS else 'NOT met'} (p99)."]
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# Code interpreter call latency, CPU, {report['date']}", "",
+             f"- machine: {report['machine']}", f"- command: `{report['command']}`",
+             *table_lines(report)]
     return "\n".join(lines) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cold-calls", type=int, default=20)
     parser.add_argument("--calls", type=int, default=200, help="warm calls")
+
+
+def add_call_arguments(parser: argparse.ArgumentParser) -> None:
+    """The call counts, for a benchmark that runs this one inside it (benchmarks/agents.py)."""
+    parser.add_argument("--code-cold-calls", type=int, default=20)
+    parser.add_argument("--code-warm-calls", type=int, default=200)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from aiohttp import web
 
 from llama_engine.agents.image_gen import ImageGenConfig
-from llama_engine.agents.options import AgentOptions
+from llama_engine.agents.options import LLAMA_GUARD, AgentOptions
 from llama_engine.agents.tools import ToolsConfig
 from llama_engine.agents.web_search import KEY_ENV, PROVIDERS, web_search_config
 from llama_engine.state import resolve_state_dir
@@ -96,21 +96,25 @@ def split_model_argument(value: Optional[str]) -> tuple[Optional[str], Optional[
     return None, value
 
 
-def load_registry(args: argparse.Namespace) -> ModelRegistry:
+def load_model(args: argparse.Namespace, model_id: Optional[str], path: Optional[str]) -> ServedModel:
+    """One engine on ``path`` (None: the default model) with the command line's engine settings."""
     from llama_engine.engine.async_engine import AsyncLLMEngine
     from llama_engine.engine.llm_engine import EngineConfig
     from llama_engine.loader import default_model_path
 
-    registry = ModelRegistry()
     max_running = args.max_running or args.max_num_seqs or EngineConfig.max_num_seqs
+    engine = AsyncLLMEngine.from_model(path, **engine_kwargs(args))
+    model_id = model_id or engine.model_id
+    LOG.info("loaded model %s from %s (context %d tokens)", model_id, path or "the default",
+             engine.max_model_len)
+    return ServedModel(model_id, engine, max_running=max_running, max_waiting=args.max_waiting,
+                       path=path or default_model_path())
+
+
+def load_registry(args: argparse.Namespace) -> ModelRegistry:
+    registry = ModelRegistry()
     for value in args.model or [None]:
-        model_id, path = split_model_argument(value)
-        engine = AsyncLLMEngine.from_model(path, **engine_kwargs(args))
-        model_id = model_id or engine.model_id
-        registry.add(ServedModel(model_id, engine, max_running=max_running, max_waiting=args.max_waiting,
-                                 path=path or default_model_path()))
-        LOG.info("loaded model %s from %s (context %d tokens)", model_id, path or "the default",
-                 engine.max_model_len)
+        registry.add(load_model(args, *split_model_argument(value)))
     for mapping in args.alias:
         alias, sep, model_id = mapping.partition("=")
         if not sep or not alias or not model_id:
@@ -164,12 +168,16 @@ async def _serve(args: argparse.Namespace) -> None:
     options = agent_options(args)  # before the models load: a bad flag fails at once
     with gc_paused_while_loading():
         registry = load_registry(args)
+        # the llama_guard shield's own model: run by the engine, not served under /v1/models
+        guard_path = options.shield_models.get(LLAMA_GUARD)
+        guard = load_model(args, LLAMA_GUARD, guard_path) if guard_path else None
         app = build_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                        state_dir=resolve_state_dir(args.state_dir), agent_options=options)
+                        state_dir=resolve_state_dir(args.state_dir), agent_options=options,
+                        guard_model=guard)
     try:
         await run_until_signalled(app, args.host, args.port, args.drain_timeout)
     finally:
-        for model in registry.models():
+        for model in [*registry.models(), *([guard] if guard else [])]:
             await model.engine.shutdown()
     LOG.info("stopped")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any, Callable, Optional
 
 import pytest
@@ -38,6 +39,17 @@ SEARCH_EXAMPLE_TURN = example_tool_turn(
     '"content": "Hyperion is the tallest tree."}]}', "Hyperion is the tallest tree.")
 BRAVE_ANSWER = {"web": {"results": [{"title": "Kettle facts", "url": "https://k.example",
                                      "description": "Kettles boil water."}]}}
+
+
+def guard_prompt_text(task: str) -> str:
+    """``task`` as the one user message of the default model's chat template, rendered by
+    transformers (the reference for what the guard model is given)."""
+    import transformers
+    from llama_engine.loader import default_model_path
+    folder, name = os.path.split(default_model_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return tokenizer.apply_chat_template([{"role": "user", "content": task}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 class GuardShield:
@@ -144,8 +156,9 @@ def test_shields_and_builtin_tools_in_the_app(tmp_path) -> None:
         assert [c["step_type"] for c in chunks] == ["safety_filtering", "safety_filtering"]
         assert chunks[-1]["violation"]["details"] == "flagged by the test guard"
         assert chunks[-1]["response_message"]["content"] == "I won't say that."
+        # the guard task goes in as the one user message of the model's chat template
         reference = await (await client.post("/inference/completion", json={
-            "model": model, "content": GUARD_PROMPT, "max_tokens": 32})).json()
+            "model": model, "content": guard_prompt_text(GUARD_PROMPT), "max_tokens": 32})).json()
         assert options.shields[-1].guard_outputs == [reference["content"]]
 
         turn, execution = await forced_builtin_turn(client, "coder", "code_interpreter", CODE_EXAMPLE_TURN,

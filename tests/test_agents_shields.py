@@ -3,10 +3,11 @@ transformers on a tiny random DeBERTa-v2 classifier, code_guard with CodeShield 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
-from llama_engine.agents.shields import LLAMA_GUARD_CATEGORIES, build_shield
+from llama_engine.agents.shields import LLAMA_GUARD_CATEGORIES, build_shield, guard_prompt_ids
 from llama_engine.errors import RequestValidationError
 
 MD5_PASSWORDS = """```python
@@ -78,6 +79,33 @@ def test_llama_guard_with_nothing_to_judge_does_not_call_the_model():
     assert llama_guard("unsafe\nS1", prompts=prompts).run([{"role": "system", "content": "x"}]) \
         is None
     assert prompts == []
+
+
+def test_the_guard_task_is_the_one_user_message_of_the_guard_models_template():
+    import transformers
+    from llama_engine.loader import default_model_path
+    from llama_engine.tokenizer import Tokenizer
+
+    path = default_model_path()
+    ours = Tokenizer.from_gguf(path)
+    folder, name = os.path.split(path)
+    reference = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    task = llama_guard("safe").prompt(USER)
+    expected = reference.apply_chat_template([{"role": "user", "content": task}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert guard_prompt_ids(ours, task) == reference.encode(expected, add_special_tokens=False)
+
+
+def test_a_template_that_writes_the_guard_task_gets_a_plain_llama3_user_turn():
+    class LlamaGuardTemplateTokenizer:  # Llama Guard 3's template builds the task around messages
+        chat_template = "Task: ... <BEGIN UNSAFE CONTENT CATEGORIES>{{ categories }}"
+
+        def encode(self, text, add_special_tokens=True):
+            return text
+
+    assert guard_prompt_ids(LlamaGuardTemplateTokenizer(), "TASK") == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nTASK<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 @pytest.mark.parametrize("shield_type, params, field", [

@@ -88,10 +88,27 @@ Provide your safety assessment for ONLY THE LAST {role} message in the above con
  - If unsafe, a second line must include a comma-separated list of violated categories."""
 
 
+# Llama Guard 3's own chat template writes the guard task itself around the conversation it
+# is given; it must not get our task as a "conversation". Such models are prompted in the
+# format they were trained on: the task as a Llama 3 user turn.
+TEMPLATE_WRITES_TASK = "UNSAFE CONTENT CATEGORIES"
+LLAMA3_USER_TURN = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{task}<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def guard_prompt_ids(tokenizer, task: str) -> list[int]:
+    """Token ids of the guard ``task`` (``LlamaGuardShield.prompt``) as the one user message of
+    the guard model's chat template, generation prompt added; a template that writes the
+    guard task itself gets ``LLAMA3_USER_TURN`` instead. ``tokenizer``: a
+    ``llama_engine.tokenizer.Tokenizer``; raises its ChatTemplateError when it has no template."""
+    if TEMPLATE_WRITES_TASK in (tokenizer.chat_template or ""):
+        return tokenizer.encode(LLAMA3_USER_TURN.format(task=task), add_special_tokens=False)
+    return tokenizer.apply_chat_template([{"role": "user", "content": task}], add_generation_prompt=True)
+
+
 class LlamaGuardShield:
-    """Llama Guard 3 through ``generate``. ``generate(text)`` must run ``text`` as the one user
-    message of the guard model's chat template (Llama Guard 3's own template adds only the
-    header tokens around it) and return the greedy completion."""
+    """Llama Guard 3 through ``generate``. ``generate(text)`` must run ``text`` greedily as
+    the guard model's prompt (``guard_prompt_ids``) and return the completion."""
 
     def __init__(self, generate: Callable[[str], str], excluded_categories: list[str]):
         self.generate = generate

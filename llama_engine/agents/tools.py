@@ -75,7 +75,7 @@ class BuiltinTools:
     (starting a sandbox costs time only agents that run code should pay)."""
 
     def __init__(self, config: ToolsConfig,
-                 code_interpreter: Optional[Callable[[], Optional[CodeRunner]]] = None):
+                 code_interpreter: Optional[Callable[[], CodeRunner]] = None):
         self.config = config
         self._code_factory = code_interpreter
         self._code: Optional[CodeRunner] = None
@@ -106,7 +106,7 @@ class BuiltinTools:
                 return [f"Generated an image for: {value}",
                         await generate_image(self.config.image_gen, value)]
             interpreter = self._interpreter()
-            if interpreter is None:
+            if interpreter is None:  # no factory: a runtime built without the code interpreter
                 return "code_interpreter is not available on this server."
             result = await asyncio.to_thread(interpreter.run, session_id, value)
             return code_result_content(result)

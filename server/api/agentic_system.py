@@ -9,7 +9,8 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from llama_engine.agents.config import AgentConfig
 from llama_engine.agents.inference import InferenceDelta, InferenceRequest
-from llama_engine.agents.options import ShieldBuilder
+from llama_engine.agents.options import LLAMA_GUARD, ShieldBuilder
+from llama_engine.agents.shields import guard_prompt_ids
 from llama_engine.agents.steps import StepChunk, assemble_turn
 from llama_engine.agents.store import AgentExistsError, AgentNotFoundError, AgentStore
 from llama_engine.agents.turn import AgentRuntime, AgentShields, Turn
@@ -19,6 +20,7 @@ from server.api.errors import APIError, ConflictError, NotFoundError
 from server.api.generation import engine_request, json_constraint, make_sampling_params
 from server.api.inference import InferenceService, engine_sampling
 from server.api.prompts import spec_tools
+from server.api.registry import ServedModel
 from server.schemas import agentic_system as ag
 from server.schemas import llama_stack as ls
 
@@ -54,28 +56,29 @@ class ServerChatInference:
                               f"messages and retrieved memory) was refused: {exc.message}"
             raise
 
-    async def _generate(self, model_name: str, prompt: str, max_tokens: int) -> str:
-        model = self.service.registry.resolve(model_name)
+    async def _generate(self, model: ServedModel, prompt: str, max_tokens: int) -> str:
         params = make_sampling_params({}, temperature=0.0, max_tokens=max_tokens, skip_special_tokens=True)
-        prepared = engine_request(model, model.tokenizer.encode(prompt), params, {"prompt": "prompt"})
+        prepared = engine_request(model, guard_prompt_ids(model.tokenizer, prompt), params, {"prompt": "prompt"})
         with model.admit(1):
             final = await self.service.runner.run(prepared)
         return final.outputs[0].text
 
-    def generate(self, model: str, prompt: str, max_tokens: int) -> str:
-        """Blocking; called from a worker thread (a shield), runs on the server's loop."""
+    def generate(self, model: ServedModel, prompt: str, max_tokens: int) -> str:
+        """Run ``prompt`` greedily as the guard task on ``model`` (see shields.guard_prompt_ids).
+        Blocking; called from a worker thread (a shield), runs on the server's loop."""
         assert self.loop is not None, "generate() before the server's loop was known"
         return asyncio.run_coroutine_threadsafe(self._generate(model, prompt, max_tokens), self.loop).result()
 
 
-
 class AgenticSystemService:
     """The routes' logic. Shields are built when an agent is created (which checks them) and
-    kept per agent; after a restart, on the agent's first turn."""
+    kept per agent; after a restart, on the agent's first turn. ``guard_model``: the
+    llama_guard shield's model (--shield-model llama_guard=PATH); None: each agent's own."""
 
     def __init__(self, store: AgentStore, runtime: AgentRuntime, inference: ServerChatInference,
-                 shield_builder: ShieldBuilder):
+                 shield_builder: ShieldBuilder, guard_model: Optional[ServedModel] = None):
         self.store = store
+        self.guard_model = guard_model
         self.runtime = runtime
         self.inference = inference
         self.shield_builder = shield_builder
@@ -83,15 +86,20 @@ class AgenticSystemService:
 
     # ---- shields ---------------------------------------------------------------------------
 
-    def _guard_generate(self, model: str) -> Callable[[str], str]:
+    def _guard_generate(self, shield_type: str, model_name: str) -> Callable[[str], str]:
+        """The llama_guard shield's ``generate`` on the guard model (default: the agent's)."""
+        model = self.guard_model or self.inference.service.registry.resolve(model_name)
+        if shield_type == LLAMA_GUARD and model.tokenizer.chat_template is None:
+            raise RequestValidationError("shield_type", f"llama_guard: the guard model {model.model_id!r} "
+                                                        "has no chat template to put the guard task in")
         return lambda prompt: self.inference.generate(model, prompt, GUARD_MAX_TOKENS)
 
     def _build(self, configs: list[dict[str, Any]], field: str, model: str) -> list[Any]:
         shields = []
         for index, shield in enumerate(configs):
             try:
-                shields.append(self.shield_builder(shield["shield_type"], shield["params"],
-                                                   self._guard_generate(model)))
+                generate = self._guard_generate(shield["shield_type"], model)
+                shields.append(self.shield_builder(shield["shield_type"], shield["params"], generate))
             except RequestValidationError as exc:
                 path = f"{field}[{index}].{exc.field}"
                 raise APIError(f"{path}: {exc.reason}", param=path) from None

@@ -26,7 +26,7 @@ from server.api.generation import GenerationRunner
 from server.api.inference import InferenceService
 from server.api.memory_banks import MemoryBanksService
 from server.api.openai_compat import OpenAIService
-from server.api.registry import ModelRegistry
+from server.api.registry import ModelRegistry, ServedModel
 from server.http.metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
 from server.http.openapi import build_openapi
 from server.http.routing import JSON_CONTENT_TYPE, JSONL_CONTENT_TYPE, Route
@@ -246,10 +246,12 @@ def post_training_routes(service: PostTrainingService) -> list[Route]:
 def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               state_dir: Optional[Path] = None,
-              agent_options: Optional[AgentOptions] = None) -> web.Application:
+              agent_options: Optional[AgentOptions] = None,
+              guard_model: Optional[ServedModel] = None) -> web.Application:
     """The application. Its persistent APIs (memory banks, datasets, post-training jobs,
     agents) keep their state in ``state_dir`` (default: llama_engine.state's default
-    directory); ``agent_options`` configures shields and built-in tools."""
+    directory); ``agent_options`` configures shields and built-in tools; ``guard_model`` is
+    the llama_guard shield's model (None: each agent's own)."""
     metrics = ServerMetrics(registry)
     runner = GenerationRunner(listener=metrics)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
@@ -266,7 +268,7 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     tools = BuiltinTools(agent_options.tools, agent_options.code_interpreter_factory(state_dir))
     chat = ServerChatInference(inference)
     agents = AgenticSystemService(AgentStore(state_dir), AgentRuntime(chat, tools, memory.store, metrics),
-                                  chat, agent_options.shield_builder())
+                                  chat, agent_options.shield_builder(), guard_model)
     routes = (inference_routes(inference, openai)
               + memory_bank_routes(memory) + datasets_routes(DatasetsService(datasets))
               + post_training_routes(PostTrainingService(jobs, datasets, registry.model_path))
