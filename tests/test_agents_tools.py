@@ -167,3 +167,24 @@ def test_serve_flags_build_the_agent_options(monkeypatch) -> None:
     for bad in (["--shield-model", "llama_guard"], ["--web-search-api-key", "k"]):
         with pytest.raises(SystemExit):
             agent_options(parser.parse_args(bad))
+
+
+def test_long_tool_output_is_clipped_keeping_its_start_and_end() -> None:
+    from types import SimpleNamespace
+
+    from llama_engine.agents.tools import TOOL_TEXT_MAX_CHARS
+
+    class Flood:  # a fork bomb's worth of stderr
+        def run(self, session_id: str, code: str):
+            return SimpleNamespace(stdout="first line\n" + "x" * 30_000 + "\nlast line",
+                                   stderr="", error=None, timed_out=False, attachments=[])
+
+    tools = BuiltinTools(ToolsConfig(), code_interpreter=Flood)
+    text = asyncio.run(tools.run("code_interpreter", {"code": "..."}, "s"))
+    assert len(text) <= TOOL_TEXT_MAX_CHARS
+    assert text.startswith("[stdout]\nfirst line") and text.endswith("last line")
+    import re
+    cut = int(re.search(r"\[\.\.\. (\d+) characters cut \.\.\.\]", text).group(1))
+    original = len("[stdout]\nfirst line\n") + 30_000 + len("\nlast line")
+    marker = f"\n[... {cut} characters cut ...]\n"
+    assert len(text) - len(marker) + cut == original  # what is kept plus what is cut

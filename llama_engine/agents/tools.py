@@ -47,6 +47,22 @@ def _argument(name: str, arguments: dict[str, Any]) -> Optional[str]:
     return None
 
 
+# A tool response goes back into the model's context: a fork bomb's stderr or a long page of
+# search results must not push the next inference past it (about 1,500 tokens of text).
+TOOL_TEXT_MAX_CHARS = 6000
+CLIP_MARKER = "\n[... {} characters cut ...]\n"
+
+
+def clip_text(text: str, limit: int = TOOL_TEXT_MAX_CHARS) -> str:
+    """``text`` if it fits in ``limit`` characters, else its first and last parts around a
+    marker saying how much was cut (the end of an output often holds the error)."""
+    if len(text) <= limit:
+        return text
+    keep = limit - len(CLIP_MARKER.format(len(text)))
+    head, tail = keep - keep // 3, keep // 3
+    return text[:head] + CLIP_MARKER.format(len(text) - head - tail) + text[len(text) - tail:]
+
+
 def code_result_content(result: Any) -> Content:
     """A CodeResult as a tool response: its output as text, files (matplotlib figures) as
     data-URL attachments after it."""
@@ -86,7 +102,14 @@ class BuiltinTools:
         return self._code
 
     async def run(self, name: str, arguments: dict[str, Any], session_id: str) -> Content:
-        """The tool response content for one call of the built-in tool ``name``."""
+        """The tool response content for one call of the built-in tool ``name``, its text
+        clipped to TOOL_TEXT_MAX_CHARS (``clip_text``)."""
+        content = await self._run(name, arguments, session_id)
+        if isinstance(content, str):
+            return clip_text(content)
+        return [clip_text(part) if isinstance(part, str) else part for part in content]
+
+    async def _run(self, name: str, arguments: dict[str, Any], session_id: str) -> Content:
         value = _argument(name, arguments)
         if value is None:
             wanted = " or ".join(repr(k) for k in ARGUMENT_NAMES[name])
