@@ -21,6 +21,7 @@ DEFAULT_PORT = 8321
 DEFAULT_MAX_WAITING = 256
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
 API_KEY_ENV = "LLAMA_ENGINE_API_KEY"
+REWARD_MODEL_ALIAS = "llama3_405b_reward"  # the spec's RewardModel name
 GIB = 1 << 30
 LOG = logging.getLogger("server")
 
@@ -29,6 +30,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", metavar="[ID=]PATH", default=None,
                         help="GGUF file or HF folder to serve (repeatable), optionally with its id "
                              "(default id: the file or folder name); default model: SmolLM2-135M")
+    parser.add_argument("--reward-model", metavar="[ID=]PATH", default=None,
+                        help="a reward model to serve beside the models: an HF "
+                             "LlamaForSequenceClassification folder, or a GGUF file or causal-LM "
+                             "folder with --reward-head; it also answers to "
+                             f"{REWARD_MODEL_ALIAS}")
+    parser.add_argument("--reward-head", metavar="FILE", default=None,
+                        help="safetensors file holding score.weight [1, hidden_size], the reward "
+                             "head put on --reward-model")
     parser.add_argument("--alias", action="append", metavar="NAME=ID", default=[],
                         help="extra name for a model id, e.g. llama3_8b_chat=SmolLM2-135M-Instruct.Q4_1")
     parser.add_argument("--host", default=DEFAULT_HOST)
@@ -88,6 +97,20 @@ def load_registry(args: argparse.Namespace) -> ModelRegistry:
                                  path=path or default_model_path()))
         LOG.info("loaded model %s from %s (context %d tokens)", model_id, path or "the default",
                  engine.max_model_len)
+    if args.reward_head is not None and args.reward_model is None:
+        raise SystemExit("--reward-head needs --reward-model (the model it goes on)")
+    if args.reward_model is not None:
+        model_id, path = split_model_argument(args.reward_model)
+        engine = AsyncLLMEngine.from_model(path, score_head=args.reward_head,
+                                           **engine_kwargs(args))
+        if model_id is None:  # a head on a served model's file must not take that model's id
+            head = os.path.basename(args.reward_head) if args.reward_head else None
+            model_id = f"{engine.model_id}+{head}" if head else engine.model_id
+        registry.add(ServedModel(model_id, engine, max_running=max_running,
+                                 max_waiting=args.max_waiting, path=path))
+        if REWARD_MODEL_ALIAS not in [alias.partition("=")[0] for alias in args.alias]:
+            registry.add_alias(REWARD_MODEL_ALIAS, model_id)
+        LOG.info("loaded reward model %s from %s", model_id, path)
     for mapping in args.alias:
         alias, sep, model_id = mapping.partition("=")
         if not sep or not alias or not model_id:

@@ -44,19 +44,57 @@ def default_model_path() -> str:
 
 
 def load_model(path: str | None, dtype: torch.dtype = torch.float32,
-               dequantize: bool = False) -> LoadedModel:
+               dequantize: bool = False, score_head: str | None = None) -> LoadedModel:
     """Load a GGUF file or an HF folder. ``dequantize`` unpacks GGUF block formats to
-    ``dtype`` instead of keeping them packed."""
+    ``dtype`` instead of keeping them packed. ``score_head``: a safetensors file holding
+    ``score.weight`` [1, hidden_size] that turns the model into a reward model (its LM head
+    is dropped); an HF ``LlamaForSequenceClassification`` folder carries its own."""
     path = path or default_model_path()
     if not os.path.exists(path):
         raise ModelLoadError(f"model path does not exist: {path}")
     if os.path.isdir(path):
         from llama_engine.loader.hf import load_hf
-        return load_hf(path, dtype)
-    if path.endswith(".gguf") or _has_gguf_magic(path):
+        loaded = load_hf(path, dtype)
+    elif path.endswith(".gguf") or _has_gguf_magic(path):
         from llama_engine.loader.gguf import load_gguf
-        return load_gguf(path, dtype, dequantize)
-    raise ModelLoadError(f"{path}: not a GGUF file (no GGUF magic) nor an HF model folder")
+        loaded = load_gguf(path, dtype, dequantize)
+    else:
+        raise ModelLoadError(f"{path}: not a GGUF file (no GGUF magic) nor an HF model folder")
+    if score_head is not None:
+        loaded.weights["score"] = read_score_head(score_head, loaded.config, dtype)
+        loaded.weights.pop("lm_head", None)
+    return loaded
+
+
+SCORE_HEAD_TENSOR = "score.weight"  # HF LlamaForSequenceClassification's name
+
+
+def check_score_head(weight: torch.Tensor, config: ModelConfig, where: str) -> None:
+    """A reward head is [1, hidden_size] (num_labels 1: one scalar score per sequence).
+    Raises ModelLoadError naming ``where`` otherwise."""
+    if tuple(weight.shape) != (1, config.hidden_size):
+        raise ModelLoadError(f"{where} has shape {tuple(weight.shape)}; a reward model's score "
+                             f"head is [1, {config.hidden_size}] (num_labels 1, hidden_size "
+                             f"{config.hidden_size})")
+
+
+def read_score_head(path: str, config: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
+    """``score.weight`` [1, hidden_size] from a safetensors file (a reward head trained
+    for the base model). Raises ModelLoadError naming the file and the problem."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"score head file does not exist: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = set(f.keys())
+            weight = f.get_tensor(SCORE_HEAD_TENSOR) if SCORE_HEAD_TENSOR in names else None
+    except Exception as e:  # safetensors' own error type for a file that is not one
+        raise ModelLoadError(f"{path}: cannot read safetensors: {e}") from e
+    if weight is None:
+        raise ModelLoadError(f"{path}: no '{SCORE_HEAD_TENSOR}' tensor (found: "
+                             f"{', '.join(sorted(names)) or 'none'})")
+    check_score_head(weight, config, f"{path}: {SCORE_HEAD_TENSOR}")
+    return weight.to(dtype)
 
 
 def _has_gguf_magic(path: str) -> bool:
