@@ -17,6 +17,8 @@ COMMANDS = {
                "memory-bank ingest and query latency against sentence-transformers + faiss"),
     "startup": ("startup", "add_arguments", "run",
                 "time to the first token (LLM, serve) beside llama.cpp"),
+    "synthetic-data": ("synthetic_data", "add_arguments", "run",
+                       "prompts x k samples scored by a reward model, against transformers"),
 }
 
 

@@ -140,3 +140,26 @@ def test_a_reward_head_trained_by_post_training_ranks_held_out_pairs(tmp_path: P
     rejected = llm.reward([reply_token_ids(tokenizer, r["prompt"], r["rejected"]) for r in held_out])
     correct = sum(c.score > r.score for c, r in zip(chosen, rejected))
     assert correct >= 0.8 * len(held_out), f"{correct} of {len(held_out)} held-out pairs ranked right"
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_peft_reward_adapter_loads_merged_into_its_base(tmp_path: Path, use_dora: bool) -> None:
+    import peft
+    import transformers
+    base = make_tiny_llama(str(tmp_path / "base"), seed=6)
+    model = transformers.LlamaForSequenceClassification.from_pretrained(
+        base, num_labels=1, dtype=torch.float32)
+    reference = peft.get_peft_model(model, peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, use_dora=use_dora,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # as if trained: B and the head away from their initial values
+        for name, p in reference.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name or "magnitude" in name:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    reference.save_pretrained(str(tmp_path / "adapter"))
+    llm = LLM(model=str(tmp_path / "adapter"))
+    sequences = sequences_for(llm.get_tokenizer())[:6]
+    with torch.no_grad():
+        expected = [reference(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in sequences]
+    assert [o.score for o in llm.reward(sequences)] == pytest.approx(expected, abs=TOLERANCE)

@@ -48,11 +48,14 @@ def load_model(path: str | None, dtype: torch.dtype = torch.float32,
     """Load a GGUF file or an HF folder. ``dequantize`` unpacks GGUF block formats to
     ``dtype`` instead of keeping them packed. ``score_head``: a safetensors file holding
     ``score.weight`` [1, hidden_size] that turns the model into a reward model (its LM head
-    is dropped); an HF ``LlamaForSequenceClassification`` folder carries its own."""
+    is dropped); an HF ``LlamaForSequenceClassification`` folder carries its own, and so
+    does a PEFT reward adapter folder (merged into its base: ``load_reward_adapter``)."""
     path = path or default_model_path()
     if not os.path.exists(path):
         raise ModelLoadError(f"model path does not exist: {path}")
-    if os.path.isdir(path):
+    if os.path.isfile(os.path.join(path, PEFT_CONFIG_FILE)):
+        loaded = load_reward_adapter(path, dtype)
+    elif os.path.isdir(path):
         from llama_engine.loader.hf import load_hf
         loaded = load_hf(path, dtype)
     elif path.endswith(".gguf") or _has_gguf_magic(path):
@@ -67,6 +70,40 @@ def load_model(path: str | None, dtype: torch.dtype = torch.float32,
 
 
 SCORE_HEAD_TENSOR = "score.weight"  # HF LlamaForSequenceClassification's name
+PEFT_CONFIG_FILE = "adapter_config.json"
+
+
+def load_reward_adapter(folder: str, dtype: torch.dtype) -> LoadedModel:
+    """A PEFT reward adapter (LoRA / DoRA on the decoder projections, and the score head it
+    trained, as PEFT's task_type SEQ_CLS saves them) merged into its base model, named by
+    ``base_model_name_or_path`` in adapter_config.json (a local GGUF file or HF folder):
+    each adapted projection becomes W + s B A (DoRA: (m / ||W + s B A||_row) (W + s B A)),
+    dense, as PEFT's ``merge_and_unload``, so scoring costs what the base costs. Raises
+    ModelLoadError (AdapterLoadError) naming the file and the problem."""
+    import json
+    from llama_engine.loader.adapters import dora_magnitude_ratio, read_peft_reward_adapter
+    try:
+        with open(os.path.join(folder, PEFT_CONFIG_FILE)) as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{folder}/{PEFT_CONFIG_FILE}: cannot read: {e}") from e
+    if not base or not os.path.exists(base):
+        raise ModelLoadError(f"{folder}/{PEFT_CONFIG_FILE}: base_model_name_or_path {base!r} is "
+                             "not a local model path (the adapter is merged into that model)")
+    loaded = load_model(base, torch.float32, dequantize=True)
+    adapted, score = read_peft_reward_adapter(folder, loaded.config)
+    check_score_head(score, loaded.config, f"{folder}: score.weight")
+    for (layer, proj), lora in adapted.items():
+        name = f"layers.{layer}.{proj}"
+        base_weight = loaded.weights[name]
+        merged = base_weight + lora.scale * (lora.b @ lora.a)
+        if lora.magnitude is not None:
+            merged = dora_magnitude_ratio(base_weight, lora)[:, None] * merged
+        loaded.weights[name] = merged
+    loaded.weights = {k: w.to(dtype) for k, w in loaded.weights.items() if k != "lm_head"}
+    loaded.weights["score"] = score.to(dtype)
+    loaded.name = os.path.basename(os.path.normpath(folder))
+    return loaded
 
 
 def check_score_head(weight: torch.Tensor, config: ModelConfig, where: str) -> None:
