@@ -156,21 +156,25 @@ def run(args: argparse.Namespace) -> dict:
     hidden = load_model(None).config.hidden_size
     dialogs = prompts(args.num_prompts)
     samples = args.num_prompts * args.k
-    with tempfile.TemporaryDirectory() as folder:
-        head_path, head = save_head(hidden, folder)
-        results = {"engine, prefix sharing": run_engine(args, dialogs, head_path, True),
-                   "engine, no prefix sharing": run_engine(args, dialogs, head_path, False)}
-    if not args.skip_hf:
-        results["transformers"] = run_hf(args, dialogs, head)
-    for name, r in results.items():
+    results: dict[str, dict] = {}
+
+    def record(name: str, r: dict) -> None:  # printed as each run ends: a long run shows progress
         total = r["generation_s"] + r["scoring_s"]
         r["generations_per_s"] = samples / r["generation_s"]
         r["generation_tokens_per_s"] = r["tokens_generated"] / r["generation_s"]
         r["scoring_generations_per_s"] = samples / r["scoring_s"]
         r["scored_generations_per_s"] = samples / total  # end to end: generate, then score
+        results[name] = r
         print(f"{name:>26}: {r['generations_per_s']:.2f} generations/s "
               f"({r['generation_tokens_per_s']:.0f} tok/s), scoring {r['scoring_s']:.1f} s, "
-              f"{r['scored_generations_per_s']:.2f} scored generations/s end to end")
+              f"{r['scored_generations_per_s']:.2f} scored generations/s end to end", flush=True)
+
+    with tempfile.TemporaryDirectory() as folder:
+        head_path, head = save_head(hidden, folder)
+        record("engine, prefix sharing", run_engine(args, dialogs, head_path, True))
+        record("engine, no prefix sharing", run_engine(args, dialogs, head_path, False))
+    if not args.skip_hf:
+        record("transformers", run_hf(args, dialogs, head))
     report = {"date": datetime.date.today().isoformat(), "machine": cpu_model(),
               "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
               "torch": torch.__version__, "device": "cpu",
