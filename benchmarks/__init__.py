@@ -19,6 +19,8 @@ COMMANDS = {
                 "time to the first token (LLM, serve) beside llama.cpp"),
     "agents": ("agents", "add_arguments", "run",
                "an agent turn's step breakdown and the code interpreter's cold and warm calls"),
+    "synthetic-data": ("synthetic_data", "add_arguments", "run",
+                       "prompts x k samples scored by a reward model, against transformers"),
 }
 
 

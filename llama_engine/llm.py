@@ -16,7 +16,8 @@ class LLM:
     """Load a model (``None``: the default SmolLM2-135M-Instruct GGUF) and generate.
 
     Keyword arguments go to ``EngineConfig`` (block_size, kv_cache_bytes, max_num_seqs,
-    max_num_batched_tokens, max_model_len, enable_prefix_caching, dtype, dequantize, device).
+    max_num_batched_tokens, max_model_len, enable_prefix_caching, dtype, dequantize, device,
+    score_head).
     """
 
     def __init__(self, model: str | None = None, **engine_kwargs):
@@ -53,6 +54,13 @@ class LLM:
                 if out.finished:
                     done[out.request_id] = out
         return [done[r.request_id] for r in requests]
+
+    def reward(self, prompts: Prompt | Seq[Prompt]) -> list[RequestOutput]:
+        """Score prompts with a reward model (``LLM(model=..., score_head=...)`` or an HF
+        LlamaForSequenceClassification folder), as vLLM's ``LLM.reward``: each prompt is
+        prefilled, nothing is sampled, and ``RequestOutput.score`` is the score head's
+        output at its last token. Prompts sharing a prefix share its KV blocks."""
+        return self.generate(prompts, SamplingParams(max_tokens=0))
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | None = None,

@@ -25,3 +25,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # SamplingParams.prompt_logprobs: {token id: logprob} per prompt token, None for the first
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # Reward models: the score head's output at the prompt's last token (HF
+    # LlamaForSequenceClassification's logit); None for a generative model
+    score: float | None = None

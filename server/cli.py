@@ -25,6 +25,7 @@ DEFAULT_PORT = 8321
 DEFAULT_MAX_WAITING = 256
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
 API_KEY_ENV = "LLAMA_ENGINE_API_KEY"
+REWARD_MODEL_ALIAS = "llama3_405b_reward"  # the spec's RewardModel name
 GIB = 1 << 30
 LOG = logging.getLogger("server")
 
@@ -33,6 +34,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", metavar="[ID=]PATH", default=None,
                         help="GGUF file or HF folder to serve (repeatable), optionally with its id "
                              "(default id: the file or folder name); default model: SmolLM2-135M")
+    parser.add_argument("--reward-model", metavar="[ID=]PATH", default=None,
+                        help="a reward model to serve beside the models: an HF "
+                             "LlamaForSequenceClassification folder, or a GGUF file or causal-LM "
+                             "folder with --reward-head; it also answers to "
+                             f"{REWARD_MODEL_ALIAS}")
+    parser.add_argument("--reward-head", metavar="FILE", default=None,
+                        help="safetensors file holding score.weight [1, hidden_size], the reward "
+                             "head put on --reward-model")
     parser.add_argument("--alias", action="append", metavar="NAME=ID", default=[],
                         help="extra name for a model id, e.g. llama3_8b_chat=SmolLM2-135M-Instruct.Q4_1")
     parser.add_argument("--host", default=DEFAULT_HOST)
@@ -96,15 +105,20 @@ def split_model_argument(value: Optional[str]) -> tuple[Optional[str], Optional[
     return None, value
 
 
-def load_model(args: argparse.Namespace, model_id: Optional[str], path: Optional[str]) -> ServedModel:
-    """One engine on ``path`` (None: the default model) with the command line's engine settings."""
+def load_model(args: argparse.Namespace, model_id: Optional[str], path: Optional[str],
+               score_head: Optional[str] = None) -> ServedModel:
+    """One engine on ``path`` (None: the default model) with the command line's engine
+    settings; ``score_head`` (a head file) makes it a reward model."""
     from llama_engine.engine.async_engine import AsyncLLMEngine
     from llama_engine.engine.llm_engine import EngineConfig
     from llama_engine.loader import default_model_path
 
     max_running = args.max_running or args.max_num_seqs or EngineConfig.max_num_seqs
-    engine = AsyncLLMEngine.from_model(path, **engine_kwargs(args))
-    model_id = model_id or engine.model_id
+    head = {"score_head": score_head} if score_head else {}
+    engine = AsyncLLMEngine.from_model(path, **head, **engine_kwargs(args))
+    if model_id is None:  # a head on a served model's file must not take that model's id
+        model_id = (f"{engine.model_id}+{os.path.basename(score_head)}" if score_head
+                    else engine.model_id)
     LOG.info("loaded model %s from %s (context %d tokens)", model_id, path or "the default",
              engine.max_model_len)
     return ServedModel(model_id, engine, max_running=max_running, max_waiting=args.max_waiting,
@@ -115,6 +129,14 @@ def load_registry(args: argparse.Namespace) -> ModelRegistry:
     registry = ModelRegistry()
     for value in args.model or [None]:
         registry.add(load_model(args, *split_model_argument(value)))
+    if args.reward_head is not None and args.reward_model is None:
+        raise SystemExit("--reward-head needs --reward-model (the model it goes on)")
+    if args.reward_model is not None:
+        model_id, path = split_model_argument(args.reward_model)
+        reward = load_model(args, model_id, path, score_head=args.reward_head)
+        registry.add(reward)
+        if REWARD_MODEL_ALIAS not in [alias.partition("=")[0] for alias in args.alias]:
+            registry.add_alias(REWARD_MODEL_ALIAS, reward.model_id)
     for mapping in args.alias:
         alias, sep, model_id = mapping.partition("=")
         if not sep or not alias or not model_id:

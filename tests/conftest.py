@@ -36,9 +36,10 @@ def default_llm():
 
 
 def make_tiny_llama(folder: str, seed: int = 0, tie: bool = False,
-                    llama3_scaling: bool = True) -> str:
+                    llama3_scaling: bool = True, reward_model: bool = False) -> str:
     """Save a tiny random Llama (GQA, optional llama3 rope scaling) with transformers, and
-    the SmolLM2 tokenizer beside it, as a real HF checkpoint folder."""
+    the SmolLM2 tokenizer beside it, as a real HF checkpoint folder; ``reward_model``: a
+    LlamaForSequenceClassification with num_labels 1 (a score head) instead of an LM head."""
     import transformers
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
@@ -49,7 +50,10 @@ def make_tiny_llama(folder: str, seed: int = 0, tie: bool = False,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
         if llama3_scaling else None,
     )
-    model = transformers.LlamaForCausalLM(config)
+    if reward_model:
+        config.num_labels = 1
+    model = (transformers.LlamaForSequenceClassification if reward_model
+             else transformers.LlamaForCausalLM)(config)
     with torch.no_grad():  # larger weights than the default init, so logits are not flat
         for p in model.parameters():
             p.mul_(4.0)

@@ -63,6 +63,7 @@ def test_no_leaks_no_double_use(actions, num_blocks, prefix):
                     if s.seq.num_tokens >= 40:
                         sched.finish(s.seq)
                         live.remove(s.seq)
+            assert bm.in_flight == {}, "a committed step leaves no block in flight"
         check_invariants(bm, [s for s in live if s.status != SequenceStatus.FINISHED])
     for seq in live:
         sched.finish(seq)
@@ -106,3 +107,27 @@ def test_copy_on_write_for_shared_partial_block():
     assert child.block_table[0] == parent.block_table[0]
     assert bm.blocks[parent.block_table[1]].ref_count == 1
     assert bm.allocate(parent, 1) == []  # the parent now owns its block alone
+
+
+def test_a_sequence_whose_next_block_is_being_computed_waits_a_step_and_shares_it():
+    bm = BlockManager(32, BLOCK)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    shared = list(range(10))  # two full blocks and a partial one
+    first, second = (Sequence("r", 0, shared + [20 + i], SamplingParams(), 0.0) for i in range(2))
+    other = Sequence("r", 0, [7] * 9, SamplingParams(), 0.0)
+    for seq in (first, second, other):
+        sched.add(seq)
+    step = sched.schedule()
+    assert [s.seq for s in step.scheduled] == [first, other]  # second waits, keeping its place
+    assert list(sched.waiting) == [second] and not second.block_table
+    for s in step.scheduled:
+        s.seq.num_computed_tokens += s.num_tokens
+        bm.commit(s.seq)
+    first_blocks = list(first.block_table)
+    for seq in (first, other):
+        sched.finish(seq)  # done: its blocks stay findable in the prefix cache
+    step = sched.schedule()
+    assert [s.seq for s in step.scheduled] == [second]
+    assert second.num_cached_tokens == 2 * BLOCK
+    assert second.block_table[:2] == first_blocks[:2]
+    assert step.scheduled[0].num_tokens == len(shared) + 1 - 2 * BLOCK

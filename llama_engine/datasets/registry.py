@@ -102,12 +102,31 @@ class DatasetRegistry:
         if self._find(uuid) is not None:
             raise DatasetExistsError(f"dataset {uuid!r} already exists")
         content, rows = load_checked_rows(columns, content_url, self.max_bytes, self.timeout_s)
+        return self._register(uuid, columns, content, len(rows), content_url, metadata)
+
+    def create_from_rows(self, uuid: str, columns: dict[str, str], rows: list[dict],
+                         metadata: dict[str, Any]) -> DatasetRecord:
+        """Register rows made on this server (synthetic data) as a JSONL dataset; its
+        content_url is the file:// URL of the kept copy. Raises DatasetExistsError, or
+        DatasetValidationError when a row does not fit ``columns``."""
+        if self._find(uuid) is not None:
+            raise DatasetExistsError(f"dataset {uuid!r} already exists")
+        check_columns(rows, columns)
+        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+        return self._register(uuid, columns, Content(data, "rows.jsonl", ""), len(rows), None,
+                              metadata)
+
+    def _register(self, uuid: str, columns: dict[str, str], content: Content, num_rows: int,
+                  content_url: str | None, metadata: dict[str, Any]) -> DatasetRecord:
+        """Keep a durable copy of ``content`` and insert the record (content_url None: the
+        copy's own file:// URL)."""
         fmt = detect_format(content)
         stem = hashlib.sha256(uuid.encode()).hexdigest()[:16] + "-" + secrets.token_hex(4)
         relative = Path(CONTENT_DIR) / f"{stem}.{fmt}"
         _write_durably(self.state_dir / relative, content.data)
+        content_url = content_url or (self.state_dir / relative).resolve().as_uri()
         record = DatasetRecord(uuid, dict(columns), content_url, dict(metadata),
-                               self.state_dir / relative, fmt, len(rows), time.time())
+                               self.state_dir / relative, fmt, num_rows, time.time())
         try:
             with self._lock:
                 self._db.execute(

@@ -50,6 +50,10 @@ class AsyncLLMEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def is_reward_model(self) -> bool:
+        return self.engine.is_reward_model
+
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
 

@@ -7,6 +7,11 @@ sequence's adapter, so keys and values computed under one LoRA adapter are never
 to another or to the base model. Blocks whose last user is gone stay findable until they
 are reused; the free list hands out the least recently freed block first, so cached
 prefixes are evicted LRU.
+
+A full block being computed in this step (allocated, not yet committed) is "in flight":
+``prefix_in_flight`` tells the scheduler that a waiting sequence would recompute it, so the
+sequence can wait one step and find it cached (SGLang's in-batch prefix caching). This is
+what lets k replies to one prompt, submitted together, share the prompt's KV blocks.
 """
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ class BlockManager:
         self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # chain hash -> block id
         self.block_hashes: dict[int, list[int]] = {}  # seq id -> hashes of its full blocks
+        self.in_flight: dict[int, int] = {}  # chain hash -> seq id filling that block this step
+        self.in_flight_by_seq: dict[int, list[int]] = {}  # seq id -> its in-flight hashes
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of those, found cached
 
@@ -84,6 +91,19 @@ class BlockManager:
         self.block_hashes[seq.seq_id] = hashes
         seq.num_computed_tokens = seq.num_cached_tokens = len(hashes) * self.block_size
 
+    def prefix_in_flight(self, seq: Sequence) -> bool:
+        """True when the first full block ``seq`` still has to compute (after its matched
+        prefix) is being filled by another sequence in this step; call after match_prefix."""
+        if not self.in_flight:
+            return False
+        hashes = self.block_hashes.get(seq.seq_id, [])
+        i = len(hashes)
+        if i >= (seq.num_tokens - 1) // self.block_size:
+            return False
+        tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+        h = chain_hash(hashes[-1] if hashes else chain_root(seq.lora_int_id), tokens)
+        return self.in_flight.get(h, seq.seq_id) != seq.seq_id
+
     def count_lookup(self, seq: Sequence) -> None:
         """Account a sequence admitted to run: its tokens looked up, and those found."""
         if self.enable_prefix_caching:
@@ -106,7 +126,26 @@ class BlockManager:
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         for _ in range(needed):
             seq.block_table.append(self._take_free())
+        if self.enable_prefix_caching:
+            self._mark_in_flight(seq, seq.num_computed_tokens + num_new_tokens)
         return copies
+
+    def _mark_in_flight(self, seq: Sequence, end: int) -> None:
+        """Record the hashes of the full blocks this step fills for ``seq`` (tokens up to
+        ``end``) that no block holds yet; commit or free clears them."""
+        hashes = self.block_hashes.setdefault(seq.seq_id, [])
+        parent = hashes[-1] if hashes else chain_root(seq.lora_int_id)
+        mine = self.in_flight_by_seq.setdefault(seq.seq_id, [])
+        for i in range(len(hashes), end // self.block_size):
+            parent = chain_hash(parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
+            if parent not in self.cached and parent not in self.in_flight:
+                self.in_flight[parent] = seq.seq_id
+                mine.append(parent)
+
+    def _clear_in_flight(self, seq_id: int) -> None:
+        for h in self.in_flight_by_seq.pop(seq_id, []):
+            if self.in_flight.get(h) == seq_id:
+                del self.in_flight[h]
 
     def commit(self, seq: Sequence) -> None:
         """Register the sequence's newly filled blocks in the prefix cache."""
@@ -122,6 +161,7 @@ class BlockManager:
             if block.hash is NO_HASH and h not in self.cached:
                 block.hash, block.token_ids = h, tokens
                 self.cached[h] = block.block_id
+        self._clear_in_flight(seq.seq_id)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent."""
@@ -136,6 +176,7 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         self.block_hashes.pop(seq.seq_id, None)
+        self._clear_in_flight(seq.seq_id)
 
     def _blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)

@@ -48,6 +48,7 @@ def gpu_kv_cache_budget(free: int, total: int, reserved: int, utilization: float
 @dataclass
 class EngineConfig:
     model: str | None = None  # GGUF file or HF folder; None = the default SmolLM2
+    score_head: str | None = None  # reward head file (score.weight) for a GGUF / causal-LM model
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
     dequantize: bool = False  # unpack GGUF block formats instead of running them packed
     device: str = "auto"
@@ -72,6 +73,7 @@ class Request:
     # With params.prompt_logprobs: one entry per prompt token (None for the first, which
     # nothing predicts), filled in as the prefill computes them.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    score: float | None = None  # reward models: the score at the prompt's last token
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
@@ -94,13 +96,15 @@ class LLMEngine:
         if dtype_name not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or auto, got {dtype_name!r}")
         self.dtype = DTYPES[dtype_name]
-        loaded = load_model(config.model, self.dtype, config.dequantize)
+        loaded = load_model(config.model, self.dtype, config.dequantize, config.score_head)
         self.model_id = loaded.name
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         # Packed weights are not nn.Parameters, so they move here rather than by Module.to.
         weights = {name: w.to(self.device) for name, w in loaded.weights.items()}
         self.model = Llama(loaded.config, weights).to(self.device)
+        # A reward model scores prompts (max_tokens=0 requests) and generates nothing.
+        self.is_reward_model = self.model.score is not None
         del weights
         del loaded
         _return_freed_memory()
@@ -158,6 +162,8 @@ class LLMEngine:
                                              f"token ids must be integers in [0, {vocab})")
         if not ids:
             raise RequestValidationError("prompt", "must not be empty")
+        if self.is_reward_model:
+            self._check_scoring(params)
         self._check_context(len(ids), params.max_tokens)
         vocab = self.model_config.vocab_size
         outside = [t for t in params.logit_bias or {} if t >= vocab]
@@ -167,6 +173,14 @@ class LLMEngine:
         grammar = (self.structured.matcher(params.structured_outputs)
                    if params.structured_outputs is not None else None)
         return Request(request_id, text, ids, params, grammar=grammar)
+
+    def _check_scoring(self, params: SamplingParams) -> None:
+        """A reward model's request scores its prompt: max_tokens=0, one sample, no logprobs
+        (its head gives a score, not a distribution over the vocabulary)."""
+        if params.max_tokens != 0 or params.n != 1 or params.prompt_logprobs is not None:
+            raise RequestValidationError(
+                "model", f"{self.model_id!r} is a reward model: it scores prompts "
+                         "(max_tokens=0, n=1, no prompt_logprobs) and does not generate")
 
     def _check_context(self, prompt_tokens: int, max_tokens: int | None) -> None:
         limit = self.max_model_len
@@ -238,6 +252,8 @@ class LLMEngine:
             if do_sample:
                 for seq in self._fork_if_first_token(s.seq):
                     if seq.params.max_tokens == 0:  # the prompt only: score it, generate nothing
+                        if self.is_reward_model:  # the score head's output at the last token
+                            self.requests[seq.request_id].score = logits[row, 0].item()
                         self._finish(seq, "length", None)
                         touched[seq.request_id] = self.requests[seq.request_id]
                     else:
@@ -353,7 +369,7 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              outputs, finished, request.seqs[0].num_cached_tokens,
                              None if request.prompt_logprobs is None
-                             else list(request.prompt_logprobs))
+                             else list(request.prompt_logprobs), request.score)
 
     def stats(self) -> dict[str, float]:
         bm = self.block_manager

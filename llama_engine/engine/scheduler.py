@@ -10,6 +10,8 @@ nothing starves and nothing is lost).
 LoRA: the running sequences use at most ``max_loras`` distinct adapters (the device holds
 that many at once), as in vLLM: a waiting sequence whose adapter would be one too many is
 passed over, keeping its place in the queue, until a running adapter's sequences finish.
+Likewise a waiting sequence whose next prompt block another sequence is computing in this
+step waits one step, then finds that block in the prefix cache.
 """
 from __future__ import annotations
 
@@ -123,6 +125,12 @@ class Scheduler:
             # prefix found in the cache would skip.
             if not seq.block_table and seq.params.prompt_logprobs is None:
                 self.blocks.match_prefix(seq)
+                if self.blocks.prefix_in_flight(seq):
+                    # A sequence of this step is computing its next prompt block: wait a
+                    # step and take it from the prefix cache instead of computing it again.
+                    self.blocks.free(seq)
+                    passed_over.append(self.waiting.popleft())
+                    continue
             num = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_allocate(seq, num):
                 break

@@ -47,6 +47,10 @@ PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_KEY = re.compile(r"base_model\.model\.(?:model\.)?layers\.(\d+)\.(\w+)\.(\w+)\."
                       r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
 GGUF_KEY = re.compile(r"blk\.(\d+)\.(\w+)\.weight\.(lora_a|lora_b)")
+# A reward adapter (PEFT task_type SEQ_CLS) also saves the classification head it trained:
+# PEFT's default modules_to_save for that task, and the head's key.
+SCORE_MODULES = ("classifier", "score")
+PEFT_SCORE_KEY = "base_model.model.score.weight"
 # PEFT options that change what the adapter computes in ways this engine does not run:
 # option -> the value that means "off".
 UNSUPPORTED_PEFT_OPTIONS = {
@@ -145,9 +149,13 @@ def resolve_dora(adapter: LoRAAdapter, base_weight: Callable[[int, str], torch.T
 
 # ------------------------------------------------------------------------------ PEFT
 
-def _read_peft(folder: str, config: ModelConfig) -> dict[tuple[int, str], LoRAWeights]:
-    options = _read_peft_config(folder)
-    tensors = _read_peft_tensors(folder)
+def _read_peft(folder: str, config: ModelConfig,
+               tensors: dict[str, torch.Tensor] | None = None,
+               allow_score_head: bool = False) -> dict[tuple[int, str], LoRAWeights]:
+    """The LoRA weights of a PEFT folder (``tensors``: its tensors, already read, without
+    any score head)."""
+    options = _read_peft_config(folder, allow_score_head)
+    tensors = _read_peft_tensors(folder) if tensors is None else tensors
     use_dora = bool(options.get("use_dora"))
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -188,7 +196,24 @@ def _read_peft(folder: str, config: ModelConfig) -> dict[tuple[int, str], LoRAWe
     return weights
 
 
-def _read_peft_config(folder: str) -> dict:
+def read_peft_reward_adapter(folder: str, config: ModelConfig
+                             ) -> tuple[dict[tuple[int, str], LoRAWeights], torch.Tensor]:
+    """A PEFT reward adapter (LoRA plus the score head it trained, ``modules_to_save``
+    within classifier / score): its LoRA weights and ``score.weight`` [num_labels, hidden].
+    Raises AdapterLoadError as ``load_lora_adapter`` does, or when the head is missing."""
+    tensors = dict(_read_peft_tensors(folder))
+    score = tensors.pop(PEFT_SCORE_KEY, None)
+    if score is None:
+        raise AdapterLoadError(f"{folder}: no '{PEFT_SCORE_KEY}' (a reward adapter saves its "
+                               "score head with modules_to_save)")
+    weights = _read_peft(folder, config, tensors, allow_score_head=True)
+    shapes = projection_shapes(config)
+    for (layer, proj), w in weights.items():
+        _check_fits(folder, layer, proj, w, shapes[proj], max_rank=w.rank)
+    return weights, score.float()
+
+
+def _read_peft_config(folder: str, allow_score_head: bool = False) -> dict:
     path = os.path.join(folder, "adapter_config.json")
     if not os.path.exists(path):
         raise AdapterLoadError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
@@ -204,6 +229,8 @@ def _read_peft_config(folder: str) -> dict:
         raise AdapterLoadError(f"{path}: peft_type '{peft_type}' is not supported (LORA only)")
     for option, off in UNSUPPORTED_PEFT_OPTIONS.items():
         value = options.get(option, off)
+        if allow_score_head and option == "modules_to_save" and set(value or ()) <= set(SCORE_MODULES):
+            continue
         if value not in (off, [], {}, None, False):
             raise AdapterLoadError(f"{path}: '{option}' = {value!r} is not supported: the "
                                    "engine serves LoRA weights on the decoder projections only")

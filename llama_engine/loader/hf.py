@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from llama_engine.config import ModelConfig, RopeScaling
-from llama_engine.loader import LoadedModel, ModelLoadError
+from llama_engine.loader import LoadedModel, ModelLoadError, check_score_head
 
 SUPPORTED_MODEL_TYPES = {"llama"}
 
@@ -21,7 +21,7 @@ LAYER_TENSORS = {
     "mlp.down_proj.weight": "w_down",
 }
 GLOBAL_TENSORS = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm",
-                  "lm_head.weight": "lm_head"}
+                  "lm_head.weight": "lm_head", "score.weight": "score"}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -98,5 +98,7 @@ def load_hf(folder: str, dtype: torch.dtype) -> LoadedModel:
             raise ModelLoadError(f"{path}: cannot read safetensors: {e}") from e
     if "lm_head" in weights and config.tie_word_embeddings:
         del weights["lm_head"]
+    if "score" in weights:  # LlamaForSequenceClassification: a reward model
+        check_score_head(weights["score"], config, f"{folder}: score.weight")
     name = os.path.basename(os.path.normpath(folder))
     return LoadedModel(name, config, weights, Tokenizer.from_pretrained(folder))

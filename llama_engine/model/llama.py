@@ -1,5 +1,6 @@
 """The Llama model, whole, in one file: GQA attention, RoPE (llama3 scaling), SwiGLU,
-RMSNorm, tied or untied output head.
+RMSNorm, tied or untied output head, or a ``score`` head instead (a reward model, HF
+``LlamaForSequenceClassification``).
 
 The decoder layer is written out step by step as in gpt-fast: norm, fused QKV projection,
 RoPE, attend, output projection, norm, fused gate/up projection, SiLU-and-multiply, down
@@ -197,7 +198,11 @@ class Llama(nn.Module):
             DecoderLayer(config, _layer_weights(weights, i), i)
             for i in range(config.num_layers))
         self.norm = RMSNorm(weights["norm"], config.rms_norm_eps)
-        if config.tie_word_embeddings:  # one tensor for both (a parameter stays shared)
+        # A sequence classifier (reward model) has a score head [num_labels, C] and no LM head.
+        self.score = Linear(weights["score"]) if "score" in weights else None
+        if self.score is not None:
+            self.lm_head = None
+        elif config.tie_word_embeddings:  # one tensor for both (a parameter stays shared)
             self.lm_head = Linear(weights["embed"])
             if self.embed.table.weight is not None:
                 self.lm_head.weight = self.embed.table.weight
@@ -216,7 +221,10 @@ class Llama(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """hidden [N, C] -> float32 [N, vocab] next-token logits; for a reward model [N,
+        num_labels] scores, what HF ``LlamaForSequenceClassification`` calls its logits."""
+        head = self.lm_head if self.score is None else self.score
+        return head(hidden).float()
 
 
 def _layer_weights(weights: dict[str, Weight], i: int) -> dict[str, Weight]:

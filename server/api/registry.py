@@ -29,6 +29,10 @@ class EngineClient(Protocol):
     @property
     def max_model_len(self) -> int: ...
 
+    @property
+    def is_reward_model(self) -> bool:
+        """A reward model scores prompts (max_tokens=0 requests) and generates nothing."""
+
     def make_request(self, request_id: str, prompt: list[int],
                      sampling_params: "SamplingParams") -> "Request":
         """Validate without starting; raises RequestValidationError naming the field."""
@@ -65,6 +69,10 @@ class ServedModel:
         return self.engine.max_model_len
 
     @property
+    def is_reward_model(self) -> bool:
+        return self.engine.is_reward_model
+
+    @property
     def tool_format(self) -> ToolCallFormat:
         return tool_format_for(self.tokenizer.chat_template or "")
 
@@ -73,14 +81,15 @@ class ServedModel:
         return self.max_running + self.max_waiting
 
     @contextlib.contextmanager
-    def admit(self, sequences: int) -> Iterator[None]:
+    def admit(self, sequences: int, field: str = "n") -> Iterator[None]:
         """Hold `sequences` slots while a request runs. Past the running batch plus the
         waiting queue, refuse at once (503) rather than queue without bound; requests
-        already admitted are unaffected."""
+        already admitted are unaffected. A request larger than the whole capacity is a 400
+        naming `field` (what sets its number of sequences)."""
         if sequences > self.capacity:
-            raise APIError(f"request asks for {sequences} sequences but this server admits at most "
-                           f"{self.capacity} at once for model {self.model_id!r}", param="n",
-                           status=400)
+            raise APIError(f"{field}: request asks for {sequences} sequences but this server admits "
+                           f"at most {self.capacity} at once for model {self.model_id!r}",
+                           param=field, status=400)
         if self.in_flight + sequences > self.capacity:
             raise ServerBusyError(
                 f"model {self.model_id!r} is at capacity ({self.in_flight} sequences running "
@@ -132,6 +141,42 @@ class ModelRegistry:
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
+
+    def resolve_generator(self, name: Optional[str], field: str) -> ServedModel:
+        """The generative model ``name`` (None: the first one served). Raises
+        ModelNotFoundError, or APIError naming ``field`` for a reward model."""
+        if name is None:
+            found = [m for m in self._models.values() if not m.is_reward_model]
+            if not found:
+                raise APIError(f"{field}: this server serves no generative model", param=field)
+            return found[0]
+        model = self._resolve_as(name, field)
+        if model.is_reward_model:
+            raise APIError(f"{field}: {name!r} is a reward model; it scores, it does not "
+                           "generate", param=field)
+        return model
+
+    def resolve_reward_model(self, name: Optional[str], field: str) -> ServedModel:
+        """The reward model ``name`` (None: the one served, when there is exactly one).
+        Raises ModelNotFoundError naming ``field``, or APIError for a generative model."""
+        rewards = [m for m in self._models.values() if m.is_reward_model]
+        if name is None:
+            if len(rewards) != 1:
+                raise APIError(f"{field}: name the reward model; this server serves "
+                               f"{len(rewards)} (start it with --reward-model PATH)", param=field)
+            return rewards[0]
+        model = self._resolve_as(name, field)
+        if not model.is_reward_model:
+            served = ", ".join(m.model_id for m in rewards) or "none (start with --reward-model)"
+            raise APIError(f"{field}: {name!r} is not a reward model; reward models: {served}",
+                           param=field)
+        return model
+
+    def _resolve_as(self, name: str, field: str) -> ServedModel:
+        try:
+            return self.resolve(name)
+        except ModelNotFoundError as e:
+            raise ModelNotFoundError(f"{field}: {e.message.partition(': ')[2]}", param=field) from None
 
     @property
     def default(self) -> ServedModel:

@@ -27,6 +27,8 @@ from server.api.inference import InferenceService
 from server.api.memory_banks import MemoryBanksService
 from server.api.openai_compat import OpenAIService
 from server.api.registry import ModelRegistry, ServedModel
+from server.api.reward_scoring import RewardScoringService
+from server.api.synthetic_data import SyntheticDataService
 from server.http.metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
 from server.http.openapi import build_openapi
 from server.http.routing import JSON_CONTENT_TYPE, JSONL_CONTENT_TYPE, Route
@@ -38,6 +40,7 @@ from server.schemas import post_training as pt
 from server.schemas.common import HealthResponse
 from server.schemas import memory_banks as mb
 from server.schemas import openai as oa
+from server.schemas import synthetic_data as sd
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a prompt filling a 128k context is ~0.5 MB of text
 MAX_JSON_DEPTH_MESSAGE = "body: JSON is nested too deeply"
@@ -243,6 +246,20 @@ def post_training_routes(service: PostTrainingService) -> list[Route]:
     ]
 
 
+def synthetic_data_routes(scoring: RewardScoringService,
+                          generation: SyntheticDataService) -> list[Route]:
+    return [
+        Route("/reward_scoring/score", "Score each dialog's k generations with a reward model "
+              "(prefill-only requests; the scores are the score head at each reply's last "
+              "token), in request order.", "RewardScoring", sd.RewardScoringRequest,
+              sd.RewardScoringResponse, scoring.score),
+        Route("/synthetic_data_generation/generate", "Sample k generations per prompt, score "
+              "them with a reward model, filter them; optionally save the kept data as a "
+              "dataset.", "SyntheticDataGeneration", sd.SyntheticDataGenerationRequest,
+              sd.SyntheticDataGenerationResponse, generation.generate, errors=(409,)),
+    ]
+
+
 def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               state_dir: Optional[Path] = None,
@@ -264,6 +281,7 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     datasets = DatasetRegistry(state_dir)
     jobs = JobManager(state_dir)
     inference = InferenceService(registry, runner)
+    scoring = RewardScoringService(registry, runner)
     agent_options = agent_options or AgentOptions()
     tools = BuiltinTools(agent_options.tools, agent_options.code_interpreter_factory(state_dir))
     chat = ServerChatInference(inference)
@@ -272,7 +290,9 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     routes = (inference_routes(inference, openai)
               + memory_bank_routes(memory) + datasets_routes(DatasetsService(datasets))
               + post_training_routes(PostTrainingService(jobs, datasets, registry.model_path))
-              + agentic_system_routes(agents))
+              + agentic_system_routes(agents)
+              + synthetic_data_routes(scoring, SyntheticDataService(registry, runner, scoring,
+                                                                    datasets)))
 
     async def start_jobs(app: web.Application) -> None:
         jobs.start()

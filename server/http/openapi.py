@@ -118,7 +118,9 @@ def _restrict_model_names(schemas: dict[str, Any], model_names: list[str]) -> No
         model_field = schema.get("properties", {}).get("model")
         if (model_field is not None and schema.get("title", "").endswith("Request")
                 and "enum" not in model_field):  # a route that names its own models keeps them
-            model_field["enum"] = model_names
+            # An optional model (null: the server's default) lists the names on its string branch.
+            strings = [b for b in model_field.get("anyOf", []) if b.get("type") == "string"]
+            (strings[0] if strings else model_field)["enum"] = model_names
 
 
 def build_openapi(routes: list[Route], model_names: list[str], requires_auth: bool) -> dict[str, Any]:

@@ -1,0 +1,199 @@
+"""Synthetic data generation end to end: P prompts x k samples on the default model, each
+sample scored by a reward model (the default model with a seeded random reward head), on
+llama-engine with and without prefix sharing, and on HF transformers (``generate`` with
+``num_return_sequences=k``, then ``LlamaForSequenceClassification`` on the same weights and
+head) in the same run. Reports generations/s and scored generations/s (generation plus
+scoring) and the ratio against transformers.
+
+With prefix sharing: the k samples of a prompt are one request with n = k (forked from one
+prefill) and the reward model's prefix cache shares each prompt's tokens among its k
+replies. Without: k separate requests per prompt and no prefix cache on either engine.
+Every sample is exactly --max-tokens long (EOS ignored; transformers ``min_new_tokens``),
+so both sides do the same work.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.throughput import cpu_model
+
+TOPICS = ["the moon", "bread", "rain", "volcanoes", "chess", "bees", "trains", "glass",
+          "coffee", "whales", "maps", "tea", "bridges", "salt", "owls", "clocks"]
+QUESTIONS = ["Explain in two sentences how {t} works.", "Give three facts about {t}."]
+HEAD_SEED = 0
+HEAD_STD = 0.02  # transformers' initializer_range, as our reward training starts from
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("-k", type=int, default=8, help="samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per sample")
+    p.add_argument("--hf-prompts-per-batch", type=int, default=4,
+                   help="transformers: prompts per generate call (x k sequences)")
+    p.add_argument("--hf-score-batch", type=int, default=32)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", default=None)
+
+
+def prompts(n: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": QUESTIONS[i % 2].format(t=TOPICS[(i // 2) % len(TOPICS)])}]
+            for i in range(n)]
+
+
+def save_head(hidden_size: int, folder: str) -> tuple[str, torch.Tensor]:
+    from safetensors.torch import save_file
+    head = torch.randn(1, hidden_size, generator=torch.Generator().manual_seed(HEAD_SEED)) * HEAD_STD
+    path = os.path.join(folder, "score.safetensors")
+    save_file({"score.weight": head}, path)
+    return path, head
+
+
+def run_engine(args, dialogs, head_path: str, share_prefix: bool) -> dict:
+    from llama_engine import LLM, SamplingParams
+    from llama_engine.synthetic_data import reply_token_ids
+    policy = LLM(enable_prefix_caching=share_prefix)
+    reward = LLM(score_head=head_path, enable_prefix_caching=share_prefix)
+    tok = policy.get_tokenizer()
+    prompt_ids = [tok.apply_chat_template(d, add_generation_prompt=True) for d in dialogs]
+    policy.generate(prompt_ids[:1], SamplingParams(max_tokens=4))  # warm-up
+    reward.reward(prompt_ids[:1])
+    params = dict(temperature=0.7, top_p=0.95, max_tokens=args.max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    if share_prefix:
+        outs = policy.generate(prompt_ids, SamplingParams(n=args.k, seed=args.seed, **params))
+        replies = [[o.text for o in out.outputs] for out in outs]
+    else:
+        flat = [p for p in prompt_ids for _ in range(args.k)]
+        seeds = [SamplingParams(seed=args.seed * 1000 + i, **params) for i in range(len(flat))]
+        outs = policy.generate(flat, seeds)
+        replies = [[outs[i * args.k + j].outputs[0].text for j in range(args.k)]
+                   for i in range(len(dialogs))]
+    generated = time.perf_counter()
+    scored = reward.reward([reply_token_ids(tok, d, r) for d, rs in zip(dialogs, replies) for r in rs])
+    done = time.perf_counter()
+    scored_tokens = sum(len(o.prompt_token_ids) for o in scored)
+    return {"generation_s": generated - start, "scoring_s": done - generated,
+            "tokens_generated": sum(len(o.token_ids) for out in outs for o in out.outputs),
+            "scored_tokens": scored_tokens,
+            "prefix_cache_hit_rate": sum(o.num_cached_tokens for o in scored) / scored_tokens}
+
+
+def run_hf(args, dialogs, head: torch.Tensor) -> dict:
+    import transformers
+    from llama_engine.loader import default_model_path
+    from llama_engine.synthetic_data import reply_token_ids
+    from llama_engine.tokenizer import Tokenizer
+    folder, name = os.path.split(default_model_path())
+    causal = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                               dtype=torch.float32).eval()
+    config = causal.config
+    config.num_labels = 1
+    scorer = transformers.LlamaForSequenceClassification(config).eval()
+    scorer.model = causal.model  # the same decoder, with the reward head on top
+    with torch.no_grad():
+        scorer.score.weight.copy_(head)
+    tok = Tokenizer.from_gguf(default_model_path())
+    pad = tok.eos_token_id
+    scorer.config.pad_token_id = pad
+    prompt_ids = [tok.apply_chat_template(d, add_generation_prompt=True) for d in dialogs]
+    torch.manual_seed(args.seed)
+    _generate(causal, prompt_ids[:1], 1, 4, pad)  # warm-up, as the engine gets
+    start = time.perf_counter()
+    replies, tokens = [], 0
+    size = args.hf_prompts_per_batch
+    for i in range(0, len(prompt_ids), size):
+        batch = _generate(causal, prompt_ids[i:i + size], args.k, args.max_tokens, pad)
+        tokens += sum(len(r) for r in batch)
+        replies += [[tok.decode(r, skip_special_tokens=True) for r in batch[j * args.k:(j + 1) * args.k]]
+                    for j in range(len(batch) // args.k)]
+    generated = time.perf_counter()
+    sequences = [reply_token_ids(tok, d, r) for d, rs in zip(dialogs, replies) for r in rs]
+    for i in range(0, len(sequences), args.hf_score_batch):
+        _score(scorer, sequences[i:i + args.hf_score_batch], pad)
+    done = time.perf_counter()
+    return {"generation_s": generated - start, "scoring_s": done - generated,
+            "tokens_generated": tokens, "scored_tokens": sum(len(s) for s in sequences)}
+
+
+def _generate(model, prompts: list[list[int]], k: int, new_tokens: int, pad: int) -> list[list[int]]:
+    """k sampled continuations per prompt (left padding), each exactly new_tokens long."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7,
+                             top_p=0.95, top_k=0, num_return_sequences=k, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=pad)
+    return out[:, width:].tolist()
+
+
+def _score(model, sequences: list[list[int]], pad: int) -> list[float]:
+    """Right-padded batch; transformers reads each row at its last non-pad token."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(sequences):
+        ids[row, :len(s)] = torch.tensor(s)
+        mask[row, :len(s)] = 1
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask).logits[:, 0].tolist()
+
+
+def run(args: argparse.Namespace) -> dict:
+    from llama_engine.loader import load_model
+    hidden = load_model(None).config.hidden_size
+    dialogs = prompts(args.num_prompts)
+    samples = args.num_prompts * args.k
+    results: dict[str, dict] = {}
+
+    def record(name: str, r: dict) -> None:  # printed as each run ends: a long run shows progress
+        total = r["generation_s"] + r["scoring_s"]
+        r["generations_per_s"] = samples / r["generation_s"]
+        r["generation_tokens_per_s"] = r["tokens_generated"] / r["generation_s"]
+        r["scoring_generations_per_s"] = samples / r["scoring_s"]
+        r["scored_generations_per_s"] = samples / total  # end to end: generate, then score
+        results[name] = r
+        print(f"{name:>26}: {r['generations_per_s']:.2f} generations/s "
+              f"({r['generation_tokens_per_s']:.0f} tok/s), scoring {r['scoring_s']:.1f} s, "
+              f"{r['scored_generations_per_s']:.2f} scored generations/s end to end", flush=True)
+
+    with tempfile.TemporaryDirectory() as folder:
+        head_path, head = save_head(hidden, folder)
+        record("engine, prefix sharing", run_engine(args, dialogs, head_path, True))
+        record("engine, no prefix sharing", run_engine(args, dialogs, head_path, False))
+    if not args.skip_hf:
+        record("transformers", run_hf(args, dialogs, head))
+    report = {"date": datetime.date.today().isoformat(), "machine": cpu_model(),
+              "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+              "torch": torch.__version__, "device": "cpu",
+              "workload": {"num_prompts": args.num_prompts, "k": args.k,
+                           "max_tokens": args.max_tokens, "seed": args.seed},
+              "results": results}
+    if "transformers" in results:
+        peer = results["transformers"]["scored_generations_per_s"]
+        report["ratio_vs_transformers"] = {
+            name: r["scored_generations_per_s"] / peer for name, r in results.items()
+            if name != "transformers"}
+        for name, ratio in report["ratio_vs_transformers"].items():
+            print(f"{name} / transformers, scored generations/s end to end: {ratio:.2f}x")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    run(parser.parse_args())
