@@ -17,6 +17,8 @@ COMMANDS = {
                "memory-bank ingest and query latency against sentence-transformers + faiss"),
     "startup": ("startup", "add_arguments", "run",
                 "time to the first token (LLM, serve) beside llama.cpp"),
+    "lora": ("lora", "add_arguments", "run",
+             "decode with 0-16 LoRA adapters per batch vs the base and transformers + peft"),
 }
 
 

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from llama_engine.state import resolve_state_dir
 from llama_engine.startup import gc_paused_while_loading
-from server.api.registry import ModelRegistry, ServedModel
+from server.api.registry import ModelRegistry, ServedAdapter, ServedModel
 from server.http.app import DEFAULT_MAX_BODY_BYTES, build_app
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator says otherwise
@@ -42,6 +42,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences counted as running (default: the engine's max_num_seqs)")
     parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
                         help="seconds SIGTERM waits for in-flight requests")
+    parser.add_argument("--lora", action="append", metavar="NAME=PATH", default=[],
+                        help="serve a LoRA adapter (PEFT folder or GGUF file) on the first model "
+                             "under NAME (repeatable; turns on --enable-lora)")
+    parser.add_argument("--enable-lora", action="store_true",
+                        help="accept LoRA adapters (also loaded at run time: /v1/load_lora_adapter)")
+    parser.add_argument("--max-loras", type=int, default=None,
+                        help="adapters one engine step may run (resident at once; default 1)")
+    parser.add_argument("--max-lora-rank", type=int, default=None,
+                        help="the largest adapter rank accepted (default 16)")
+    parser.add_argument("--lora-dtype", default=None, choices=["float32", "bfloat16"],
+                        help="of resident adapter weights (bfloat16: half the memory traffic)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--kv-cache-gib", type=float, default=None)
@@ -55,12 +66,37 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
-    for name in ("max_model_len", "max_num_seqs", "device", "dtype"):
+    for name in ("max_model_len", "max_num_seqs", "device", "dtype", "max_loras",
+                 "max_lora_rank", "lora_dtype"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.kv_cache_gib is not None:
         kwargs["kv_cache_bytes"] = int(args.kv_cache_gib * GIB)
+    if args.enable_lora or args.lora:
+        kwargs["enable_lora"] = True
     return kwargs
+
+
+def split_lora_argument(value: str) -> tuple[str, str]:
+    """`NAME=PATH` -> (NAME, PATH); SystemExit otherwise."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"--lora must look like NAME=PATH, got {value!r}")
+    return name, path
+
+
+def load_adapters(engine: Any, values: list[str]) -> list[tuple[str, str]]:
+    """Load the --lora adapters into an LLMEngine; SystemExit naming a bad one."""
+    from llama_engine.loader.adapters import AdapterLoadError
+    loaded = []
+    for value in values:
+        name, path = split_lora_argument(value)
+        try:
+            engine.add_lora(engine.new_lora_request(name, path))
+        except AdapterLoadError as exc:
+            raise SystemExit(f"--lora {value}: {exc}") from None
+        loaded.append((name, path))
+    return loaded
 
 
 def split_model_argument(value: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -75,19 +111,28 @@ def split_model_argument(value: Optional[str]) -> tuple[Optional[str], Optional[
 
 def load_registry(args: argparse.Namespace) -> ModelRegistry:
     from llama_engine.engine.async_engine import AsyncLLMEngine
-    from llama_engine.engine.llm_engine import EngineConfig
+    from llama_engine.engine.llm_engine import EngineConfig, LLMEngine
     from llama_engine.loader import default_model_path
 
     registry = ModelRegistry()
     max_running = args.max_running or args.max_num_seqs or EngineConfig.max_num_seqs
-    for value in args.model or [None]:
+    for index, value in enumerate(args.model or [None]):
         model_id, path = split_model_argument(value)
-        engine = AsyncLLMEngine.from_model(path, **engine_kwargs(args))
+        core = LLMEngine(EngineConfig(model=path, **engine_kwargs(args)))
+        adapters = load_adapters(core, args.lora) if index == 0 else []
+        engine = AsyncLLMEngine(core)
         model_id = model_id or engine.model_id
-        registry.add(ServedModel(model_id, engine, max_running=max_running, max_waiting=args.max_waiting,
-                                 path=path or default_model_path()))
+        served = ServedModel(model_id, engine, max_running=max_running,
+                             max_waiting=args.max_waiting, path=path or default_model_path())
+        registry.add(served)
         LOG.info("loaded model %s from %s (context %d tokens)", model_id, path or "the default",
                  engine.max_model_len)
+        for name, lora_path in adapters:
+            try:
+                registry.add_adapter(ServedAdapter(name, lora_path, served))
+            except ValueError as exc:
+                raise SystemExit(f"--lora {name}={lora_path}: {exc}") from None
+            LOG.info("loaded LoRA adapter %s from %s on %s", name, lora_path, model_id)
     for mapping in args.alias:
         alias, sep, model_id = mapping.partition("=")
         if not sep or not alias or not model_id:
