@@ -48,9 +48,13 @@ class LoRAStep:
     The model's ``Adapters`` for that pass (``model.llama.Adapters``)."""
 
     def __init__(self, mapping: kernels.LoRAMapping,
-                 stacks: list[dict[str, kernels.LoRAStack | None]]):
+                 stacks: list[dict[str, kernels.LoRAStack | None]],
+                 native: Callable[[int, str, kernels.LoRAStack], object]):
+        """native(layer, projection, stack): the stack's kernels.lora_projection (cached by
+        the manager, which knows when a stack changes)."""
         self.mapping = mapping
         self.stacks = stacks
+        self.native = native
         self._segments: object | None = None  # for the fused layers, built on first use
         self._fusable: bool | None = None
 
@@ -75,8 +79,10 @@ class LoRAStep:
             self._fusable = self._segments is not None
         if not self._fusable:
             return None
-        return kernels.layer_lora(self._segments, tuple(self.stacks[layer][name]
-                                                        for name in FUSED_PROJECTIONS))
+        stacks = self.stacks[layer]
+        return kernels.LayerLoRA(self._segments, tuple(
+            None if stacks[name] is None else self.native(layer, name, stacks[name])
+            for name in FUSED_PROJECTIONS))
 
     def __call__(self, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The ``Adapters`` protocol: ``apply`` for the projection `linear` is."""
@@ -106,6 +112,10 @@ class LoRAManager:
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # resident, least recent first
         self.rank = 0  # the stacks' rank
         self.stacks: list[dict[str, kernels.LoRAStack]] = []
+        # kernels.lora_projection of each (layer, projection, with DoRA ratio) stack, made
+        # when a step first needs it; the slots are copied in place, so it lasts until the
+        # stacks are laid out again.
+        self._natives: dict[tuple[int, str, bool], object] = {}
 
     # ---------------------------------------------------------------- host memory
 
@@ -184,7 +194,14 @@ class LoRAManager:
         step_stacks = [{name: _for_step(stack, (layer, name) in adapted, (layer, name) in dora)
                         for name, stack in layer_stacks.items()}
                        for layer, layer_stacks in enumerate(self.stacks)]
-        return LoRAStep(mapping, step_stacks)
+        return LoRAStep(mapping, step_stacks, self._native)
+
+    def _native(self, layer: int, name: str, stack: kernels.LoRAStack) -> object:
+        key = (layer, name, stack.magnitude_ratio is not None)
+        native = self._natives.get(key)
+        if native is None:
+            native = self._natives[key] = kernels.lora_projection(stack)
+        return native
 
     def _free_slot(self, keep: set[int]) -> int:
         used = set(self.slot_of.values())
@@ -200,6 +217,7 @@ class LoRAManager:
         """(Re)lay the stacks out at `rank` and copy the resident adapters back in."""
         self.rank = rank
         self.stacks = []
+        self._natives.clear()
         for _ in range(self.config.num_layers):
             layer_stacks = {}
             for name, parts in FUSED_PROJECTIONS.items():
@@ -252,6 +270,7 @@ class LoRAManager:
             stack = stack._replace(magnitude_ratio=torch.ones(
                 self.max_loras, n, dtype=torch.float32, device=self.device))
             self.stacks[layer][name] = stack
+            self._natives.pop((layer, name, True), None)
         return stack
 
 

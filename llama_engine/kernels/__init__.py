@@ -243,14 +243,14 @@ class DecoderLayerWeights(NamedTuple):
 
 class LayerLoRA(NamedTuple):
     """One decoder layer's adapters for one step, as ``FusedDecoderLayer`` takes them (C++
-    views, checked when built by ``layer_lora``): the step's segments and the adapters of
+    views, checked when built): the step's ``lora_segments`` and the ``lora_projection`` of
     the fused QKV, output, fused gate/up and down projections (None where none applies)."""
     segments: object
     projections: tuple[object | None, object | None, object | None, object | None]
 
 
 def lora_segments(mapping: LoRAMapping, stacks: list[LoRAStack]) -> object | None:
-    """The step's segments for ``layer_lora``, built once a step; None when the fused CPU
+    """The step's segments for ``LayerLoRA``, built once a step; None when the fused CPU
     kernel cannot run these adapters (off the CPU, another backend, a weight dtype the C++
     kernels lack): then the model runs its layers op by op."""
     if (_cpu is None or options().backend != "auto" or mapping.seg_slots.device.type != "cpu"
@@ -259,13 +259,12 @@ def lora_segments(mapping: LoRAMapping, stacks: list[LoRAStack]) -> object | Non
     return _cpu.lora_segments(mapping.seg_indptr, mapping.seg_slots)
 
 
-def layer_lora(segments: object, stacks: tuple[LoRAStack | None, ...]) -> LayerLoRA:
-    """A layer's LayerLoRA from ``lora_segments`` and its four projections' stacks (qkv,
-    output, gate/up, down; None: no adapter). Raises ValueError for mismatched stacks."""
-    return LayerLoRA(segments, tuple(
-        None if s is None else _cpu.lora_projection(s.a_stack, s.b_stack, s.slice_offsets,
-                                                    s.scales, s.magnitude_ratio)
-        for s in stacks))
+def lora_projection(stack: LoRAStack) -> object:
+    """A stack as ``LayerLoRA.projections`` holds it (a C++ view of its tensors, checked
+    once: build it once per stack, not once a step). Raises ValueError for mismatched
+    shapes."""
+    return _cpu.lora_projection(stack.a_stack, stack.b_stack, stack.slice_offsets,
+                                stack.scales, stack.magnitude_ratio)
 
 
 class FusedDecoderLayer:
