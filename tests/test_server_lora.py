@@ -51,7 +51,7 @@ def _openai_tokens(server: ServerProcess, model: str) -> str:
 
 def _spec_text(server: ServerProcess, model: str) -> str:
     response = _post(server, "/inference/completion", {"model": model, "content": PROMPT,
-                                                        "sampling_params": {"max_tokens": TOKENS}})
+                                                        "max_tokens": TOKENS})
     assert response.status_code == 200, response.text
     return response.json()["content"]
 
