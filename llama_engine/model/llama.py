@@ -13,7 +13,7 @@ Two seams hang off the layer:
     friends) to its output; with none, the path is the base model's;
   * the fused kernel: where ``kernels.fused_decoder_layer`` has one for the layer's weights
     (packed weights on the CPU), the layer runs as one kernel call, the step's adapters
-    inside it (``Adapters.fused``), as long as no gradient is involved.
+    inside it (where the Adapters offer ``fused``), as long as no gradient is involved.
 """
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ class Adapters(Protocol):
 
     def __call__(self, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
-    def fused(self, layer: int) -> kernels.LayerLoRA | None:
-        """The same adapters of one decoder layer for the fused decoder-layer kernel, or None
-        where they cannot run inside it (then the layer runs op by op)."""
+    # Optional: ``fused(layer) -> kernels.LayerLoRA | None``, the same adapters of one decoder
+    # layer for the fused decoder-layer kernel, or None where they cannot run inside it.
+    # Adapters without it (training's) run their layers op by op.
 
 
 class Linear(nn.Module):
@@ -145,8 +145,8 @@ class DecoderLayer(nn.Module):
         new residual)."""
         fused = self._fused_kernel()
         if fused is not None and fused.runs(x):
-            lora = (adapters.fused(layer)
-                    if adapters is not None and fused.takes_lora(layer, attend) else None)
+            fuse = getattr(adapters, "fused", None)
+            lora = fuse(layer) if fuse is not None and fused.takes_lora(layer, attend) else None
             if adapters is None or lora is not None:
                 return fused(layer, x, residual, positions, cos_sin, attend, lora)
         tokens = x.shape[0]
