@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "lora.h"
 #include "ops_common.h"
 #include "registry.h"
 #include "views.h"
@@ -31,6 +32,22 @@ struct LayerShape {
     int64_t kv_width() const { return kv_heads * head_dim; }
     int64_t qkv_width() const { return q_width() + 2 * kv_width(); }
 };
+
+// The step's adapters on a layer's four projections (each null where none applies), added
+// to each projection's output right after its matmul.
+struct LayerLoRA {
+    const lora::Segments* segments = nullptr;
+    const lora::ProjectionLoRA* qkv = nullptr;
+    const lora::ProjectionLoRA* o = nullptr;
+    const lora::ProjectionLoRA* gate_up = nullptr;
+    const lora::ProjectionLoRA* down = nullptr;
+};
+
+// y += the adapters' update of x, for a projection that has adapters this step.
+void add_lora(const LayerLoRA& adapters, const lora::ProjectionLoRA* weights, const float* x,
+              float* y) {
+    if (weights != nullptr) lora::add(*adapters.segments, x, *weights, y);
+}
 
 // Per-thread scratch for intermediates (grown, never shrunk: decode reuses it every layer).
 float* scratch(std::vector<float>& buffer, int64_t elements) {
@@ -63,12 +80,13 @@ TokenInputs token_inputs(const TensorView& x, const std::optional<TensorView>& r
 // RoPE on q and k; q [T, H, D], k and v [T, Hkv, D] dense.
 void qkv_core(const TokenInputs& in, const float* norm_weight, float eps, float* new_residual,
               const PackedWeightView& wqkv, float* q, float* k, float* v, const LayerShape& s,
-              bool int8_activations) {
+              bool int8_activations, const LayerLoRA& adapters = {}) {
     thread_local std::vector<float> normed_buffer, qkv_buffer;
     float* normed = scratch(normed_buffer, s.tokens * s.hidden);
     float* qkv = scratch(qkv_buffer, s.tokens * s.qkv_width());
     rms_norm_rows(in.x, norm_weight, eps, in.residual, normed, new_residual, s.tokens, s.hidden);
     matmul(wqkv, normed, s.tokens, qkv, int8_activations);
+    add_lora(adapters, adapters.qkv, normed, qkv);
     rope_rows(qkv, s.qkv_width(), s.q_heads, qkv + s.q_width(), s.qkv_width(), s.kv_heads,
               s.tokens, s.head_dim, in.positions, in.cos_sin);
     for (int64_t t = 0; t < s.tokens; ++t) {
@@ -85,7 +103,7 @@ void qkv_core(const TokenInputs& in, const float* norm_weight, float eps, float*
 void output_core(const float* attn, const float* residual, const PackedWeightView& wo,
                  const float* norm_weight, float eps, const PackedWeightView& w_gate_up,
                  const PackedWeightView& w_down, float* out, float* new_residual,
-                 int64_t tokens, bool int8_activations) {
+                 int64_t tokens, bool int8_activations, const LayerLoRA& adapters = {}) {
     const int64_t hidden = wo.rows, ffn_width = w_down.cols;
     thread_local std::vector<float> h_buffer, normed_buffer, gate_up_buffer, act_buffer;
     float* h = scratch(h_buffer, tokens * hidden);
@@ -93,10 +111,13 @@ void output_core(const float* attn, const float* residual, const PackedWeightVie
     float* gate_up = scratch(gate_up_buffer, tokens * 2 * ffn_width);
     float* act = scratch(act_buffer, tokens * ffn_width);
     matmul(wo, attn, tokens, h, int8_activations);
+    add_lora(adapters, adapters.o, attn, h);
     rms_norm_rows(h, norm_weight, eps, residual, normed, new_residual, tokens, hidden);
     matmul(w_gate_up, normed, tokens, gate_up, int8_activations);
+    add_lora(adapters, adapters.gate_up, normed, gate_up);
     silu_and_mul_rows(gate_up, act, tokens, ffn_width);
     matmul(w_down, act, tokens, out, int8_activations);
+    add_lora(adapters, adapters.down, act, out);
 }
 
 // The output half's weights against each other: wo [C, A], w_gate_up [2F, C], w_down [C, F].
@@ -155,9 +176,23 @@ void decoder_layer(const DecoderLayerParams& w, const TensorView& x,
                    const TensorView& cos_sin, const TensorView& k_cache,
                    const TensorView& v_cache, const AttentionMetadata& metadata,
                    const TensorView& out, const TensorView& new_residual,
-                   bool int8_activations) {
+                   bool int8_activations, const lora::StepSegments* lora_segments,
+                   const lora::ProjectionLoRA* qkv_lora, const lora::ProjectionLoRA* o_lora,
+                   const lora::ProjectionLoRA* gate_up_lora,
+                   const lora::ProjectionLoRA* down_lora) {
     const TokenInputs in = token_inputs(x, residual, positions, cos_sin, w.hidden, w.head_dim);
     const LayerShape s{x.sizes[0], w.hidden, w.num_heads, w.num_kv_heads, w.head_dim};
+    const LayerLoRA adapters{lora_segments ? &lora_segments->segments : nullptr, qkv_lora,
+                             o_lora, gate_up_lora, down_lora};
+    const struct { const lora::ProjectionLoRA* weights; const char* name; int64_t k, n; } fits[] = {
+        {qkv_lora, "qkv_lora", s.hidden, s.qkv_width()}, {o_lora, "o_lora", s.q_width(), s.hidden},
+        {gate_up_lora, "gate_up_lora", s.hidden, 2 * w.ffn_width},
+        {down_lora, "down_lora", w.ffn_width, s.hidden}};
+    for (const auto& f : fits) {
+        if (f.weights == nullptr) continue;
+        if (lora_segments == nullptr) fail(std::string(f.name) + ": needs lora_segments");
+        f.weights->require_fits(f.name, f.k, f.n, *lora_segments, s.tokens);
+    }
     const KvCache cache(k_cache, v_cache);
     if (cache.kv_heads != s.kv_heads || cache.head_dim != s.head_dim) {
         fail("k_cache: [Hkv, D] must match the layer's");
@@ -173,13 +208,13 @@ void decoder_layer(const DecoderLayerParams& w, const TensorView& x,
     float* attn = scratch(attn_buffer, s.tokens * s.q_width());
     // x + residual between the two halves (x itself in the first layer)
     float* mid = in.residual ? scratch(mid_buffer, s.tokens * s.hidden) : nullptr;
-    qkv_core(in, w.attn_norm, w.eps, mid, w.wqkv, q, k, v, s, int8_activations);
+    qkv_core(in, w.attn_norm, w.eps, mid, w.wqkv, q, k, v, s, int8_activations, adapters);
     const TokenRows<const float> q_rows{q, s.tokens, s.q_width(), s.q_width()};
     store_kv({k, s.tokens, s.kv_width(), s.kv_width()}, {v, s.tokens, s.kv_width(), s.kv_width()},
              cache, slots);
     paged_attention(q_rows, s.q_heads, cache, metadata, attn);
     output_core(attn, mid ? mid : in.x, w.wo, w.ffn_norm, w.eps, w.w_gate_up, w.w_down,
-                out_rows, new_res, s.tokens, int8_activations);
+                out_rows, new_res, s.tokens, int8_activations, adapters);
 }
 
 }  // namespace
@@ -197,7 +232,9 @@ void register_decoder_layer(py::module_& m) {
           "Output projection -> RMSNorm (residual add fused) -> SwiGLU MLP, into out.");
     m.def("decoder_layer", &decoder_layer, "weights"_a, "x"_a, "residual"_a, "positions"_a,
           "cos_sin"_a, "k_cache"_a, "v_cache"_a, "metadata"_a, "out"_a, "new_residual"_a,
-          "int8_activations"_a,
+          "int8_activations"_a, "lora_segments"_a = py::none(), "qkv_lora"_a = py::none(),
+          "o_lora"_a = py::none(), "gate_up_lora"_a = py::none(), "down_lora"_a = py::none(),
           "qkv_projection, store_kv + paged_attention over the layer's caches, then "
-          "o_proj_and_mlp: one decoder layer.");
+          "o_proj_and_mlp: one decoder layer; the step's adapters (LoRAProjection, with "
+          "lora_segments) are added after each projection they adapt.");
 }

@@ -12,6 +12,7 @@
 
 #include "ops_common.h"
 #include "registry.h"
+#include "views.h"
 
 namespace py = pybind11;
 
@@ -306,6 +307,95 @@ void expand(const Segments& segments, const float* h, int64_t h_cols,
     });
 }
 
+void add(const Segments& segments, const float* x, const ProjectionLoRA& weights, float* y) {
+    thread_local std::vector<float> h_buffer;
+    const int64_t rows = weights.expand.num_slices * weights.expand.rank;
+    if (static_cast<int64_t>(h_buffer.size()) < segments.tokens * rows)
+        h_buffer.resize(static_cast<size_t>(segments.tokens * rows));
+    shrink(segments, x, weights.k, weights.a_stack, weights.expand.type, rows, h_buffer.data());
+    expand(segments, h_buffer.data(), rows, weights.expand, y);
+}
+
+namespace {
+
+using llama_ops::DType;
+using llama_ops::TensorView;
+
+TensorView tensor_view(const py::object& tensor, const char* name) {
+    TensorView view;
+    if (!llama_ops::read_tensor(tensor, view)) fail(std::string(name) + ": expected a torch.Tensor");
+    return view;
+}
+
+// Stacked weights: a C-contiguous CPU tensor of float32 or bfloat16 with `ndim` dims.
+const void* stacked(const TensorView& t, const char* name, int ndim) {
+    if (!t.on_cpu || !t.contiguous() || t.ndim != ndim ||
+        (t.dtype != DType::Float32 && t.dtype != DType::BFloat16)) {
+        fail(std::string(name) + ": expected a C-contiguous CPU float32 or bfloat16 tensor with " +
+             std::to_string(ndim) + " dims");
+    }
+    return reinterpret_cast<const void*>(t.data);
+}
+
+}  // namespace
+
+StepSegments::StepSegments(py::object seg_indptr, py::object seg_slots)
+    : owners(py::make_tuple(seg_indptr, seg_slots)) {
+    const TensorView slots_view = tensor_view(seg_slots, "seg_slots");
+    segments.slots = llama_ops::dense<int32_t>(slots_view, "seg_slots", 1);
+    segments.count = slots_view.sizes[0];
+    segments.indptr = llama_ops::dense<int32_t>(tensor_view(seg_indptr, "seg_indptr"),
+                                                "seg_indptr", {segments.count + 1});
+    segments.tokens = segments.indptr[segments.count];
+    max_slot = -1;
+    for (int64_t i = 0; i < segments.count; ++i) max_slot = std::max(max_slot, segments.slots[i]);
+    check_segments(segments, static_cast<int64_t>(max_slot) + 1);
+}
+
+ProjectionLoRA::ProjectionLoRA(py::object a, py::object b, py::object offsets, py::object scales,
+                               std::optional<py::object> ratio)
+    : owners(py::make_tuple(a, b, offsets, scales, ratio ? *ratio : py::none())) {
+    const TensorView a_view = tensor_view(a, "a_stack"), b_view = tensor_view(b, "b_stack");
+    a_stack = stacked(a_view, "a_stack", 3);
+    expand.b_stack = stacked(b_view, "b_stack", 3);
+    if (a_view.dtype != b_view.dtype) fail("b_stack: must have a_stack's dtype");
+    expand.type = weight_type(b_view.dtype == DType::BFloat16);
+    num_slots = b_view.sizes[0];
+    expand.rank = b_view.sizes[1];
+    expand.n = b_view.sizes[2];
+    k = a_view.sizes[2];
+    const TensorView offsets_view = tensor_view(offsets, "slice_offsets");
+    expand.slice_offsets = llama_ops::dense<int64_t>(offsets_view, "slice_offsets", 1);
+    expand.num_slices = offsets_view.sizes[0] - 1;
+    if (expand.num_slices < 1 || expand.slice_offsets[0] != 0 ||
+        expand.slice_offsets[expand.num_slices] != expand.n)
+        fail("slice_offsets: must run from 0 to b_stack's columns");
+    for (int64_t p = 0; p < expand.num_slices; ++p) {
+        if (expand.slice_offsets[p + 1] < expand.slice_offsets[p])
+            fail("slice_offsets: must not decrease");
+    }
+    if (a_view.sizes[0] != num_slots || a_view.sizes[1] != expand.num_slices * expand.rank)
+        fail("a_stack: expected [slots, num_slices * rank, k] matching b_stack");
+    expand.scales = llama_ops::dense<float>(tensor_view(scales, "scales"), "scales",
+                                            {num_slots, expand.num_slices});
+    expand.magnitude_ratio = nullptr;
+    if (ratio && !ratio->is_none()) {
+        expand.magnitude_ratio = llama_ops::dense<float>(
+            tensor_view(*ratio, "magnitude_ratio"), "magnitude_ratio", {num_slots, expand.n});
+    }
+}
+
+void ProjectionLoRA::require_fits(const char* name, int64_t k_, int64_t n_,
+                                  const StepSegments& step, int64_t tokens) const {
+    if (k != k_ || expand.n != n_) {
+        fail(std::string(name) + ": adapters of a [" + std::to_string(expand.n) + ", " +
+             std::to_string(k) + "] projection, the layer's is [" + std::to_string(n_) + ", " +
+             std::to_string(k_) + "]");
+    }
+    if (step.max_slot >= num_slots) fail(std::string(name) + ": a segment's slot has no weights");
+    if (step.segments.tokens != tokens) fail("lora_segments: not this step's tokens");
+}
+
 namespace {
 
 // The bindings' arguments, from addresses: the segments (values checked) and the expand
@@ -332,6 +422,15 @@ ExpandWeights expand_weights_at(std::uintptr_t b_stack, bool bf16, int64_t rank,
 
 void register_lora(py::module_& m) {
     using llama_ops::tensor_at;
+    using namespace pybind11::literals;
+    py::class_<lora::StepSegments>(m, "LoRASegments",
+                                   "A step's adapter segments, checked once (kernels.LoRAMapping).")
+        .def(py::init<py::object, py::object>(), "seg_indptr"_a, "seg_slots"_a);
+    py::class_<lora::ProjectionLoRA>(m, "LoRAProjection",
+                                     "One projection's stacked adapters (kernels.LoRAStack).")
+        .def(py::init<py::object, py::object, py::object, py::object,
+                      std::optional<py::object>>(),
+             "a_stack"_a, "b_stack"_a, "slice_offsets"_a, "scales"_a, "magnitude_ratio"_a);
     // Tensors are passed as addresses (data_ptr()), checked by llama_engine/kernels/cpu/lora.py.
     m.def("lora_shrink", [](std::uintptr_t x, int64_t tokens, int64_t k, std::uintptr_t a_stack,
                             bool bf16, int64_t num_slots, int64_t rows, std::uintptr_t seg_indptr,

@@ -1,10 +1,14 @@
 // Batched LoRA for a step that mixes many adapters and the base model (Punica's SGMV,
 // S-LoRA): tokens come in segments, each segment uses one adapter slot of a stacked weight
-// (or none). Shrink and expand are declared here so that fused ops (block.cpp) can run
-// them inside their own extension call; csrc/lora.cpp binds them for Python.
+// (or none). Shrink, expand and their checked bound forms (StepSegments, ProjectionLoRA)
+// are declared here so that the fused decoder layer (decoder_layer.cpp) runs them inside
+// its own extension call; csrc/lora.cpp binds them for Python.
 #pragma once
 
+#include <pybind11/pybind11.h>
+
 #include <cstdint>
+#include <optional>
 
 namespace lora {
 
@@ -52,5 +56,39 @@ struct ExpandWeights {
 // n], h [tokens, h_cols].
 void expand(const Segments& segments, const float* h, int64_t h_cols,
             const ExpandWeights& weights, float* y);
+
+// A step's segments (kernels.LoRAMapping) as a bound object that keeps its int32 tensors
+// alive. Checked when built: indptr runs from 0 without going back, slots are >= -1.
+struct StepSegments {
+    pybind11::object owners;
+    Segments segments;
+    int32_t max_slot;  // the largest slot used (-1: none)
+
+    StepSegments(pybind11::object seg_indptr, pybind11::object seg_slots);
+};
+
+// One (possibly fused) projection's stacked adapter weights (kernels.LoRAStack) as a bound
+// object that keeps its tensors alive, checked against each other when built: a_stack
+// [num_slots, num_slices * rank, k] and b_stack [num_slots, rank, n] of one dtype (float32
+// or bfloat16), slice_offsets int64 [num_slices + 1] rising from 0 to n, scales float32
+// [num_slots, num_slices], magnitude_ratio float32 [num_slots, n] or None.
+struct ProjectionLoRA {
+    pybind11::object owners;
+    const void* a_stack;
+    int64_t num_slots, k;
+    ExpandWeights expand;
+
+    ProjectionLoRA(pybind11::object a_stack, pybind11::object b_stack,
+                   pybind11::object slice_offsets, pybind11::object scales,
+                   std::optional<pybind11::object> magnitude_ratio);
+    // ValueError naming `name` unless this projection maps k_ inputs to n_ outputs and the
+    // segments' slots and tokens fit.
+    void require_fits(const char* name, int64_t k_, int64_t n_, const StepSegments& segments,
+                      int64_t tokens) const;
+};
+
+// y [tokens, n] += each token's adapter update of x [tokens, k] (shrink, then expand with the
+// DoRA ratio when there is one); checked beforehand (require_fits).
+void add(const Segments& segments, const float* x, const ProjectionLoRA& weights, float* y);
 
 }  // namespace lora

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import signal
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from aiohttp import web
 
@@ -17,7 +17,7 @@ from llama_engine.agents.tools import ToolsConfig
 from llama_engine.agents.web_search import KEY_ENV, PROVIDERS, web_search_config
 from llama_engine.state import resolve_state_dir
 from llama_engine.startup import gc_paused_while_loading
-from server.api.registry import ModelRegistry, ServedModel
+from server.api.registry import ModelRegistry, ServedAdapter, ServedModel
 from server.http.app import DEFAULT_MAX_BODY_BYTES, build_app
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator says otherwise
@@ -55,6 +55,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences counted as running (default: the engine's max_num_seqs)")
     parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
                         help="seconds SIGTERM waits for in-flight requests")
+    parser.add_argument("--lora", action="append", metavar="NAME=PATH", default=[],
+                        help="serve a LoRA adapter (PEFT folder or GGUF file) on the first model "
+                             "under NAME (repeatable; turns on --enable-lora)")
+    parser.add_argument("--enable-lora", action="store_true",
+                        help="accept LoRA adapters (also loaded at run time: /v1/load_lora_adapter)")
+    parser.add_argument("--max-loras", type=int, default=None,
+                        help="adapters one engine step may run (resident at once; default 1)")
+    parser.add_argument("--max-lora-rank", type=int, default=None,
+                        help="the largest adapter rank accepted (default 16)")
+    parser.add_argument("--lora-dtype", default=None, choices=["float32", "bfloat16"],
+                        help="of resident adapter weights (bfloat16: half the memory traffic)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--kv-cache-gib", type=float, default=None)
@@ -87,12 +98,37 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
-    for name in ("max_model_len", "max_num_seqs", "device", "dtype"):
+    for name in ("max_model_len", "max_num_seqs", "device", "dtype", "max_loras",
+                 "max_lora_rank", "lora_dtype"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     if args.kv_cache_gib is not None:
         kwargs["kv_cache_bytes"] = int(args.kv_cache_gib * GIB)
+    if args.enable_lora or args.lora:
+        kwargs["enable_lora"] = True
     return kwargs
+
+
+def split_lora_argument(value: str) -> tuple[str, str]:
+    """`NAME=PATH` -> (NAME, PATH); SystemExit otherwise."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"--lora must look like NAME=PATH, got {value!r}")
+    return name, path
+
+
+def load_adapters(engine: Any, values: list[str]) -> list[tuple[str, str]]:
+    """Load the --lora adapters into an LLMEngine; SystemExit naming a bad one."""
+    from llama_engine.loader.adapters import AdapterLoadError
+    loaded = []
+    for value in values:
+        name, path = split_lora_argument(value)
+        try:
+            engine.add_lora(engine.new_lora_request(name, path))
+        except AdapterLoadError as exc:
+            raise SystemExit(f"--lora {value}: {exc}") from None
+        loaded.append((name, path))
+    return loaded
 
 
 def split_model_argument(value: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -106,34 +142,46 @@ def split_model_argument(value: Optional[str]) -> tuple[Optional[str], Optional[
 
 
 def load_model(args: argparse.Namespace, model_id: Optional[str], path: Optional[str],
-               score_head: Optional[str] = None) -> ServedModel:
+               score_head: Optional[str] = None, loras: Sequence[str] = ()
+               ) -> tuple[ServedModel, list[tuple[str, str]]]:
     """One engine on ``path`` (None: the default model) with the command line's engine
-    settings; ``score_head`` (a head file) makes it a reward model."""
+    settings, and the (name, path) of the ``--lora NAME=PATH`` adapters loaded into it;
+    ``score_head`` (a head file) makes it a reward model."""
     from llama_engine.engine.async_engine import AsyncLLMEngine
-    from llama_engine.engine.llm_engine import EngineConfig
+    from llama_engine.engine.llm_engine import EngineConfig, LLMEngine
     from llama_engine.loader import default_model_path
 
     max_running = args.max_running or args.max_num_seqs or EngineConfig.max_num_seqs
-    head = {"score_head": score_head} if score_head else {}
-    engine = AsyncLLMEngine.from_model(path, **head, **engine_kwargs(args))
+    core = LLMEngine(EngineConfig(model=path, score_head=score_head, **engine_kwargs(args)))
+    adapters = load_adapters(core, loras)
+    engine = AsyncLLMEngine(core)
     if model_id is None:  # a head on a served model's file must not take that model's id
         model_id = (f"{engine.model_id}+{os.path.basename(score_head)}" if score_head
                     else engine.model_id)
     LOG.info("loaded model %s from %s (context %d tokens)", model_id, path or "the default",
              engine.max_model_len)
     return ServedModel(model_id, engine, max_running=max_running, max_waiting=args.max_waiting,
-                       path=path or default_model_path())
+                       path=path or default_model_path()), adapters
 
 
 def load_registry(args: argparse.Namespace) -> ModelRegistry:
     registry = ModelRegistry()
-    for value in args.model or [None]:
-        registry.add(load_model(args, *split_model_argument(value)))
+    for index, value in enumerate(args.model or [None]):
+        # --lora adapters go on the first model, the one requests name by default
+        served, adapters = load_model(args, *split_model_argument(value),
+                                      loras=args.lora if index == 0 else ())
+        registry.add(served)
+        for name, lora_path in adapters:
+            try:
+                registry.add_adapter(ServedAdapter(name, lora_path, served))
+            except ValueError as exc:
+                raise SystemExit(f"--lora {name}={lora_path}: {exc}") from None
+            LOG.info("loaded LoRA adapter %s from %s on %s", name, lora_path, served.model_id)
     if args.reward_head is not None and args.reward_model is None:
         raise SystemExit("--reward-head needs --reward-model (the model it goes on)")
     if args.reward_model is not None:
         model_id, path = split_model_argument(args.reward_model)
-        reward = load_model(args, model_id, path, score_head=args.reward_head)
+        reward, _ = load_model(args, model_id, path, score_head=args.reward_head)
         registry.add(reward)
         if REWARD_MODEL_ALIAS not in [alias.partition("=")[0] for alias in args.alias]:
             registry.add_alias(REWARD_MODEL_ALIAS, reward.model_id)
@@ -192,7 +240,7 @@ async def _serve(args: argparse.Namespace) -> None:
         registry = load_registry(args)
         # the llama_guard shield's own model: run by the engine, not served under /v1/models
         guard_path = options.shield_models.get(LLAMA_GUARD)
-        guard = load_model(args, LLAMA_GUARD, guard_path) if guard_path else None
+        guard = load_model(args, LLAMA_GUARD, guard_path)[0] if guard_path else None
         app = build_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                         state_dir=resolve_state_dir(args.state_dir), agent_options=options,
                         guard_model=guard)

@@ -71,3 +71,38 @@ def merged_answer(case: LoRACase) -> torch.Tensor:
         if s.magnitude_ratio is not None:
             out[t] *= s.magnitude_ratio[slot].double()
     return out
+
+
+# SmolLM2-135M-Instruct's decoder layers (the default model): what a PEFT adapter for it holds.
+SMOLLM2 = dict(hidden=576, ffn=1536, layers=30, q=576, kv=192)
+PEFT_MODULES = {"q_proj": ("self_attn", "q", "hidden"), "k_proj": ("self_attn", "kv", "hidden"),
+                "v_proj": ("self_attn", "kv", "hidden"), "o_proj": ("self_attn", "hidden", "q"),
+                "gate_proj": ("mlp", "ffn", "hidden"), "up_proj": ("mlp", "ffn", "hidden"),
+                "down_proj": ("mlp", "hidden", "ffn")}
+
+
+def write_peft_adapter(folder: str, rank: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj"),
+                       seed: int = 0, in_features: int | None = None, **config: object) -> str:
+    """A PEFT LoRA folder for the default model, as peft's save_pretrained lays it out
+    (random A and non-zero B), without peft. in_features overrides A's input width (an
+    adapter that does not fit); config entries go into adapter_config.json."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+    gen = torch.Generator().manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    tensors = {}
+    for layer in range(SMOLLM2["layers"]):
+        for module in targets:
+            parent, out_dim, in_dim = PEFT_MODULES[module]
+            key = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+            k = in_features or SMOLLM2[in_dim]
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, k, generator=gen) / k ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(SMOLLM2[out_dim], rank,
+                                                          generator=gen) * 0.05
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+                   "target_modules": list(targets), **config}, f)
+    return folder

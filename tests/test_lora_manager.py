@@ -96,9 +96,9 @@ def test_untouched_projections_are_skipped() -> None:
     m = _manager()
     m.add_adapter(LoRARequest("qv", 2), _adapter(2, 8, ["wq", "wv"]))
     step = m.prepare_step([2], [2])
-    assert step.stack(0, "wqkv") is not None
+    assert step.stack(0, "qkv_proj") is not None
     assert all(step.stack(layer, name) is None for layer in range(2)
-               for name in ("wo", "w_gate_up", "w_down"))
+               for name in ("o_proj", "gate_up_proj", "down_proj"))
 
 
 def test_lru_eviction_and_reload_from_host() -> None:
@@ -199,15 +199,105 @@ def test_step_without_dora_adapters_skips_the_ratio() -> None:
     m = _manager(max_loras=2)
     m.add_adapter(LoRARequest("lora", 1), _adapter(1, 8, ["wq"]))
     m.add_adapter(LoRARequest("dora", 2), _adapter(2, 8, ["wq"], dora=True))
-    assert m.prepare_step([1, 1], [1, 2]).stack(0, "wqkv").magnitude_ratio is not None
-    assert m.prepare_step([1], [1]).stack(0, "wqkv").magnitude_ratio is None
+    assert m.prepare_step([1, 1], [1, 2]).stack(0, "qkv_proj").magnitude_ratio is not None
+    assert m.prepare_step([1], [1]).stack(0, "qkv_proj").magnitude_ratio is None
     _check_step(m, [1, 1], [1, 0], seed=4)
 
 
-def test_base_weights_of_a_packed_checkpoint() -> None:
+def test_base_weights_of_a_model_with_packed_and_dense_layers() -> None:
+    """DoRA's norms are taken of each projection's own rows of the model's fused weights:
+    layer 0 packed (Q8_0, but for w_down, whose 48 columns Q8_0 cannot hold), layer 1 dense."""
     from llama_engine.engine.lora_manager import base_weights_of
+    from llama_engine.model.llama import Llama
     from llama_engine.quant import dequantize, quantize
-    packed = quantize(BASE[(0, "wq")], "Q8_0")
-    base_weight = base_weights_of({"layers.0.wq": packed, "layers.0.wk": BASE[(0, "wk")]})
-    torch.testing.assert_close(base_weight(0, "wq"), dequantize(packed).float())
-    assert torch.equal(base_weight(0, "wk"), BASE[(0, "wk")])
+    c = CONFIG
+    weights = {"embed": torch.randn(c.vocab_size, c.hidden_size), "norm": torch.ones(c.hidden_size),
+               "lm_head": torch.randn(c.vocab_size, c.hidden_size)}
+    for layer in range(c.num_layers):
+        weights[f"layers.{layer}.attn_norm"] = torch.ones(c.hidden_size)
+        weights[f"layers.{layer}.ffn_norm"] = torch.ones(c.hidden_size)
+        for proj in SHAPES:
+            w = BASE[(layer, proj)]
+            packed = layer == 0 and proj != "w_down"
+            weights[f"layers.{layer}.{proj}"] = quantize(w, "Q8_0") if packed else w
+    base_weight = base_weights_of(Llama(c, weights))
+    for proj in SHAPES:
+        expected = BASE[(0, proj)] if proj == "w_down" else dequantize(quantize(BASE[(0, proj)],
+                                                                                 "Q8_0"))
+        torch.testing.assert_close(base_weight(0, proj), expected.float())
+        assert torch.equal(base_weight(1, proj), BASE[(1, proj)])
+
+
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
+def test_fused_decoder_layers_run_the_adapters_as_the_op_by_op_layers(lora_dtype) -> None:
+    """A packed (Q4_1) model: a step mixing the base, LoRA and DoRA adapters through the
+    fused CPU decoder layer (adapters inside the one call) equals the same step run op by op
+    (each projection's kernels.add_lora, whose adapted outputs the other tests check)."""
+    from llama_engine import kernels
+    from llama_engine.model.llama import Llama
+    from llama_engine.quant import quantize
+    c = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+    shapes = projection_shapes(c)
+    gen = torch.Generator().manual_seed(5)
+    weights = {"embed": torch.randn(c.vocab_size, c.hidden_size, generator=gen),
+               "norm": torch.ones(c.hidden_size)}
+    c.tie_word_embeddings = True
+    for layer in range(c.num_layers):
+        weights[f"layers.{layer}.attn_norm"] = torch.rand(c.hidden_size, generator=gen) + 0.5
+        weights[f"layers.{layer}.ffn_norm"] = torch.rand(c.hidden_size, generator=gen) + 0.5
+        for proj, (out, k) in shapes.items():
+            weights[f"layers.{layer}.{proj}"] = quantize(
+                torch.randn(out, k, generator=gen) / k ** 0.5, "Q4_1")
+    model = Llama(c, weights)
+    assert model.layers[0]._fused_kernel() is not None
+    from llama_engine.engine.lora_manager import base_weights_of
+    manager = LoRAManager(c, 3, 16, dtype=lora_dtype, base_weight=base_weights_of(model))
+
+    def adapter(seed, rank, projections, dora=False):
+        g = torch.Generator().manual_seed(seed)
+        return LoRAAdapter(f"a{seed}", "", {
+            (layer, proj): LoRAWeights(torch.randn(rank, shapes[proj][1], generator=g) * 0.1,
+                                       torch.randn(shapes[proj][0], rank, generator=g) * 0.1,
+                                       0.5, torch.rand(shapes[proj][0], generator=g) + 1.0
+                                       if dora else None)
+            for layer in range(c.num_layers) for proj in projections})
+    manager.add_adapter(LoRARequest("all", 1), adapter(1, 8, list(shapes)))
+    manager.add_adapter(LoRARequest("dora", 2), adapter(2, 16, ["wk", "wo", "w_up"], dora=True))
+    seg_lens, ids = [3, 1, 2, 1, 1], [1, 0, 2, 1, 2]
+    tokens = sum(seg_lens)
+
+    class OpByOp:  # the same adapters, refused to the fused kernel
+        def __init__(self, step):
+            self.step = step
+
+        def __call__(self, linear, x, y):
+            return self.step(linear, x, y)
+
+        def fused(self, layer):
+            return None
+
+    def run(adapters):
+        block_size = 4
+        caches = [torch.zeros(8, block_size, c.num_kv_heads, c.head_dim)
+                  for _ in range(2 * c.num_layers)]
+        cu = [0]
+        for n in seg_lens:
+            cu.append(cu[-1] + n)
+        tables = torch.arange(len(seg_lens) * 1, dtype=torch.int32).reshape(-1, 1)
+        metadata = kernels.AttentionMetadata(
+            torch.tensor([i * block_size + p for i, n in enumerate(seg_lens) for p in range(n)]),
+            tables, torch.tensor(seg_lens, dtype=torch.int32),
+            torch.tensor(cu, dtype=torch.int32), c.head_dim ** -0.5)
+        attend = kernels.PagedAttention(caches[:c.num_layers], caches[c.num_layers:], metadata)
+        ids_in = torch.randint(c.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
+        positions = torch.tensor([p for n in seg_lens for p in range(n)])
+        with torch.inference_mode():
+            return model(ids_in, positions, attend, adapters)
+
+    step = manager.prepare_step(seg_lens, ids)
+    assert step.fused(0) is not None
+    fused, op_by_op, base = run(step), run(OpByOp(step)), run(None)
+    torch.testing.assert_close(fused, op_by_op, rtol=1e-4, atol=1e-4)
+    assert (fused - base).abs().max() > 1e-2  # the adapters did something
+    torch.testing.assert_close(fused[3], base[3], rtol=1e-4, atol=1e-4)  # the base row

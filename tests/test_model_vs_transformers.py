@@ -43,19 +43,21 @@ def hf_greedy(model, ids: list[int], num_tokens: int) -> list[int]:
     return out
 
 
-def engine_prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+def engine_prefill_logits(llm: LLM, ids: list[int], lora_int_id: int = 0) -> torch.Tensor:
     """Logits of our paged engine at every position: the prompt's first half in one
-    prefill, then the rest one token at a time through the decode path."""
+    prefill, then the rest one token at a time through the decode path (with the loaded
+    adapter lora_int_id; 0: the base model)."""
     half = len(ids) // 2
     # Prefix caching turns each longer prompt into a short step over cached blocks.
-    rows = [_last_logits(llm.engine, ids[:end]) for end in range(half, len(ids) + 1)]
+    rows = [_last_logits(llm.engine, ids[:end], lora_int_id)
+            for end in range(half, len(ids) + 1)]
     return torch.stack(rows), half
 
 
-def _last_logits(engine, ids: list[int]) -> torch.Tensor:
+def _last_logits(engine, ids: list[int], lora_int_id: int = 0) -> torch.Tensor:
     from llama_engine.engine.scheduler import ScheduledSeq, SchedulerOutput
     from llama_engine.engine.sequence import Sequence
-    seq = Sequence("probe", 0, ids, SamplingParams(), 0.0)
+    seq = Sequence("probe", 0, ids, SamplingParams(), 0.0, lora_int_id)
     engine.block_manager.match_prefix(seq)
     num = seq.num_uncomputed_tokens
     engine.block_manager.allocate(seq, num)
@@ -67,8 +69,8 @@ def _last_logits(engine, ids: list[int]) -> torch.Tensor:
     return logits
 
 
-def check_logits(llm: LLM, hf_model, ids: list[int]) -> None:
-    ours, first = engine_prefill_logits(llm, ids)
+def check_logits(llm: LLM, hf_model, ids: list[int], lora_int_id: int = 0) -> None:
+    ours, first = engine_prefill_logits(llm, ids, lora_int_id)
     ref = hf_logits(hf_model, ids)[first - 1:]
     err = (ours - ref).abs().max().item()
     assert err < LOGIT_TOL, f"max |logit error| {err:.2e} over {len(ids)} positions"

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Optional
 import pytest
 import requests
 
+from tests.lora_cases import write_peft_adapter
 from tests.server_process import ServerProcess, running_server
 
 pytestmark = pytest.mark.slow
@@ -192,13 +193,52 @@ CASES = [
                "'greedy', 'top_p' or 'top_k'"),
     BadRequest("unknown route", "/v1/audio/speech", {"model": "{model}", "input": "Hi"}, 404, "path", "no such route"),
     BadRequest("wrong method", "/inference/completion", None, 405, "method", "not allowed", method="GET"),
+    # LoRA adapters: the server runs with `--lora good=...` and max_lora_rank 16; the
+    # adapter folders are made by the `adapters` fixture ("{adapters}").
+    BadRequest("adapter missing path", "/v1/load_lora_adapter",
+               {"lora_name": "x1", "lora_path": "{adapters}/absent"}, 400, "lora_path", "does not exist"),
+    BadRequest("adapter corrupt safetensors", "/v1/load_lora_adapter",
+               {"lora_name": "x2", "lora_path": "{adapters}/corrupt"}, 400, "lora_path",
+               "cannot read adapter weights"),
+    BadRequest("adapter rank above the limit", "/v1/load_lora_adapter",
+               {"lora_name": "x3", "lora_path": "{adapters}/rank32"}, 400, "lora_path",
+               "rank 32 exceeds max_lora_rank 16"),
+    BadRequest("adapter unknown target", "/v1/load_lora_adapter",
+               {"lora_name": "x4", "lora_path": "{adapters}/embed"}, 400, "lora_path", "'embed_tokens'"),
+    BadRequest("adapter shape mismatch", "/v1/load_lora_adapter",
+               {"lora_name": "x5", "lora_path": "{adapters}/narrow"}, 400, "lora_path",
+               "does not fit the base model"),
+    BadRequest("adapter duplicate name", "/v1/load_lora_adapter",
+               {"lora_name": "good", "lora_path": "{adapters}/good"}, 400, "lora_name", "already taken"),
+    BadRequest("adapter name of the base model", "/v1/load_lora_adapter",
+               {"lora_name": "{model}", "lora_path": "{adapters}/good"}, 400, "lora_name", "already taken"),
+    BadRequest("adapter load without a path", "/v1/load_lora_adapter", {"lora_name": "x6"}, 400,
+               "lora_path", "field required"),
+    BadRequest("unload unknown adapter", "/v1/unload_lora_adapter", {"lora_name": "never"}, 404,
+               "lora_name", "no LoRA adapter named 'never'"),
+    BadRequest("unknown adapter as model", "/v1/chat/completions", {"model": "never", **CHAT_OK}, 404,
+               "model", "unknown model 'never'"),
 ]
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[ServerProcess]:
+def adapters(tmp_path_factory) -> str:
+    """Adapter folders for the default model: one good, the rest each broken one way."""
+    root = tmp_path_factory.mktemp("adapters")
+    write_peft_adapter(str(root / "good"))
+    write_peft_adapter(str(root / "rank32"), rank=32)
+    write_peft_adapter(str(root / "embed"), target_modules=["q_proj", "embed_tokens"])
+    write_peft_adapter(str(root / "narrow"), in_features=64)
+    write_peft_adapter(str(root / "corrupt"))
+    (root / "corrupt" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00not json")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def server(adapters: str) -> Iterator[ServerProcess]:
     with running_server("--max-model-len", str(MAX_MODEL_LEN),
-                        "--max-body-bytes", str(MAX_BODY_BYTES)) as process:
+                        "--max-body-bytes", str(MAX_BODY_BYTES), "--max-lora-rank", "16",
+                        "--lora", f"good={adapters}/good") as process:
         yield process
 
 
@@ -207,14 +247,16 @@ def model_id(server: ServerProcess) -> str:
     return requests.get(f"{server.base_url}/v1/models", timeout=REQUEST_TIMEOUT_S).json()["data"][0]["id"]
 
 
-def _send(server: ServerProcess, case: BadRequest, model_id: str) -> requests.Response:
+def _send(server: ServerProcess, case: BadRequest, model_id: str,
+          adapters: str) -> requests.Response:
     url = server.base_url + case.path
     if case.method == "GET":
         return requests.get(url, timeout=REQUEST_TIMEOUT_S)
     if isinstance(case.body, bytes):
         data: Optional[bytes] = case.body
     else:
-        data = json.dumps(case.body).replace("{model}", model_id).encode()
+        data = (json.dumps(case.body).replace("{model}", model_id)
+                .replace("{adapters}", adapters).encode())
     return requests.post(url, data=data, headers={"Content-Type": "application/json"}, timeout=REQUEST_TIMEOUT_S)
 
 
@@ -224,8 +266,8 @@ def test_there_are_at_least_25_kinds() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_bad_request_is_refused_with_a_named_field(server: ServerProcess, model_id: str,
-                                                   case: BadRequest) -> None:
-    response = _send(server, case, model_id)
+                                                   adapters: str, case: BadRequest) -> None:
+    response = _send(server, case, model_id, adapters)
     assert response.status_code == case.status, response.text
     assert response.headers["Content-Type"].startswith("application/json")
     error = response.json()["error"]
@@ -234,9 +276,10 @@ def test_bad_request_is_refused_with_a_named_field(server: ServerProcess, model_
     assert case.reason in error["message"], error
 
 
-def test_server_still_serves_after_the_bad_requests(server: ServerProcess, model_id: str) -> None:
+def test_server_still_serves_after_the_bad_requests(server: ServerProcess, model_id: str,
+                                                     adapters: str) -> None:
     for case in CASES:  # all of them again, back to back
-        assert _send(server, case, model_id).status_code == case.status
+        assert _send(server, case, model_id, adapters).status_code == case.status
     response = requests.post(f"{server.base_url}/inference/completion", json={
         "model": model_id, "content": "The capital of France is", "max_tokens": 4}, timeout=REQUEST_TIMEOUT_S)
     assert response.status_code == 200

@@ -10,15 +10,18 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, TypeVar
 
 from llama_engine.engine.llm_engine import EngineConfig, LLMEngine, Request
-from llama_engine.errors import RequestValidationError
+from llama_engine.errors import NotFoundError, RequestValidationError
+from llama_engine.loader.adapters import AdapterLoadError
+from llama_engine.lora_request import LoRARequest
 from llama_engine.outputs import RequestOutput
 from llama_engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5  # how long the idle engine thread blocks waiting for work
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -58,11 +61,48 @@ class AsyncLLMEngine:
         return self.engine.stats()
 
     def make_request(self, request_id: str, prompt: str | list[int],
-                     sampling_params: SamplingParams) -> Request:
+                     sampling_params: SamplingParams, lora_name: str | None = None) -> Request:
         """Tokenize and validate without starting anything (``LLMEngine.make_request``):
         raises RequestValidationError naming the field, so a server can refuse a request
-        before it answers."""
-        return self.engine.make_request(request_id, prompt, sampling_params)
+        before it answers, and NotFoundError naming an adapter (lora_name) not loaded."""
+        lora_request = None
+        if lora_name is not None:
+            lora_request = self.engine.loras.get(lora_name)
+            if lora_request is None:
+                raise NotFoundError(f"model: no LoRA adapter named '{lora_name}' is loaded")
+        return self.engine.make_request(request_id, prompt, sampling_params, lora_request)
+
+    # ---- adapters -------------------------------------------------------------------
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.engine.list_loras()
+
+    async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
+        """Load an adapter (read and checked off the engine thread, then added between two
+        steps). Raises AdapterLoadError naming the problem (a name already loaded too)."""
+        if lora_name in self.engine.loras:
+            raise AdapterLoadError(f"an adapter named '{lora_name}' is already loaded")
+        # the id is taken on the engine thread, where ids are handed out one at a time
+        probe = LoRARequest(lora_name, 1, lora_path)
+        adapter = await asyncio.to_thread(self.engine.read_lora, probe)
+
+        def add() -> LoRARequest:
+            lora_request = self.engine.new_lora_request(lora_name, lora_path)
+            self.engine.add_lora(lora_request, adapter)
+            return lora_request
+        return await self._on_engine_thread(add)
+
+    async def remove_lora(self, lora_name: str) -> LoRARequest:
+        """Unload an adapter; requests running with it finish first (``LLMEngine.remove_lora``).
+        Raises NotFoundError naming it."""
+        return await self._on_engine_thread(lambda: self.engine.remove_lora(lora_name))
+
+    async def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """fn() run by the engine thread between two steps; its result or exception."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(("call", (fn, loop, future)))
+        return await future
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -127,6 +167,8 @@ class AsyncLLMEngine:
                 self._add(arg)
             elif kind == "abort":
                 self.engine.abort_request(arg)
+            elif kind == "call":
+                self._call(*arg)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
@@ -137,8 +179,20 @@ class AsyncLLMEngine:
             return  # the client left before the engine saw the request
         try:
             self.engine.add(request)
-        except ValueError as e:
+        except (ValueError, NotFoundError) as e:  # NotFoundError: its adapter was unloaded
             self._deliver(request.request_id, e)
+
+    @staticmethod
+    def _call(fn: Callable[[], object], loop: asyncio.AbstractEventLoop,
+              future: asyncio.Future) -> None:
+        def settle(result: object, error: BaseException | None) -> None:
+            if not future.done():  # the caller may have been cancelled
+                future.set_exception(error) if error is not None else future.set_result(result)
+        try:
+            result, error = fn(), None
+        except Exception as e:  # the caller's to handle, not the engine thread's
+            result, error = None, e
+        loop.call_soon_threadsafe(settle, result, error)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):

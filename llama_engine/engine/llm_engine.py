@@ -9,13 +9,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from llama_engine.engine.block_manager import BlockManager
+from llama_engine.engine.lora_manager import LoRAManager, base_weights_of
 from llama_engine.engine.model_runner import ModelRunner, kv_bytes_per_token
 from llama_engine.engine.sampler import SampledToken, TokenBitmask, sample, token_logprobs
 from llama_engine.engine.scheduler import Scheduler
-from llama_engine.engine.sequence import Sequence
+from llama_engine.engine.sequence import NO_LORA, Sequence
 from llama_engine.engine.structured_output import StructuredOutputManager
-from llama_engine.errors import RequestValidationError
+from llama_engine.errors import NotFoundError, RequestValidationError
 from llama_engine.loader import load_model
+from llama_engine.loader.adapters import AdapterLoadError, LoRAAdapter, load_lora_adapter
+from llama_engine.lora_request import LoRARequest
 from llama_engine.model.llama import Llama
 from llama_engine.outputs import CompletionOutput, RequestOutput
 from llama_engine.sampling_params import SamplingParams
@@ -59,6 +62,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    enable_lora: bool = False  # serve LoRA / DoRA adapters (LoRARequest per request)
+    max_loras: int = 1  # adapters a step may use (resident at once; the rest wait in host memory)
+    max_lora_rank: int = 16  # the largest adapter rank accepted
+    # of the resident adapters' A and B on the CPU: bfloat16 halves what a step streams, at
+    # about 3 significant digits of the adapter weights; float32 reproduces peft.
+    lora_dtype: str = "float32"
 
 
 @dataclass
@@ -74,6 +83,7 @@ class Request:
     # nothing predicts), filled in as the prefill computes them.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     score: float | None = None  # reward models: the score at the prompt's last token
+    lora_int_id: int = NO_LORA  # the adapter it runs with (NO_LORA: the base model)
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
@@ -111,10 +121,22 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
+        self.lora_manager = None
+        if config.enable_lora:
+            if config.lora_dtype not in DTYPES:
+                raise ValueError(f"lora_dtype must be one of {', '.join(DTYPES)}, got "
+                                 f"{config.lora_dtype!r}")
+            self.lora_manager = LoRAManager(
+                self.model_config, config.max_loras, config.max_lora_rank, self.device,
+                DTYPES[config.lora_dtype], base_weight=base_weights_of(self.model))
+        self.loras: dict[str, LoRARequest] = {}  # adapters requests may name, by name
+        self._last_lora_id = 0  # the largest lora_int_id ever added (ids are never reused)
+        self._retiring: set[int] = set()  # unloaded while in use: dropped once idle
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens,
+                                   config.max_loras if config.enable_lora else 0)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device,
-                                  self.dtype)
+                                  self.dtype, self.lora_manager)
         limits = [self.model_config.max_position_embeddings, num_blocks * config.block_size]
         if config.max_model_len:
             limits.append(config.max_model_len)
@@ -146,12 +168,15 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------
 
     def make_request(self, request_id: str, prompt: str | list[int],
-                     params: SamplingParams) -> Request:
+                     params: SamplingParams, lora_request: LoRARequest | None = None
+                     ) -> Request:
         """Tokenize and validate: the one place a request is checked against the model.
         Raises RequestValidationError naming ``prompt`` (empty, ids outside the vocabulary,
         longer than the context) or ``max_tokens`` (prompt plus max_tokens beyond the
-        context, as OpenAI and vLLM refuse it). No engine state changes, so a front end may
-        call it from another thread."""
+        context, as OpenAI and vLLM refuse it), or ``lora_request`` when LoRA is off;
+        NotFoundError naming an adapter that is not loaded (``add_lora``). No engine state
+        changes, so a front end may call it from another thread."""
+        lora_int_id = self._lora_id(lora_request)
         if isinstance(prompt, str):
             ids, text = self.tokenizer.encode(prompt), prompt
         else:
@@ -172,7 +197,7 @@ class LLMEngine:
                 "logit_bias", f"token ids {outside} are outside the vocabulary [0, {vocab})")
         grammar = (self.structured.matcher(params.structured_outputs)
                    if params.structured_outputs is not None else None)
-        return Request(request_id, text, ids, params, grammar=grammar)
+        return Request(request_id, text, ids, params, grammar=grammar, lora_int_id=lora_int_id)
 
     def _check_scoring(self, params: SamplingParams) -> None:
         """A reward model's request scores its prompt: max_tokens=0, one sample, no logprobs
@@ -196,24 +221,100 @@ class LLMEngine:
                               f"({prompt_tokens + max_tokens} in all)")
 
     def add(self, request: Request) -> None:
+        """Queue a request ``make_request`` built. Raises RequestValidationError for a
+        request id already running, NotFoundError when its adapter was unloaded since."""
         if request.request_id in self.requests:
             raise RequestValidationError("request_id", f"{request.request_id!r} is already running")
+        if request.lora_int_id != NO_LORA and (request.lora_int_id not in
+                                               self.lora_manager.adapters):
+            raise NotFoundError(f"model: LoRA adapter {request.lora_int_id} was unloaded")
         self.requests[request.request_id] = request
         seq = Sequence(request.request_id, 0, request.prompt_token_ids, request.params,
-                       request.arrival)
+                       request.arrival, request.lora_int_id)
         self._attach(request, seq)
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(request.prompt_token_ids)
 
     def add_request(self, request_id: str, prompt: str | list[int],
-                    params: SamplingParams) -> None:
-        self.add(self.make_request(request_id, prompt, params))
+                    params: SamplingParams, lora_request: LoRARequest | None = None) -> None:
+        self.add(self.make_request(request_id, prompt, params, lora_request))
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
         for seq in request.seqs if request else []:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
+        self._drop_retired_loras()
+
+    # ---- adapters -------------------------------------------------------------------
+
+    def read_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Read an adapter from lora_request.lora_path and check it fits the model, without
+        touching engine state (a front end may call it from another thread; ``add_lora``
+        then takes the result). Raises AdapterLoadError naming the problem."""
+        self._require_lora("lora_request")
+        return load_lora_adapter(lora_request.lora_path, self.model_config,
+                                 self.config.max_lora_rank, lora_request.lora_name)
+
+    def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> None:
+        """Make an adapter available to requests under its name (``adapter``: already read by
+        ``read_lora``). Adding the same request again is a no-op. Raises AdapterLoadError for
+        an unreadable or unfitting adapter, or a name or id another adapter holds."""
+        self._require_lora("lora_request")
+        name = lora_request.lora_name
+        known = self.loras.get(name)
+        if known is not None and known.lora_int_id != lora_request.lora_int_id:
+            raise AdapterLoadError(f"an adapter named '{name}' is already loaded")
+        if any(self.lora_manager.requests[i].lora_name == name or i == lora_request.lora_int_id
+               for i in self._retiring):
+            raise AdapterLoadError(f"adapter '{name}' (or lora_int_id "
+                                   f"{lora_request.lora_int_id}) is being unloaded: requests "
+                                   "still run with it; retry once they finish")
+        self.lora_manager.add_adapter(lora_request, adapter)
+        self.loras[lora_request.lora_name] = lora_request
+        self._last_lora_id = max(self._last_lora_id, lora_request.lora_int_id)
+
+    def new_lora_request(self, lora_name: str, lora_path: str) -> LoRARequest:
+        """A LoRARequest with a lora_int_id no adapter of this engine has had (the prefix
+        cache keys blocks by it), for front ends that load adapters by name and path."""
+        return LoRARequest(lora_name, self._last_lora_id + 1, lora_path)
+
+    def remove_lora(self, lora_name: str) -> LoRARequest:
+        """Unload an adapter: new requests for it are refused at once, while the requests
+        already running with it finish first. Raises NotFoundError naming it."""
+        lora_request = self.loras.pop(lora_name, None)
+        if lora_request is None:
+            raise NotFoundError(f"lora_name: no LoRA adapter named '{lora_name}' is loaded")
+        self._retiring.add(lora_request.lora_int_id)
+        self._drop_retired_loras()
+        return lora_request
+
+    def list_loras(self) -> list[LoRARequest]:
+        return list(self.loras.values())
+
+    def _require_lora(self, field: str) -> None:
+        if self.lora_manager is None:
+            raise RequestValidationError(field, "LoRA adapters are not enabled on this engine "
+                                                "(enable_lora=True)")
+
+    def _lora_id(self, lora_request: LoRARequest | None) -> int:
+        if lora_request is None:
+            return NO_LORA
+        self._require_lora("lora_request")
+        known = self.loras.get(lora_request.lora_name)
+        if known is None or known.lora_int_id != lora_request.lora_int_id:
+            raise NotFoundError(f"model: no LoRA adapter named '{lora_request.lora_name}' "
+                                f"(lora_int_id {lora_request.lora_int_id}) is loaded")
+        return known.lora_int_id
+
+    def _drop_retired_loras(self) -> None:
+        """Forget unloaded adapters that no request runs with any more."""
+        if not self._retiring:
+            return
+        in_use = {r.lora_int_id for r in self.requests.values()}
+        for lora_int_id in self._retiring - in_use:
+            self.lora_manager.remove_adapter(lora_int_id)
+            self._retiring.discard(lora_int_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -274,7 +375,9 @@ class LLMEngine:
                 request = self.requests[seq.request_id]
                 self._append(request, seq, token)
                 touched[request.request_id] = request
-        return [self._output(r) for r in touched.values()]
+        outputs = [self._output(r) for r in touched.values()]
+        self._drop_retired_loras()
+        return outputs
 
     def _record_prompt_logprobs(self, request: Request, positions: list[int],
                                 logits: torch.Tensor) -> None:

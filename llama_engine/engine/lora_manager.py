@@ -1,9 +1,9 @@
 """The adapters of a serving engine: all of them in host memory, up to ``max_loras`` of them
 resident in device slots, stacked per projection for the batched LoRA kernels.
 
-Our model fuses q/k/v into one ``wqkv`` and gate/up into one ``w_gate_up`` (model/llama.py,
-``concat_rows``), so an adapter's per-projection weights land on output slices of the
-fused projection (layout: the batched LoRA section of kernels/reference.py). Slot weights
+Our model fuses q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj``
+(model/llama.py, ``concat_rows``), so an adapter's per-projection weights land on output
+slices of the fused projection (layout: the batched LoRA section of kernels/reference.py). Slot weights
 are zero wherever an adapter leaves a projection (or part of its rank) alone, so one
 stacked product serves every slot. The stacks' rank is the largest rank of any adapter
 added so far (at most max_lora_rank): adapters of rank 16 served with max_lora_rank 64
@@ -24,15 +24,18 @@ import torch
 from llama_engine import kernels
 from llama_engine.config import ModelConfig
 from llama_engine.engine.sequence import NO_LORA
-from llama_engine.loader.adapters import (AdapterLoadError, LoRAAdapter, load_lora_adapter,
-                                          projection_shapes, resolve_dora)
+from llama_engine.loader.adapters import (PROJECTIONS, AdapterLoadError, LoRAAdapter,
+                                          load_lora_adapter, projection_shapes, resolve_dora)
 from llama_engine.lora_request import LoRARequest
-from llama_engine.quant import PackedWeight
+from llama_engine.model.llama import Linear, Llama
 
-# The model's fused projections and, in row order, the adapter projections inside each.
-FUSED_PROJECTIONS = {"wqkv": ("wq", "wk", "wv"), "wo": ("wo",),
-                     "w_gate_up": ("w_gate", "w_up"), "w_down": ("w_down",)}
+# The model's fused projections (DecoderLayer attributes) and, in row order, the adapter
+# projections inside each.
+FUSED_PROJECTIONS = {"qkv_proj": ("wq", "wk", "wv"), "o_proj": ("wo",),
+                     "gate_up_proj": ("w_gate", "w_up"), "down_proj": ("w_down",)}
 FUSED_OF = {proj: name for name, parts in FUSED_PROJECTIONS.items() for proj in parts}
+# A model Linear's part names (PEFT's, Linear.parts) -> the fused projection holding them.
+FUSED_OF_PART = {module: FUSED_OF[proj] for module, (_, proj) in PROJECTIONS.items()}
 
 # base_weight(layer, projection) -> that projection's dense weight [out, in] (its rows of the
 # fused weight, dequantized when packed): what DoRA's per-row norm is taken of.
@@ -41,16 +44,23 @@ BaseWeightFn = Callable[[int, str], torch.Tensor]
 
 class LoRAStep:
     """The adapters of one forward pass: the token -> slot mapping and, per decoder layer
-    and fused projection, the stacked weights, where any of the step's adapters adapts it."""
+    and fused projection, the stacked weights, where any of the step's adapters adapts it.
+    The model's ``Adapters`` for that pass (``model.llama.Adapters``)."""
 
     def __init__(self, mapping: kernels.LoRAMapping,
-                 stacks: list[dict[str, kernels.LoRAStack | None]]):
+                 stacks: list[dict[str, kernels.LoRAStack | None]],
+                 native: Callable[[int, str, kernels.LoRAStack], object]):
+        """native(layer, projection, stack): the stack's kernels.lora_projection (cached by
+        the manager, which knows when a stack changes)."""
         self.mapping = mapping
         self.stacks = stacks
+        self.native = native
+        self._segments: object | None = None  # for the fused layers, built on first use
+        self._fusable: bool | None = None
 
     def stack(self, layer: int, projection: str) -> kernels.LoRAStack | None:
-        """The weights for `projection` ("wqkv", "wo", "w_gate_up", "w_down") of a decoder
-        layer, or None when no adapter of this step touches it."""
+        """The weights for `projection` ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+        of a decoder layer, or None when no adapter of this step touches it."""
         return self.stacks[layer][projection]
 
     def apply(self, layer: int, projection: str, x: torch.Tensor, y: torch.Tensor
@@ -59,6 +69,24 @@ class LoRAStep:
         adapter (x [T, K]). Returns y."""
         stack = self.stacks[layer][projection]
         return y if stack is None else kernels.add_lora(y, x, stack, self.mapping)
+
+    def fused(self, layer: int) -> kernels.LayerLoRA | None:
+        """The ``Adapters`` protocol: a layer's stacks for the fused decoder-layer kernel
+        (None where it cannot run them: the layer then calls ``__call__`` per projection)."""
+        if self._fusable is None:
+            used = [st for layer_stacks in self.stacks for st in layer_stacks.values() if st]
+            self._segments = kernels.lora_segments(self.mapping, used)
+            self._fusable = self._segments is not None
+        if not self._fusable:
+            return None
+        stacks = self.stacks[layer]
+        return kernels.LayerLoRA(self._segments, tuple(
+            None if stacks[name] is None else self.native(layer, name, stacks[name])
+            for name in FUSED_PROJECTIONS))
+
+    def __call__(self, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The ``Adapters`` protocol: ``apply`` for the projection `linear` is."""
+        return self.apply(linear.layer, FUSED_OF_PART[next(iter(linear.parts))], x, y)
 
 
 class LoRAManager:
@@ -84,6 +112,10 @@ class LoRAManager:
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # resident, least recent first
         self.rank = 0  # the stacks' rank
         self.stacks: list[dict[str, kernels.LoRAStack]] = []
+        # kernels.lora_projection of each (layer, projection, with DoRA ratio) stack, made
+        # when a step first needs it; the slots are copied in place, so it lasts until the
+        # stacks are laid out again.
+        self._natives: dict[tuple[int, str, bool], object] = {}
 
     # ---------------------------------------------------------------- host memory
 
@@ -162,7 +194,14 @@ class LoRAManager:
         step_stacks = [{name: _for_step(stack, (layer, name) in adapted, (layer, name) in dora)
                         for name, stack in layer_stacks.items()}
                        for layer, layer_stacks in enumerate(self.stacks)]
-        return LoRAStep(mapping, step_stacks)
+        return LoRAStep(mapping, step_stacks, self._native)
+
+    def _native(self, layer: int, name: str, stack: kernels.LoRAStack) -> object:
+        key = (layer, name, stack.magnitude_ratio is not None)
+        native = self._natives.get(key)
+        if native is None:
+            native = self._natives[key] = kernels.lora_projection(stack)
+        return native
 
     def _free_slot(self, keep: set[int]) -> int:
         used = set(self.slot_of.values())
@@ -178,6 +217,7 @@ class LoRAManager:
         """(Re)lay the stacks out at `rank` and copy the resident adapters back in."""
         self.rank = rank
         self.stacks = []
+        self._natives.clear()
         for _ in range(self.config.num_layers):
             layer_stacks = {}
             for name, parts in FUSED_PROJECTIONS.items():
@@ -230,6 +270,7 @@ class LoRAManager:
             stack = stack._replace(magnitude_ratio=torch.ones(
                 self.max_loras, n, dtype=torch.float32, device=self.device))
             self.stacks[layer][name] = stack
+            self._natives.pop((layer, name, True), None)
         return stack
 
 
@@ -242,10 +283,13 @@ def _for_step(stack: kernels.LoRAStack, adapted: bool, dora: bool
     return stack if dora else stack._replace(magnitude_ratio=None)
 
 
-def base_weights_of(weights: dict[str, torch.Tensor | PackedWeight]) -> BaseWeightFn:
-    """base_weight for a loader's weight dict (``layers.N.wq`` ...): the projection's dense
-    float32 weight, dequantized on demand when packed (DoRA's norms are taken of it)."""
+def base_weights_of(model: Llama) -> BaseWeightFn:
+    """base_weight for a model: a projection's rows of its fused weight, float32, dequantized
+    on demand when packed (DoRA's norms are taken of it)."""
     def base_weight(layer: int, projection: str) -> torch.Tensor:
-        w = weights[f"layers.{layer}.{projection}"]
-        return (kernels.dequantize(w) if isinstance(w, PackedWeight) else w).float()
+        linear = getattr(model.layers[layer], FUSED_OF[projection])
+        module = next(m for m, (_, proj) in PROJECTIONS.items() if proj == projection)
+        lo, hi = linear.parts[module]
+        w = linear.matrix
+        return (kernels.dequantize(w) if linear.packed is not None else w)[lo:hi].float()
     return base_weight

@@ -12,6 +12,7 @@ import torch
 
 from llama_engine import kernels
 from llama_engine.config import ModelConfig
+from llama_engine.engine.lora_manager import LoRAManager
 from llama_engine.engine.scheduler import SchedulerOutput
 from llama_engine.model.llama import Llama
 
@@ -23,9 +24,12 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, model: Llama, num_blocks: int, block_size: int,
-                 device: torch.device, kv_dtype: torch.dtype):
+                 device: torch.device, kv_dtype: torch.dtype,
+                 lora_manager: LoRAManager | None = None):
+        """lora_manager: the adapters a step's sequences may run with (None: LoRA off)."""
         c = model.config
         self.model = model
+        self.lora_manager = lora_manager
         self.device = device
         self.block_size = block_size
         self.scale = c.head_dim ** -0.5
@@ -68,6 +72,13 @@ class ModelRunner:
                     slot_mapping=tensor(slots, torch.long), cu_seqlens_q=tensor(cu_q),
                     context_lens=tensor(ctx_lens), block_tables=tensor(tables))
 
+    def _adapters(self, step: SchedulerOutput):
+        """The step's adapters, one token segment per scheduled sequence (None: all base)."""
+        if self.lora_manager is None:
+            return None
+        return self.lora_manager.prepare_step([s.num_tokens for s in step.scheduled],
+                                              [s.seq.lora_int_id for s in step.scheduled])
+
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
         """Run one step; returns float32 logits [rows, vocab]: the ``logit_positions`` of each
@@ -78,7 +89,7 @@ class ModelRunner:
         metadata = kernels.AttentionMetadata(x["slot_mapping"], x["block_tables"],
                                              x["context_lens"], x["cu_seqlens_q"], self.scale)
         attend = kernels.PagedAttention(self.k_caches, self.v_caches, metadata)
-        hidden = self.model(x["input_ids"], x["positions"], attend)
+        hidden = self.model(x["input_ids"], x["positions"], attend, self._adapters(step))
         # Rows of hidden: each sequence's logit_positions in turn, from the host-side lists
         # (reading cu_seqlens_q back would sync with the device).
         rows, chunk_start = [], 0

@@ -264,10 +264,37 @@ class DecoderLayerWeights(NamedTuple):
     num_kv_heads: int
 
 
+class LayerLoRA(NamedTuple):
+    """One decoder layer's adapters for one step, as ``FusedDecoderLayer`` takes them (C++
+    views, checked when built): the step's ``lora_segments`` and the ``lora_projection`` of
+    the fused QKV, output, fused gate/up and down projections (None where none applies)."""
+    segments: object
+    projections: tuple[object | None, object | None, object | None, object | None]
+
+
+def lora_segments(mapping: LoRAMapping, stacks: list[LoRAStack]) -> object | None:
+    """The step's segments for ``LayerLoRA``, built once a step; None when the fused CPU
+    kernel cannot run these adapters (off the CPU, another backend, a weight dtype the C++
+    kernels lack): then the model runs its layers op by op."""
+    if (_cpu is None or options().backend != "auto" or mapping.seg_slots.device.type != "cpu"
+            or any(s.a_stack.dtype not in LORA_CPU_WEIGHT_DTYPES for s in stacks)):
+        return None
+    return _cpu.lora_segments(mapping.seg_indptr, mapping.seg_slots)
+
+
+def lora_projection(stack: LoRAStack) -> object:
+    """A stack as ``LayerLoRA.projections`` holds it (a C++ view of its tensors, checked
+    once: build it once per stack, not once a step). Raises ValueError for mismatched
+    shapes."""
+    return _cpu.lora_projection(stack.a_stack, stack.b_stack, stack.slice_offsets,
+                                stack.scales, stack.magnitude_ratio)
+
+
 class FusedDecoderLayer:
     """One decoder layer (norm, QKV, RoPE, store + attend, output projection, norm, SwiGLU
     MLP) as one C++ call: at decode each of those ops costs about what a Python call does.
-    Made by ``fused_decoder_layer``, once per layer's weights (checked then)."""
+    The step's adapters (``LayerLoRA``) run inside the same call. Made by
+    ``fused_decoder_layer``, once per layer's weights (checked then)."""
 
     def __init__(self, weights: DecoderLayerWeights):
         self.weights = weights
@@ -279,22 +306,39 @@ class FusedDecoderLayer:
         w = self.weights
         return _use_cpu(x) and not needs_grad(x, w.attn_norm, w.ffn_norm)
 
+    @staticmethod
+    def takes_lora(layer: int, attend: Attention) -> bool:
+        """Whether a ``LayerLoRA`` can run inside the call: over paged float32 caches (the
+        one-call path) only."""
+        return _native_kv(attend, layer) is not None
+
     def __call__(self, layer: int, x: Tensor, residual: Tensor | None, positions: Tensor,
-                 cos_sin: Tensor, attend: Attention) -> tuple[Tensor, Tensor]:
+                 cos_sin: Tensor, attend: Attention, lora: LayerLoRA | None = None
+                 ) -> tuple[Tensor, Tensor]:
         """x, residual [T, C] (residual None in the first layer), positions int64 [T];
         returns (layer output, new residual). With paged float32 caches the store and the
-        attention run inside the call; any other ``attend`` runs between its two halves."""
-        kv = attend.paged_kv(layer)
-        if kv is not None and kv.metadata.native is not None \
-                and kv.k_cache.dtype == torch.float32:
+        attention run inside the call; any other ``attend`` runs between its two halves
+        (not with adapters: ``takes_lora`` says so)."""
+        kv = _native_kv(attend, layer)
+        if kv is not None:
             return _cpu.decoder_layer(self._params, x, residual, positions, cos_sin,
-                                      kv.k_cache, kv.v_cache, kv.metadata.native)
+                                      kv.k_cache, kv.v_cache, kv.metadata.native, lora)
+        if lora is not None:
+            raise ValueError("lora: the fused layer runs adapters over paged float32 caches only")
         w = self.weights
         q, k, v, residual = _cpu.qkv_projection(x, residual, w.attn_norm, w.eps, w.wqkv,
                                                 positions, cos_sin, w.num_heads,
                                                 w.num_kv_heads)
         return _cpu.o_proj_and_mlp(attend(layer, q, k, v), residual, w.wo, w.ffn_norm, w.eps,
                                    w.w_gate_up, w.w_down)
+
+
+def _native_kv(attend: Attention, layer: int) -> PagedKV | None:
+    """The layer's paged caches when the fused kernel can store and attend itself."""
+    kv = attend.paged_kv(layer)
+    if kv is not None and kv.metadata.native is not None and kv.k_cache.dtype == torch.float32:
+        return kv
+    return None
 
 
 def fused_decoder_layer(weights: DecoderLayerWeights) -> FusedDecoderLayer | None:

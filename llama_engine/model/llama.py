@@ -13,8 +13,8 @@ Two seams hang off the layer:
   * adapters: each projection is a ``Linear`` that adds the step's ``Adapters`` (LoRA and
     friends) to its output; with none, the path is the base model's;
   * the fused kernel: where ``kernels.fused_decoder_layer`` has one for the layer's weights
-    (packed weights on the CPU), the layer runs as one kernel call, as long as no adapter
-    or gradient is involved.
+    (packed weights on the CPU), the layer runs as one kernel call, the step's adapters
+    inside it (where the Adapters offer ``fused``), as long as no gradient is involved.
 """
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ class Adapters(Protocol):
     """
 
     def __call__(self, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    # Optional: ``fused(layer) -> kernels.LayerLoRA | None``, the same adapters of one decoder
+    # layer for the fused decoder-layer kernel, or None where they cannot run inside it.
+    # Adapters without it (training's) run their layers op by op.
 
 
 class Linear(nn.Module):
@@ -141,8 +145,11 @@ class DecoderLayer(nn.Module):
         """x, residual [T, C] (residual None in the first layer); returns (layer output,
         new residual)."""
         fused = self._fused_kernel()
-        if fused is not None and adapters is None and fused.runs(x):
-            return fused(layer, x, residual, positions, cos_sin, attend)
+        if fused is not None and fused.runs(x):
+            fuse = getattr(adapters, "fused", None)
+            lora = fuse(layer) if fuse is not None and fused.takes_lora(layer, attend) else None
+            if adapters is None or lora is not None:
+                return fused(layer, x, residual, positions, cos_sin, attend, lora)
         tokens = x.shape[0]
         h, residual = self.input_layernorm(x, residual)
         q, k, v = self.qkv_proj(h, adapters).split([self.q_size, self.kv_size, self.kv_size],

@@ -11,10 +11,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping, Optional, Protocol
 
+from llama_engine import errors as engine_errors
 from llama_engine.errors import RequestValidationError
 from llama_engine.sampling_params import SamplingParams
-from server.api.errors import APIError
-from server.api.registry import ServedModel
+from server.api.errors import APIError, NotFoundError
+from server.api.registry import Served
 
 # How each API names the engine's fields, where it names them differently; a prompt's field
 # is given per request (its path in the body).
@@ -48,7 +49,7 @@ def make_sampling_params(fields: EngineFields, **kwargs: Any) -> SamplingParams:
 class EngineRequest:
     """A request the engine validated and has not started: what GenerationRunner runs."""
 
-    model: ServedModel
+    model: Served
     request: Any  # llama_engine Request, from EngineClient.make_request
 
     @property
@@ -85,15 +86,17 @@ def forced_call_constraint(tool_format: Any, tools: list[Any], parameter_fields:
     return constraint("tools", grammar=tool_format.forced_call_grammar(tools, parallel))
 
 
-def engine_request(model: ServedModel, prompt_ids: list[int], params: SamplingParams,
+def engine_request(model: Served, prompt_ids: list[int], params: SamplingParams,
                    fields: EngineFields) -> EngineRequest:
     """Have the engine check the prompt against the model (vocabulary, context length with
     max_tokens) before anything is sent back, so a refusal is a plain 400."""
     try:
         return EngineRequest(model, model.engine.make_request(f"req-{uuid.uuid4().hex}",
-                                                              prompt_ids, params))
+                                                              prompt_ids, params, model.lora_name))
     except RequestValidationError as exc:
         raise refused(exc, fields) from None
+    except engine_errors.NotFoundError as exc:  # its adapter was unloaded since resolve()
+        raise NotFoundError(str(exc), param="model") from None
 
 
 # OpenAI's spelling of a token that is not whole UTF-8 on its own: "bytes:\xe3\x81"
@@ -131,17 +134,19 @@ class GenerationRunner:
                     first_token_at = time.monotonic()
                     self._first_token(model, first_token_at - started)
                 yield last
+        except engine_errors.NotFoundError as exc:  # its adapter was unloaded before it ran
+            raise NotFoundError(str(exc), param="model") from None
         finally:
             await outputs.aclose()
             if last is None or not last.finished:
                 await model.engine.abort(request_id)
             self._finished(model, last, first_token_at)
 
-    def _first_token(self, model: ServedModel, seconds: float) -> None:
+    def _first_token(self, model: Served, seconds: float) -> None:
         if self.listener is not None:
             self.listener.first_token(model.model_id, seconds)
 
-    def _finished(self, model: ServedModel, last: Any, first_token_at: Optional[float]) -> None:
+    def _finished(self, model: Served, last: Any, first_token_at: Optional[float]) -> None:
         if self.listener is None or last is None:
             return
         generated = sum(len(o.token_ids) for o in last.outputs)

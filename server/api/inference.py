@@ -10,7 +10,7 @@ from server.api.generation import (ChoiceDelta, DeltaTracker, EngineRequest, Gen
                                    engine_request, forced_call_constraint, json_constraint,
                                    make_sampling_params, run_together, token_piece)
 from server.api.prompts import content_text, render_messages, spec_dialog_turns, spec_tools
-from server.api.registry import ModelRegistry, ServedModel
+from server.api.registry import ModelRegistry, Served
 from server.api.tool_calls import ParsedToolCall, StreamingToolCallParser, ToolCallFormat, ToolSpec
 from server.schemas import llama_stack as ls
 
@@ -23,7 +23,7 @@ SAMPLING_FIELDS = {name: f"sampling_params.{name}" for name in ("temperature", "
 class PreparedRequest:
     """A validated request, ready for the engine."""
 
-    model: ServedModel
+    model: Served
     engine_request: EngineRequest
     tool_format: Optional[ToolCallFormat] = None  # set when tools were offered
     tools: list[Any] = field(default_factory=list)
@@ -57,7 +57,7 @@ def engine_sampling(options: ls.GenerationOptions, skip_special_tokens: bool = T
     )
 
 
-def logprobs_dict(model: ServedModel, delta: ChoiceDelta) -> Optional[dict[str, Any]]:
+def logprobs_dict(model: Served, delta: ChoiceDelta) -> Optional[dict[str, Any]]:
     """The chosen tokens and their log-probabilities, in generation order."""
     if delta.logprobs is None:
         return None

@@ -17,7 +17,7 @@ from server.api.generation import (ChoiceDelta, DeltaTracker, EngineFields, Engi
                                    json_constraint, make_sampling_params, merge_streams,
                                    run_together, token_piece)
 from server.api.prompts import ChatTurn, render_messages
-from server.api.registry import ModelRegistry, ServedModel
+from server.api.registry import ModelRegistry, Served
 from server.api.tool_calls import ParsedToolCall, StreamingToolCallParser, ToolCallFormat, ToolSpec
 from server.schemas import openai as oa
 
@@ -166,7 +166,7 @@ def _top_logprob(tokenizer: Any, token_id: int, value: float) -> oa.TopLogprob:
     return oa.TopLogprob(token=text, logprob=value, bytes=list(raw))
 
 
-def chat_logprobs(model: ServedModel, delta: ChoiceDelta, top: int) -> Optional[oa.ChoiceLogprobs]:
+def chat_logprobs(model: Served, delta: ChoiceDelta, top: int) -> Optional[oa.ChoiceLogprobs]:
     if delta.logprobs is None:
         return None
     content = []
@@ -184,7 +184,7 @@ def openai_tool_calls(calls: list[ParsedToolCall]) -> list[oa.OpenAIToolCall]:
 
 @dataclass
 class PreparedChat:
-    model: ServedModel
+    model: Served
     engine_request: EngineRequest
     tool_format: Optional[ToolCallFormat]
     top_logprobs: int
@@ -196,7 +196,7 @@ def forces_tool_call(request: oa.OpenAIChatCompletionRequest) -> bool:
 
 @dataclass
 class PreparedCompletion:
-    model: ServedModel
+    model: Served
     engine_requests: list[EngineRequest]  # one per prompt
     echo_texts: list[Optional[str]]  # each prompt as sent, when echo asks for it
     logprobs: Optional[int]
@@ -208,7 +208,7 @@ class CompletionChoiceStream:
     the finish reason once. ``text_offset`` counts characters of the token bytes so far, so
     a stream's offsets are the whole response's."""
 
-    def __init__(self, index: int, model: ServedModel, echo_text: Optional[str],
+    def __init__(self, index: int, model: Served, echo_text: Optional[str],
                  logprobs: Optional[int]):
         self.index = index
         self.model = model
@@ -294,9 +294,13 @@ class OpenAIService:
         self.runner = runner
 
     def list_models(self) -> oa.ModelList:
+        """The loaded models, then the LoRA adapters (``parent``: their base model's id)."""
         return oa.ModelList(data=[
             oa.ModelCard(id=m.model_id, created=m.created, aliases=list(m.aliases),
-                         max_model_len=m.max_model_len) for m in self.registry.models()])
+                         max_model_len=m.max_model_len) for m in self.registry.models()] + [
+            oa.ModelCard(id=a.lora_name, created=a.created, max_model_len=a.max_model_len,
+                         root=a.lora_path, parent=a.base.model_id)
+            for a in self.registry.adapters()])
 
     # ---- chat -----------------------------------------------------------------------------
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional, Protocol, Union
 
-from server.api.errors import APIError, ModelNotFoundError, ServerBusyError
+from server.api.errors import APIError, ModelNotFoundError, NotFoundError, ServerBusyError
 from server.api.tool_calls import ToolCallFormat, tool_format_for
 
 if TYPE_CHECKING:  # types only: the server reaches the engine through EngineClient
@@ -33,9 +33,16 @@ class EngineClient(Protocol):
     def is_reward_model(self) -> bool:
         """A reward model scores prompts (max_tokens=0 requests) and generates nothing."""
 
-    def make_request(self, request_id: str, prompt: list[int],
-                     sampling_params: "SamplingParams") -> "Request":
-        """Validate without starting; raises RequestValidationError naming the field."""
+    def make_request(self, request_id: str, prompt: list[int], sampling_params: "SamplingParams",
+                     lora_name: Optional[str] = None) -> "Request":
+        """Validate without starting; raises RequestValidationError naming the field, and
+        llama_engine's NotFoundError naming an adapter (lora_name) that is not loaded."""
+
+    async def add_lora(self, lora_name: str, lora_path: str) -> Any:
+        """Load a LoRA adapter; raises AdapterLoadError (a ValueError) naming the problem."""
+
+    async def remove_lora(self, lora_name: str) -> Any:
+        """Unload an adapter once its running requests finish; NotFoundError if unknown."""
 
     def run(self, request: "Request") -> AsyncIterator["RequestOutput"]:
         """The request's cumulative outputs; leaving early aborts it."""
@@ -59,6 +66,8 @@ class ServedModel:
     path: Optional[str] = None  # the GGUF file or HF folder it came from: post-training starts there
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # sequences admitted and not yet finished (running or waiting)
+
+    lora_name = None  # requests run on the base model
 
     @property
     def tokenizer(self) -> "Tokenizer":
@@ -101,15 +110,65 @@ class ServedModel:
             self.in_flight -= sequences
 
 
+@dataclass
+class ServedAdapter:
+    """A LoRA adapter loaded on a served model: a request naming it runs on the base model's
+    engine with the adapter, and shares the base model's admission limits."""
+
+    lora_name: str
+    lora_path: str
+    base: ServedModel
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_id(self) -> str:
+        return self.lora_name
+
+    @property
+    def engine(self) -> EngineClient:
+        return self.base.engine
+
+    @property
+    def aliases(self) -> list[str]:
+        return []
+
+    @property
+    def path(self) -> Optional[str]:
+        return self.base.path
+
+    @property
+    def tokenizer(self) -> "Tokenizer":
+        return self.base.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.base.max_model_len
+
+    @property
+    def tool_format(self) -> ToolCallFormat:
+        return self.base.tool_format
+
+    def admit(self, sequences: int) -> contextlib.AbstractContextManager:
+        return self.base.admit(sequences)
+
+
+Served = Union[ServedModel, ServedAdapter]
+
+
 class ModelRegistry:
-    """Resolves a request's `model` (an id or an operator-defined alias) to a loaded model."""
+    """Resolves a request's `model` (an id, an operator-defined alias or a LoRA adapter's
+    name) to a loaded model or adapter."""
 
     def __init__(self) -> None:
         self._models: dict[str, ServedModel] = {}
         self._aliases: dict[str, str] = {}
+        self._adapters: dict[str, ServedAdapter] = {}
+
+    def _taken(self, name: str) -> bool:
+        return name in self._models or name in self._aliases or name in self._adapters
 
     def add(self, model: ServedModel) -> None:
-        if model.model_id in self._models or model.model_id in self._aliases:
+        if self._taken(model.model_id):
             raise ValueError(f"model id {model.model_id!r} is already taken")
         self._models[model.model_id] = model
 
@@ -117,15 +176,56 @@ class ModelRegistry:
         if model_id not in self._models:
             raise ValueError(f"alias {alias!r} points at unknown model id {model_id!r}; "
                              f"loaded: {sorted(self._models)}")
-        if alias in self._models or alias in self._aliases:
+        if self._taken(alias):
             raise ValueError(f"alias {alias!r} is already taken")
         self._aliases[alias] = model_id
         self._models[model_id].aliases.append(alias)
 
-    def resolve(self, name: str) -> ServedModel:
+    async def load_adapter(self, lora_name: str, lora_path: str,
+                           base: Optional[ServedModel] = None) -> ServedAdapter:
+        """Load a LoRA adapter onto `base` (default: the first model) under `lora_name`.
+        Raises APIError naming a name already taken or what is wrong with the adapter."""
+        base = base or self.default
+        if self._taken(lora_name):
+            raise APIError(f"lora_name: {lora_name!r} is already taken by a loaded model, alias "
+                           "or adapter", param="lora_name")
+        try:
+            await base.engine.add_lora(lora_name, lora_path)
+        except ValueError as exc:  # AdapterLoadError, or LoRA not enabled on the engine
+            raise APIError(f"lora_path: {exc}", param="lora_path") from None
+        adapter = ServedAdapter(lora_name, lora_path, base)
+        try:
+            self.add_adapter(adapter)
+        except ValueError as exc:  # loaded twice at once: the engine refused the second
+            raise APIError(f"lora_name: {exc}", param="lora_name") from None
+        return adapter
+
+    def add_adapter(self, adapter: ServedAdapter) -> None:
+        """Register an adapter its base model's engine has loaded."""
+        if self._taken(adapter.lora_name):
+            raise ValueError(f"{adapter.lora_name!r} is already taken")
+        self._adapters[adapter.lora_name] = adapter
+
+    async def unload_adapter(self, lora_name: str) -> ServedAdapter:
+        """Forget an adapter: new requests naming it get a 404 at once, requests running
+        with it finish. Raises NotFoundError naming an unknown adapter."""
+        adapter = self._adapters.pop(lora_name, None)
+        if adapter is None:
+            raise NotFoundError(f"lora_name: no LoRA adapter named {lora_name!r} is loaded; "
+                                f"loaded: {', '.join(sorted(self._adapters)) or 'none'}",
+                                param="lora_name")
+        await adapter.engine.remove_lora(lora_name)
+        return adapter
+
+    def adapters(self) -> list[ServedAdapter]:
+        return list(self._adapters.values())
+
+    def resolve(self, name: str) -> Served:
+        if name in self._adapters:
+            return self._adapters[name]
         model_id = self._aliases.get(name, name)
         if model_id not in self._models:
-            known = sorted([*self._models, *self._aliases])
+            known = sorted([*self._models, *self._aliases, *self._adapters])
             raise ModelNotFoundError(f"model: unknown model {name!r}; available: {', '.join(known)}",
                                      param="model")
         return self._models[model_id]

@@ -24,6 +24,7 @@ from server.api.agentic_system import AgenticSystemService, ServerChatInference
 from server.api.errors import APIError, validation_error
 from server.api.generation import GenerationRunner
 from server.api.inference import InferenceService
+from server.api.lora_adapters import LoRAAdaptersService
 from server.api.memory_banks import MemoryBanksService
 from server.api.openai_compat import OpenAIService
 from server.api.registry import ModelRegistry, ServedModel
@@ -158,6 +159,17 @@ def inference_routes(spec: InferenceService, openai: OpenAIService) -> list[Rout
     ]
 
 
+def lora_adapter_routes(adapters: LoRAAdaptersService) -> list[Route]:
+    return [
+        Route("/v1/load_lora_adapter", "Load a LoRA adapter (PEFT folder or GGUF file); requests "
+              "then name it as their `model` (vLLM's route).", "OpenAI",
+              oa.LoadLoRAAdapterRequest, oa.LoRAAdapterResponse, adapters.load),
+        Route("/v1/unload_lora_adapter", "Unload a LoRA adapter; requests running with it "
+              "finish first (vLLM's route).", "OpenAI", oa.UnloadLoRAAdapterRequest,
+              oa.LoRAAdapterResponse, adapters.unload),
+    ]
+
+
 def memory_bank_routes(memory: MemoryBanksService) -> list[Route]:
     banks = "MemoryBanks"
     return [
@@ -288,6 +300,7 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     agents = AgenticSystemService(AgentStore(state_dir), AgentRuntime(chat, tools, memory.store, metrics),
                                   chat, agent_options.shield_builder(), guard_model)
     routes = (inference_routes(inference, openai)
+              + lora_adapter_routes(LoRAAdaptersService(registry))
               + memory_bank_routes(memory) + datasets_routes(DatasetsService(datasets))
               + post_training_routes(PostTrainingService(jobs, datasets, registry.model_path))
               + agentic_system_routes(agents)
@@ -308,7 +321,8 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     app.on_cleanup.append(close_state)
     for route in routes:
         app.router.add_route(route.method, route.path, make_handler(route))
-    model_names = sorted({name for m in registry.models() for name in [m.model_id, *m.aliases]})
+    model_names = sorted({name for m in [*registry.models(), *registry.adapters()]
+                          for name in [m.model_id, *m.aliases]})
     document = build_openapi(routes, model_names, requires_auth=api_key is not None)
 
     async def list_models(request: web.Request) -> web.Response:

@@ -299,8 +299,29 @@ class ModelCard(BaseModel):
     owned_by: str = "llama-engine"
     aliases: list[str] = Field(default_factory=list)
     max_model_len: int
+    root: Optional[str] = Field(default=None, description="A LoRA adapter's path.")
+    parent: Optional[str] = Field(default=None, description="A LoRA adapter's base model id.")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- LoRA adapters at run time (vLLM's routes and shapes) -----------------------------------
+
+class LoadLoRAAdapterRequest(StrictModel):
+    lora_name: str = Field(min_length=1, description="The name requests give as `model`.")
+    lora_path: str = Field(min_length=1, description="A PEFT adapter folder or a llama.cpp "
+                                                     "GGUF adapter file, on the server.")
+
+
+class UnloadLoRAAdapterRequest(StrictModel):
+    lora_name: str = Field(min_length=1)
+
+
+class LoRAAdapterResponse(BaseModel):
+    object: Literal["lora_adapter"] = "lora_adapter"
+    id: str
+    parent: str = Field(description="The base model the adapter runs on.")
+    status: Literal["loaded", "unloaded"]
