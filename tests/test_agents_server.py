@@ -186,6 +186,10 @@ BAD_CREATES = [
     ({"available_tools": [{**WEATHER, "parameters": {"type": "object", "properties": 5}}]}, 400,
      "available_tools[0].parameters"),
     ({"sampling_params": {"strategy": "top_k", "top_k": 0}}, 400, "sampling_params.top_k"),
+    # neither an object schema nor a map of parameter definitions
+    ({"available_tools": [{**WEATHER, "parameters": {"type": "bogus"}}]}, 400,
+     "available_tools[0].parameters.type"),
+    ({"max_tokens": 1_000_000_000}, 400, "max_tokens"),  # no room left for any prompt
 ]
 
 
@@ -202,6 +206,10 @@ def test_bad_execute_and_delete_name_the_field(server: ServerProcess) -> None:
     create(server, "plain")
     body = {"agent_uuid": "plain", "messages": [{"role": "assistant", "content": "hi"}], "turn_history": [], "stream": False}
     assert post(server, "/agentic_system/execute", body, 400)["error"]["param"] == "messages[0].role"
+    body["messages"] = [{"role": "tool", "content": "", "tool_responses": [
+        {"tool_name": "get_weather", "content": "sunny"}]}]  # a tool the agent does not have
+    assert (post(server, "/agentic_system/execute", body, 400)["error"]["param"]
+            == "messages[0].tool_responses[0].tool_name")
     assert create(server, "plain", 409)["error"]["param"] == "uuid"
     response = requests.delete(f"{server.base_url}/agentic_system/delete?agent_id=plain", timeout=TIMEOUT_S)
     assert response.status_code == 200, response.text

@@ -129,7 +129,11 @@ class AgenticSystemService:
             agent.validate()
         except RequestValidationError as exc:
             raise APIError(str(exc), param=exc.field) from None
-        self.inference.service.registry.resolve(agent.model)  # 404 naming `model`
+        model = self.inference.service.registry.resolve(agent.model)  # 404 naming `model`
+        if agent.max_tokens >= model.max_model_len:
+            raise APIError(f"max_tokens: {agent.max_tokens} leaves no room for a prompt in "
+                           f"{agent.model!r}'s context of {model.max_model_len} tokens",
+                           param="max_tokens")
         self._check_generation(request)
         await self._check_banks(agent)
         self.inference.loop = asyncio.get_running_loop()
@@ -175,6 +179,13 @@ class AgenticSystemService:
                 raise APIError(f"messages[{index}].tool_responses: a tool message must carry at "
                                "least one tool response", param=f"messages[{index}].tool_responses")
         agent = await self._agent(request.agent_uuid, "agent_uuid")
+        for index, msg in enumerate(request.messages):
+            for j, response in enumerate(msg.tool_responses or []):
+                name = getattr(response.tool_name, "value", response.tool_name)
+                if name not in agent.tool_names:  # answers a call this agent cannot make
+                    field = f"messages[{index}].tool_responses[{j}].tool_name"
+                    raise APIError(f"{field}: agent {agent.uuid!r} has no tool {name!r} (its "
+                                   f"tools: {', '.join(agent.tool_names) or 'none'})", param=field)
         shields = await self._agent_shields(agent)
         turn = Turn(agent, shields, self.runtime,
                     [m.model_dump(mode="json") for m in request.messages],

@@ -8,7 +8,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from server.api.errors import UnsupportedContentError
+from server.api.errors import APIError, UnsupportedContentError
 from server.api.tool_calls import ParsedToolCall, ToolCallFormat, ToolSpec
 from server.schemas import llama_stack as ls
 
@@ -65,14 +65,19 @@ def content_text(content: ls.Content, field_path: str, model_id: str) -> str:
     )
 
 
-def spec_tools(definitions: Sequence[ls.ToolDefinition]) -> list[ToolSpec]:
+def spec_tools(definitions: Sequence[ls.ToolDefinition], field: str = "available_tools"
+               ) -> list[ToolSpec]:
+    """The request's tool definitions as ToolSpecs; APIError naming
+    ``available_tools[i].parameters...`` for parameters that are neither form _json_schema
+    reads."""
     tools = []
-    for definition in definitions:
+    for index, definition in enumerate(definitions):
         if isinstance(definition.tool_name, ls.BuiltinTool):
             tools.append(ToolSpec.builtin_tool(definition.tool_name.value))
         else:
+            schema = _json_schema(definition.parameters, f"{field}[{index}].parameters")
             tools.append(ToolSpec(name=definition.tool_name, description=definition.description or "",
-                                  parameters=_json_schema(definition.parameters)))
+                                  parameters=schema))
     return tools
 
 
@@ -81,8 +86,10 @@ PYTHON_TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool
                      "list": "array", "dict": "object"}
 
 
-def _json_schema(parameters: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """Accept a JSON schema as is, or the llama-stack map of name -> {param_type, ...}."""
+def _json_schema(parameters: Optional[dict[str, Any]], field: str) -> dict[str, Any]:
+    """Accept a JSON schema of an object as is, or the llama-stack map of
+    name -> {param_type, description, required}; APIError naming ``field.<name>`` for an entry
+    that is neither (say {"type": "bogus"}: not an object schema, nor a parameter map)."""
     if not parameters:
         return {"type": "object", "properties": {}}
     if parameters.get("type") == "object" or "properties" in parameters:
@@ -90,7 +97,11 @@ def _json_schema(parameters: Optional[dict[str, Any]]) -> dict[str, Any]:
     properties: dict[str, Any] = {}
     required: list[str] = []
     for name, spec in parameters.items():
-        spec = spec if isinstance(spec, dict) else {"description": str(spec)}
+        if not isinstance(spec, dict):
+            raise APIError(f"{field}.{name}: expected a JSON schema of an object "
+                           "({\"type\": \"object\", \"properties\": ...}) or a map of parameter "
+                           f"name -> {{param_type, description, required}}; got {spec!r} for "
+                           f"{name!r}", param=f"{field}.{name}")
         param_type = spec.get("param_type", spec.get("type", "string"))
         properties[name] = {"type": PYTHON_TYPE_NAMES.get(param_type, param_type),
                             "description": spec.get("description", "")}
