@@ -144,7 +144,8 @@ def test_openapi_document_covers_every_route_and_resolves(server: ServerProcess)
                 "/memory_bank/delete": "post", "/memory_bank/query": "post",
                 "/v1/embeddings": "post", "/agentic_system/create": "post",
                 "/agentic_system/execute": "post", "/agentic_system/delete": "delete",
-                "/reward_scoring/score": "post", "/synthetic_data_generation/generate": "post"}
+                "/reward_scoring/score": "post", "/synthetic_data_generation/generate": "post",
+                "/v1/load_lora_adapter": "post", "/v1/unload_lora_adapter": "post"}
     assert {path: next(iter(ops)) for path, ops in document["paths"].items()} == expected
     schemas = document["components"]["schemas"]
     refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(document))
