@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check in one call of a lent device machine (see benchmarks/README or the device
-# tool's notes): the Triton tests compiled for the GPU, the engine against transformers on
+# Every GPU check in one call of a lent device machine (the README's Testing section says
+# how to run it): the Triton tests compiled for the GPU, the engine against transformers on
 # the GPU, the Triton kernel benchmark and the offline throughput benchmark.
 # Carried: .whl (wheels of the packages the machine's image lacks) and .gpu (made here by
 # benchmarks/gpu_prepare.py). Logs and JSON land in $OUT.
