@@ -11,20 +11,12 @@ from llama_engine import LLM, LoRARequest, SamplingParams
 from llama_engine.errors import NotFoundError, RequestValidationError
 from llama_engine.loader.adapters import AdapterLoadError
 from tests.test_model_vs_transformers import LOGIT_TOL, check_logits, hf_greedy
+from tests.test_model_vs_transformers import PROMPTS as MODEL_PROMPTS
 
 peft = pytest.importorskip("peft")
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village by the sea,",
-    "List three primary colors:",
-    "Translate to French: I love reading books.",
-    "1, 2, 3, 5, 8, 13,",
-    "Explain why the sky is blue in one sentence.",
-    "Q: What is 12 times 12?\nA:",
-]
+PROMPTS = MODEL_PROMPTS[:8]  # the base model's comparison prompts
 GREEDY_TOKENS = 6
 # B's size: enough to move the logits by whole units (a test that a dropped adapter fails),
 # little enough that the model still writes text.
