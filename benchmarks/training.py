@@ -131,6 +131,16 @@ def run_transformers(model_path: str, method: str, args: argparse.Namespace,
     return _timed(step, _batches(model.config.vocab_size, args))
 
 
+def write_hf_folder(gguf_path: str, folder: str) -> None:
+    """The GGUF model dequantized by transformers and saved as an HF folder (safetensors)."""
+    import transformers
+    directory, name = os.path.split(gguf_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                                              dtype=torch.float32)
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(folder)
+
+
 def _in_child(fn, *fn_args) -> dict:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, fn_args)
@@ -142,8 +152,15 @@ def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         adapter_file = os.path.join(folder, "initial_adapter.safetensors")
         ours = _in_child(run_ours, model_path, method, args, adapter_file)
+        peer_path = model_path
+        if method == "qlora" and not os.path.isdir(model_path):
+            # transformers refuses a quantization_config with a GGUF file: bitsandbytes
+            # quantizes from an HF folder of the dequantized model, written in its own process
+            # so that the peer's peak RSS is its own
+            peer_path = os.path.join(folder, "hf")
+            _in_child(write_hf_folder, model_path, peer_path)
         try:
-            theirs = _in_child(run_transformers, model_path, method, args, adapter_file)
+            theirs = _in_child(run_transformers, peer_path, method, args, adapter_file)
         except Exception as e:  # the peer could not run this method here: say so
             return {"llama_engine": ours, "transformers": None, "peer_error": f"{type(e).__name__}: {e}"}
     gap = max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"]))
