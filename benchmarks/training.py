@@ -137,7 +137,14 @@ def write_hf_folder(gguf_path: str, folder: str) -> None:
     directory, name = os.path.split(gguf_path)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
                                                               dtype=torch.float32)
-    model.save_pretrained(folder)
+    # save_pretrained refuses a model loaded from GGUF; its dequantized weights are plain
+    os.makedirs(folder, exist_ok=True)
+    from safetensors.torch import save_model
+    save_model(model, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):  # the GGUF's; the saved weights are dense
+        del config.quantization_config
+    config.save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(folder)
 
 
