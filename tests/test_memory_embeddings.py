@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from llama_engine.kernels import KernelOptions, configure
 from llama_engine.memory.embedding import Embedder, default_model_folder
 
 MIN_COSINE = 0.9999
@@ -71,3 +72,16 @@ def test_token_counts_match_the_reference_tokenizer(reference) -> None:
     expected = [len(ids) for ids in reference.tokenizer(texts, truncation=True,
                                                         max_length=reference.max_seq_length)["input_ids"]]
     assert Embedder().count_tokens(texts) == expected
+
+
+def test_query_embeddings_stay_float32_without_native_bfloat16() -> None:
+    """With the torch reference kernels (as on a CPU without AMX / AVX512-BF16) a query takes
+    the float32 path: the same vector as a document of the same text."""
+    previous = configure(KernelOptions(backend="torch"))
+    try:
+        embedder = Embedder()
+    finally:
+        configure(previous)
+    assert not embedder.model.bf16_is_native
+    text = "Which bird carries the mail at night?"
+    np.testing.assert_array_equal(embedder.embed_query(text), embedder.embed([text])[0])

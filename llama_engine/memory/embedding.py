@@ -68,12 +68,15 @@ class Embedder:
 
     def _embed_query(self, text: str) -> np.ndarray:
         """[dimension] float32 unit-norm embedding of one text through the model's bfloat16
-        single-sequence forward, read-only (``embed_query`` caches it: the QUERY_CACHE_SIZE
-        most recent texts)."""
-        ids = torch.tensor(self.tokenizer.encode(text).ids)
-        with self._lock, single_threaded():
-            hidden = self.model.forward_bf16(ids)
-        vector = mean_pool_normalized(hidden[None], torch.ones(1, len(ids)))[0].numpy()
+        single-sequence forward (the float32 one where this CPU lacks native bfloat16),
+        read-only (``embed_query`` caches it: the QUERY_CACHE_SIZE most recent texts)."""
+        if self.model.bf16_is_native:
+            ids = torch.tensor(self.tokenizer.encode(text).ids)
+            with self._lock, single_threaded():
+                hidden = self.model.forward_bf16(ids)
+            vector = mean_pool_normalized(hidden[None], torch.ones(1, len(ids)))[0].numpy()
+        else:
+            vector = self.embed([text])[0]
         vector.flags.writeable = False
         return vector
 

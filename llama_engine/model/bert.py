@@ -172,6 +172,12 @@ class BertModel(nn.Module):
             x = layer(x, keys)
         return x
 
+    @property
+    def bf16_is_native(self) -> bool:
+        """Whether ``forward_bf16`` runs on oneDNN's native bfloat16 matmuls (else it runs
+        the torch reference in float32 arithmetic: correct, and slower than ``forward``)."""
+        return self.layers[0].wqkv.packed_bf16.onednn
+
     @torch.inference_mode()
     def forward_bf16(self, input_ids: torch.Tensor) -> torch.Tensor:
         """One sequence without padding, bfloat16 matmuls (see the module docstring):
