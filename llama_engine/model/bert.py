@@ -162,11 +162,7 @@ class BertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids [B, S] int64, attention_mask [B, S] (1 = token, 0 = padding) ->
         hidden states [B, S, H] float32. Raises ValueError past max_positions tokens."""
-        seq = input_ids.shape[1]
-        if seq > self.config.max_positions:
-            raise ValueError(f"{seq} tokens exceed the model's {self.config.max_positions} positions")
-        x = kernels.embedding(input_ids, self.word_embeddings) + self.position_embeddings[:seq]
-        x = self.embed_norm(x)
+        x = self._embed(input_ids)
         keys = attention_mask.bool()[:, None, None, :]
         for layer in self.layers:
             x = layer(x, keys)
@@ -183,13 +179,18 @@ class BertModel(nn.Module):
         """One sequence without padding, bfloat16 matmuls (see the module docstring):
         input_ids [S] int64 -> hidden states [S, H] float32. Raises ValueError past
         max_positions tokens."""
-        seq = input_ids.shape[0]
-        if seq > self.config.max_positions:
-            raise ValueError(f"{seq} tokens exceed the model's {self.config.max_positions} positions")
-        x = self.embed_norm(kernels.embedding(input_ids, self.word_embeddings) + self.position_embeddings[:seq])
+        x = self._embed(input_ids)
         for layer in self.layers:
             x = layer.forward_bf16(x)
         return x
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [..., S] -> normalized token + position embeddings [..., S, H].
+        Raises ValueError past max_positions tokens."""
+        seq = input_ids.shape[-1]
+        if seq > self.config.max_positions:
+            raise ValueError(f"{seq} tokens exceed the model's {self.config.max_positions} positions")
+        return self.embed_norm(kernels.embedding(input_ids, self.word_embeddings) + self.position_embeddings[:seq])
 
 
 def mean_pool_normalized(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
