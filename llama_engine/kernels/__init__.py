@@ -221,6 +221,47 @@ def weight_only_linear(x: Tensor, weight: PackedWeight) -> Tensor:
     return x @ dequantize(weight).to(x.dtype).t()
 
 
+class BF16Weight(NamedTuple):
+    """A linear layer's weight [N, K] and bias [N] rounded to bfloat16 once. ``onednn``: the
+    weight is in oneDNN's blocked layout for AMX / AVX512-BF16 (``pack_bf16``), so a call
+    skips the per-call reorder that dominates small matmuls; otherwise it is plain [N, K]."""
+
+    weight: Tensor
+    bias: Tensor | None
+    onednn: bool
+
+
+# The row count oneDNN lays the weight out for; any row count runs, this one best
+# (a memory-bank query is a few dozen word pieces).
+BF16_PACK_ROWS = 64
+
+
+def bf16_matmul_is_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16) through oneDNN;
+    elsewhere bfloat16 is emulated and slower than float32."""
+    return (torch.backends.mkldnn.is_available()
+            and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()))
+
+
+def pack_bf16(weight: Tensor, bias: Tensor | None = None) -> BF16Weight:
+    """Round weight [N, K] and bias [N] (float32, CPU) to bfloat16 and lay the weight out
+    for oneDNN when the native kernels are in use and the CPU multiplies bfloat16 natively."""
+    weight, bias = weight.detach().to(torch.bfloat16), None if bias is None else bias.detach().to(torch.bfloat16)
+    if options().backend == "auto" and bf16_matmul_is_fast():
+        return BF16Weight(torch.ops.mkldnn._reorder_linear_weight(weight, BF16_PACK_ROWS), bias, True)
+    return BF16Weight(weight.contiguous(), bias, False)
+
+
+def bf16_linear(x: Tensor, weight: BF16Weight, gelu: bool = False) -> Tensor:
+    """y = x @ W^T + b, then GELU (erf form) if ``gelu``: x bfloat16 [M, K] -> bfloat16
+    [M, N], products summed in float32 and rounded to bfloat16 once (oneDNN fuses the bias
+    and GELU into the matmul). Not differentiable."""
+    if weight.onednn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight.weight, weight.bias, "gelu" if gelu else "none",
+                                                  [], "none" if gelu else "")
+    return reference.bf16_linear(x, weight.weight, weight.bias, gelu)
+
+
 # Rows of a packed W unpacked at a time in PackedLinear's backward: 1024 rows of 4096
 # float32 columns are 16 MiB, whatever the size of W (a 49152-row output head included).
 BACKWARD_ROW_CHUNK = 1024

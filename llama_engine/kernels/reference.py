@@ -47,6 +47,16 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return rotate(q), rotate(k)
 
 
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                gelu: bool = False) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T + bias [N], then GELU (erf form) if ``gelu``, all
+    bfloat16 in and out: the products and the bias summed in float32, rounded once."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y += bias.float()
+    return (torch.nn.functional.gelu(y) if gelu else y).to(torch.bfloat16)
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation: gate_up is [..., 2*F] = concat(gate, up); returns silu(gate)*up."""
     gate, up = gate_up.chunk(2, dim=-1)

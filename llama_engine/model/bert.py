@@ -2,6 +2,13 @@
 (attention, then a GELU MLP, each followed by a residual add and LayerNorm), bidirectional
 attention over the unpadded tokens of each sequence.
 
+Two forwards: ``forward`` runs a padded batch in float32 (documents: embeddings equal
+sentence-transformers' to float32 rounding); ``forward_bf16`` runs one unpadded sequence
+(a search query, where latency counts) with bfloat16 matmuls on AMX / AVX512-BF16 and the
+residual stream, LayerNorm and softmax in float32: a query's ~34 word pieces are bound by
+streaming the 42 MB of float32 weights, which bfloat16 halves, and the result stays
+within cosine 0.9999 of float32's (tests/test_memory_embeddings.py).
+
 It reads an HF ``BertModel`` checkpoint (config.json + model.safetensors) such as
 all-MiniLM-L6-v2, the memory banks' embedding model. Architecture: Devlin et al. 2019,
 "BERT: Pre-training of Deep Bidirectional Transformers" (arXiv:1810.04805). The projections
@@ -64,15 +71,21 @@ class LayerNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x @ W^T + b through ``kernels.linear``."""
+    """y = x @ W^T + b through ``kernels.linear``; ``bf16`` runs it in bfloat16 on a copy of
+    W and b rounded and laid out once (``kernels.pack_bf16``)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = nn.Parameter(bias, requires_grad=False)
+        self.packed_bf16 = kernels.pack_bf16(weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight).add_(self.bias)
+
+    def bf16(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """x bfloat16 [M, K] -> bfloat16 [M, N], GELU applied if ``gelu``."""
+        return kernels.bf16_linear(x, self.packed_bf16, gelu)
 
 
 class EncoderLayer(nn.Module):
@@ -103,6 +116,19 @@ class EncoderLayer(nn.Module):
         attn = attn.transpose(1, 2).reshape(batch, seq, hidden)
         x = self.attn_norm(self.wo(attn).add_(x))
         return self.ffn_norm(self.w_down(F.gelu(self.w_up(x))).add_(x))
+
+    def forward_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """x [S, H] float32, one sequence, every token real -> [S, H] float32. The
+        projections take bfloat16; attention, residual adds and LayerNorm run in float32."""
+        seq, hidden = x.shape
+        qkv = self.wqkv.bf16(x.to(torch.bfloat16)).view(1, seq, 3, self.num_heads, hidden // self.num_heads)
+        # float32 attention over the bfloat16 q, k, v: as fast at these sizes, and exact softmax;
+        # 4-D [1, heads, S, head_dim] so SDPA takes its fused CPU kernel
+        q, k, v = qkv.float().permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(seq, hidden)
+        x = self.attn_norm(self.wo.bf16(attn.to(torch.bfloat16)).float().add_(x))
+        up = self.w_up.bf16(x.to(torch.bfloat16), gelu=True)
+        return self.ffn_norm(self.w_down.bf16(up).float().add_(x))
 
 
 class BertModel(nn.Module):
@@ -136,15 +162,35 @@ class BertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids [B, S] int64, attention_mask [B, S] (1 = token, 0 = padding) ->
         hidden states [B, S, H] float32. Raises ValueError past max_positions tokens."""
-        seq = input_ids.shape[1]
-        if seq > self.config.max_positions:
-            raise ValueError(f"{seq} tokens exceed the model's {self.config.max_positions} positions")
-        x = kernels.embedding(input_ids, self.word_embeddings) + self.position_embeddings[:seq]
-        x = self.embed_norm(x)
+        x = self._embed(input_ids)
         keys = attention_mask.bool()[:, None, None, :]
         for layer in self.layers:
             x = layer(x, keys)
         return x
+
+    @property
+    def bf16_is_native(self) -> bool:
+        """Whether ``forward_bf16`` runs on oneDNN's native bfloat16 matmuls (else it runs
+        the torch reference in float32 arithmetic: correct, and slower than ``forward``)."""
+        return self.layers[0].wqkv.packed_bf16.onednn
+
+    @torch.inference_mode()
+    def forward_bf16(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One sequence without padding, bfloat16 matmuls (see the module docstring):
+        input_ids [S] int64 -> hidden states [S, H] float32. Raises ValueError past
+        max_positions tokens."""
+        x = self._embed(input_ids)
+        for layer in self.layers:
+            x = layer.forward_bf16(x)
+        return x
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [..., S] -> normalized token + position embeddings [..., S, H].
+        Raises ValueError past max_positions tokens."""
+        seq = input_ids.shape[-1]
+        if seq > self.config.max_positions:
+            raise ValueError(f"{seq} tokens exceed the model's {self.config.max_positions} positions")
+        return self.embed_norm(kernels.embedding(input_ids, self.word_embeddings) + self.position_embeddings[:seq])
 
 
 def mean_pool_normalized(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
