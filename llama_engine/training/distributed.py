@@ -58,9 +58,12 @@ class DataParallel:
         if self.world_size == 1:
             return values
         import torch.distributed as dist
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values
+        # NCCL reduces GPU tensors only; gloo any
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if self.device_type == "cuda" else values.device
+        summed = values.to(device, copy=True)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed.to(values.device)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -97,17 +100,14 @@ def init_data_parallel(device_type: str) -> DataParallel:
     over. Without a launcher, a group of one (FSDP still shards, over one rank)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    if not launched_by_torchrun():  # a lone process: a local group of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
+        # a lone process (no launcher): a group of one on a loopback port of its own
+        lone = {} if launched_by_torchrun() else {
+            "init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
+                                timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S), **lone)
     world_size = dist.get_world_size()
     mesh = init_device_mesh(device_type, (world_size,))
     return DataParallel(dist.get_rank(), world_size, device_type, mesh)
