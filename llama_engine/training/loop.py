@@ -109,6 +109,8 @@ class Trainer:
                  group: DataParallel = SINGLE_PROCESS, fsdp: FSDPOptions | None = None):
         if options.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {options.objective!r}")
+        if group.world_size > 1 and fsdp is None:
+            raise ValueError("several ranks train only under FSDP (fsdp options)")
         if fsdp is not None and options.objective == REWARD:
             raise ValueError("reward-model training does not run under FSDP (its score head "
                              "sits outside the model); train it in one process")
@@ -280,8 +282,6 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss, metric_sums, num_tokens, terms = self._rank_loss(batch)
                 loss.backward()
-                if self.score_head is not None:  # outside FSDP's reach: sum it here
-                    self.score_head.grad = self.group.all_reduce_sum(self.score_head.grad)
                 grad_norm = self._clip_gradients()
                 self.optimizer.step()
                 scheduler.step()
