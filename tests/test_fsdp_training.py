@@ -1,7 +1,8 @@
 """FSDP over torch.distributed (gloo, two ranks started by torch's launcher) on a tiny model:
 the loss curve and the checkpoint equal the one-process run's (full SFT, LoRA SFT with CPU
 offload, full DPO with its frozen reference sharded too), with a global batch the ranks split
-unevenly (the last batch of 7 rows in 3s has one item: one rank computes nothing). Through
+unevenly (the last batch of 7 rows in 3s has one item: one rank computes nothing); a run
+resumed from a sharded run's checkpoint (weights and Adam state) ends where one process does. Through
 the HTTP API: a memory_efficient_fsdp_wrap job runs two ranks and gives the plain job's
 curve; cancel stops every rank; a rank killed mid-run fails the job, with the reason logged."""
 from __future__ import annotations
@@ -83,6 +84,27 @@ def test_two_ranks_give_the_one_process_curve_and_checkpoint(tiny_model, tmp_pat
     config = "adapter_config.json" if weights.startswith("adapter") else "config.json"
     assert (sharded / "step-3" / config).read_text() == (single / "step-3" / config).read_text()
     assert (sharded / "loss_curve.png").exists()
+
+
+def test_two_ranks_resume_from_a_sharded_checkpoint(tiny_model, tmp_path) -> None:
+    """Epoch 1 on two ranks, then a second run on the same folder goes on to epoch 2 from the
+    saved (gathered) weights and Adam state: the end equals two straight epochs in one
+    process. A constant lr keeps the schedule independent of the planned number of steps."""
+    from llama_engine.cli import main
+    data = _jsonl(tmp_path / "data.jsonl", ROWS)
+    constant = ["--lr-min", "1e-3", "--warmup-steps", "0", "--checkpoint-every", "3", "--n-iters", "6"]
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    main(_train_args("sft", tiny_model, data, single, LORA_FLAGS + constant + ["--epochs", "2"]))
+    for epochs in ("1", "2"):
+        done = subprocess.run([sys.executable, "-m", "llama_engine.cli", *_train_args(
+            "sft", tiny_model, data, sharded, LORA_FLAGS + constant + ["--epochs", epochs]),
+            "--nproc-per-node", "2"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+    assert [r["step"] for r in _steps(sharded)] == [1, 2, 3, 4, 5, 6]  # the second run: 4..6
+    reference = load_file(single / "step-6" / "adapter_model.safetensors")
+    mine = load_file(sharded / "step-6" / "adapter_model.safetensors")
+    for name, tensor in reference.items():
+        torch.testing.assert_close(mine[name], tensor, atol=WEIGHT_TOLERANCE, rtol=0, msg=name)
 
 
 def _gone(pid: int) -> bool:
