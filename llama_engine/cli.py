@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             dest="bench", required=True))
 
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # to run again per rank
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback

@@ -16,6 +16,8 @@ from llama_engine.agents.options import LLAMA_GUARD, AgentOptions
 from llama_engine.agents.tools import ToolsConfig
 from llama_engine.agents.web_search import KEY_ENV, PROVIDERS, web_search_config
 from llama_engine.state import resolve_state_dir
+from llama_engine.training.distributed import (DEFAULT_CPU_RANKS, default_nproc_per_node,
+                                               nproc_per_node_arg)
 from llama_engine.startup import gc_paused_while_loading
 from server.api.registry import ModelRegistry, ServedAdapter, ServedModel
 from server.http.app import DEFAULT_MAX_BODY_BYTES, build_app
@@ -74,6 +76,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", default=None,
                         help="where datasets, jobs, checkpoints, memory banks and agents persist "
                              "(SQLite; default: $LLAMA_ENGINE_STATE_DIR or ~/.local/share/llama-engine)")
+    parser.add_argument("--fsdp-nproc-per-node", type=nproc_per_node_arg, default=None, metavar="N",
+                        help="processes (ranks) torch's launcher starts for a post-training job "
+                             "with memory_efficient_fsdp_wrap (default: the number of GPUs, or "
+                             f"{DEFAULT_CPU_RANKS} on the CPU)")
     parser.add_argument("--log-level", default="INFO")
     agents = parser.add_argument_group("agents (the AgenticSystem API)")
     agents.add_argument("--shield-model", action="append", metavar="NAME=PATH", default=[],
@@ -243,7 +249,8 @@ async def _serve(args: argparse.Namespace) -> None:
         guard = load_model(args, LLAMA_GUARD, guard_path)[0] if guard_path else None
         app = build_app(registry, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                         state_dir=resolve_state_dir(args.state_dir), agent_options=options,
-                        guard_model=guard)
+                        guard_model=guard,
+                        fsdp_nproc_per_node=args.fsdp_nproc_per_node or default_nproc_per_node())
     try:
         await run_until_signalled(app, args.host, args.port, args.drain_timeout)
     finally:

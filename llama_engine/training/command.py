@@ -1,13 +1,19 @@
 """``llama-engine train sft|dpo|reward --dataset PATH ...``: one training run in this process,
-with a progress bar, checkpoints under --output and a loss-curve PNG beside them."""
+with a progress bar, checkpoints under --output and a loss-curve PNG beside them.
+``--nproc-per-node N`` (N > 1) trains under FSDP on N ranks that torch's launcher starts, each
+running this same command (so does ``torchrun ... -m llama_engine.cli train ...``)."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from llama_engine.datasets import check_columns
 from llama_engine.datasets.columns import PREFERENCE, SFT as SFT_TASK, check_trainer_columns
+from llama_engine.training.distributed import (launched_by_torchrun, nproc_per_node_arg,
+                                               run_launcher)
 from llama_engine.training.loop import DPO, OBJECTIVES, SFT, DPOParams, TrainingOptions
 from llama_engine.training.optim import OPTIMIZERS
 from llama_engine.training.recipe import ADAPTER_ALGORITHMS, FULL, DataSource, Recipe, run
@@ -54,6 +60,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward-clip", type=float, default=0.0, help="DPO; 0: no clip")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="DPO epsilon (cDPO)")
     parser.add_argument("--gamma", type=float, default=0.0, help="DPO target reward margin")
+    parser.add_argument("--nproc-per-node", type=nproc_per_node_arg, default=1, metavar="N",
+                        help="train under FSDP on N processes started by torch's launcher "
+                             "(torch.distributed.run; gloo on the CPU, NCCL on GPUs)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard with FSDP even in one process (implied by --nproc-per-node > 1)")
+    parser.add_argument("--fsdp-cpu-offload", action="store_true",
+                        help="FSDP keeps parameter, gradient and optimizer shards in host memory")
 
 
 def _source(path: str, objective: str) -> DataSource:
@@ -112,6 +125,11 @@ def run_train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
     from llama_engine.loader import default_model_path
 
+    if args.nproc_per_node > 1 and not launched_by_torchrun():
+        # each rank runs this same command line; the launcher's status is the run's
+        sys.exit(run_launcher(args.nproc_per_node, "llama_engine.cli", args.argv))
+    writer = int(os.environ.get("RANK", "0")) == 0
+
     if args.objective == DPO and not 0 <= args.label_smoothing < 0.5:
         raise ValueError("--label-smoothing must be in [0, 0.5)")
     options = TrainingOptions(
@@ -127,10 +145,12 @@ def run_train(args: argparse.Namespace) -> None:
         validation=_source(args.validation_dataset, args.objective) if args.validation_dataset else None,
         algorithm=args.algorithm, algorithm_config=_algorithm_config(args),
         max_seq_len=args.max_seq_len,
-        activation_checkpointing=args.activation_checkpointing)
+        activation_checkpointing=args.activation_checkpointing,
+        fsdp=args.fsdp or args.fsdp_cpu_offload or args.nproc_per_node > 1,
+        fsdp_cpu_offload=args.fsdp_cpu_offload, nproc_per_node=args.nproc_per_node)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(unit="step", dynamic_ncols=True)
+    bar = tqdm(unit="step", dynamic_ncols=True, disable=not writer)
     records: list[dict] = []
 
     def on_start(trainer, total: int) -> None:
@@ -152,6 +172,8 @@ def run_train(args: argparse.Namespace) -> None:
         result = run(recipe, on_log, on_checkpoint, on_start)
     finally:
         bar.close()
+    if not writer:  # rank 0 reports
+        return
     if records:
         save_loss_curve(records, output / LOSS_CURVE_FILE)
     last = result.checkpoints[-1][1] if result.checkpoints else None

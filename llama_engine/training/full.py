@@ -19,6 +19,7 @@ from llama_engine.training.attention import PackedCausalAttention
 from llama_engine.training.batching import PackedBatch
 from llama_engine.training.checkpoint import (CAUSAL_LM, SEQUENCE_CLASSIFICATION, hf_config,
                                               save_hf_folder)
+from llama_engine.training.distributed import DataParallel, FSDPOptions, ShardableModel, shard_llama
 
 HF_LAYER = "model.layers.{}."
 SCORE_HEAD = "score.weight"
@@ -69,7 +70,7 @@ def checkpointed_layers(model: Llama) -> None:
         layer.forward = _checkpointed(layer)
 
 
-class FullFineTune:
+class FullFineTune(ShardableModel):
     """Every parameter of the model trains. ``reference()`` runs a frozen copy of the
     starting weights (made only when ``keep_reference``, for DPO)."""
 
@@ -94,6 +95,13 @@ class FullFineTune:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def shard(self, group: DataParallel, options: FSDPOptions) -> None:
+        """FSDP over ``group``: the model per decoder layer, and the frozen reference copy
+        the same way (it only runs forward, gathering a layer at a time)."""
+        self.fsdp_units = shard_llama(self.model, group, options)
+        if self.frozen is not None:
+            shard_llama(self.frozen, group, options)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

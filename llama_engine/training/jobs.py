@@ -5,7 +5,11 @@ time, each in its own worker process, so a crash in training never takes the ser
 A job is ``scheduled`` until the device is free, ``running`` while its worker lives, then
 ``completed`` or ``failed`` (a crash, an error, or a cancel; the reason is in its logs). A
 job still ``running`` when the server comes back from a restart is scheduled again and its
-worker resumes from the job's last checkpoint."""
+worker resumes from the job's last checkpoint.
+
+An FSDP job's worker is torch's launcher (``torch.distributed.run``) running one worker
+process per rank; a cancel stops the launcher, which stops its ranks (and a rank dies with
+its launcher whatever happens to it)."""
 from __future__ import annotations
 
 import hashlib
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llama_engine.errors import NotFoundError
+from llama_engine.training.distributed import launcher_command
 from llama_engine.state import open_database
 
 DATABASE_FILE = "post_training.sqlite3"
@@ -30,6 +35,7 @@ JOBS_DIR = "post_training"
 SCHEDULED, RUNNING, COMPLETED, FAILED = "scheduled", "running", "completed", "failed"
 FINISHED = (COMPLETED, FAILED)
 POLL_INTERVAL_S = 0.2
+WORKER_MODULE = "llama_engine.training.worker"
 CANCEL_GRACE_S = 5.0  # SIGTERM, then SIGKILL if the worker is still there
 LOG = logging.getLogger("llama_engine.training.jobs")
 SCHEMA = """
@@ -240,8 +246,12 @@ class JobManager:
             for job_uuid in self.store.jobs_with_status(SCHEDULED)[:max(free, 0)]:
                 if not self.store.set_status(job_uuid, RUNNING, {"event": RUNNING}, only_from=SCHEDULED):
                     continue
-                command = [sys.executable, "-m", "llama_engine.training.worker",
-                           "--state-dir", str(self.state_dir), "--job-uuid", job_uuid]
+                args = ["--state-dir", str(self.state_dir), "--job-uuid", job_uuid]
+                recipe = self.store.get(job_uuid).spec["recipe"]
+                if recipe.get("fsdp") or recipe.get("fsdp_cpu_offload"):
+                    command = launcher_command(recipe.get("nproc_per_node", 1), WORKER_MODULE, args)
+                else:
+                    command = [sys.executable, "-m", WORKER_MODULE, *args]
                 # stdin is a pipe the worker watches: when this process dies, however it
                 # dies, the pipe closes and the worker exits rather than train unsupervised.
                 self._workers[job_uuid] = subprocess.Popen(command, stdin=subprocess.PIPE,

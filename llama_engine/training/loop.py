@@ -1,6 +1,7 @@
 """The training loop, written against ``TrainableModel``: SFT, DPO and reward modelling over
 packed batches; epochs, shuffling, an n_iters cap, a linear warm-up then cosine lr,
-checkpoints every N steps that a restarted job resumes from, and one log record per step."""
+checkpoints every N steps that a restarted job resumes from, and one log record per step.
+Under FSDP (``distributed.py``) every rank runs this loop on its share of each batch."""
 from __future__ import annotations
 
 import math
@@ -16,6 +17,9 @@ import torch
 
 from llama_engine.training.batching import PackedBatch, batches_per_epoch, epoch_batches, pack
 from llama_engine.training.checkpoint import TRAINING_STATE_FILE
+from llama_engine.training.distributed import (SINGLE_PROCESS, DataParallel, FSDPOptions,
+                                               full_optimizer_state, load_full_optimizer_state,
+                                               whole)
 from llama_engine.training.losses import (IGNORE_INDEX, bradley_terry_loss, dpo_loss,
                                           sequence_logprobs, sft_loss)
 from llama_engine.training.model import TrainableModel
@@ -27,6 +31,7 @@ OBJECTIVES = (SFT, DPO, REWARD)
 CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
 SCORE_HEAD_INIT_STD = 0.02  # transformers' initializer_range for Llama
 Item = Union[Example, PreferencePair]
+StepTerms = tuple[torch.Tensor, dict, int, int]  # loss sum, metric sums, tokens, loss terms
 LogFn = Callable[[dict], None]
 CheckpointFn = Callable[[int, Path], None]
 
@@ -92,15 +97,33 @@ def _reply_logprobs(model: TrainableModel, batch: PackedBatch) -> torch.Tensor:
 
 class Trainer:
     """Runs ``options`` over ``items`` (Examples for SFT, PreferencePairs for DPO and reward
-    modelling), writing checkpoints under ``output_dir``/step-N."""
+    modelling), writing checkpoints under ``output_dir``/step-N.
+
+    With ``fsdp``, the model is sharded over ``group``'s ranks (every rank builds a Trainer
+    with the same arguments and calls ``train`` with the same items); rank 0 writes the
+    checkpoints and gets ``on_log`` / ``on_checkpoint``."""
 
     def __init__(self, model: TrainableModel, options: TrainingOptions, output_dir: Path,
                  on_log: LogFn = lambda record: None,
-                 on_checkpoint: CheckpointFn = lambda step, path: None):
+                 on_checkpoint: CheckpointFn = lambda step, path: None,
+                 group: DataParallel = SINGLE_PROCESS, fsdp: FSDPOptions | None = None):
         if options.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {options.objective!r}")
+        if group.world_size > 1 and fsdp is None:
+            raise ValueError("several ranks train only under FSDP (fsdp options)")
+        if fsdp is not None and options.objective == REWARD:
+            raise ValueError("reward-model training does not run under FSDP (its score head "
+                             "sits outside the model); train it in one process")
         self.model, self.options, self.output_dir = model, options, Path(output_dir)
+        self.group = group
+        if not group.is_writer:
+            on_log, on_checkpoint = (lambda record: None), (lambda step, path: None)
         self.on_log, self.on_checkpoint = on_log, on_checkpoint
+        if fsdp is not None:
+            found = latest_checkpoint(self.output_dir)
+            if found is not None:  # resume: whole weights in, before they are sharded
+                model.load_checkpoint(found[1])
+            model.shard(group, fsdp)
         self.score_head: torch.nn.Parameter | None = None
         if options.objective == REWARD:
             generator = torch.Generator().manual_seed(options.seed)
@@ -111,17 +134,17 @@ class Trainer:
         self.optimizer = build_optimizer(params, options.optimizer_type, options.lr,
                                          options.weight_decay)
 
-    # ---- one step per objective ---------------------------------------------------------
-    def _sft_step(self, examples: Sequence[Example]) -> tuple[torch.Tensor, dict, int]:
+    # ---- one step per objective: (loss sum, metric sums, tokens, loss terms) -------------
+    def _sft_step(self, examples: Sequence[Example]) -> StepTerms:
         batch = pack(examples).to(self.model.device)
         rows = _label_rows(batch)
         logits = self.model.compute_logits(self.model.hidden_states(batch)[rows])
-        return sft_loss(logits, batch.labels[rows]), {}, batch.num_tokens
+        return sft_loss(logits, batch.labels[rows], "sum"), {}, batch.num_tokens, rows.numel()
 
     def _pair_batch(self, pairs: Sequence[PreferencePair]) -> PackedBatch:
         return pack([p.chosen for p in pairs] + [p.rejected for p in pairs]).to(self.model.device)
 
-    def _dpo_step(self, pairs: Sequence[PreferencePair]) -> tuple[torch.Tensor, dict, int]:
+    def _dpo_step(self, pairs: Sequence[PreferencePair]) -> StepTerms:
         batch, n = self._pair_batch(pairs), len(pairs)
         with torch.no_grad(), self.model.reference():
             reference = _reply_logprobs(self.model, batch)
@@ -129,35 +152,69 @@ class Trainer:
         d = self.options.dpo
         out = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], d.beta,
                        d.reward_clip, d.label_smoothing, d.gamma)
-        metrics = {"rewards/chosen": out.chosen_rewards.mean().item(),
-                   "rewards/rejected": out.rejected_rewards.mean().item(),
-                   "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean().item(),
-                   "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item()}
-        return out.loss, metrics, batch.num_tokens
+        metrics = {"rewards/chosen": out.chosen_rewards.sum().item(),
+                   "rewards/rejected": out.rejected_rewards.sum().item(),
+                   "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().sum().item(),
+                   "rewards/margins": (out.chosen_rewards - out.rejected_rewards).sum().item()}
+        return out.loss * n, metrics, batch.num_tokens, n
 
     def reward_scores(self, batch: PackedBatch) -> torch.Tensor:
         """[B] scalar rewards: the score head on each sequence's last hidden state."""
         hidden = self.model.hidden_states(batch)[batch.last_token_index]
         return (hidden @ self.score_head.t()).squeeze(-1)
 
-    def _reward_step(self, pairs: Sequence[PreferencePair]) -> tuple[torch.Tensor, dict, int]:
+    def _reward_step(self, pairs: Sequence[PreferencePair]) -> StepTerms:
         batch, n = self._pair_batch(pairs), len(pairs)
         scores = self.reward_scores(batch)
-        metrics = {"accuracy": (scores[:n] > scores[n:]).float().mean().item()}
-        return bradley_terry_loss(scores[:n], scores[n:]), metrics, batch.num_tokens
+        metrics = {"accuracy": (scores[:n] > scores[n:]).float().sum().item()}
+        return bradley_terry_loss(scores[:n], scores[n:]) * n, metrics, batch.num_tokens, n
 
-    def loss(self, items: Sequence[Item]) -> tuple[torch.Tensor, dict, int]:
-        """(loss, extra metrics, tokens) of one batch under the objective."""
+    def loss_terms(self, items: Sequence[Item]) -> StepTerms:
+        """(loss summed over its terms, metrics summed likewise, tokens, number of terms) of
+        ``items`` under the objective. The terms are label tokens for SFT, pairs otherwise;
+        the batch loss is their mean."""
         step = {SFT: self._sft_step, DPO: self._dpo_step, REWARD: self._reward_step}
         return step[self.options.objective](items)
+
+    def _rank_loss(self, batch: Sequence[Item]) -> tuple[torch.Tensor, dict, int, int]:
+        """This rank's part of the global batch's mean loss (its loss sum over the batch's
+        number of terms; the parts add up to the mean, and so do their gradients, which FSDP
+        sums), its metric sums, and the batch's tokens and terms over all ranks."""
+        share = self.group.share(batch)
+        # A rank without items still runs a forward and backward (on one item, counted as
+        # nothing): FSDP's gathers and reductions need every rank.
+        loss_sum, metric_sums, num_tokens, terms = self.loss_terms(share or batch[:1])
+        if not share:
+            loss_sum, num_tokens, terms = loss_sum * 0, 0, 0
+            metric_sums = dict.fromkeys(metric_sums, 0.0)
+        totals = self.group.all_reduce_sum(torch.tensor([terms, num_tokens], dtype=torch.float64))
+        all_terms, all_tokens = int(totals[0]), int(totals[1])
+        return loss_sum / max(all_terms, 1), metric_sums, all_tokens, all_terms
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip to max_grad_norm (if set); the total gradient norm before clipping, over all
+        ranks' shards."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = whole(torch.nn.utils.get_total_norm(grads))
+        torch.nn.utils.clip_grads_with_norm_(self.params, self.options.max_grad_norm or math.inf,
+                                             norm)
+        return norm
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _save(self, step: int, epoch: int, scheduler) -> Path:
         final = self.output_dir / f"step-{step}"
         partial = self.output_dir / f"step-{step}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        self.model.save_checkpoint(partial, self.score_head.detach() if self.score_head is not None else None)
-        torch.save({"step": step, "epoch": epoch, "optimizer": self.optimizer.state_dict(),
+        root = self.model.fsdp_root
+        with self.model.full_weights():  # every rank gathers; rank 0 writes
+            if self.group.is_writer:
+                shutil.rmtree(partial, ignore_errors=True)
+                self.model.save_checkpoint(partial, self.score_head.detach() if self.score_head is not None else None)
+        optimizer = (self.optimizer.state_dict() if root is None
+                     else full_optimizer_state(root, self.optimizer))
+        if not self.group.is_writer:
+            self.group.barrier()  # the checkpoint is complete once the rank-0 barrier passes
+            return final
+        torch.save({"step": step, "epoch": epoch, "optimizer": optimizer,
                     "scheduler": scheduler.state_dict(),
                     "score_head": self.score_head.detach() if self.score_head is not None else None},
                    partial / TRAINING_STATE_FILE)
@@ -168,6 +225,7 @@ class Trainer:
         for entry in self.output_dir.iterdir():
             if entry != final and CHECKPOINT_DIR.match(entry.name):
                 (entry / TRAINING_STATE_FILE).unlink(missing_ok=True)
+        self.group.barrier()
         self.on_checkpoint(step, final)
         return final
 
@@ -178,8 +236,12 @@ class Trainer:
         step, folder = found
         state = torch.load(folder / TRAINING_STATE_FILE, map_location=self.model.device,
                            weights_only=False)
-        self.model.load_checkpoint(folder)
-        self.optimizer.load_state_dict(state["optimizer"])
+        root = self.model.fsdp_root
+        if root is None:
+            self.model.load_checkpoint(folder)  # (a sharded model loaded it before sharding)
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            load_full_optimizer_state(root, self.optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if self.score_head is not None:
             with torch.no_grad():
@@ -187,11 +249,12 @@ class Trainer:
         return step
 
     def evaluate(self, items: Sequence[Item]) -> float:
-        """Mean batch loss over ``items`` (no gradient)."""
+        """Mean batch loss over ``items`` (no gradient; every rank computes all of it)."""
         losses = []
         with torch.no_grad():
             for start in range(0, len(items), self.options.batch_size):
-                losses.append(self.loss(items[start:start + self.options.batch_size])[0].item())
+                loss_sum, _, _, terms = self.loss_terms(items[start:start + self.options.batch_size])
+                losses.append(loss_sum.item() / max(terms, 1))
         return sum(losses) / len(losses)
 
     # ---- the loop -------------------------------------------------------------------------
@@ -217,15 +280,19 @@ class Trainer:
                     break
                 started = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
-                loss, metrics, num_tokens = self.loss(batch)
+                loss, metric_sums, num_tokens, terms = self._rank_loss(batch)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm or math.inf)
+                grad_norm = self._clip_gradients()
                 self.optimizer.step()
                 scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
+                names = sorted(metric_sums)
+                sums = self.group.all_reduce_sum(torch.tensor(
+                    [loss.item()] + [metric_sums[n] for n in names], dtype=torch.float64)).tolist()
+                metrics = {n: value / max(terms, 1) for n, value in zip(names, sums[1:])}
                 elapsed = time.perf_counter() - started
-                record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
+                record = {"step": step, "epoch": epoch, "loss": sums[0], "lr": lr,
                           "grad_norm": grad_norm.item(), "num_tokens": num_tokens,
                           "tokens_per_s": num_tokens / elapsed, **metrics}
                 records.append(record)

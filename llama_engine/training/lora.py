@@ -33,6 +33,7 @@ from llama_engine.quant import NF4_BLOCK, PackedWeight, quantize_nf4
 from llama_engine.training.attention import PackedCausalAttention
 from llama_engine.training.batching import PackedBatch
 from llama_engine.training.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from llama_engine.training.distributed import DataParallel, FSDPOptions, ShardableModel, shard_llama
 from llama_engine.training.full import checkpointed_layers
 
 LORA, QLORA, DORA = "lora", "qlora", "dora"
@@ -253,7 +254,7 @@ def nf4_base(weights: dict[str, Any]) -> None:
             del w, dense
 
 
-class AdapterFineTune:
+class AdapterFineTune(ShardableModel):
     """LoRA / DoRA / QLoRA training of ``model_path`` (a GGUF file or an HF folder)."""
 
     def __init__(self, model_path: str, spec: LoRASpec, quantize_base: bool = False,
@@ -286,6 +287,17 @@ class AdapterFineTune:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.adapters.parameters())
+
+    def shard(self, group: DataParallel, options: FSDPOptions) -> None:
+        """FSDP over ``group``: each decoder layer's adapters join the layer's unit (the head's
+        adapter the root's), so a unit's frozen base weights and its trainable adapters are
+        sharded, gathered and freed together; only the adapters get gradients. An NF4 base
+        (QLoRA) is buffers, which FSDP leaves whole on every rank."""
+        for layer, table in zip(self.model.layers, self.adapters.layers):
+            layer.lora = table
+        if self.adapters.lm_head is not None:
+            self.model.lm_head_lora = self.adapters.lm_head
+        self.fsdp_units = shard_llama(self.model, group, options)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # a label that carries no loss (prompt tokens, sequence ends), as in HF
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the tokens whose label is not IGNORE_INDEX.
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Mean (``reduction`` "sum": sum) next-token cross-entropy over the tokens whose label
+    is not IGNORE_INDEX.
 
     logits: [T, V] (any float dtype, computed in float32); labels: [T] int64, already
     shifted (labels[t] is the token that should follow position t). The mean over label
     tokens is what HF ``LlamaForCausalLM(labels=...)`` and torchtune compute."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor,

@@ -13,6 +13,7 @@ import torch
 
 from llama_engine.config import ModelConfig
 from llama_engine.training.batching import PackedBatch
+from llama_engine.training.distributed import DataParallel, FSDPOptions
 
 
 @runtime_checkable
@@ -32,6 +33,21 @@ class TrainableModel(Protocol):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters the optimizer updates (requires_grad set), in a fixed order."""
+        ...
+
+    def shard(self, group: DataParallel, options: FSDPOptions) -> None:
+        """Apply FSDP over the ranks of ``group`` (``distributed.shard_llama``); after it,
+        ``trainable_parameters`` are DTensor shards and ``fsdp_root`` the root module."""
+        ...
+
+    @property
+    def fsdp_root(self) -> torch.nn.Module | None:
+        """The FSDP root module once sharded (what the optimizer state is keyed by), else None."""
+        ...
+
+    def full_weights(self) -> AbstractContextManager[None]:
+        """Inside, the parameters are whole on every rank (a collective when sharded), for
+        ``save_checkpoint``."""
         ...
 
     def reference(self) -> AbstractContextManager[None]:

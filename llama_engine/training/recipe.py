@@ -12,6 +12,8 @@ import torch
 
 from llama_engine.datasets import parse_rows
 from llama_engine.datasets.source import Content
+from llama_engine.training.distributed import (SINGLE_PROCESS, FSDPOptions, close_data_parallel,
+                                               init_data_parallel, launched_by_torchrun)
 from llama_engine.training.loop import (DPO, SFT, CheckpointFn, DPOParams, Item, LogFn, Trainer,
                                         TrainingOptions, TrainingResult)
 from llama_engine.training.model import TrainableModel
@@ -45,6 +47,16 @@ class Recipe:
     adapter_path: Optional[str] = None  # a PEFT folder the adapter starts from (its config wins)
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     activation_checkpointing: bool = False
+    fsdp: bool = False                  # the spec's memory_efficient_fsdp_wrap
+    fsdp_cpu_offload: bool = False      # the spec's fsdp_cpu_offload (implies fsdp)
+    nproc_per_node: int = 1             # ranks torch's launcher starts for a job
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node < 1:
+            raise ValueError(f"nproc_per_node: must be at least 1, got {self.nproc_per_node}")
+        if self.nproc_per_node > 1 and not (self.fsdp or self.fsdp_cpu_offload):
+            raise ValueError("nproc_per_node: several processes train only under FSDP "
+                             "(memory_efficient_fsdp_wrap)")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,12 +140,23 @@ def run(recipe: Recipe, on_log: LogFn = lambda record: None,
         on_checkpoint: CheckpointFn = lambda step, path: None,
         on_start: Callable[[Trainer, int], None] = lambda trainer, total: None) -> TrainingResult:
     """Build the model, tokenize the data, train (resuming from the latest checkpoint under
-    ``output_dir`` if any). ``on_start`` gets the trainer and the number of steps."""
-    model = build_model(recipe)
-    tokenizer = model.tokenizer
-    items = load_items(tokenizer, recipe.train, recipe.objective, recipe.max_seq_len)
-    validation = (load_items(tokenizer, recipe.validation, recipe.objective, recipe.max_seq_len)
-                  if recipe.validation else [])
-    trainer = Trainer(model, recipe.options, Path(recipe.output_dir), on_log, on_checkpoint)
-    on_start(trainer, recipe.options.total_steps(len(items)))
-    return trainer.train(items, validation)
+    ``output_dir`` if any). ``on_start`` gets the trainer and the number of steps.
+
+    Under FSDP (the recipe asks for it, or this process is one rank of a
+    ``torch.distributed.run`` launch) this process joins the process group first and
+    trains its share; rank 0 alone gets ``on_log`` and ``on_checkpoint``."""
+    distributed = recipe.fsdp or recipe.fsdp_cpu_offload or launched_by_torchrun()
+    group = init_data_parallel(default_device()) if distributed else SINGLE_PROCESS
+    try:
+        model = build_model(recipe)
+        tokenizer = model.tokenizer
+        items = load_items(tokenizer, recipe.train, recipe.objective, recipe.max_seq_len)
+        validation = (load_items(tokenizer, recipe.validation, recipe.objective, recipe.max_seq_len)
+                      if recipe.validation else [])
+        trainer = Trainer(model, recipe.options, Path(recipe.output_dir), on_log, on_checkpoint,
+                          group, FSDPOptions(recipe.fsdp_cpu_offload) if distributed else None)
+        on_start(trainer, recipe.options.total_steps(len(items)))
+        return trainer.train(items, validation)
+    finally:
+        if distributed:
+            close_data_parallel()

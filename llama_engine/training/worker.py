@@ -1,19 +1,28 @@
 """``python -m llama_engine.training.worker --state-dir DIR --job-uuid ID``: run one
 post-training job in this process, reporting steps, checkpoints and the outcome to the job
-store. Exits when its parent (the server) goes away: its stdin is the parent's pipe."""
+store. Exits when its parent (the server) goes away: its stdin is the parent's pipe.
+
+An FSDP job runs this module once per rank under torch's launcher (``torch.distributed.run``,
+``jobs.JobManager`` starts it); rank 0 reports, and every rank dies with the launcher."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import resource
+import signal
 import sys
 import threading
 import traceback
 
+import torch
+
+from llama_engine.training.distributed import launched_by_torchrun
 from llama_engine.training.jobs import COMPLETED, FAILED, RUNNING, JobStore
 from llama_engine.training.recipe import Recipe, default_device, run
 
 EXIT_PARENT_GONE = 3
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _exit_when_parent_goes() -> None:
@@ -22,6 +31,20 @@ def _exit_when_parent_goes() -> None:
             pass
         os._exit(EXIT_PARENT_GONE)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _die_with_the_launcher() -> None:
+    """A rank is killed when the launcher that started it dies, however it dies (a cancel
+    that had to SIGKILL it included): the launcher starts each rank in a session of its own,
+    out of reach of a signal to the launcher's process group."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher was already gone before prctl
+        os._exit(EXIT_PARENT_GONE)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def _peak_rss_bytes() -> int:
@@ -33,17 +56,32 @@ def run_job(store: JobStore, job_uuid: str) -> None:
     if job.status != RUNNING:  # cancelled between being claimed and this start
         return
     recipe = Recipe.from_json(job.spec["recipe"])
-    resources = {"device": default_device(), "processes": 1, "pid": os.getpid(),
+    writer = _rank() == 0
+    resources = {"device": default_device(), "processes": 1, "pids": [os.getpid()],
                  "peak_memory_bytes": _peak_rss_bytes()}
-    store.set_resources(job_uuid, resources)
-
-    def on_log(record: dict) -> None:
-        store.append_log(job_uuid, record)
-        resources["peak_memory_bytes"] = _peak_rss_bytes()
+    if writer:
         store.set_resources(job_uuid, resources)
 
-    run(recipe, on_log, lambda step, path: store.add_checkpoint(job_uuid, step, path))
-    store.set_status(job_uuid, COMPLETED, {"event": COMPLETED}, only_from=RUNNING)
+    def on_start(trainer, total_steps: int) -> None:
+        group = trainer.group  # every rank: the pids add up over the ranks
+        pids = torch.zeros(group.world_size, dtype=torch.int64)
+        pids[group.rank] = os.getpid()
+        resources.update(processes=group.world_size, pids=group.all_reduce_sum(pids).tolist(),
+                         fsdp=recipe.fsdp or recipe.fsdp_cpu_offload,
+                         fsdp_cpu_offload=recipe.fsdp_cpu_offload)
+        if group.world_size > 1:
+            resources["launcher"] = "torch.distributed.run"
+        if writer:
+            store.set_resources(job_uuid, resources)
+
+    def on_log(record: dict) -> None:  # rank 0 only
+        store.append_log(job_uuid, record)
+        resources["peak_memory_bytes"] = _peak_rss_bytes()  # rank 0's (each rank holds a shard)
+        store.set_resources(job_uuid, resources)
+
+    run(recipe, on_log, lambda step, path: store.add_checkpoint(job_uuid, step, path), on_start)
+    if writer:
+        store.set_status(job_uuid, COMPLETED, {"event": COMPLETED}, only_from=RUNNING)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,12 +90,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--job-uuid", required=True)
     args = parser.parse_args(argv)
     _exit_when_parent_goes()
+    distributed = launched_by_torchrun()
+    if distributed:
+        _die_with_the_launcher()
     store = JobStore(args.state_dir)
     try:
         run_job(store, args.job_uuid)
     except Exception as e:  # the job failed, not the worker: say why in its logs
         traceback.print_exc()
-        store.set_status(args.job_uuid, FAILED, {"event": FAILED, "reason": f"{type(e).__name__}: {e}"},
+        where = f"rank {_rank()}: " if distributed else ""
+        # The first rank to fail names the reason; a rank whose collective broke because
+        # another died comes later and finds the job failed already.
+        store.set_status(args.job_uuid, FAILED,
+                         {"event": FAILED, "reason": f"{where}{type(e).__name__}: {e}"},
                          only_from=RUNNING)
         sys.exit(1)
 

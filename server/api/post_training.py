@@ -73,9 +73,11 @@ def _file_url_path(url: str, field: str) -> Path:
 
 class PostTrainingService:
     def __init__(self, jobs: JobManager, datasets: DatasetRegistry,
-                 resolve_model_path: Callable[[str], str]):
+                 resolve_model_path: Callable[[str], str], fsdp_nproc_per_node: int = 1):
         self.jobs, self.datasets = jobs, datasets
         self.resolve_model_path = resolve_model_path  # model name -> GGUF file or HF folder
+        # processes (ranks) torch's launcher starts for a memory_efficient_fsdp_wrap job
+        self.fsdp_nproc_per_node = fsdp_nproc_per_node
 
     # ---- requests -> recipes ------------------------------------------------------------
     def _data_source(self, dataset: pt.Dataset, field: str, task: str, folder: Path,
@@ -119,11 +121,10 @@ class PostTrainingService:
     def _recipe(self, request: pt.TrainingRequest, objective: str, model_path: str, algorithm: str,
                 algorithm_config: Optional[dict], dpo: DPOParams,
                 adapter_path: Optional[str] = None) -> Recipe:
-        if request.training_config.memory_efficient_fsdp_wrap or request.training_config.fsdp_cpu_offload:
-            field = ("training_config.memory_efficient_fsdp_wrap"
-                     if request.training_config.memory_efficient_fsdp_wrap else "training_config.fsdp_cpu_offload")
-            raise APIError(f"{field}: FSDP needs several worker processes; this server runs "
-                           "one worker per job", param=field)
+        t = request.training_config
+        if t.fsdp_cpu_offload and not t.memory_efficient_fsdp_wrap:
+            raise APIError("training_config.fsdp_cpu_offload: offloads FSDP's shards; it needs "
+                           "training_config.memory_efficient_fsdp_wrap", param="training_config.fsdp_cpu_offload")
         options, max_seq_len = self._options(request, objective, dpo)
         task = SFT_COLUMNS if objective == SFT else PREFERENCE
         folder = job_dir(self.jobs.state_dir, request.job_uuid)
@@ -138,7 +139,9 @@ class PostTrainingService:
                       output_dir=str(folder / "checkpoints"), options=options,
                       validation=validation, algorithm=algorithm, algorithm_config=algorithm_config,
                       adapter_path=adapter_path, max_seq_len=max_seq_len,
-                      activation_checkpointing=request.training_config.enable_activation_checkpointing)
+                      activation_checkpointing=t.enable_activation_checkpointing,
+                      fsdp=t.memory_efficient_fsdp_wrap, fsdp_cpu_offload=t.fsdp_cpu_offload,
+                      nproc_per_node=self.fsdp_nproc_per_node if t.memory_efficient_fsdp_wrap else 1)
 
     def _submit(self, job_uuid: str, recipe: Recipe) -> None:
         try:

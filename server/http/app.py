@@ -276,11 +276,13 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               state_dir: Optional[Path] = None,
               agent_options: Optional[AgentOptions] = None,
-              guard_model: Optional[ServedModel] = None) -> web.Application:
+              guard_model: Optional[ServedModel] = None,
+              fsdp_nproc_per_node: int = 1) -> web.Application:
     """The application. Its persistent APIs (memory banks, datasets, post-training jobs,
     agents) keep their state in ``state_dir`` (default: llama_engine.state's default
     directory); ``agent_options`` configures shields and built-in tools; ``guard_model`` is
-    the llama_guard shield's model (None: each agent's own)."""
+    the llama_guard shield's model (None: each agent's own); ``fsdp_nproc_per_node`` the ranks
+    of a post-training job with memory_efficient_fsdp_wrap."""
     metrics = ServerMetrics(registry)
     runner = GenerationRunner(listener=metrics)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
@@ -302,7 +304,8 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     routes = (inference_routes(inference, openai)
               + lora_adapter_routes(LoRAAdaptersService(registry))
               + memory_bank_routes(memory) + datasets_routes(DatasetsService(datasets))
-              + post_training_routes(PostTrainingService(jobs, datasets, registry.model_path))
+              + post_training_routes(PostTrainingService(jobs, datasets, registry.model_path,
+                                                         fsdp_nproc_per_node))
               + agentic_system_routes(agents)
               + synthetic_data_routes(scoring, SyntheticDataService(registry, runner, scoring,
                                                                     datasets)))
