@@ -164,7 +164,8 @@ def _write_gguf_adapter(path: str, model, config, alpha: float, kind: str = "ada
         if proj in heads:
             b = _llama_cpp_permute(b, heads[proj])
         # llama.cpp names the output head's weight "output.weight"
-        tensor = "output.weight" if (layer, proj) == HEAD_KEY else f"blk.{layer}.{names[proj]}.weight"
+        tensor = ("output.weight" if (layer, proj) == HEAD_KEY
+                  else f"blk.{layer}.{names[proj]}.weight")
         writer.add_tensor(f"{tensor}.lora_a", a.numpy().astype(np.float32))
         writer.add_tensor(f"{tensor}.lora_b", b.numpy().astype(np.float16))
     writer.write_header_to_file()
