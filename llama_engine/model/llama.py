@@ -46,7 +46,8 @@ class Adapters(Protocol):
     projection: for the tokens served by adapter i, s_i * (x @ A_i^T) @ B_i^T on the output
     columns of each module it targets (``linear.parts`` maps the PEFT module names of a
     fused projection, e.g. q_proj / k_proj / v_proj, to their column ranges). Tokens with no
-    adapter get nothing added. A batched LoRA kernel (shrink, expand by token segment)
+    adapter get nothing added. The output head (``Llama.compute_logits``) is a Linear with
+    layer -1 and no parts, and its adapters are given the rows whose logits are computed. A batched LoRA kernel (shrink, expand by token segment)
     implements it; ``None`` instead of an Adapters runs the base model.
     """
 
