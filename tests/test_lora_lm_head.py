@@ -140,3 +140,42 @@ def test_adapter_trained_with_apply_lora_to_output_serves_the_trainers_logits(
     ours, first = engine_prefill_logits(llm, PROMPT_IDS, 1)
     err = (ours - expected[first - 1:]).abs().max().item()
     assert err < LOGIT_TOL, f"max |logit error| {err:.2e}"
+
+
+@pytest.mark.slow
+def test_server_loads_head_adapters_and_names_a_bad_head_tensor(tmp_path) -> None:
+    """/v1/load_lora_adapter: a peft head adapter loads and scores a prompt (echo with
+    logprobs) as peft does; one whose lora_B is not [vocab, r] is a 400 naming the tensor,
+    and the server goes on serving."""
+    import requests
+    from safetensors.torch import load_file, save_file
+
+    from tests.server_process import running_server
+    folder = make_tiny_llama(str(tmp_path / "model"))
+    model = _peft_model(folder, ["q_proj", "lm_head"], seed=4)
+    model.save_pretrained(str(tmp_path / "head"))
+    bad = tmp_path / "bad"
+    model.save_pretrained(str(bad))
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = "base_model.model.lm_head.lora_B.weight"
+    tensors[key] = tensors[key][:1000].contiguous()
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    reference = torch.log_softmax(hf_logits(model, PROMPT_IDS), dim=-1)
+    expected = [reference[p, t].item() for p, t in enumerate(PROMPT_IDS[1:])]
+
+    with running_server("--model", folder, "--enable-lora", "--max-lora-rank", "8") as server:
+        def post(path: str, body: dict) -> requests.Response:
+            return requests.post(server.base_url + path, json=body, timeout=300)
+        refused = post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(bad)})
+        assert refused.status_code == 400, refused.text
+        message = refused.json()["error"]["message"]
+        assert "lm_head: lora_B has shape (1000, 8)" in message and "[49152, 8]" in message
+        loaded = post("/v1/load_lora_adapter", {"lora_name": "head",
+                                                "lora_path": str(tmp_path / "head")})
+        assert loaded.status_code == 200, loaded.text
+        scored = post("/v1/completions", {"model": "head", "prompt": PROMPT_IDS,
+                                          "max_tokens": 0, "echo": True, "logprobs": 0})
+        assert scored.status_code == 200, scored.text
+        logprobs = scored.json()["choices"][0]["logprobs"]["token_logprobs"]
+        assert logprobs[0] is None
+        assert logprobs[1:] == pytest.approx(expected, abs=LOGIT_TOL)
