@@ -1,19 +1,20 @@
 """Adapter formats against HF peft, the reference: PEFT folders (safetensors and .bin,
-LoRA, rsLoRA with alpha/rank patterns, DoRA) and llama.cpp GGUF adapters, loaded for a
-tiny random Llama. Each adapted projection, run through our batched kernels with the
+LoRA, rsLoRA with alpha/rank patterns, DoRA, the output head) and llama.cpp GGUF adapters,
+loaded for a tiny random Llama. Each adapted projection, run through our batched kernels with the
 loaded weights, must give peft's own module output; each bad adapter a named error."""
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from llama_engine import kernels
-from llama_engine.loader.adapters import (PROJECTIONS, AdapterLoadError, load_lora_adapter,
-                                          resolve_dora)
+from llama_engine.loader.adapters import (HEAD_KEY, PROJECTIONS, AdapterLoadError,
+                                          load_lora_adapter, resolve_dora)
 from llama_engine.loader.hf import read_config
 from tests.conftest import make_tiny_llama
 
@@ -55,13 +56,15 @@ def _save(model, folder: str, **kwargs) -> str:
 
 
 def _peft_modules(model):
-    """(layer, our projection name) -> peft's LoRA Linear module."""
+    """(layer, our projection name), or HEAD_KEY for lm_head -> peft's LoRA Linear module."""
     found = {}
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in PROJECTIONS and hasattr(module, "lora_A"):
             layer = int(name.split(".layers.")[1].split(".")[0])
             found[(layer, PROJECTIONS[leaf][1])] = module
+        elif leaf == "lm_head" and hasattr(module, "lora_A"):
+            found[HEAD_KEY] = module
     return found
 
 
@@ -160,8 +163,11 @@ def _write_gguf_adapter(path: str, model, config, alpha: float, kind: str = "ada
         b = module.lora_B["default"].weight.detach()
         if proj in heads:
             b = _llama_cpp_permute(b, heads[proj])
-        writer.add_tensor(f"blk.{layer}.{names[proj]}.weight.lora_a", a.numpy().astype(np.float32))
-        writer.add_tensor(f"blk.{layer}.{names[proj]}.weight.lora_b", b.numpy().astype(np.float16))
+        # llama.cpp names the output head's weight "output.weight"
+        tensor = ("output.weight" if (layer, proj) == HEAD_KEY
+                  else f"blk.{layer}.{names[proj]}.weight")
+        writer.add_tensor(f"{tensor}.lora_a", a.numpy().astype(np.float32))
+        writer.add_tensor(f"{tensor}.lora_b", b.numpy().astype(np.float16))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -169,8 +175,10 @@ def _write_gguf_adapter(path: str, model, config, alpha: float, kind: str = "ada
     return path
 
 
-def test_gguf_adapter(tiny_folder, config, tmp_path) -> None:
-    model = _peft_model(tiny_folder, seed=4)
+@pytest.mark.parametrize("targets", [ALL_PROJECTIONS, ["q_proj", "lm_head"]],
+                         ids=["projections", "with-output-head"])
+def test_gguf_adapter(tiny_folder, config, tmp_path, targets) -> None:
+    model = _peft_model(tiny_folder, seed=4, target_modules=targets)
     with torch.no_grad():  # B goes through float16 in the file: round it the same way here
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -211,7 +219,7 @@ def _copy_with(src: str, dst, config_changes: dict | None = None, weights: bytes
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"bias": "lora_only"}, "'bias'"),
     ({"lora_bias": True}, "lora_bias"),
-    ({"target_modules": ["q_proj", "lm_head"]}, "lm_head"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "embed_tokens"),
     ({"target_modules": "(unclosed"}, "regex"),
     ({"peft_type": "IA3"}, "IA3"),
     ({"use_dora": True}, "lora_magnitude_vector is missing"),
@@ -254,12 +262,51 @@ def test_layer_the_base_lacks(good_adapter, config) -> None:
         load_lora_adapter(good_adapter, replace(config, num_layers=1), MAX_RANK)
 
 
-def test_lm_head_tensor_is_refused(tiny_folder, config, tmp_path) -> None:
-    model = _peft_model(tiny_folder, seed=6, target_modules=["q_proj", "lm_head"])
+@pytest.mark.parametrize("options", [{}, {"use_dora": True}, {"use_rslora": True,
+                                                                 "alpha_pattern": {"lm_head": 5}}],
+                         ids=["lora", "dora", "rslora-alpha-pattern"])
+def test_peft_output_head(tiny_folder, config, tmp_path, options) -> None:
+    """lm_head in target_modules: peft saves lora_A [r, hidden], lora_B [vocab, r] (and a
+    copy of the frozen head, which must fit the base); the head's update equals peft's."""
+    from safetensors.torch import load_file
+    model = _peft_model(tiny_folder, seed=6, r=8, target_modules=["q_proj", "lm_head"], **options)
     path = _save(model, str(tmp_path / "head"))
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(
+        os.path.join(path, "adapter_model.safetensors"))
+    adapter = load_lora_adapter(path, config, MAX_RANK)
+    head = adapter.weights[HEAD_KEY]
+    assert tuple(head.a.shape) == (8, config.hidden_size)
+    assert tuple(head.b.shape) == (config.vocab_size, 8)
+    resolve_dora(adapter, _base_weights(model))
+    _check_against_peft(model, adapter)
+
+
+def test_unknown_tensor_beside_the_head_is_refused(tiny_folder, config, tmp_path) -> None:
+    """An adapter of the embedding (saved with the target list edited to hide it)."""
+    model = _peft_model(tiny_folder, seed=6, target_modules=["q_proj", "embed_tokens"])
+    path = _save(model, str(tmp_path / "embed"))
     cfg = os.path.join(path, "adapter_config.json")
     json.dump(json.load(open(cfg)) | {"target_modules": ["q_proj"]}, open(cfg, "w"))
-    with pytest.raises(AdapterLoadError, match="lm_head"):
+    with pytest.raises(AdapterLoadError, match="embed_tokens"):
+        load_lora_adapter(path, config, MAX_RANK)
+
+
+@pytest.mark.parametrize("tensor", ["lm_head.lora_A.weight", "lm_head.lora_B.weight",
+                                    "lm_head.base_layer.weight"])
+def test_output_head_shape_that_does_not_fit(tiny_folder, config, tmp_path, tensor) -> None:
+    """A head adapter made for another hidden size or vocabulary: the error names the
+    tensor and the shape the base needs."""
+    from safetensors.torch import load_file, save_file
+    path = _save(_peft_model(tiny_folder, seed=7, r=8, target_modules=["q_proj", "lm_head"]),
+                 str(tmp_path / "head"))
+    weights = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(weights)
+    key = f"base_model.model.{tensor}"
+    tensors[key] = tensors[key][:, :-1].contiguous() if "lora_A" in tensor else \
+        tensors[key][:-5].contiguous()
+    save_file(tensors, weights)
+    named = f"lm_head: {tensor.split('.')[1]}" if "lora" in tensor else f"'{key}'"
+    with pytest.raises(AdapterLoadError, match=re.escape(f"{named} has shape")):
         load_lora_adapter(path, config, MAX_RANK)
 
 

@@ -9,8 +9,8 @@ import torch
 from llama_engine import LoRARequest
 from llama_engine.config import ModelConfig
 from llama_engine.engine.lora_manager import FUSED_PROJECTIONS, LoRAManager
-from llama_engine.loader.adapters import (AdapterLoadError, LoRAAdapter, LoRAWeights,
-                                          projection_shapes)
+from llama_engine.loader.adapters import (HEAD_KEY, AdapterLoadError, LoRAAdapter,
+                                          LoRAWeights, projection_shapes)
 
 CONFIG = ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
@@ -24,6 +24,8 @@ def _base_weights(seed: int = 0) -> dict[tuple[int, str], torch.Tensor]:
 
 
 BASE = _base_weights()
+BASE[HEAD_KEY] = torch.randn(CONFIG.vocab_size, CONFIG.hidden_size,
+                             generator=torch.Generator().manual_seed(1))
 
 
 def _adapter(seed: int, rank: int, projections: list[str], dora: bool = False) -> LoRAAdapter:
@@ -301,3 +303,73 @@ def test_fused_decoder_layers_run_the_adapters_as_the_op_by_op_layers(lora_dtype
     torch.testing.assert_close(fused, op_by_op, rtol=1e-4, atol=1e-4)
     assert (fused - base).abs().max() > 1e-2  # the adapters did something
     torch.testing.assert_close(fused[3], base[3], rtol=1e-4, atol=1e-4)  # the base row
+
+
+def _with_head(adapter: LoRAAdapter, seed: int, rank: int, dora: bool = False) -> LoRAAdapter:
+    """The adapter, adapting the output head too (A [r, hidden], B [vocab, r])."""
+    gen = torch.Generator().manual_seed(seed)
+    adapter.weights[HEAD_KEY] = LoRAWeights(
+        torch.randn(rank, CONFIG.hidden_size, generator=gen),
+        torch.randn(CONFIG.vocab_size, rank, generator=gen), 0.75,
+        torch.rand(CONFIG.vocab_size, generator=gen) + 5.0 if dora else None)
+    return adapter
+
+
+def _expected_logits(manager: LoRAManager, x: torch.Tensor, row_ids: list[int]) -> torch.Tensor:
+    """Each row through its adapter's merged head (DoRA: m * W' / ||W'||_row), float64."""
+    rows = []
+    for t, lora_int_id in enumerate(row_ids):
+        w = BASE[HEAD_KEY].double()
+        lora = manager.adapters[lora_int_id].weights.get(HEAD_KEY) if lora_int_id else None
+        if lora is not None:
+            w = w + lora.scale * lora.b.double() @ lora.a.double()
+            if lora.magnitude is not None:
+                w = lora.magnitude.double()[:, None] * w / w.norm(dim=1, keepdim=True)
+        rows.append(x[t].double() @ w.t())
+    return torch.stack(rows)
+
+
+def test_output_head_adapters_over_the_logit_rows() -> None:
+    """The head's stack exists once a head adapter is added, in the same slots; the rows
+    whose logits a step computes (several per sequence with prompt logprobs, none for a
+    chunk that does not sample) each get their own adapter's head: a LoRA head, a DoRA
+    head, an adapter without one, and the base, which keep the base logits exactly."""
+    m = _manager(max_loras=3)
+    m.add_adapter(LoRARequest("qv", 1), _adapter(1, 8, ["wq", "wv"]))
+    assert m.head_stack is None
+    m.add_adapter(LoRARequest("head", 2), _with_head(_adapter(2, 4, ["wq"]), 2, 4))
+    m.add_adapter(LoRARequest("dora", 3), _with_head(_adapter(3, 16, ["wk"]), 3, 16, dora=True))
+    assert tuple(m.head_stack.b_stack.shape) == (3, 16, CONFIG.vocab_size)
+    seg_lens, ids, rows = [3, 1, 2, 1, 4], [2, 0, 1, 3, 2], [3, 1, 0, 1, 2]
+    step = m.prepare_step(seg_lens, ids)
+    head = step.head(rows)
+    row_ids = [i for n, i in zip(rows, ids) for _ in range(n)]
+    x = torch.randn(len(row_ids), CONFIG.hidden_size, generator=torch.Generator().manual_seed(7))
+    base = x @ BASE[HEAD_KEY].t()
+    logits = head(None, x, base.clone())
+    torch.testing.assert_close(logits.double(), _expected_logits(m, x, row_ids),
+                               atol=1e-4, rtol=1e-4)
+    untouched = [t for t, i in enumerate(row_ids) if i in (0, 1)]
+    assert torch.equal(logits[untouched], base[untouched])
+    # a step whose rows all run without a head adapter has none
+    assert m.prepare_step([1, 2], [1, 0]).head([1, 1]) is None
+    assert m.prepare_step([2, 1], [2, 1]).head([0, 1]) is None
+
+
+def test_output_head_survives_eviction_and_rank_growth() -> None:
+    m = _manager(max_loras=1)
+    m.add_adapter(LoRARequest("head", 1), _with_head(_adapter(1, 4, ["wq"]), 1, 4))
+    m.add_adapter(LoRARequest("qv", 2), _adapter(2, 4, ["wv"]))
+    m.prepare_step([1], [2])  # evicts "head"
+    m.add_adapter(LoRARequest("wide", 3), _adapter(3, 32, ["wo"]))  # re-lays every stack
+    step = m.prepare_step([2], [1])
+    x = torch.randn(2, CONFIG.hidden_size, generator=torch.Generator().manual_seed(8))
+    logits = step.head([2])(None, x, x @ BASE[HEAD_KEY].t())
+    torch.testing.assert_close(logits.double(), _expected_logits(m, x, [1, 1]),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_reward_models_refuse_head_adapters() -> None:
+    m = LoRAManager(CONFIG, 1, 8, has_lm_head=False)
+    with pytest.raises(AdapterLoadError, match="lm_head"):
+        m.add_adapter(LoRARequest("head", 1), _with_head(_adapter(1, 4, ["wq"]), 1, 4))

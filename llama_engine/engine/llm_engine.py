@@ -128,7 +128,8 @@ class LLMEngine:
                                  f"{config.lora_dtype!r}")
             self.lora_manager = LoRAManager(
                 self.model_config, config.max_loras, config.max_lora_rank, self.device,
-                DTYPES[config.lora_dtype], base_weight=base_weights_of(self.model))
+                DTYPES[config.lora_dtype], base_weight=base_weights_of(self.model),
+                has_lm_head=not self.is_reward_model)
         self.loras: dict[str, LoRARequest] = {}  # adapters requests may name, by name
         self._last_lora_id = 0  # the largest lora_int_id ever added (ids are never reused)
         self._retiring: set[int] = set()  # unloaded while in use: dropped once idle

@@ -9,6 +9,11 @@ stacked product serves every slot. The stacks' rank is the largest rank of any a
 added so far (at most max_lora_rank): adapters of rank 16 served with max_lora_rank 64
 cost rank-16 work.
 
+An adapter of the output head (PEFT's ``lm_head``) has its own stack, [slots, r, hidden] and
+[slots, r, vocab] (B alone is vocab x r: 49152 x 16 for SmolLM2, 3 MiB a slot in float32),
+laid out once any such adapter is added, in the same slots and at the same rank as the
+rest; the logits of a step's sampled (and prompt-logprob) rows get it (``LoRAStep.head``).
+
 Slots are handed out least recently used first: a step's adapters are made resident
 (``prepare_step``), evicting idle ones when the slots are full; an evicted adapter is
 copied back from host memory the next time a step asks for it. The scheduler keeps a
@@ -24,8 +29,9 @@ import torch
 from llama_engine import kernels
 from llama_engine.config import ModelConfig
 from llama_engine.engine.sequence import NO_LORA
-from llama_engine.loader.adapters import (PROJECTIONS, AdapterLoadError, LoRAAdapter,
-                                          load_lora_adapter, projection_shapes, resolve_dora)
+from llama_engine.loader.adapters import (HEAD_KEY, PROJECTIONS, AdapterLoadError,
+                                          LoRAAdapter, adapted_shape, load_lora_adapter,
+                                          projection_shapes, resolve_dora)
 from llama_engine.lora_request import LoRARequest
 from llama_engine.model.llama import Linear, Llama
 
@@ -49,12 +55,17 @@ class LoRAStep:
 
     def __init__(self, mapping: kernels.LoRAMapping,
                  stacks: list[dict[str, kernels.LoRAStack | None]],
-                 native: Callable[[int, str, kernels.LoRAStack], object]):
+                 native: Callable[[int, str, kernels.LoRAStack], object],
+                 head_stack: kernels.LoRAStack | None = None,
+                 head_slots: list[int] | None = None):
         """native(layer, projection, stack): the stack's kernels.lora_projection (cached by
-        the manager, which knows when a stack changes)."""
+        the manager, which knows when a stack changes). head_stack: the output head's
+        stack when an adapter of this step adapts it, head_slots the slot of each scheduled
+        sequence in it (-1: its adapter leaves the head alone, or the base)."""
         self.mapping = mapping
         self.stacks = stacks
         self.native = native
+        self.head_stack, self.head_slots = head_stack, head_slots
         self._segments: object | None = None  # for the fused layers, built on first use
         self._fusable: bool | None = None
 
@@ -88,6 +99,32 @@ class LoRAStep:
         """The ``Adapters`` protocol: ``apply`` for the projection `linear` is."""
         return self.apply(linear.layer, FUSED_OF_PART[next(iter(linear.parts))], x, y)
 
+    def head(self, rows_per_seq: list[int]) -> HeadLoRA | None:
+        """The output head's adapters for the rows whose logits the step computes,
+        rows_per_seq[i] of them for scheduled sequence i in turn (its sampled position and
+        any prompt-logprob positions); None when none of those rows has a head adapter."""
+        if self.head_stack is None or not any(
+                n and slot >= 0 for n, slot in zip(rows_per_seq, self.head_slots)):
+            return None
+        mapping = kernels.lora_mapping(rows_per_seq, self.head_slots,
+                                       self.head_stack.a_stack.device)
+        return HeadLoRA(self.head_stack, mapping)
+
+
+class HeadLoRA:
+    """The output head's adapters over one step's logit rows: the model's ``Adapters`` for
+    ``Llama.compute_logits``. Each row with slot s gets s_s * (h A_s^T) B_s^T added across
+    the vocabulary (DoRA: times the per-token ratio), through the same batched shrink and
+    expand as the decoder projections (``kernels.add_lora``); rows with no slot keep the
+    base logits."""
+
+    def __init__(self, stack: kernels.LoRAStack, mapping: kernels.LoRAMapping):
+        self.stack, self.mapping = stack, mapping
+
+    def __call__(self, linear: Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y [N, vocab] float32 logits of hidden x [N, C], updated in place; returns y."""
+        return kernels.add_lora(y, x, self.stack, self.mapping)
+
 
 class LoRAManager:
     """Adapters by lora_int_id: loaded once into host memory, resident in at most
@@ -95,10 +132,11 @@ class LoRAManager:
 
     def __init__(self, config: ModelConfig, max_loras: int, max_lora_rank: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 base_weight: BaseWeightFn | None = None):
+                 base_weight: BaseWeightFn | None = None, has_lm_head: bool = True):
         """dtype: of the stacked A and B (scales and DoRA ratios stay float32). On the CPU,
         bfloat16 halves the bytes the kernels stream per step, at bfloat16's rounding of
-        the adapter weights (about 3 significant digits); float32 reproduces peft."""
+        the adapter weights (about 3 significant digits); float32 reproduces peft.
+        has_lm_head: False for a reward model (a score head), which refuses head adapters."""
         if max_loras < 1 or max_lora_rank < 1:
             raise ValueError(f"max_loras and max_lora_rank must be >= 1, got {max_loras} and "
                              f"{max_lora_rank}")
@@ -106,12 +144,15 @@ class LoRAManager:
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
         self.device, self.dtype = torch.device(device), dtype
         self.base_weight = base_weight
+        self.has_lm_head = has_lm_head
         self.shapes = projection_shapes(config)
         self.adapters: dict[int, LoRAAdapter] = {}  # host memory, by lora_int_id
         self.requests: dict[int, LoRARequest] = {}
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # resident, least recent first
         self.rank = 0  # the stacks' rank
         self.stacks: list[dict[str, kernels.LoRAStack]] = []
+        # the output head's stack, once an adapter of the head has been added
+        self.head_stack: kernels.LoRAStack | None = None
         # kernels.lora_projection of each (layer, projection, with DoRA ratio) stack, made
         # when a step first needs it; the slots are copied in place, so it lasts until the
         # stacks are laid out again.
@@ -135,6 +176,9 @@ class LoRAManager:
         if adapter is None:
             adapter = load_lora_adapter(request.lora_path, self.config, self.max_lora_rank,
                                         request.lora_name)
+        if HEAD_KEY in adapter.weights and not self.has_lm_head:
+            raise AdapterLoadError(f"adapter '{request.lora_name}' adapts lm_head, which this "
+                                   "model lacks (a reward model: a score head instead)")
         if adapter.rank > self.max_lora_rank:
             raise AdapterLoadError(f"adapter '{request.lora_name}': rank {adapter.rank} exceeds "
                                    f"max_lora_rank {self.max_lora_rank}")
@@ -145,8 +189,8 @@ class LoRAManager:
             resolve_dora(adapter, self.base_weight)
         self.adapters[request.lora_int_id] = adapter
         self.requests[request.lora_int_id] = request
-        if adapter.rank > self.rank:
-            self._allocate(adapter.rank)
+        if adapter.rank > self.rank or (HEAD_KEY in adapter.weights and self.head_stack is None):
+            self._allocate(max(adapter.rank, self.rank))
         return adapter
 
     def remove_adapter(self, lora_int_id: int) -> None:
@@ -188,13 +232,18 @@ class LoRAManager:
         adapted, dora = set(), set()
         for lora_int_id in slots:
             for (layer, proj), w in self.adapters[lora_int_id].weights.items():
-                adapted.add((layer, FUSED_OF[proj]))
+                key = HEAD_KEY if (layer, proj) == HEAD_KEY else (layer, FUSED_OF[proj])
+                adapted.add(key)
                 if w.magnitude_ratio is not None:
-                    dora.add((layer, FUSED_OF[proj]))
+                    dora.add(key)
         step_stacks = [{name: _for_step(stack, (layer, name) in adapted, (layer, name) in dora)
                         for name, stack in layer_stacks.items()}
                        for layer, layer_stacks in enumerate(self.stacks)]
-        return LoRAStep(mapping, step_stacks, self._native)
+        head_slots = [slots[i] if i in slots and HEAD_KEY in self.adapters[i].weights else -1
+                      for i in lora_int_ids]
+        head_stack = (_for_step(self.head_stack, HEAD_KEY in adapted, HEAD_KEY in dora)
+                      if self.head_stack is not None else None)
+        return LoRAStep(mapping, step_stacks, self._native, head_stack, head_slots)
 
     def _native(self, layer: int, name: str, stack: kernels.LoRAStack) -> object:
         key = (layer, name, stack.magnitude_ratio is not None)
@@ -214,7 +263,8 @@ class LoRAManager:
         raise AssertionError("activate() checked that the step fits in the slots")
 
     def _allocate(self, rank: int) -> None:
-        """(Re)lay the stacks out at `rank` and copy the resident adapters back in."""
+        """(Re)lay the stacks out at `rank` (the head's too, when an adapter adapts the
+        head) and copy the resident adapters back in."""
         self.rank = rank
         self.stacks = []
         self._natives.clear()
@@ -224,53 +274,77 @@ class LoRAManager:
                 offsets = [0]
                 for proj in parts:
                     offsets.append(offsets[-1] + self.shapes[proj][0])
-                k = self.shapes[parts[0]][1]
-                layer_stacks[name] = kernels.LoRAStack(
-                    torch.zeros(self.max_loras, len(parts) * rank, k, dtype=self.dtype,
-                                device=self.device),
-                    torch.zeros(self.max_loras, rank, offsets[-1], dtype=self.dtype,
-                                device=self.device),
-                    torch.zeros(self.max_loras, len(parts), dtype=torch.float32,
-                                device=self.device),
-                    tuple(offsets), None)
+                layer_stacks[name] = self._zero_stack(len(parts), rank, self.shapes[parts[0]][1],
+                                                      tuple(offsets))
             self.stacks.append(layer_stacks)
+        self.head_stack = None
+        if any(HEAD_KEY in adapter.weights for adapter in self.adapters.values()):
+            vocab, hidden = adapted_shape(self.config, HEAD_KEY)
+            self.head_stack = self._zero_stack(1, rank, hidden, (0, vocab))
         for lora_int_id, slot in self.slot_of.items():
             self._load_slot(lora_int_id, slot)
+
+    def _zero_stack(self, num_slices: int, rank: int, in_features: int,
+                    offsets: tuple[int, ...]) -> kernels.LoRAStack:
+        """An empty stack of max_loras slots: num_slices sub-projections reading
+        in_features inputs, their outputs side by side at `offsets`."""
+        def zeros(*shape: int, dtype: torch.dtype = self.dtype) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=self.device)
+        return kernels.LoRAStack(zeros(self.max_loras, num_slices * rank, in_features),
+                                 zeros(self.max_loras, rank, offsets[-1]),
+                                 zeros(self.max_loras, num_slices, dtype=torch.float32),
+                                 offsets, None)
 
     def _load_slot(self, lora_int_id: int, slot: int) -> None:
         """Copy an adapter from host memory into a slot of every stack."""
         adapter = self.adapters[lora_int_id]
-        rank = self.rank
         for layer, layer_stacks in enumerate(self.stacks):
             for name, parts in FUSED_PROJECTIONS.items():
-                stack = layer_stacks[name]
-                stack.a_stack[slot].zero_()
-                stack.b_stack[slot].zero_()
-                stack.scales[slot].zero_()
-                if stack.magnitude_ratio is not None:
-                    stack.magnitude_ratio[slot].fill_(1.0)
-                for p, proj in enumerate(parts):
-                    w = adapter.weights.get((layer, proj))
-                    if w is None:
-                        continue
-                    lo, hi = stack.slice_offsets[p], stack.slice_offsets[p + 1]
-                    stack.a_stack[slot, p * rank:p * rank + w.rank] = w.a
-                    stack.b_stack[slot, :w.rank, lo:hi] = w.b.t()
-                    stack.scales[slot, p] = w.scale
-                    if w.magnitude_ratio is not None:
-                        stack = self._with_ratio(layer, name)
-                        stack.magnitude_ratio[slot, lo:hi] = w.magnitude_ratio
+                self._fill_slot(adapter, slot, (layer, name), [(layer, proj) for proj in parts])
+        if self.head_stack is not None:
+            self._fill_slot(adapter, slot, HEAD_KEY, [HEAD_KEY])
         self.slot_of[lora_int_id] = slot
 
-    def _with_ratio(self, layer: int, name: str) -> kernels.LoRAStack:
-        """The stack, given a DoRA ratio of ones (every slot plain LoRA) if it had none."""
-        stack = self.stacks[layer][name]
+    def _fill_slot(self, adapter: LoRAAdapter, slot: int, stack_key: tuple[int, str],
+                   parts: list[tuple[int, str]]) -> None:
+        """One stack's slot: zero, then the adapter's weights for each of its sub-projections
+        (`parts`, keys of adapter.weights in the stack's slice order) that it adapts."""
+        stack = self._stack(stack_key)
+        rank = self.rank
+        stack.a_stack[slot].zero_()
+        stack.b_stack[slot].zero_()
+        stack.scales[slot].zero_()
+        if stack.magnitude_ratio is not None:
+            stack.magnitude_ratio[slot].fill_(1.0)
+        for p, key in enumerate(parts):
+            w = adapter.weights.get(key)
+            if w is None:
+                continue
+            lo, hi = stack.slice_offsets[p], stack.slice_offsets[p + 1]
+            stack.a_stack[slot, p * rank:p * rank + w.rank] = w.a
+            stack.b_stack[slot, :w.rank, lo:hi] = w.b.t()
+            stack.scales[slot, p] = w.scale
+            if w.magnitude_ratio is not None:
+                stack = self._with_ratio(stack_key)
+                stack.magnitude_ratio[slot, lo:hi] = w.magnitude_ratio
+
+    def _stack(self, key: tuple[int, str]) -> kernels.LoRAStack:
+        """The stack of (layer, fused projection name), or the head's for HEAD_KEY."""
+        return self.head_stack if key == HEAD_KEY else self.stacks[key[0]][key[1]]
+
+    def _with_ratio(self, key: tuple[int, str]) -> kernels.LoRAStack:
+        """The stack of `key` (as ``_stack``), given a DoRA ratio of ones (every slot plain
+        LoRA) if it had none."""
+        stack = self._stack(key)
         if stack.magnitude_ratio is None:
             n = stack.b_stack.shape[2]
             stack = stack._replace(magnitude_ratio=torch.ones(
                 self.max_loras, n, dtype=torch.float32, device=self.device))
-            self.stacks[layer][name] = stack
-            self._natives.pop((layer, name, True), None)
+            if key == HEAD_KEY:
+                self.head_stack = stack
+            else:
+                self.stacks[key[0]][key[1]] = stack
+                self._natives.pop((*key, True), None)
         return stack
 
 
@@ -284,12 +358,16 @@ def _for_step(stack: kernels.LoRAStack, adapted: bool, dora: bool
 
 
 def base_weights_of(model: Llama) -> BaseWeightFn:
-    """base_weight for a model: a projection's rows of its fused weight, float32, dequantized
-    on demand when packed (DoRA's norms are taken of it)."""
+    """base_weight for a model: a projection's rows of its fused weight (HEAD_KEY: the
+    output head, the embedding when tied), float32, dequantized on demand when packed
+    (DoRA's norms are taken of it)."""
     def base_weight(layer: int, projection: str) -> torch.Tensor:
-        linear = getattr(model.layers[layer], FUSED_OF[projection])
-        module = next(m for m, (_, proj) in PROJECTIONS.items() if proj == projection)
-        lo, hi = linear.parts[module]
+        if (layer, projection) == HEAD_KEY:
+            linear, (lo, hi) = model.lm_head, (0, None)
+        else:
+            linear = getattr(model.layers[layer], FUSED_OF[projection])
+            module = next(m for m, (_, proj) in PROJECTIONS.items() if proj == projection)
+            lo, hi = linear.parts[module]
         w = linear.matrix
         return (kernels.dequantize(w) if linear.packed is not None else w)[lo:hi].float()
     return base_weight

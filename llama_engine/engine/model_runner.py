@@ -89,13 +89,18 @@ class ModelRunner:
         metadata = kernels.AttentionMetadata(x["slot_mapping"], x["block_tables"],
                                              x["context_lens"], x["cu_seqlens_q"], self.scale)
         attend = kernels.PagedAttention(self.k_caches, self.v_caches, metadata)
-        hidden = self.model(x["input_ids"], x["positions"], attend, self._adapters(step))
+        adapters = self._adapters(step)
+        hidden = self.model(x["input_ids"], x["positions"], attend, adapters)
         # Rows of hidden: each sequence's logit_positions in turn, from the host-side lists
         # (reading cu_seqlens_q back would sync with the device).
-        rows, chunk_start = [], 0
+        rows, rows_per_seq, chunk_start = [], [], 0
         for s in step.scheduled:
-            rows += [chunk_start + p - s.seq.num_computed_tokens for p in s.logit_positions]
+            positions = s.logit_positions
+            rows += [chunk_start + p - s.seq.num_computed_tokens for p in positions]
+            rows_per_seq.append(len(positions))
             chunk_start += s.num_tokens
         if not rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        # the output head's adapters (PEFT's lm_head target), segmented over these rows
+        head = None if adapters is None else adapters.head(rows_per_seq)
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)], head)

@@ -7,8 +7,17 @@ a module is alpha / r (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r)), with r read
 tensors and alpha from ``alpha_pattern`` or ``lora_alpha``, matched as PEFT matches module
 names (a pattern key matches the name or a dotted suffix of it).
 
+The output head (PEFT's ``lm_head``, keys ``base_model.model.lm_head.lora_A.weight`` ..., A
+[r, hidden], B [vocab, r]) may be adapted too, tied embeddings or not: as in PEFT, the update
+goes to the logits only and the embedding lookup stays the base's. It is kept under
+``HEAD_KEY`` beside the decoder layers' (layer, projection) keys. Beside a head adapter peft
+saves a copy of the frozen head itself (``base_model.model.lm_head.base_layer.weight``, its
+``save_embedding_layers``): LoRA training leaves it as the base has it, so it is checked
+against the base's shape (another vocabulary is refused by name) and not kept.
+
 llama.cpp (``convert_lora_to_gguf.py``): ``general.type = adapter``, ``adapter.lora.alpha``,
-tensors ``blk.N.attn_q.weight.lora_a`` [r, in] and ``.lora_b`` [out, r]; the converter
+tensors ``blk.N.attn_q.weight.lora_a`` [r, in] and ``.lora_b`` [out, r] (``output.weight
+.lora_a`` / ``.lora_b`` for the head); the converter
 permutes Q/K rows as it does for the base, so B's rows are permuted back here. Scale as in
 llama.cpp's ``llama_adapter_lora_weight::get_scale``: alpha / r, or 1 when alpha is 0.
 
@@ -41,12 +50,20 @@ PROJECTIONS = {
 # llama.cpp tensor name (between "blk.N." and ".weight.lora_a/b") -> our projection name
 GGUF_PROJECTIONS = {"attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
                     "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
+# The output head: PEFT's module name, and the key of its adapter in LoRAAdapter.weights (the
+# head is in no decoder layer: layer -1, as the model's own head Linear says).
+LM_HEAD = "lm_head"
+HEAD_KEY = (-1, LM_HEAD)
 PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # "base_model.model." + the adapted model's own names: "model.layers..." for a model with
 # a head (LlamaForCausalLM), "layers..." for a bare LlamaModel.
 PEFT_KEY = re.compile(r"base_model\.model\.(?:model\.)?layers\.(\d+)\.(\w+)\.(\w+)\."
                       r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
+PEFT_HEAD_KEY = re.compile(r"base_model\.model\.lm_head\."
+                           r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
+PEFT_HEAD_COPY_KEY = "base_model.model.lm_head.base_layer.weight"
 GGUF_KEY = re.compile(r"blk\.(\d+)\.(\w+)\.weight\.(lora_a|lora_b)")
+GGUF_HEAD_KEY = re.compile(r"output\.weight\.(lora_a|lora_b)")
 # A reward adapter (PEFT task_type SEQ_CLS) also saves the classification head it trained:
 # PEFT's default modules_to_save for that task, and the head's key.
 SCORE_MODULES = ("classifier", "score")
@@ -85,7 +102,8 @@ class LoRAWeights:
 
 @dataclass
 class LoRAAdapter:
-    """An adapter in memory: its weights per (decoder layer, projection name)."""
+    """An adapter in memory: its weights per (decoder layer, projection name), and the
+    output head's under HEAD_KEY when it adapts the head."""
     name: str
     path: str
     weights: dict[tuple[int, str], LoRAWeights] = field(default_factory=dict)
@@ -109,13 +127,22 @@ def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
             "w_gate": (f, c), "w_up": (f, c), "w_down": (c, f)}
 
 
+def adapted_shape(config: ModelConfig, key: tuple[int, str]) -> tuple[int, int]:
+    """(out features, in features) of an adapted weight: a decoder-layer projection, or for
+    HEAD_KEY the output head [vocab, hidden]."""
+    if key == HEAD_KEY:
+        return config.vocab_size, config.hidden_size
+    return projection_shapes(config)[key[1]]
+
+
 def load_lora_adapter(path: str, config: ModelConfig, max_rank: int,
                       name: str | None = None) -> LoRAAdapter:
     """Read a PEFT adapter folder or a llama.cpp GGUF adapter file for a base with `config`.
 
     Raises AdapterLoadError naming the problem: a missing or unreadable file, an option
     this engine cannot honour (modules_to_save, bias training, ...), a target the model
-    lacks, a shape that does not fit the base, a rank above `max_rank`.
+    lacks, a shape that does not fit the base (the head's: [vocab, hidden]), a rank above
+    `max_rank`.
     """
     name = name or os.path.basename(os.path.normpath(path))
     if not os.path.exists(path):
@@ -126,9 +153,8 @@ def load_lora_adapter(path: str, config: ModelConfig, max_rank: int,
         weights = _read_gguf(path, config)
     if not weights:
         raise AdapterLoadError(f"adapter '{name}' ({path}): no LoRA weights in it")
-    shapes = projection_shapes(config)
-    for (layer, proj), w in weights.items():
-        _check_fits(name, layer, proj, w, shapes[proj], max_rank)
+    for key, w in weights.items():
+        _check_fits(name, key, w, adapted_shape(config, key), max_rank)
     return LoRAAdapter(name, path, weights)
 
 
@@ -141,7 +167,8 @@ def dora_magnitude_ratio(base_weight: torch.Tensor, w: LoRAWeights) -> torch.Ten
 
 def resolve_dora(adapter: LoRAAdapter, base_weight: Callable[[int, str], torch.Tensor]) -> None:
     """Fill in magnitude_ratio for every DoRA projection; base_weight(layer, projection)
-    returns that projection's dense weight [out, in] (dequantized when the base is packed)."""
+    returns that projection's dense weight [out, in] (dequantized when the base is packed;
+    for HEAD_KEY the output head's [vocab, hidden])."""
     for (layer, proj), w in adapter.weights.items():
         if w.magnitude is not None and w.magnitude_ratio is None:
             w.magnitude_ratio = dora_magnitude_ratio(base_weight(layer, proj), w)
@@ -159,11 +186,21 @@ def _read_peft(folder: str, config: ModelConfig,
     use_dora = bool(options.get("use_dora"))
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        if key == PEFT_HEAD_COPY_KEY:
+            _check_head_copy(folder, key, tensor, config)
+            continue
+        head = PEFT_HEAD_KEY.fullmatch(key)
+        if head is not None:
+            layer, kind = HEAD_KEY[0], head[1]
+            _check_dora_tensor(folder, key, kind, use_dora)
+            parts.setdefault((layer, LM_HEAD), {})[kind] = tensor.float()
+            continue
         match = PEFT_KEY.fullmatch(key)
         if match is None:
             raise AdapterLoadError(f"{folder}: tensor '{key}' adapts something other than the "
-                                   f"projections of a decoder layer ({', '.join(PROJECTIONS)}), "
-                                   "which this engine cannot serve")
+                                   f"projections of a decoder layer ({', '.join(PROJECTIONS)}) "
+                                   f"or the output head ({LM_HEAD}), which this engine cannot "
+                                   "serve")
         layer, parent, module, kind = int(match[1]), match[2], match[3], match[4]
         if PROJECTIONS.get(module, ("",))[0] != parent:
             raise AdapterLoadError(f"{folder}: tensor '{key}' targets '{parent}.{module}', "
@@ -171,13 +208,11 @@ def _read_peft(folder: str, config: ModelConfig,
         if layer >= config.num_layers:
             raise AdapterLoadError(f"{folder}: tensor '{key}' targets layer {layer}; the base "
                                    f"model has {config.num_layers} layers")
-        if kind == "lora_magnitude_vector" and not use_dora:
-            raise AdapterLoadError(f"{folder}: tensor '{key}' is a DoRA magnitude but "
-                                   "adapter_config.json has no use_dora")
+        _check_dora_tensor(folder, key, kind, use_dora)
         parts.setdefault((layer, module), {})[kind] = tensor.float()
     weights = {}
     for (layer, module), p in sorted(parts.items()):
-        where = f"{folder}: layer {layer} {module}"
+        where = f"{folder}: {_describe((layer, module))}"
         if "lora_A.weight" not in p or "lora_B.weight" not in p:
             raise AdapterLoadError(f"{where}: needs both lora_A and lora_B")
         if use_dora and "lora_magnitude_vector" not in p:
@@ -187,13 +222,37 @@ def _read_peft(folder: str, config: ModelConfig,
         if a.dim() != 2:
             raise AdapterLoadError(f"{where}: lora_A has shape {tuple(a.shape)}, not [r, in]")
         r = a.shape[0]
-        full_name = f"model.layers.{layer}.{PROJECTIONS[module][0]}.{module}"
+        if module == LM_HEAD:
+            full_name, key = LM_HEAD, HEAD_KEY
+        else:
+            full_name = f"model.layers.{layer}.{PROJECTIONS[module][0]}.{module}"
+            key = (layer, PROJECTIONS[module][1])
         alpha = float(_pattern_value(options.get("alpha_pattern") or {}, full_name,
                                      options.get("lora_alpha", 8)))
         scale = alpha / math.sqrt(r) if options.get("use_rslora") else alpha / r
-        weights[(layer, PROJECTIONS[module][1])] = LoRAWeights(
-            a.contiguous(), b.contiguous(), scale, p.get("lora_magnitude_vector"))
+        weights[key] = LoRAWeights(a.contiguous(), b.contiguous(), scale,
+                                   p.get("lora_magnitude_vector"))
     return weights
+
+
+def _check_head_copy(folder: str, key: str, tensor: torch.Tensor, config: ModelConfig) -> None:
+    """peft's copy of the frozen output head must be the base's shape, [vocab, hidden]."""
+    shape = adapted_shape(config, HEAD_KEY)
+    if tuple(tensor.shape) != shape:
+        raise AdapterLoadError(f"{folder}: tensor '{key}' has shape {tuple(tensor.shape)}; the "
+                               f"base model's output head is {list(shape)}: the adapter was "
+                               "saved over another vocabulary or model")
+
+
+def _check_dora_tensor(folder: str, key: str, kind: str, use_dora: bool) -> None:
+    if kind == "lora_magnitude_vector" and not use_dora:
+        raise AdapterLoadError(f"{folder}: tensor '{key}' is a DoRA magnitude but "
+                               "adapter_config.json has no use_dora")
+
+
+def _describe(key: tuple[int, str]) -> str:
+    """How messages name an adapted weight: "layer 3 wq", or "lm_head" (the output head)."""
+    return LM_HEAD if key == HEAD_KEY else f"layer {key[0]} {key[1]}"
 
 
 def read_peft_reward_adapter(folder: str, config: ModelConfig
@@ -207,9 +266,11 @@ def read_peft_reward_adapter(folder: str, config: ModelConfig
         raise AdapterLoadError(f"{folder}: no '{PEFT_SCORE_KEY}' (a reward adapter saves its "
                                "score head with modules_to_save)")
     weights = _read_peft(folder, config, tensors, allow_score_head=True)
-    shapes = projection_shapes(config)
-    for (layer, proj), w in weights.items():
-        _check_fits(folder, layer, proj, w, shapes[proj], max_rank=w.rank)
+    if HEAD_KEY in weights:
+        raise AdapterLoadError(f"{folder}: adapts {LM_HEAD}, which a reward model (a score "
+                               "head instead of an LM head) lacks")
+    for key, w in weights.items():
+        _check_fits(folder, key, w, adapted_shape(config, key), max_rank=w.rank)
     return weights, score.float()
 
 
@@ -233,7 +294,8 @@ def _read_peft_config(folder: str, allow_score_head: bool = False) -> dict:
             continue
         if value not in (off, [], {}, None, False):
             raise AdapterLoadError(f"{path}: '{option}' = {value!r} is not supported: the "
-                                   "engine serves LoRA weights on the decoder projections only")
+                                   "engine serves LoRA weights on the decoder projections and the "
+                                   "output head only")
     if options.get("bias", "none") != "none":
         raise AdapterLoadError(f"{path}: 'bias' = {options['bias']!r} is not supported (trained "
                                "biases); only 'none'")
@@ -242,7 +304,8 @@ def _read_peft_config(folder: str, allow_score_head: bool = False) -> dict:
 
 
 def _check_target_modules(path: str, targets: object) -> None:
-    """Every named target must be a decoder-layer projection; a regex must compile."""
+    """Every named target must be a decoder-layer projection or the output head; a regex
+    must compile."""
     if targets is None or targets == "all-linear":
         return
     if isinstance(targets, str):
@@ -252,9 +315,10 @@ def _check_target_modules(path: str, targets: object) -> None:
             raise AdapterLoadError(f"{path}: target_modules regex {targets!r} is invalid: {e}")
         return
     for target in targets:
-        if str(target).rsplit(".", 1)[-1] not in PROJECTIONS:
+        if str(target).rsplit(".", 1)[-1] not in (*PROJECTIONS, LM_HEAD):
             raise AdapterLoadError(f"{path}: target_modules names '{target}', which the model "
-                                   f"cannot adapt (supported: {', '.join(PROJECTIONS)})")
+                                   f"cannot adapt (supported: {', '.join(PROJECTIONS)}, "
+                                   f"{LM_HEAD})")
 
 
 def _pattern_value(patterns: dict, module_name: str, default: object) -> object:
@@ -300,21 +364,25 @@ def _read_gguf(path: str, config: ModelConfig) -> dict[tuple[int, str], LoRAWeig
     alpha = float(read_field(reader, "adapter.lora.alpha", 0.0))
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for t in reader.tensors:
+        head = GGUF_HEAD_KEY.fullmatch(t.name)
         match = GGUF_KEY.fullmatch(t.name)
-        if match is None or match[2] not in GGUF_PROJECTIONS:
+        if head is not None:
+            key, kind = HEAD_KEY, head[1]
+        elif match is not None and match[2] in GGUF_PROJECTIONS:
+            key, kind = (int(match[1]), GGUF_PROJECTIONS[match[2]]), match[3]
+        else:
             raise AdapterLoadError(f"{path}: tensor '{t.name}' adapts something other than the "
-                                   "projections of a decoder layer")
-        layer = int(match[1])
-        if layer >= config.num_layers:
-            raise AdapterLoadError(f"{path}: tensor '{t.name}' targets layer {layer}; the base "
+                                   "projections of a decoder layer or the output head")
+        if key[0] >= config.num_layers:
+            raise AdapterLoadError(f"{path}: tensor '{t.name}' targets layer {key[0]}; the base "
                                    f"model has {config.num_layers} layers")
-        parts.setdefault((layer, GGUF_PROJECTIONS[match[2]]), {})[match[3]] = \
-            read_tensor(t, torch.float32, dequantize=True)
+        parts.setdefault(key, {})[kind] = read_tensor(t, torch.float32, dequantize=True)
     heads = {"wq": config.num_heads, "wk": config.num_kv_heads}
     weights = {}
     for (layer, proj), p in sorted(parts.items()):
         if "lora_a" not in p or "lora_b" not in p:
-            raise AdapterLoadError(f"{path}: layer {layer} {proj} needs both lora_a and lora_b")
+            raise AdapterLoadError(f"{path}: {_describe((layer, proj))} needs both lora_a and "
+                                   "lora_b")
         a, b = p["lora_a"], p["lora_b"]
         if proj in heads and b.dim() == 2 and b.shape[0] % (2 * heads[proj]) == 0:
             b = unpermute_rows(b, heads[proj])
@@ -323,16 +391,16 @@ def _read_gguf(path: str, config: ModelConfig) -> dict[tuple[int, str], LoRAWeig
     return weights
 
 
-def _check_fits(name: str, layer: int, proj: str, w: LoRAWeights, shape: tuple[int, int],
+def _check_fits(name: str, key: tuple[int, str], w: LoRAWeights, shape: tuple[int, int],
                 max_rank: int) -> None:
     out_features, in_features = shape
-    where = f"adapter '{name}' layer {layer} {proj}"
+    where = f"adapter '{name}' {_describe(key)}"
     r = w.a.shape[0]
     if w.a.dim() != 2 or w.a.shape[1] != in_features:
-        raise AdapterLoadError(f"{where}: A has shape {tuple(w.a.shape)}, the base needs "
+        raise AdapterLoadError(f"{where}: lora_A has shape {tuple(w.a.shape)}, the base needs "
                                f"[r, {in_features}]: the adapter does not fit the base model")
     if tuple(w.b.shape) != (out_features, r):
-        raise AdapterLoadError(f"{where}: B has shape {tuple(w.b.shape)}, the base needs "
+        raise AdapterLoadError(f"{where}: lora_B has shape {tuple(w.b.shape)}, the base needs "
                                f"[{out_features}, {r}]: the adapter does not fit the base model")
     if w.magnitude is not None and tuple(w.magnitude.shape) != (out_features,):
         raise AdapterLoadError(f"{where}: magnitude has shape {tuple(w.magnitude.shape)}, "

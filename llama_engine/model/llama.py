@@ -46,7 +46,8 @@ class Adapters(Protocol):
     projection: for the tokens served by adapter i, s_i * (x @ A_i^T) @ B_i^T on the output
     columns of each module it targets (``linear.parts`` maps the PEFT module names of a
     fused projection, e.g. q_proj / k_proj / v_proj, to their column ranges). Tokens with no
-    adapter get nothing added. A batched LoRA kernel (shrink, expand by token segment)
+    adapter get nothing added. The output head (``Llama.compute_logits``) is a Linear with
+    layer -1 and no parts, and its adapters are given the rows whose logits are computed. A batched LoRA kernel (shrink, expand by token segment)
     implements it; ``None`` instead of an Adapters runs the base model.
     """
 
@@ -227,11 +228,19 @@ class Llama(nn.Module):
             x, residual = layer(i, x, residual, positions, self.cos_sin, attend, adapters)
         return self.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, adapters: Adapters | None = None
+                       ) -> torch.Tensor:
         """hidden [N, C] -> float32 [N, vocab] next-token logits; for a reward model [N,
-        num_labels] scores, what HF ``LlamaForSequenceClassification`` calls its logits."""
-        head = self.lm_head if self.score is None else self.score
-        return head(hidden).float()
+        num_labels] scores, what HF ``LlamaForSequenceClassification`` calls its logits.
+
+        adapters: the output head's adapters over these N rows (PEFT's ``lm_head`` target),
+        added to the float32 logits so that bfloat16 activations do not round the update.
+        With tied embeddings they adapt the head only, as in PEFT: the embedding lookup
+        stays the base's."""
+        if self.score is not None:
+            return self.score(hidden).float()
+        logits = self.lm_head(hidden).float()
+        return logits if adapters is None else adapters(self.lm_head, hidden, logits)
 
 
 def _layer_weights(weights: dict[str, Weight], i: int) -> dict[str, Weight]:

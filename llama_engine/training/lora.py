@@ -281,9 +281,8 @@ class AdapterFineTune(ShardableModel):
                           self.adapters if self._enabled else None)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.lm_head
         adapters = self.adapters if self._enabled and self.adapters.lm_head is not None else None
-        return head(hidden, adapters).float()
+        return self.model.compute_logits(hidden, adapters)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.adapters.parameters())
