@@ -87,16 +87,24 @@ std::vector<TokenRun> token_runs(const SlotGroups& groups) {
     return runs;
 }
 
-// body(i) for i in [0, n): on this thread when the work is small, else over the OpenMP
-// team in runs that idle threads help finish (for_each_in_runs: on a busy machine a static
-// split waits for its slowest thread).
+// body(slot, tokens, count) for each run of the step's tokens that use an adapter (runs of
+// one slot: token_runs). On this thread when the runs' work (`work_per_token` multiply-adds
+// per token) is small, else over the OpenMP team in runs that idle threads help finish
+// (for_each_in_runs: on a busy machine a static split waits for its slowest thread).
 template <class Body>
-void for_each_item(int64_t n, bool threaded, Body&& body) {
-    if (!threaded) {
-        for (int64_t i = 0; i < n; ++i) body(i);
+void for_each_run(const Segments& segments, int64_t work_per_token, Body&& body) {
+    const SlotGroups groups = group_by_slot(segments);
+    const std::vector<TokenRun> runs = token_runs(groups);
+    const auto item = [&](int64_t i) {
+        const TokenRun& run = runs[i];
+        body(run.slot, groups.tokens.data() + run.begin, run.end - run.begin);
+    };
+    const int64_t n = static_cast<int64_t>(runs.size());
+    if (!llama_ops::worth_threading(static_cast<int64_t>(groups.tokens.size()) * work_per_token)) {
+        for (int64_t i = 0; i < n; ++i) item(i);
         return;
     }
-    llama_ops::for_each_in_runs(n, [] { return 0; }, [&](int, int64_t i) { body(i); });
+    llama_ops::for_each_in_runs(n, [] { return 0; }, [&](int, int64_t i) { item(i); });
 }
 
 WeightType weight_type(bool bf16) { return bf16 ? WeightType::kBFloat16 : WeightType::kFloat32; }
@@ -181,35 +189,24 @@ void shrink(const Segments& segments, const float* x, int64_t k, const void* a_s
             std::memset(h + begin * rows, 0, sizeof(float) * (end - begin) * rows);
         }
     }
-    const SlotGroups groups = group_by_slot(segments);
-    const std::vector<TokenRun> runs = token_runs(groups);
-    const int64_t work = static_cast<int64_t>(groups.tokens.size()) * rows * k;
-    for_each_item(static_cast<int64_t>(runs.size()), llama_ops::worth_threading(work),
-                  [&](int64_t i) {
-        const TokenRun& run = runs[i];
-        const int64_t count = run.end - run.begin;
+    for_each_run(segments, rows * k, [&](int32_t slot, const int32_t* tokens, int64_t count) {
         const float* x_rows[kMaxRunTokens];
         float* h_rows[kMaxRunTokens];
-        token_rows(groups.tokens.data() + run.begin, count, x, k, x_rows);
-        token_rows(groups.tokens.data() + run.begin, count, h, rows, h_rows);
-        shrink_rows(kernel_set(isa), x_rows, count, a_stack, type, run.slot, rows, k, h_rows);
+        token_rows(tokens, count, x, k, x_rows);
+        token_rows(tokens, count, h, rows, h_rows);
+        shrink_rows(kernel_set(isa), x_rows, count, a_stack, type, slot, rows, k, h_rows);
     });
 }
 
 void expand(const Segments& segments, const float* h, int64_t h_cols,
             const ExpandWeights& weights, float* y, Isa isa) {
-    const SlotGroups groups = group_by_slot(segments);
-    const std::vector<TokenRun> runs = token_runs(groups);
-    const int64_t work = static_cast<int64_t>(groups.tokens.size()) * weights.rank * weights.n;
-    for_each_item(static_cast<int64_t>(runs.size()), llama_ops::worth_threading(work),
-                  [&](int64_t i) {
-        const TokenRun& run = runs[i];
-        const int64_t count = run.end - run.begin;
+    for_each_run(segments, weights.rank * weights.n,
+                 [&](int32_t slot, const int32_t* tokens, int64_t count) {
         const float* h_rows[kMaxRunTokens];
         float* y_rows[kMaxRunTokens];
-        token_rows(groups.tokens.data() + run.begin, count, h, h_cols, h_rows);
-        token_rows(groups.tokens.data() + run.begin, count, y, weights.n, y_rows);
-        expand_rows(kernel_set(isa), h_rows, count, weights, run.slot, y_rows);
+        token_rows(tokens, count, h, h_cols, h_rows);
+        token_rows(tokens, count, y, weights.n, y_rows);
+        expand_rows(kernel_set(isa), h_rows, count, weights, slot, y_rows);
     });
 }
 
@@ -218,27 +215,20 @@ void add(const Segments& segments, const float* x, const ProjectionLoRA& weights
     const simd::KernelSet& kernels = kernel_set(isa);
     const ExpandWeights& e = weights.expand;
     const int64_t rows = e.num_slices * e.rank;
-    const SlotGroups groups = group_by_slot(segments);
-    const std::vector<TokenRun> runs = token_runs(groups);
-    const int64_t work =
-        static_cast<int64_t>(groups.tokens.size()) * (rows * weights.k + e.rank * e.n);
-    for_each_item(static_cast<int64_t>(runs.size()), llama_ops::worth_threading(work),
-                  [&](int64_t i) {
+    for_each_run(segments, rows * weights.k + e.rank * e.n,
+                 [&](int32_t slot, const int32_t* tokens, int64_t count) {
         thread_local std::vector<float> h_buffer;  // one run's h, on the thread that uses it
-        const TokenRun& run = runs[i];
-        const int64_t count = run.end - run.begin;
         if (static_cast<int64_t>(h_buffer.size()) < count * rows)
             h_buffer.resize(static_cast<size_t>(count * rows));
         const float* x_rows[kMaxRunTokens];
         float* h_rows[kMaxRunTokens];
         float* y_rows[kMaxRunTokens];
-        const int32_t* tokens = groups.tokens.data() + run.begin;
         token_rows(tokens, count, x, weights.k, x_rows);
         for (int64_t t = 0; t < count; ++t) h_rows[t] = h_buffer.data() + t * rows;
         token_rows(tokens, count, y, e.n, y_rows);
-        shrink_rows(kernels, x_rows, count, weights.a_stack, e.type, run.slot, rows, weights.k,
+        shrink_rows(kernels, x_rows, count, weights.a_stack, e.type, slot, rows, weights.k,
                     h_rows);
-        expand_rows(kernels, h_rows, count, e, run.slot, y_rows);
+        expand_rows(kernels, h_rows, count, e, slot, y_rows);
     });
 }
 
