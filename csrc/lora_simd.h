@@ -52,10 +52,13 @@ namespace avx512 {
 struct V : quant::f32::avx512::V {
     using quant::f32::avx512::V::load;
     static constexpr int kRegisters = 32;
+    static constexpr __mmask16 kAllLanes = 0xFFFF;
     static F load(const uint16_t* p) {
+        // the zero-masking forms: GCC 12 warns that the plain ones' undefined lanes may be
+        // read uninitialized (they never are)
         const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        const __m512i wide = _mm512_cvtepu16_epi32(bits);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+        const __m512i wide = _mm512_maskz_cvtepu16_epi32(kAllLanes, bits);
+        return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAllLanes, wide, 16));
     }
     static F add(F a, F b) { return _mm512_add_ps(a, b); }
     static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
