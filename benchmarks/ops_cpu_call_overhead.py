@@ -8,7 +8,9 @@ quant_matmul of [1, 576] by a Q4_1 [576, 576] weight; sample of one row of SmolL
 logits, greedy and with temperature / top-p. The fused decoder-layer ops (csrc/decoder_layer.cpp)
 run at the same shapes with random Q4_1 weights of one SmolLM2 layer: qkv_projection,
 o_proj_and_mlp, and decoder_layer (both, with the paged store and attention between them),
-which together replace the nine single-op calls of a layer.
+which together replace the nine single-op calls of a layer. add_lora: one token's rank-16
+update of the fused QKV projection from a stack of 4 bfloat16 adapter slots (the unfused
+path's one extension call per projection).
 
     .venv/bin/python benchmarks/ops_cpu_call_overhead.py [--calls N] [--rounds R] [--save]
 
@@ -36,6 +38,7 @@ RESULTS_DIR = Path(__file__).parent / "results"
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 576, 9, 3, 64, 1536
 NUM_BLOCKS, BLOCK_SIZE, CONTEXT = 64, 16, 100
 VOCAB = 49152
+LORA_RANK = 16
 
 
 def per_call_us(fn: Callable[[], object], calls: int, rounds: int) -> float:
@@ -89,6 +92,11 @@ def decode_cases() -> dict[str, Callable[[], object]]:
     metadata = attention.metadata.native
     fused_layer = kernels.fused_decoder_layer(layer)
     w = layer
+    lora_stack = kernels.LoRAStack(
+        torch.randn(4, 3 * LORA_RANK, HIDDEN).bfloat16(),
+        torch.randn(4, LORA_RANK, q_size + 2 * kv_size).bfloat16(), torch.rand(4, 3),
+        (0, q_size, q_size + kv_size, q_size + 2 * kv_size), None)
+    lora_mapping = kernels.lora_mapping([1], [2])
     return {
         "rms_norm": lambda: ops.rms_norm(x, weight, 1e-5),
         "rms_norm +residual": lambda: ops.rms_norm(x, weight, 1e-5, residual),
@@ -108,6 +116,7 @@ def decode_cases() -> dict[str, Callable[[], object]]:
             q, k, v, k_cache, v_cache, metadata),
         "decoder_layer (one layer)": lambda: fused_layer(
             0, x, residual, positions, cos_sin, attention),
+        "add_lora (fused QKV, bf16)": lambda: kernels.add_lora(qkv, x, lora_stack, lora_mapping),
     }
 
 

@@ -1,15 +1,18 @@
-// Batched LoRA kernels (declared in lora.h). Tokens are regrouped by adapter slot so that
-// each slot's weights are streamed once per call, whatever the order of the sequences in
-// the step: at decode (one token per sequence) that turns per-token matrix-vector products
-// into one small matrix product per adapter, as Punica's SGMV does on the GPU. Work items
-// are (slot, run of tokens) for shrink and (slot, run of tokens, column block) for
-// expand, so threads never write the same output element.
+// Batched LoRA (declared in lora.h). Tokens are regrouped by adapter slot so that each
+// slot's weights are streamed once per run of its tokens, whatever the order of the
+// sequences in the step: at decode (one token per sequence) that turns per-token
+// matrix-vector products into one small matrix product per adapter, as Punica's SGMV does on
+// the GPU. Work items are (slot, run of tokens), so threads never write the same output
+// row; the register-tiled kernels are in lora_kernels.h.
 #include "lora.h"
+
+#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
+#include "lora_simd.h"
 #include "ops_common.h"
 #include "registry.h"
 #include "views.h"
@@ -19,17 +22,13 @@ namespace py = pybind11;
 namespace lora {
 namespace {
 
+using llama_ops::TensorView;
+using llama_ops::dense;
 using llama_ops::fail;
 
-// Tokens per work item: enough to reuse a slot's weights from cache across tokens, few
-// enough that a long prefill segment still splits over the threads.
-constexpr int64_t kTokensPerItem = 16;
-// Output columns per expand work item: the y block and the rows of B^T it reads stay in L1.
-constexpr int64_t kColumnsPerItem = 256;
-// Tokens whose x rows one shrink pass reads together.
-constexpr int64_t kShrinkTokenTile = 4;
-// Output columns of one expand register tile (two tokens: 2 x 64 float32 accumulators).
-constexpr int64_t kExpandTile = 64;
+// The fewest tokens a run is cut to when runs are shortened so that every thread gets
+// work: one register tile of the widest kernels (lora_kernels.h).
+constexpr int64_t kMinRunTokens = 4;
 
 // The step's tokens grouped by slot: group g holds tokens[start[g]:start[g + 1]], all of
 // slot slot[g], in token order.
@@ -66,174 +65,109 @@ SlotGroups group_by_slot(const Segments& segments) {
     return groups;
 }
 
-// A run of at most kTokensPerItem tokens of one group: groups.tokens[begin:end].
+// A run of tokens of one group: groups.tokens[begin:end].
 struct TokenRun {
     int32_t slot;
     int64_t begin;
     int64_t end;
 };
 
+// Runs of at most kMaxRunTokens tokens; shorter (down to kMinRunTokens) when that would
+// leave fewer than two runs per thread, as at decode with one or two adapters.
 std::vector<TokenRun> token_runs(const SlotGroups& groups) {
+    const int64_t tokens = static_cast<int64_t>(groups.tokens.size());
+    const int64_t wanted = 2 * omp_get_max_threads();
+    const int64_t per_run = std::clamp((tokens + wanted - 1) / wanted, kMinRunTokens,
+                                       kMaxRunTokens);
     std::vector<TokenRun> runs;
     for (size_t g = 0; g < groups.slot.size(); ++g) {
-        for (int64_t b = groups.start[g]; b < groups.start[g + 1]; b += kTokensPerItem)
-            runs.push_back({groups.slot[g], b, std::min(b + kTokensPerItem, groups.start[g + 1])});
+        for (int64_t b = groups.start[g]; b < groups.start[g + 1]; b += per_run)
+            runs.push_back({groups.slot[g], b, std::min(b + per_run, groups.start[g + 1])});
     }
     return runs;
 }
 
-// float32 weights as they are; bfloat16 ones are the top half of a float32.
-ALWAYS_INLINE float widen(float w) { return w; }
-ALWAYS_INLINE float widen(uint16_t w) {
-    const uint32_t bits = static_cast<uint32_t>(w) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-}
-
-// h[t, :rows] for `count` tokens of one slot whose weights are a [rows, k]. Tiles of
-// kShrinkTokenTile tokens x 2 weight rows keep 8 accumulators in registers: every weight
-// and x element loaded feeds several multiply-adds.
-template <class W>
-ALWAYS_INLINE void shrink_tokens_impl(const float* x, int64_t k, const W* a, int64_t rows,
-                                      const int32_t* tokens, int64_t count, float* h) {
-    for (int64_t i = 0; i < count; i += kShrinkTokenTile) {
-        const int64_t n = std::min(kShrinkTokenTile, count - i);
-        // fewer than four tokens left: the spare accumulators re-read the last one
-        const int64_t t0 = tokens[i], t1 = tokens[i + std::min<int64_t>(1, n - 1)];
-        const int64_t t2 = tokens[i + std::min<int64_t>(2, n - 1)];
-        const int64_t t3 = tokens[i + std::min<int64_t>(3, n - 1)];
-        const float *x0 = x + t0 * k, *x1 = x + t1 * k, *x2 = x + t2 * k, *x3 = x + t3 * k;
-        for (int64_t r = 0; r < rows; r += 2) {
-            const bool pair = r + 1 < rows;
-            const W* w0 = a + r * k;
-            const W* w1 = pair ? w0 + k : w0;
-            float s00 = 0.0f, s10 = 0.0f, s20 = 0.0f, s30 = 0.0f;
-            float s01 = 0.0f, s11 = 0.0f, s21 = 0.0f, s31 = 0.0f;
-#pragma omp simd reduction(+ : s00, s10, s20, s30, s01, s11, s21, s31)
-            for (int64_t j = 0; j < k; ++j) {
-                const float u = widen(w0[j]), v = widen(w1[j]);
-                s00 += u * x0[j]; s10 += u * x1[j]; s20 += u * x2[j]; s30 += u * x3[j];
-                s01 += v * x0[j]; s11 += v * x1[j]; s21 += v * x2[j]; s31 += v * x3[j];
-            }
-            const float first[kShrinkTokenTile] = {s00, s10, s20, s30};
-            const float second[kShrinkTokenTile] = {s01, s11, s21, s31};
-            for (int64_t q = 0; q < n; ++q) {
-                float* out = h + static_cast<int64_t>(tokens[i + q]) * rows + r;
-                out[0] = first[q];
-                if (pair) out[1] = second[q];
-            }
-        }
-    }
-}
-
-LLAMA_SIMD_CLONES
-void shrink_tokens(const float* x, int64_t k, const float* a, int64_t rows,
-                   const int32_t* tokens, int64_t count, float* h) {
-    shrink_tokens_impl(x, k, a, rows, tokens, count, h);
-}
-
-LLAMA_SIMD_CLONES
-void shrink_tokens(const float* x, int64_t k, const uint16_t* a, int64_t rows,
-                   const int32_t* tokens, int64_t count, float* h) {
-    shrink_tokens_impl(x, k, a, rows, tokens, count, h);
-}
-
-// Columns [c, c + width) of two tokens' outputs (y0 and y1 may be the same row, then only
-// y0 is written): the rank sum is accumulated in a register tile, then added to y once.
-template <bool kFullTile, class W>
-ALWAYS_INLINE void expand_tile(float* y0, float* y1, bool two, const float* h0, const float* h1,
-                               const W* b, int64_t n, int64_t rank, float scale,
-                               const float* ratio, int64_t width) {
-    const int64_t cols = kFullTile ? kExpandTile : width;
-    float acc0[kExpandTile] = {}, acc1[kExpandTile] = {};
-    for (int64_t r = 0; r < rank; ++r) {
-        const float u = scale * h0[r], v = scale * h1[r];
-        const W* row = b + r * n;
-#pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) {
-            const float w = widen(row[j]);
-            acc0[j] += u * w;
-            acc1[j] += v * w;
-        }
-    }
-    if (ratio != nullptr) {
-#pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) {
-            y0[j] = (y0[j] + acc0[j]) * ratio[j];
-            if (two) y1[j] = (y1[j] + acc1[j]) * ratio[j];
-        }
-    } else {
-#pragma omp simd
-        for (int64_t j = 0; j < cols; ++j) {
-            y0[j] += acc0[j];
-            if (two) y1[j] += acc1[j];
-        }
-    }
-}
-
-// y[t, c0:c0 + width] of `count` tokens of one slot, for one column block of slice p.
-// b points at column c0 of the slot's B^T rows (n apart), ratio at column c0 (or null).
-template <class W>
-ALWAYS_INLINE void expand_tokens_impl(const int32_t* tokens, int64_t count, const float* h,
-                                      int64_t h_cols, int64_t h_offset, const W* b, int64_t n,
-                                      int64_t rank, float scale, const float* ratio,
-                                      int64_t width, float* y) {
-    for (int64_t i = 0; i < count; i += 2) {
-        const bool two = i + 1 < count;
-        const int64_t t0 = tokens[i], t1 = two ? tokens[i + 1] : t0;
-        float* y0 = y + t0 * n;
-        float* y1 = y + t1 * n;
-        const float* h0 = h + t0 * h_cols + h_offset;
-        const float* h1 = h + t1 * h_cols + h_offset;
-        int64_t c = 0;
-        for (; c + kExpandTile <= width; c += kExpandTile) {
-            expand_tile<true>(y0 + c, y1 + c, two, h0, h1, b + c, n, rank, scale,
-                              ratio ? ratio + c : nullptr, kExpandTile);
-        }
-        if (c < width) {
-            expand_tile<false>(y0 + c, y1 + c, two, h0, h1, b + c, n, rank, scale,
-                               ratio ? ratio + c : nullptr, width - c);
-        }
-    }
-}
-
-LLAMA_SIMD_CLONES
-void expand_tokens(const int32_t* tokens, int64_t count, const float* h, int64_t h_cols,
-                   int64_t h_offset, const float* b, int64_t n, int64_t rank, float scale,
-                   const float* ratio, int64_t width, float* y) {
-    expand_tokens_impl(tokens, count, h, h_cols, h_offset, b, n, rank, scale, ratio, width, y);
-}
-
-LLAMA_SIMD_CLONES
-void expand_tokens(const int32_t* tokens, int64_t count, const float* h, int64_t h_cols,
-                   int64_t h_offset, const uint16_t* b, int64_t n, int64_t rank, float scale,
-                   const float* ratio, int64_t width, float* y) {
-    expand_tokens_impl(tokens, count, h, h_cols, h_offset, b, n, rank, scale, ratio, width, y);
-}
-
-// body(i) for i in [0, n): on this thread when the work is small, else over the OpenMP
-// team in runs that idle threads help finish (for_each_in_runs: on a busy machine a static
-// split waits for its slowest thread).
+// body(slot, tokens, count) for each run of the step's tokens that use an adapter (runs of
+// one slot: token_runs). On this thread when the runs' work (`work_per_token` multiply-adds
+// per token) is small, else over the OpenMP team in runs that idle threads help finish
+// (for_each_in_runs: on a busy machine a static split waits for its slowest thread).
 template <class Body>
-void for_each_item(int64_t n, bool threaded, Body&& body) {
-    if (!threaded) {
-        for (int64_t i = 0; i < n; ++i) body(i);
+void for_each_run(const Segments& segments, int64_t work_per_token, Body&& body) {
+    const SlotGroups groups = group_by_slot(segments);
+    const std::vector<TokenRun> runs = token_runs(groups);
+    const auto item = [&](int64_t i) {
+        const TokenRun& run = runs[i];
+        body(run.slot, groups.tokens.data() + run.begin, run.end - run.begin);
+    };
+    const int64_t n = static_cast<int64_t>(runs.size());
+    if (!llama_ops::worth_threading(static_cast<int64_t>(groups.tokens.size()) * work_per_token)) {
+        for (int64_t i = 0; i < n; ++i) item(i);
         return;
     }
-    llama_ops::for_each_in_runs(n, [] { return 0; }, [&](int, int64_t i) { body(i); });
+    llama_ops::for_each_in_runs(n, [] { return 0; }, [&](int, int64_t i) { item(i); });
 }
 
 WeightType weight_type(bool bf16) { return bf16 ? WeightType::kBFloat16 : WeightType::kFloat32; }
 
-// A block of output columns inside one slice.
-struct ColumnBlock {
-    int64_t begin;
-    int64_t end;
-    int64_t slice;
-};
+size_t element_size(WeightType type) { return type == WeightType::kBFloat16 ? 2 : 4; }
+
+// Row pointers rows[i] = base + tokens[i] * width for a run's tokens.
+template <class T>
+void token_rows(const int32_t* tokens, int64_t count, T* base, int64_t width, T** rows) {
+    for (int64_t i = 0; i < count; ++i) rows[i] = base + static_cast<int64_t>(tokens[i]) * width;
+}
+
+const simd::KernelSet& kernel_set(Isa isa) {
+    switch (isa) {
+        case Isa::kScalar: return simd::scalar::kernels;
+        case Isa::kAvx2: return simd::avx2::kernels;
+        case Isa::kAvx512: return simd::avx512::kernels;
+        default: return simd::kernels();
+    }
+}
+
+// h[i][:rows] = x[i] @ a[slot]^T for a run's `count` token rows.
+void shrink_rows(const simd::KernelSet& kernels, const float* const* x, int64_t count,
+                 const void* a_stack, WeightType type, int32_t slot, int64_t rows, int64_t k,
+                 float* const* h) {
+    const char* a = static_cast<const char*>(a_stack) + slot * rows * k * element_size(type);
+    if (type == WeightType::kBFloat16) {
+        kernels.shrink_bf16(x, count, reinterpret_cast<const uint16_t*>(a), rows, k, h);
+    } else {
+        kernels.shrink_f32(x, count, reinterpret_cast<const float*>(a), rows, k, h);
+    }
+}
+
+// y[i] updated with slot's expand of h[i], every output slice, for a run's token rows.
+void expand_rows(const simd::KernelSet& kernels, const float* const* h, int64_t count,
+                 const ExpandWeights& w, int32_t slot, float* const* y) {
+    const char* b =
+        static_cast<const char*>(w.b_stack) + slot * w.rank * w.n * element_size(w.type);
+    const float* ratio = w.magnitude_ratio == nullptr ? nullptr : w.magnitude_ratio + slot * w.n;
+    for (int64_t p = 0; p < w.num_slices; ++p) {
+        const float scale = w.scales[slot * w.num_slices + p];
+        const int64_t c0 = w.slice_offsets[p], c1 = w.slice_offsets[p + 1];
+        if (w.type == WeightType::kBFloat16) {
+            kernels.expand_bf16(h, p * w.rank, count, reinterpret_cast<const uint16_t*>(b), w.n,
+                                w.rank, scale, ratio, c0, c1, y);
+        } else {
+            kernels.expand_f32(h, p * w.rank, count, reinterpret_cast<const float*>(b), w.n,
+                               w.rank, scale, ratio, c0, c1, y);
+        }
+    }
+}
 
 }  // namespace
+
+Isa parse_isa(const std::string& name) {
+    if (name == "auto") return Isa::kAuto;
+    if (name == "scalar") return Isa::kScalar;
+    if (name == "avx2" && simd::avx2::supported()) return Isa::kAvx2;
+    if (name == "avx512" && simd::avx512::supported()) return Isa::kAvx512;
+    fail("isa: '" + name + "' is not one of auto, scalar, avx2, avx512 that this CPU runs");
+}
+
+const char* isa_name(Isa isa) { return kernel_set(isa).name; }
 
 void check_segments(const Segments& segments, int64_t num_slots) {
     if (segments.count < 0 || segments.indptr[0] != 0 ||
@@ -248,125 +182,100 @@ void check_segments(const Segments& segments, int64_t num_slots) {
 }
 
 void shrink(const Segments& segments, const float* x, int64_t k, const void* a_stack,
-            WeightType type, int64_t rows, float* h) {
+            WeightType type, int64_t rows, float* h, Isa isa) {
     for (int64_t i = 0; i < segments.count; ++i) {  // tokens with no adapter: zero
         if (segments.slots[i] < 0) {
             const int64_t begin = segments.indptr[i], end = segments.indptr[i + 1];
             std::memset(h + begin * rows, 0, sizeof(float) * (end - begin) * rows);
         }
     }
-    const SlotGroups groups = group_by_slot(segments);
-    const std::vector<TokenRun> runs = token_runs(groups);
-    const int64_t work = static_cast<int64_t>(groups.tokens.size()) * rows * k;
-    for_each_item(static_cast<int64_t>(runs.size()), llama_ops::worth_threading(work),
-                  [&](int64_t i) {
-        const TokenRun& run = runs[i];
-        const int32_t* tokens = groups.tokens.data() + run.begin;
-        const int64_t offset = run.slot * rows * k;
-        if (type == WeightType::kBFloat16) {
-            shrink_tokens(x, k, static_cast<const uint16_t*>(a_stack) + offset, rows, tokens,
-                          run.end - run.begin, h);
-        } else {
-            shrink_tokens(x, k, static_cast<const float*>(a_stack) + offset, rows, tokens,
-                          run.end - run.begin, h);
-        }
+    for_each_run(segments, rows * k, [&](int32_t slot, const int32_t* tokens, int64_t count) {
+        const float* x_rows[kMaxRunTokens];
+        float* h_rows[kMaxRunTokens];
+        token_rows(tokens, count, x, k, x_rows);
+        token_rows(tokens, count, h, rows, h_rows);
+        shrink_rows(kernel_set(isa), x_rows, count, a_stack, type, slot, rows, k, h_rows);
     });
 }
 
 void expand(const Segments& segments, const float* h, int64_t h_cols,
-            const ExpandWeights& weights, float* y) {
-    const SlotGroups groups = group_by_slot(segments);
-    const std::vector<TokenRun> runs = token_runs(groups);
-    std::vector<ColumnBlock> blocks;
-    for (int64_t p = 0; p < weights.num_slices; ++p) {
-        for (int64_t c = weights.slice_offsets[p]; c < weights.slice_offsets[p + 1];
-             c += kColumnsPerItem)
-            blocks.push_back({c, std::min(c + kColumnsPerItem, weights.slice_offsets[p + 1]), p});
-    }
-    const int64_t num_blocks = static_cast<int64_t>(blocks.size());
-    const int64_t items = static_cast<int64_t>(runs.size()) * num_blocks;
-    const int64_t work = static_cast<int64_t>(groups.tokens.size()) * weights.rank * weights.n;
-    const int64_t slot_size = weights.rank * weights.n;
-    for_each_item(items, llama_ops::worth_threading(work), [&](int64_t i) {
-        const TokenRun& run = runs[i / num_blocks];
-        const ColumnBlock& block = blocks[i % num_blocks];
-        const float* ratio = weights.magnitude_ratio == nullptr
-            ? nullptr : weights.magnitude_ratio + run.slot * weights.n + block.begin;
-        const int64_t offset = run.slot * slot_size + block.begin;
-        const float scale = weights.scales[run.slot * weights.num_slices + block.slice];
-        const auto expand_with = [&](const auto* b) {
-            expand_tokens(groups.tokens.data() + run.begin, run.end - run.begin, h, h_cols,
-                          block.slice * weights.rank, b + offset, weights.n, weights.rank, scale,
-                          ratio, block.end - block.begin, y + block.begin);
-        };
-        if (weights.type == WeightType::kBFloat16) {
-            expand_with(static_cast<const uint16_t*>(weights.b_stack));
-        } else {
-            expand_with(static_cast<const float*>(weights.b_stack));
-        }
+            const ExpandWeights& weights, float* y, Isa isa) {
+    for_each_run(segments, weights.rank * weights.n,
+                 [&](int32_t slot, const int32_t* tokens, int64_t count) {
+        const float* h_rows[kMaxRunTokens];
+        float* y_rows[kMaxRunTokens];
+        token_rows(tokens, count, h, h_cols, h_rows);
+        token_rows(tokens, count, y, weights.n, y_rows);
+        expand_rows(kernel_set(isa), h_rows, count, weights, slot, y_rows);
     });
 }
 
-void add(const Segments& segments, const float* x, const ProjectionLoRA& weights, float* y) {
-    thread_local std::vector<float> h_buffer;
-    const int64_t rows = weights.expand.num_slices * weights.expand.rank;
-    if (static_cast<int64_t>(h_buffer.size()) < segments.tokens * rows)
-        h_buffer.resize(static_cast<size_t>(segments.tokens * rows));
-    shrink(segments, x, weights.k, weights.a_stack, weights.expand.type, rows, h_buffer.data());
-    expand(segments, h_buffer.data(), rows, weights.expand, y);
+void add(const Segments& segments, const float* x, const ProjectionLoRA& weights, float* y,
+         Isa isa) {
+    const simd::KernelSet& kernels = kernel_set(isa);
+    const ExpandWeights& e = weights.expand;
+    const int64_t rows = e.num_slices * e.rank;
+    for_each_run(segments, rows * weights.k + e.rank * e.n,
+                 [&](int32_t slot, const int32_t* tokens, int64_t count) {
+        thread_local std::vector<float> h_buffer;  // one run's h, on the thread that uses it
+        if (static_cast<int64_t>(h_buffer.size()) < count * rows)
+            h_buffer.resize(static_cast<size_t>(count * rows));
+        const float* x_rows[kMaxRunTokens];
+        float* h_rows[kMaxRunTokens];
+        float* y_rows[kMaxRunTokens];
+        token_rows(tokens, count, x, weights.k, x_rows);
+        for (int64_t t = 0; t < count; ++t) h_rows[t] = h_buffer.data() + t * rows;
+        token_rows(tokens, count, y, e.n, y_rows);
+        shrink_rows(kernels, x_rows, count, weights.a_stack, e.type, slot, rows, weights.k,
+                    h_rows);
+        expand_rows(kernels, h_rows, count, e, slot, y_rows);
+    });
 }
 
 namespace {
 
-using llama_ops::DType;
-using llama_ops::TensorView;
-
-TensorView tensor_view(const py::object& tensor, const char* name) {
-    TensorView view;
-    if (!llama_ops::read_tensor(tensor, view)) fail(std::string(name) + ": expected a torch.Tensor");
-    return view;
+// ValueError unless every slot the segments use has weights.
+void require_slots(const StepSegments& step, int64_t num_slots) {
+    if (step.max_slot >= num_slots)
+        fail("seg_slots: a slot outside the stacked weights (-1 means no adapter)");
 }
 
-// Stacked weights: a C-contiguous CPU tensor of float32 or bfloat16 with `ndim` dims.
-const void* stacked(const TensorView& t, const char* name, int ndim) {
-    if (!t.on_cpu || !t.contiguous() || t.ndim != ndim ||
-        (t.dtype != DType::Float32 && t.dtype != DType::BFloat16)) {
-        fail(std::string(name) + ": expected a C-contiguous CPU float32 or bfloat16 tensor with " +
-             std::to_string(ndim) + " dims");
-    }
-    return reinterpret_cast<const void*>(t.data);
+TensorView view_of(const py::object& tensor, const char* name) {
+    TensorView view;
+    if (!llama_ops::read_tensor(tensor, view))
+        fail(std::string(name) + ": expected a torch.Tensor");
+    return view;
 }
 
 }  // namespace
 
-StepSegments::StepSegments(py::object seg_indptr, py::object seg_slots)
-    : owners(py::make_tuple(seg_indptr, seg_slots)) {
-    const TensorView slots_view = tensor_view(seg_slots, "seg_slots");
-    segments.slots = llama_ops::dense<int32_t>(slots_view, "seg_slots", 1);
-    segments.count = slots_view.sizes[0];
-    segments.indptr = llama_ops::dense<int32_t>(tensor_view(seg_indptr, "seg_indptr"),
-                                                "seg_indptr", {segments.count + 1});
-    segments.tokens = segments.indptr[segments.count];
+StepSegments::StepSegments(const TensorView& seg_indptr, const TensorView& seg_slots,
+                           int64_t tokens) {
+    segments.slots = dense<int32_t>(seg_slots, "seg_slots", 1);
+    segments.count = seg_slots.sizes[0];
+    segments.indptr = dense<int32_t>(seg_indptr, "seg_indptr", {segments.count + 1});
+    segments.tokens = tokens >= 0 ? tokens : segments.indptr[segments.count];
     max_slot = -1;
     for (int64_t i = 0; i < segments.count; ++i) max_slot = std::max(max_slot, segments.slots[i]);
     check_segments(segments, static_cast<int64_t>(max_slot) + 1);
 }
 
-ProjectionLoRA::ProjectionLoRA(py::object a, py::object b, py::object offsets, py::object scales,
-                               std::optional<py::object> ratio)
-    : owners(py::make_tuple(a, b, offsets, scales, ratio ? *ratio : py::none())) {
-    const TensorView a_view = tensor_view(a, "a_stack"), b_view = tensor_view(b, "b_stack");
-    a_stack = stacked(a_view, "a_stack", 3);
-    expand.b_stack = stacked(b_view, "b_stack", 3);
-    if (a_view.dtype != b_view.dtype) fail("b_stack: must have a_stack's dtype");
-    expand.type = weight_type(b_view.dtype == DType::BFloat16);
-    num_slots = b_view.sizes[0];
-    expand.rank = b_view.sizes[1];
-    expand.n = b_view.sizes[2];
-    k = a_view.sizes[2];
-    const TensorView offsets_view = tensor_view(offsets, "slice_offsets");
-    expand.slice_offsets = llama_ops::dense<int64_t>(offsets_view, "slice_offsets", 1);
-    expand.num_slices = offsets_view.sizes[0] - 1;
+StepSegments::StepSegments(py::object seg_indptr, py::object seg_slots)
+    : StepSegments(view_of(seg_indptr, "seg_indptr"), view_of(seg_slots, "seg_slots")) {
+    owners = py::make_tuple(seg_indptr, seg_slots);
+}
+
+ProjectionLoRA::ProjectionLoRA(const std::optional<TensorView>& a, const TensorView& b,
+                               const TensorView& offsets, const TensorView& scales,
+                               const std::optional<TensorView>& ratio) {
+    bool b_bf16 = false;
+    expand.b_stack = llama_ops::dense_weights(b, "b_stack", {-1, -1, -1}, &b_bf16);
+    expand.type = weight_type(b_bf16);
+    num_slots = b.sizes[0];
+    expand.rank = b.sizes[1];
+    expand.n = b.sizes[2];
+    expand.slice_offsets = dense<int64_t>(offsets, "slice_offsets", 1);
+    expand.num_slices = offsets.sizes[0] - 1;
     if (expand.num_slices < 1 || expand.slice_offsets[0] != 0 ||
         expand.slice_offsets[expand.num_slices] != expand.n)
         fail("slice_offsets: must run from 0 to b_stack's columns");
@@ -374,15 +283,28 @@ ProjectionLoRA::ProjectionLoRA(py::object a, py::object b, py::object offsets, p
         if (expand.slice_offsets[p + 1] < expand.slice_offsets[p])
             fail("slice_offsets: must not decrease");
     }
-    if (a_view.sizes[0] != num_slots || a_view.sizes[1] != expand.num_slices * expand.rank)
-        fail("a_stack: expected [slots, num_slices * rank, k] matching b_stack");
-    expand.scales = llama_ops::dense<float>(tensor_view(scales, "scales"), "scales",
-                                            {num_slots, expand.num_slices});
-    expand.magnitude_ratio = nullptr;
-    if (ratio && !ratio->is_none()) {
-        expand.magnitude_ratio = llama_ops::dense<float>(
-            tensor_view(*ratio, "magnitude_ratio"), "magnitude_ratio", {num_slots, expand.n});
+    expand.scales = dense<float>(scales, "scales", {num_slots, expand.num_slices});
+    expand.magnitude_ratio =
+        ratio ? dense<float>(*ratio, "magnitude_ratio", {num_slots, expand.n}) : nullptr;
+    a_stack = nullptr;
+    k = 0;
+    if (a) {
+        bool a_bf16 = false;
+        const int64_t rows = expand.num_slices * expand.rank;
+        a_stack = llama_ops::dense_weights(*a, "a_stack", {num_slots, rows, -1}, &a_bf16);
+        if (a_bf16 != b_bf16) fail("a_stack: expected b_stack's dtype");
+        k = a->sizes[2];
     }
+}
+
+ProjectionLoRA::ProjectionLoRA(py::object a, py::object b, py::object offsets, py::object scales,
+                               std::optional<py::object> ratio)
+    : ProjectionLoRA(view_of(a, "a_stack"), view_of(b, "b_stack"),
+                     view_of(offsets, "slice_offsets"), view_of(scales, "scales"),
+                     ratio && !ratio->is_none()
+                         ? std::optional<TensorView>(view_of(*ratio, "magnitude_ratio"))
+                         : std::nullopt) {
+    owners = py::make_tuple(a, b, offsets, scales, ratio ? *ratio : py::none());
 }
 
 void ProjectionLoRA::require_fits(const char* name, int64_t k_, int64_t n_,
@@ -396,33 +318,13 @@ void ProjectionLoRA::require_fits(const char* name, int64_t k_, int64_t n_,
     if (step.segments.tokens != tokens) fail("lora_segments: not this step's tokens");
 }
 
-namespace {
-
-// The bindings' arguments, from addresses: the segments (values checked) and the expand
-// weights.
-Segments segments_at(std::uintptr_t indptr, std::uintptr_t slots, int64_t count,
-                     int64_t tokens, int64_t num_slots) {
-    const Segments segments{llama_ops::tensor_at<const int32_t>(indptr),
-                            llama_ops::tensor_at<const int32_t>(slots), count, tokens};
-    check_segments(segments, num_slots);
-    return segments;
-}
-
-ExpandWeights expand_weights_at(std::uintptr_t b_stack, bool bf16, int64_t rank, int64_t n,
-                                std::uintptr_t slice_offsets, int64_t num_slices,
-                                std::uintptr_t scales, std::uintptr_t magnitude_ratio) {
-    using llama_ops::tensor_at;
-    return {tensor_at<const void>(b_stack), weight_type(bf16), rank, n,
-            tensor_at<const int64_t>(slice_offsets), num_slices, tensor_at<const float>(scales),
-            tensor_at<const float>(magnitude_ratio)};
-}
-
-}  // namespace
 }  // namespace lora
 
 void register_lora(py::module_& m) {
-    using llama_ops::tensor_at;
+    using llama_ops::TensorView;
+    using llama_ops::dense;
     using namespace pybind11::literals;
+    using OptionalView = std::optional<TensorView>;
     py::class_<lora::StepSegments>(m, "LoRASegments",
                                    "A step's adapter segments, checked once (kernels.LoRAMapping).")
         .def(py::init<py::object, py::object>(), "seg_indptr"_a, "seg_slots"_a);
@@ -431,64 +333,74 @@ void register_lora(py::module_& m) {
         .def(py::init<py::object, py::object, py::object, py::object,
                       std::optional<py::object>>(),
              "a_stack"_a, "b_stack"_a, "slice_offsets"_a, "scales"_a, "magnitude_ratio"_a);
-    // Tensors are passed as addresses (data_ptr()), checked by llama_engine/kernels/cpu/lora.py.
-    m.def("lora_shrink", [](std::uintptr_t x, int64_t tokens, int64_t k, std::uintptr_t a_stack,
-                            bool bf16, int64_t num_slots, int64_t rows, std::uintptr_t seg_indptr,
-                            std::uintptr_t seg_slots, int64_t num_segments, std::uintptr_t h) {
-              const lora::Segments segments =
-                  lora::segments_at(seg_indptr, seg_slots, num_segments, tokens, num_slots);
+    m.def("lora_isa", [](const std::string& isa) { return lora::isa_name(lora::parse_isa(isa)); },
+          "isa"_a = "auto",
+          "The instruction set the LoRA kernels run for `isa` (auto: the best this CPU runs): "
+          "avx512, avx2 or scalar. ValueError for one this CPU lacks.");
+    // Every tensor is checked (device, dtype, shape, layout, segment values) before the GIL
+    // is released and any memory is written. isa: as lora_isa takes it (the tests run each
+    // instruction set's kernels on one machine).
+    m.def("lora_shrink", [](const TensorView& x, const TensorView& a_stack,
+                            const TensorView& seg_indptr, const TensorView& seg_slots,
+                            const TensorView& h, const std::string& isa) {
+              const lora::Isa instruction_set = lora::parse_isa(isa);
+              bool bf16 = false;
+              const void* a = llama_ops::dense_weights(a_stack, "a_stack", {-1, -1, -1}, &bf16);
+              const int64_t rows = a_stack.sizes[1], k = a_stack.sizes[2];
+              const float* x_rows = dense<float>(x, "x", {-1, k});
+              float* h_rows = dense<float>(h, "h", {x.sizes[0], rows});
+              const lora::StepSegments step(seg_indptr, seg_slots, x.sizes[0]);
+              lora::require_slots(step, a_stack.sizes[0]);
               py::gil_scoped_release release;
-              lora::shrink(segments, tensor_at<const float>(x), k, tensor_at<const void>(a_stack),
-                           lora::weight_type(bf16), rows, tensor_at<float>(h));
+              lora::shrink(step.segments, x_rows, k, a, bf16 ? lora::WeightType::kBFloat16
+                                                            : lora::WeightType::kFloat32,
+                           rows, h_rows, instruction_set);
           },
-          py::arg("x"), py::arg("tokens"), py::arg("k"), py::arg("a_stack"), py::arg("bf16"),
-          py::arg("num_slots"), py::arg("rows"), py::arg("seg_indptr"), py::arg("seg_slots"),
-          py::arg("num_segments"), py::arg("h"),
-          "h [tokens, rows] = x [tokens, k] @ a_stack[slot]^T per segment of tokens "
-          "(a_stack [num_slots, rows, k], float32 or bfloat16; slot -1: zero rows).");
-    m.def("lora_expand", [](std::uintptr_t y, int64_t tokens, int64_t n, std::uintptr_t h,
-                            int64_t h_cols, std::uintptr_t b_stack, bool bf16, int64_t num_slots,
-                            int64_t rank, std::uintptr_t slice_offsets, int64_t num_slices,
-                            std::uintptr_t scales, std::uintptr_t magnitude_ratio,
-                            std::uintptr_t seg_indptr, std::uintptr_t seg_slots,
-                            int64_t num_segments) {
-              const lora::Segments segments =
-                  lora::segments_at(seg_indptr, seg_slots, num_segments, tokens, num_slots);
-              const lora::ExpandWeights weights = lora::expand_weights_at(
-                  b_stack, bf16, rank, n, slice_offsets, num_slices, scales, magnitude_ratio);
+          "x"_a, "a_stack"_a, "seg_indptr"_a, "seg_slots"_a, "h"_a, "isa"_a = "auto",
+          "h [T, rows] = x [T, k] @ a_stack[slot]^T per segment of tokens (a_stack [slots, "
+          "rows, k], float32 or bfloat16; seg_indptr int32 [S + 1], seg_slots int32 [S], slot "
+          "-1: zero rows).");
+    m.def("lora_expand", [](const TensorView& y, const TensorView& h, const TensorView& b_stack,
+                            const TensorView& slice_offsets, const TensorView& scales,
+                            const OptionalView& magnitude_ratio, const TensorView& seg_indptr,
+                            const TensorView& seg_slots, const std::string& isa) {
+              const lora::Isa instruction_set = lora::parse_isa(isa);
+              const lora::ProjectionLoRA w(std::nullopt, b_stack, slice_offsets, scales,
+                                           magnitude_ratio);
+              float* y_rows = dense<float>(y, "y", {-1, w.expand.n});
+              const float* h_rows = dense<float>(h, "h", {y.sizes[0], -1});
+              const int64_t needed = w.expand.num_slices * w.expand.rank;
+              if (h.sizes[1] < needed)
+                  llama_ops::fail("h: expected at least " + std::to_string(needed) + " columns");
+              const lora::StepSegments step(seg_indptr, seg_slots, y.sizes[0]);
+              lora::require_slots(step, w.num_slots);
               py::gil_scoped_release release;
-              lora::expand(segments, tensor_at<const float>(h), h_cols, weights,
-                           tensor_at<float>(y));
+              lora::expand(step.segments, h_rows, h.sizes[1], w.expand, y_rows,
+                           instruction_set);
           },
-          py::arg("y"), py::arg("tokens"), py::arg("n"), py::arg("h"), py::arg("h_cols"),
-          py::arg("b_stack"), py::arg("bf16"), py::arg("num_slots"), py::arg("rank"),
-          py::arg("slice_offsets"),
-          py::arg("num_slices"), py::arg("scales"), py::arg("magnitude_ratio"),
-          py::arg("seg_indptr"), py::arg("seg_slots"), py::arg("num_segments"),
+          "y"_a, "h"_a, "b_stack"_a, "slice_offsets"_a, "scales"_a, "magnitude_ratio"_a,
+          "seg_indptr"_a, "seg_slots"_a, "isa"_a = "auto",
           "In place: y = ratio * (y + scale * h[:, slice's rank columns] @ b_stack[slot]) per "
-          "segment and output slice (magnitude_ratio = 0: no DoRA ratio; slot -1: y kept).");
-    m.def("lora_add", [](std::uintptr_t y, std::uintptr_t x, int64_t tokens, int64_t k,
-                         int64_t n, std::uintptr_t a_stack, std::uintptr_t b_stack, bool bf16,
-                         int64_t num_slots, int64_t rank, std::uintptr_t slice_offsets,
-                         int64_t num_slices, std::uintptr_t scales,
-                         std::uintptr_t magnitude_ratio, std::uintptr_t seg_indptr,
-                         std::uintptr_t seg_slots, int64_t num_segments) {
-              const lora::Segments segments =
-                  lora::segments_at(seg_indptr, seg_slots, num_segments, tokens, num_slots);
-              const lora::ExpandWeights weights = lora::expand_weights_at(
-                  b_stack, bf16, rank, n, slice_offsets, num_slices, scales, magnitude_ratio);
+          "segment and output slice (b_stack [slots, rank, n], slice_offsets int64 [P + 1], "
+          "scales float32 [slots, P], magnitude_ratio float32 [slots, n] or None; slot -1: y "
+          "kept).");
+    m.def("lora_add", [](const TensorView& y, const TensorView& x, const TensorView& a_stack,
+                         const TensorView& b_stack, const TensorView& slice_offsets,
+                         const TensorView& scales, const OptionalView& magnitude_ratio,
+                         const TensorView& seg_indptr, const TensorView& seg_slots,
+                         const std::string& isa) {
+              const lora::Isa instruction_set = lora::parse_isa(isa);
+              const lora::ProjectionLoRA w(a_stack, b_stack, slice_offsets, scales,
+                                           magnitude_ratio);
+              float* y_rows = dense<float>(y, "y", {-1, w.expand.n});
+              const float* x_rows = dense<float>(x, "x", {y.sizes[0], w.k});
+              const lora::StepSegments step(seg_indptr, seg_slots, y.sizes[0]);
+              lora::require_slots(step, w.num_slots);
               py::gil_scoped_release release;
-              const int64_t rows = num_slices * rank;
-              std::vector<float> h(static_cast<size_t>(tokens * rows));
-              lora::shrink(segments, tensor_at<const float>(x), k, tensor_at<const void>(a_stack),
-                           weights.type, rows, h.data());
-              lora::expand(segments, h.data(), rows, weights, tensor_at<float>(y));
+              lora::add(step.segments, x_rows, w, y_rows, instruction_set);
           },
-          py::arg("y"), py::arg("x"), py::arg("tokens"), py::arg("k"), py::arg("n"),
-          py::arg("a_stack"), py::arg("b_stack"), py::arg("bf16"), py::arg("num_slots"),
-          py::arg("rank"), py::arg("slice_offsets"), py::arg("num_slices"), py::arg("scales"),
-          py::arg("magnitude_ratio"), py::arg("seg_indptr"), py::arg("seg_slots"),
-          py::arg("num_segments"),
+          "y"_a, "x"_a, "a_stack"_a, "b_stack"_a, "slice_offsets"_a, "scales"_a,
+          "magnitude_ratio"_a, "seg_indptr"_a, "seg_slots"_a, "isa"_a = "auto",
           "lora_shrink then lora_expand in one call: y += the adapters' delta of x, in place "
-          "(a_stack [num_slots, num_slices * rank, k] and b_stack of one dtype).");
+          "(a_stack [slots, P * rank, k] and b_stack of one dtype).");
 }

@@ -9,6 +9,9 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
+
+#include "views.h"
 
 namespace lora {
 
@@ -26,15 +29,29 @@ struct Segments {
 // scales and ratios stay float32, and all arithmetic is float32.
 enum class WeightType { kFloat32, kBFloat16 };
 
+// Tokens of one slot per work item: enough to reuse the slot's weights from cache across
+// tokens, few enough that a long prefill segment still splits over the threads.
+constexpr int64_t kMaxRunTokens = 16;
+
 // Throws std::invalid_argument unless indptr runs from 0 to tokens without going back and
 // every slot is -1 or below num_slots.
 void check_segments(const Segments& segments, int64_t num_slots);
 
+// The instruction sets the kernels are compiled for; kAuto: the best this CPU runs.
+enum class Isa { kAuto, kScalar, kAvx2, kAvx512 };
+
+// "auto", "scalar", "avx2" or "avx512" as an Isa; std::invalid_argument for another name
+// or an instruction set this CPU lacks.
+Isa parse_isa(const std::string& name);
+
+// The name of the instruction set `isa` runs on ("avx512", "avx2" or "scalar").
+const char* isa_name(Isa isa);
+
 // h [tokens, rows] = x [tokens, k] @ a_stack[slot]^T per token (a_stack [num_slots, rows,
-// k]); rows of tokens with no adapter are zero. Each slot's A is read once per call, however
-// many segments use it.
+// k]); rows of tokens with no adapter are zero. A slot's tokens are gathered from all its
+// segments, so its A is read once per run of up to kMaxRunTokens of them.
 void shrink(const Segments& segments, const float* x, int64_t k, const void* a_stack,
-            WeightType type, int64_t rows, float* h);
+            WeightType type, int64_t rows, float* h, Isa isa = Isa::kAuto);
 
 // The up-projection of a (possibly fused) projection whose output columns are cut into
 // slices (q, k, v of a fused QKV): slice p covers columns [slice_offsets[p],
@@ -55,7 +72,7 @@ struct ExpandWeights {
 // with ratio = 1 when magnitude_ratio is null; tokens with no adapter keep y. y is [tokens,
 // n], h [tokens, h_cols].
 void expand(const Segments& segments, const float* h, int64_t h_cols,
-            const ExpandWeights& weights, float* y);
+            const ExpandWeights& weights, float* y, Isa isa = Isa::kAuto);
 
 // A step's segments (kernels.LoRAMapping) as a bound object that keeps its int32 tensors
 // alive. Checked when built: indptr runs from 0 without going back, slots are >= -1.
@@ -64,6 +81,10 @@ struct StepSegments {
     Segments segments;
     int32_t max_slot;  // the largest slot used (-1: none)
 
+    // int32 seg_indptr [count + 1] and seg_slots [count], dense CPU tensors; ValueError
+    // naming the tensor otherwise. `tokens`: the count indptr must end at (-1: any).
+    StepSegments(const llama_ops::TensorView& seg_indptr, const llama_ops::TensorView& seg_slots,
+                 int64_t tokens = -1);
     StepSegments(pybind11::object seg_indptr, pybind11::object seg_slots);
 };
 
@@ -71,13 +92,19 @@ struct StepSegments {
 // object that keeps its tensors alive, checked against each other when built: a_stack
 // [num_slots, num_slices * rank, k] and b_stack [num_slots, rank, n] of one dtype (float32
 // or bfloat16), slice_offsets int64 [num_slices + 1] rising from 0 to n, scales float32
-// [num_slots, num_slices], magnitude_ratio float32 [num_slots, n] or None.
+// [num_slots, num_slices], magnitude_ratio float32 [num_slots, n] or None. All dense CPU
+// tensors; ValueError naming the tensor otherwise.
 struct ProjectionLoRA {
     pybind11::object owners;
-    const void* a_stack;
+    const void* a_stack;  // null when built for expand alone
     int64_t num_slots, k;
     ExpandWeights expand;
 
+    // a_stack may be absent (expand alone): k is then 0.
+    ProjectionLoRA(const std::optional<llama_ops::TensorView>& a_stack,
+                   const llama_ops::TensorView& b_stack,
+                   const llama_ops::TensorView& slice_offsets, const llama_ops::TensorView& scales,
+                   const std::optional<llama_ops::TensorView>& magnitude_ratio);
     ProjectionLoRA(pybind11::object a_stack, pybind11::object b_stack,
                    pybind11::object slice_offsets, pybind11::object scales,
                    std::optional<pybind11::object> magnitude_ratio);
@@ -88,7 +115,10 @@ struct ProjectionLoRA {
 };
 
 // y [tokens, n] += each token's adapter update of x [tokens, k] (shrink, then expand with the
-// DoRA ratio when there is one); checked beforehand (require_fits).
-void add(const Segments& segments, const float* x, const ProjectionLoRA& weights, float* y);
+// DoRA ratio when there is one); checked beforehand (require_fits). Each work item is one
+// slot's run of tokens, shrunk and expanded by one thread: h never leaves its cache, and a
+// projection costs one parallel region.
+void add(const Segments& segments, const float* x, const ProjectionLoRA& weights, float* y,
+         Isa isa = Isa::kAuto);
 
 }  // namespace lora

@@ -1,6 +1,5 @@
-// Shared helpers for the CPU kernels: threading, argument errors, tensors passed by address
-// (the LoRA bindings; the others take views, views.h), the multi-ISA attribute and
-// vectorisable exp().
+// Shared helpers for the CPU kernels: threading, argument errors, the multi-ISA attribute
+// and vectorisable exp(). (Tensors cross the boundary as views, views.h.)
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -83,14 +82,6 @@ void for_each_in_runs(int64_t n, MakeState&& make_state, Body&& body) {
 inline float greater_of(float a, float b) { return a > b ? a : b; }
 
 [[noreturn]] inline void fail(const std::string& what) { throw std::invalid_argument(what); }
-
-// The LoRA bindings (csrc/lora.cpp) take their tensors as raw addresses (torch's
-// data_ptr()) plus the sizes they need, checked by llama_engine/kernels/cpu/lora.py before
-// the call. Every other binding takes checked views (views.h).
-template <class T>
-T* tensor_at(std::uintptr_t address) {
-    return reinterpret_cast<T*>(address);
-}
 
 // A [tokens, ...] tensor whose dim 0 may have any stride (a slice of a fused projection)
 // while each token's remaining dims form one dense block of `width` elements.

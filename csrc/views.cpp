@@ -168,6 +168,20 @@ T* dense_like(const TensorView& t, const char* name, const TensorView& like, int
     return data;
 }
 
+const void* dense_weights(const TensorView& t, const char* name,
+                          std::initializer_list<int64_t> sizes, bool* bf16) {
+    const int ndim = static_cast<int>(sizes.size());
+    if (t.dtype != DType::Float32 && t.dtype != DType::BFloat16) {
+        if (!t.on_cpu) fail(std::string(name) + ": expected a CPU tensor");
+        fail(std::string(name) + ": expected float32 or bfloat16, got " + dtype_name(t.dtype));
+    }
+    require(t, name, t.dtype, ndim);
+    if (!t.contiguous()) fail(std::string(name) + ": must be C-contiguous");
+    require_sizes(t, name, sizes.begin());
+    *bf16 = t.dtype == DType::BFloat16;
+    return reinterpret_cast<const void*>(t.data);
+}
+
 template <class T>
 TokenRows<T> dense_rows(const TensorView& t, const char* name) {
     if (t.ndim < 1) fail(std::string(name) + ": expected [..., width], got a scalar");

@@ -1,6 +1,7 @@
-// Typed views of what crosses the Python boundary into the kernels (all but the LoRA ones,
-// csrc/lora.cpp): a tensor (address, dtype, device, sizes, strides), a packed weight, the
-// paged KV caches, a step's paged-attention metadata and one decoder layer's parameters.
+// Typed views of what crosses the Python boundary into the kernels: a tensor (address,
+// dtype, device, sizes, strides), a packed weight, the paged KV caches, a step's
+// paged-attention metadata and one decoder layer's parameters (the LoRA ones, built from
+// these, are in lora.h).
 //
 // Each view is read from its Python object once, by a pybind11 type caster (TensorView,
 // from a torch.Tensor) or a bound class (the others), and checked where it is built. The
@@ -61,6 +62,12 @@ T* dense(const TensorView& t, const char* name, std::initializer_list<int64_t> s
 // The same, shaped like `like` except for the last dim, which is `last` (-1: like's too).
 template <class T>
 T* dense_like(const TensorView& t, const char* name, const TensorView& like, int64_t last = -1);
+
+// The data of a C-contiguous CPU tensor of float32 or bfloat16 (adapter weights) with
+// these sizes (a -1 size is not checked), and in *bf16 which of the two it is; ValueError
+// naming `name` otherwise.
+const void* dense_weights(const TensorView& t, const char* name,
+                          std::initializer_list<int64_t> sizes, bool* bf16);
 
 // A C-contiguous CPU tensor of T of any rank >= 1 as rows of its last dim ([..., width]:
 // numel / width rows), for the element-wise ops that take any leading dims.

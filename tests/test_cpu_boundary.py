@@ -1,7 +1,7 @@
 """The typed boundary of the C++ kernels (csrc/views.h): a tensor, packed weight, KV cache,
-attention metadata or layer weight that does not fit is a ValueError naming it, raised
-before any memory is touched, and memory stays as it was. Every binding but the LoRA ones
-(csrc/lora.cpp) takes its tensors so; each is tried here with a wrong dtype, a wrong shape
+attention metadata, layer weight or stacked adapter weight that does not fit is a
+ValueError naming it, raised before any memory is touched, and memory stays as it was.
+Every binding takes its tensors so; each is tried here with a wrong dtype, a wrong shape
 and a non-contiguous tensor."""
 from __future__ import annotations
 
@@ -131,9 +131,31 @@ def _filled(*shape: int) -> torch.Tensor:
     return torch.full(shape, 7.0)
 
 
+LORA_SLOTS, RANK, N = 2, 4, 48
+LORA_OFFSETS = (0, 32, 40, 48)  # three output slices, as a fused QKV's
+
+
+def _lora_weights() -> dict[str, torch.Tensor]:
+    """Stacked adapters for a [N, C] projection cut into three slices (LoRAProjection's
+    arguments); one adapter per slot."""
+    slices = len(LORA_OFFSETS) - 1
+    return dict(a_stack=torch.randn(LORA_SLOTS, slices * RANK, C),
+                b_stack=torch.randn(LORA_SLOTS, RANK, N),
+                slice_offsets=torch.tensor(LORA_OFFSETS), scales=torch.rand(LORA_SLOTS, slices),
+                magnitude_ratio=torch.rand(LORA_SLOTS, N))
+
+
+def _lora_segments() -> dict[str, torch.Tensor]:
+    """Token 0 on slot 1, tokens 1-2 on the base model (-1)."""
+    return dict(seg_indptr=torch.tensor([0, 1, TOKENS], dtype=torch.int32),
+                seg_slots=torch.tensor([1, -1], dtype=torch.int32))
+
+
 def _binding_calls() -> dict[str, tuple[Callable, dict]]:
     """Each binding with valid keyword arguments (fresh tensors)."""
     torch.manual_seed(0)
+    lora, segments = _lora_weights(), _lora_segments()
+    expand_weights = {name: lora[name] for name in lora if name != "a_stack"}
     layer = _layer_weights()
     packed = {name: cpu.packed_view(layer[name]) for name in ("wqkv", "wo", "w_gate_up", "w_down")}
     f64, i32 = torch.float64, torch.int32
@@ -186,6 +208,15 @@ def _binding_calls() -> dict[str, tuple[Callable, dict]]:
         "DecoderLayerParams": (_C.DecoderLayerParams, dict(
             attn_norm=torch.ones(C), ffn_norm=torch.ones(C), eps=1e-5, num_heads=HEADS,
             num_kv_heads=KV_HEADS, **packed)),
+        "lora_shrink": (_C.lora_shrink, dict(x=torch.randn(TOKENS, C), a_stack=lora["a_stack"],
+                                             h=_filled(TOKENS, 3 * RANK), **segments)),
+        "lora_expand": (_C.lora_expand, dict(y=torch.randn(TOKENS, N),
+                                             h=torch.randn(TOKENS, 3 * RANK), **expand_weights,
+                                             **segments)),
+        "lora_add": (_C.lora_add, dict(y=torch.randn(TOKENS, N), x=torch.randn(TOKENS, C),
+                                       **lora, **segments)),
+        "LoRASegments": (_C.LoRASegments, segments),
+        "LoRAProjection": (_C.LoRAProjection, lora),
     }
 
 
@@ -242,17 +273,33 @@ BAD_ARGUMENTS = [
     ("DecoderLayerParams", "attn_norm", lambda t: t.double(), "attn_norm: expected float32"),
     ("DecoderLayerParams", "ffn_norm", lambda t: torch.ones(C + 1), "ffn_norm: expected shape"),
     ("DecoderLayerParams", "ffn_norm", _strided, "ffn_norm: must be C-contiguous"),
+    ("lora_shrink", "x", lambda t: t.double(), "x: expected float32, got float64"),
+    ("lora_shrink", "h", lambda t: _filled(TOKENS, 3 * RANK + 1), r"h: expected shape \[3, 12\]"),
+    ("lora_shrink", "seg_slots", _strided, "seg_slots: must be C-contiguous"),
+    ("lora_expand", "magnitude_ratio", lambda t: t.double(),
+     "magnitude_ratio: expected float32, got float64"),
+    ("lora_expand", "scales", lambda t: torch.rand(LORA_SLOTS, 2),
+     r"scales: expected shape \[2, 3\]"),
+    ("lora_expand", "b_stack", _strided, "b_stack: must be C-contiguous"),
+    ("lora_add", "a_stack", lambda t: t.double(),
+     "a_stack: expected float32 or bfloat16, got float64"),
+    ("lora_add", "x", lambda t: torch.randn(TOKENS, C + 1), r"x: expected shape \[3, 64\]"),
+    ("lora_add", "y", _strided, "y: must be C-contiguous"),
+    ("LoRASegments", "seg_indptr", lambda t: t.float(), "seg_indptr: expected int32, got float32"),
+    ("LoRASegments", "seg_indptr", lambda t: t[:2].clone(), r"seg_indptr: expected shape \[3\]"),
+    ("LoRASegments", "seg_slots", _strided, "seg_slots: must be C-contiguous"),
+    ("LoRAProjection", "scales", lambda t: t.double(), "scales: expected float32, got float64"),
+    ("LoRAProjection", "magnitude_ratio", lambda t: torch.rand(LORA_SLOTS, N - 1),
+     r"magnitude_ratio: expected shape \[2, 48\]"),
+    ("LoRAProjection", "a_stack", _strided, "a_stack: must be C-contiguous"),
 ]
 
 
 def test_every_binding_is_tried() -> None:
-    """A binding added to the extension gets its cases here. Not yet the LoRA ones (the
-    lora_* kernels, tested against the reference in tests/test_lora_kernels.py, and the
-    LoRASegments / LoRAProjection views the fused layer takes): their bad-argument cases are
-    what is left of issue 9's typed boundary."""
+    """A binding added to the extension gets its cases here."""
     bindings = {name for name in dir(_C) if callable(getattr(_C, name))
-                and not name.startswith("_") and not name.lower().startswith("lora")
-                and name not in ("quant_isa", "quant_isa_supported")}  # no tensors
+                and not name.startswith("_")
+                and name not in ("quant_isa", "quant_isa_supported", "lora_isa")}  # no tensors
     assert bindings == set(_binding_calls())
     assert {case[0] for case in BAD_ARGUMENTS} == bindings
 

@@ -11,6 +11,7 @@ from llama_engine.kernels import reference
 from tests.lora_cases import make_case, merged_answer
 
 cpu = pytest.importorskip("llama_engine.kernels.cpu")
+cpu_lora = pytest.importorskip("llama_engine.kernels.cpu.lora")
 
 RANKS = [8, 16, 32, 64]
 # float32 sums over K (up to 200 terms) and R: a few ulp of the output scale.
@@ -85,6 +86,38 @@ def test_cpu_kernels_read_bfloat16_weights(decode) -> None:
                                      m.seg_indptr, m.seg_slots, s.magnitude_ratio)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("isa", [i for i in cpu_lora.ISAS if cpu_lora.isa_supported(i)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_instruction_set_matches_reference(isa, dtype, decode, seed) -> None:
+    """The AVX-512, AVX2 and baseline kernels this CPU runs, each on random shapes (sizes
+    that are not whole vectors included), against the reference reading the same weights."""
+    case = make_case(31 + seed + 2 * decode, decode=decode, rank=8 * (seed + 1), num_slices=3,
+                     dora=bool(seed))
+    s = case.stack._replace(a_stack=case.stack.a_stack.to(dtype),
+                            b_stack=case.stack.b_stack.to(dtype))
+    m = case.mapping
+    h = cpu.lora_shrink(case.x, s.a_stack, m.seg_indptr, m.seg_slots, isa=isa)
+    expected_h = reference.lora_shrink(case.x, s.a_stack, m.seg_indptr, m.seg_slots)
+    torch.testing.assert_close(h, expected_h, atol=ATOL, rtol=RTOL)
+    expected = reference.lora_expand(case.y.clone(), expected_h, s.b_stack, s.slice_offsets,
+                                     s.scales, m.seg_indptr, m.seg_slots, s.magnitude_ratio)
+    y = cpu.lora_expand(case.y.clone(), h, s.b_stack, s.slice_offsets, s.scales, m.seg_indptr,
+                        m.seg_slots, s.magnitude_ratio, isa=isa)
+    torch.testing.assert_close(y, expected, atol=ATOL, rtol=RTOL)
+    y = cpu.add_lora(case.y.clone(), case.x, s.a_stack, s.b_stack, s.slice_offsets, s.scales,
+                     m.seg_indptr, m.seg_slots, s.magnitude_ratio, isa=isa)
+    torch.testing.assert_close(y, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_unknown_instruction_set_is_named() -> None:
+    case = make_case(2, decode=True, rank=8, num_slices=1, dora=False)
+    with pytest.raises(ValueError, match="isa: 'sse9'"):
+        cpu.lora_shrink(case.x, case.stack.a_stack, case.mapping.seg_indptr,
+                        case.mapping.seg_slots, isa="sse9")
 
 
 def test_cpu_kernels_run_threaded_sizes() -> None:

@@ -4,6 +4,6 @@ from llama_engine.kernels.cpu.ops import (  # noqa: F401
     store_kv_and_attend)
 from llama_engine.kernels.cpu.quant import dequantize, packed_view, quant_matmul  # noqa: F401
 from llama_engine.kernels.cpu.decoder_layer import (  # noqa: F401
-    decoder_layer, decoder_layer_params, lora_projection, lora_segments, o_proj_and_mlp,
-    qkv_projection)
-from llama_engine.kernels.cpu.lora import add_lora, lora_expand, lora_shrink  # noqa: F401
+    decoder_layer, decoder_layer_params, o_proj_and_mlp, qkv_projection)
+from llama_engine.kernels.cpu.lora import (  # noqa: F401
+    add_lora, lora_expand, lora_projection, lora_segments, lora_shrink)

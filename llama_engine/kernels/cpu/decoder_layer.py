@@ -77,7 +77,7 @@ def decoder_layer(params: _C.DecoderLayerParams, x: torch.Tensor,
     """qkv_projection, store_kv + paged attention over the layer's caches, then
     o_proj_and_mlp, in one extension call. x float32 [T, C], residual [T, C] or None (the
     first layer), positions int64 [T]. lora: the step's segments and the adapters of the
-    fused QKV, output, fused gate/up and down projections (``lora_projection``; None where
+    fused QKV, output, fused gate/up and down projections (``lora.lora_projection``; None where
     no adapter applies), added after each projection's matmul. Returns (layer output, new
     residual), both [T, C]. Raises ValueError naming an argument that does not fit."""
     out = torch.empty(x.shape, dtype=F32)
@@ -87,19 +87,3 @@ def decoder_layer(params: _C.DecoderLayerParams, x: torch.Tensor,
                      new_residual, options().int8_activations, segments, qkv, o, gate_up, down)
     return out, new_residual
 
-
-def lora_segments(seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> _C.LoRASegments:
-    """A step's adapter segments (int32 [S + 1] token offsets, int32 [S] slots, -1: none) for
-    ``decoder_layer``, checked once a step. Raises ValueError for bad segments."""
-    return _C.LoRASegments(seg_indptr.to(torch.int32).contiguous(),
-                           seg_slots.to(torch.int32).contiguous())
-
-
-def lora_projection(a_stack: torch.Tensor, b_stack: torch.Tensor,
-                    slice_offsets: tuple[int, ...], scales: torch.Tensor,
-                    magnitude_ratio: torch.Tensor | None) -> _C.LoRAProjection:
-    """One projection's stacked adapters (kernels.LoRAStack's layout: A [slots, P*R, K] and
-    B^T [slots, R, N] float32 or bfloat16, scales float32 [slots, P], DoRA ratio float32
-    [slots, N] or None) for ``decoder_layer``. Raises ValueError for mismatched shapes."""
-    return _C.LoRAProjection(a_stack, b_stack, torch.tensor(slice_offsets, dtype=torch.int64),
-                             scales, magnitude_ratio)

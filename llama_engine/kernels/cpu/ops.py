@@ -18,8 +18,6 @@ copy made here is held in a local variable until the kernel has returned.
 """
 from __future__ import annotations
 
-from typing import NoReturn
-
 import torch
 
 from llama_engine import _C
@@ -28,15 +26,19 @@ F32, F64, I32, I64 = torch.float32, torch.float64, torch.int32, torch.int64
 
 
 # --------------------------------------------------------------------- conversions
+# Shared by every torch-facing wrapper of the extension (ops, lora, decoder_layer): they
+# convert and allocate; the extension checks.
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """t as a C-contiguous tensor (a copy only when it is strided)."""
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """t as a C-contiguous tensor: t itself when it already is, else a dense copy (same
+    dtype and device). For activations, whose dtype is never converted."""
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A parameter or metadata tensor as C-contiguous `dtype` (converted or copied once when
-    it is not; the device is left as it is, for the extension to check)."""
+def dense_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A parameter or metadata tensor as C-contiguous `dtype`: t itself when it already is,
+    else converted (e.g. int64 indices to int32) or copied once. The device is left as it
+    is, for the extension to check."""
     if t.dtype is dtype and t.is_contiguous():
         return t
     return t.to(dtype).contiguous()
@@ -53,39 +55,6 @@ def _token_dense(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-# The argument checks below serve kernels/cpu/lora.py, whose bindings (csrc/lora.cpp) still
-# take raw addresses and so need their tensors checked here, before the call.
-
-def _fail(name: str, reason: str) -> NoReturn:
-    raise ValueError(f"{name}: {reason}")
-
-
-def _require_cpu(t: torch.Tensor, name: str) -> None:
-    if not t.is_cpu:
-        _fail(name, f"expected a CPU tensor, got one on {t.device}")
-
-
-def _dense_float32(t: torch.Tensor, name: str) -> torch.Tensor:
-    """A float32 CPU input as a C-contiguous tensor (a copy only when it is strided)."""
-    if t.dtype is F32 and t.is_cpu and t.is_contiguous():
-        return t
-    _require_cpu(t, name)
-    if t.dtype is not F32:
-        _fail(name, f"unexpected dtype {str(t.dtype).removeprefix('torch.')}")
-    return t.contiguous()
-
-
-def _converted(t: torch.Tensor, dtype: torch.dtype, name: str, ndim: int) -> torch.Tensor:
-    """A parameter or metadata tensor as C-contiguous `dtype` with `ndim` dims (converted or
-    copied once when it is not: int32 and int64 metadata are both accepted)."""
-    if not (t.dtype is dtype and t.is_cpu and t.is_contiguous()):
-        _require_cpu(t, name)
-        t = t.to(dtype).contiguous()
-    if t.dim() != ndim:
-        _fail(name, f"expected {ndim} dims, got {t.dim()}")
-    return t
-
-
 # ------------------------------------------------------------------------------ ops
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -97,14 +66,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     new_residual * rsqrt(mean(new_residual^2) + eps) * weight, both shaped like x. Raises
     ValueError naming a tensor whose device, dtype or shape does not fit.
     """
-    rows = _dense(x)
-    weight = _as(weight, F32)
+    rows = dense(x)
+    weight = dense_as(weight, F32)
     normed = torch.empty_like(rows)
     if residual is None:
         _C.rms_norm(rows, weight, eps, None, normed, None)
         return normed, x
     new_residual = torch.empty_like(rows)
-    _C.rms_norm(rows, weight, eps, _as(residual, F32), normed, new_residual)
+    _C.rms_norm(rows, weight, eps, dense_as(residual, F32), normed, new_residual)
     return normed, new_residual
 
 
@@ -118,7 +87,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     not fit, or for positions outside the table.
     """
     q_rows, k_rows = _token_dense(q), _token_dense(k)
-    _C.rope(q_rows, k_rows, _as(positions, I64), _as(cos_sin, F32))
+    _C.rope(q_rows, k_rows, dense_as(positions, I64), dense_as(cos_sin, F32))
     if q_rows is not q:  # rotated a dense copy: the contract is in place
         q.copy_(q_rows)
     if k_rows is not k:
@@ -129,7 +98,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU: gate_up float32 [..., 2F] = concat(gate, up) -> silu(gate) * up, [..., F].
     Raises ValueError for another dtype or an odd last dim."""
-    rows = _dense(gate_up)
+    rows = dense(gate_up)
     shape = rows.shape
     width = shape[-1] // 2 if shape else 0
     if len(shape) == 2:  # the usual case, and the cheapest torch.empty call
@@ -148,16 +117,16 @@ def attention_metadata(slot_mapping: torch.Tensor | None, block_tables: torch.Te
     when the step only attends), block_tables int32 [S, max_blocks], context_lens int32
     [S], cu_seqlens_q int32 [S + 1]. Either int width is accepted and converted here.
     Raises ValueError naming the offending tensor."""
-    slots = None if slot_mapping is None else _as(slot_mapping, I64)
-    return _C.AttentionMetadata(slots, _as(block_tables, I32), _as(context_lens, I32),
-                                _as(cu_seqlens_q, I32), scale)
+    slots = None if slot_mapping is None else dense_as(slot_mapping, I64)
+    return _C.AttentionMetadata(slots, dense_as(block_tables, I32),
+                                dense_as(context_lens, I32), dense_as(cu_seqlens_q, I32), scale)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write k/v [T, Hkv, D] into the paged caches [blocks, block_size, Hkv, D] at
     slot_mapping [T] (int32 or int64; negative slots are padding and are skipped)."""
-    _C.store_kv(k, v, k_cache, v_cache, _as(slot_mapping, I64))
+    _C.store_kv(k, v, k_cache, v_cache, dense_as(slot_mapping, I64))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -188,6 +157,6 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     temperature / top-k / top-p / min-p filtering walked with uniform[i]; int64 [B]. The
     parameters are [B] each. Raises ValueError for a shape or value out of range."""
     out = torch.empty(logits.shape[0], dtype=I64)
-    _C.sample(_as(logits, F32), _as(temperature, F64), _as(top_k, I64), _as(top_p, F64),
-              _as(min_p, F64), _as(uniform, F64), out)
+    _C.sample(dense_as(logits, F32), dense_as(temperature, F64), dense_as(top_k, I64),
+              dense_as(top_p, F64), dense_as(min_p, F64), dense_as(uniform, F64), out)
     return out
