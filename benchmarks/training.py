@@ -5,6 +5,12 @@ own process (so peak RSS is its own). Methods: full fine-tuning, LoRA r=16 on al
 layers, QLoRA (the same over an NF4 base with double-quantized scales), DoRA. Prints
 tokens/s, peak RSS, the ratios, how far apart the loss curves are, and plots them.
 
+Each side runs its own default recipe, and QLoRA's is the same on both: activation
+checkpointing per decoder layer (ours by default; peft's ``prepare_model_for_kbit_training``,
+the standard QLoRA recipe, turns on transformers' gradient checkpointing). Our SFT loss is
+fused with the head in chunks (``losses.linear_cross_entropy``) for every method; transformers
+computes the whole logits (its own default: no chunked loss exists for it on the CPU).
+
     python benchmarks/training.py --methods lora,qlora --seq-len 128 --batch-size 4 --steps 5
 """
 from __future__ import annotations
@@ -26,6 +32,18 @@ WARMUP_STEPS = 1  # not timed: first-touch allocation and thread-pool start
 METHODS = ("full", "lora", "qlora", "dora")
 LORA_RANK, LORA_ALPHA = 16, 32
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_OUR_LOSS = "loss fused with the head over 256-token chunks"
+_THEIR_LOSS = "whole logits"
+RECIPES = {  # what each side runs, written into the results
+    "full": {"llama_engine": _OUR_LOSS, "transformers": _THEIR_LOSS},
+    "lora": {"llama_engine": _OUR_LOSS, "transformers": _THEIR_LOSS},
+    "dora": {"llama_engine": _OUR_LOSS, "transformers": _THEIR_LOSS},
+    "qlora": {"llama_engine": "activation checkpointing per decoder layer (our QLoRA default), "
+                              "NF4 decoder projections, float32 embedding and head, " + _OUR_LOSS,
+              "transformers": "peft.prepare_model_for_kbit_training (gradient checkpointing), "
+                              "bitsandbytes NF4 double-quant, float32 compute, embedding and "
+                              "head, " + _THEIR_LOSS},
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,7 +90,8 @@ def run_ours(model_path: str, method: str, args: argparse.Namespace, adapter_fil
     from safetensors.torch import save_file
 
     from llama_engine.training.batching import pack
-    from llama_engine.training.losses import IGNORE_INDEX, sft_loss
+    from llama_engine.training.losses import IGNORE_INDEX
+    from llama_engine.training.loop import sft_batch_loss
     from llama_engine.training.tokenization import Example
 
     if method == "full":
@@ -88,7 +107,7 @@ def run_ours(model_path: str, method: str, args: argparse.Namespace, adapter_fil
 
     def step(batch: torch.Tensor) -> float:
         packed = pack([Example(row.tolist(), row[1:].tolist() + [IGNORE_INDEX]) for row in batch])
-        loss = sft_loss(model.compute_logits(model.hidden_states(packed)), packed.labels)
+        loss = sft_batch_loss(model, packed)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -116,6 +135,8 @@ def run_transformers(model_path: str, method: str, args: argparse.Namespace,
         from safetensors.torch import load_file
         config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                  target_modules=list(ALL_LINEAR), use_dora=method == "dora")
+        if method == "qlora":  # the QLoRA recipe: gradient checkpointing on
+            model = peft.prepare_model_for_kbit_training(model)
         model = peft.get_peft_model(model, config)
         peft.set_peft_model_state_dict(model, load_file(adapter_file))
     model.train()
@@ -228,6 +249,7 @@ def run(args: argparse.Namespace) -> None:
         "hyperparameters": {"optimizer": "AdamW", "lr_full": LR, "lr_adapters": ADAPTER_LR,
                             "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA,
                             "lora_targets": list(ALL_LINEAR)},
+        "recipes": {m: RECIPES[m] for m in methods},
         "methods": results,
     }
     if args.plot:

@@ -17,7 +17,7 @@ import torch
 from llama_engine.training.batching import PackedBatch, batches_per_epoch, epoch_batches, pack
 from llama_engine.training.checkpoint import TRAINING_STATE_FILE
 from llama_engine.training.losses import (IGNORE_INDEX, bradley_terry_loss, dpo_loss,
-                                          sequence_logprobs, sft_loss)
+                                          linear_cross_entropy, sequence_logprobs, sft_loss)
 from llama_engine.training.model import TrainableModel
 from llama_engine.training.optim import build_optimizer, build_scheduler, default_warmup_steps
 from llama_engine.training.tokenization import Example, PreferencePair
@@ -84,6 +84,18 @@ def _label_rows(batch: PackedBatch) -> torch.Tensor:
     return (batch.labels != IGNORE_INDEX).nonzero().squeeze(-1)
 
 
+def sft_batch_loss(model: TrainableModel, batch: PackedBatch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the batch's label tokens: the hidden states of
+    those tokens only, then the head and the loss fused in chunks where the head is a plain
+    matrix (``losses.linear_cross_entropy``: no [T, vocab] logits held), else the logits."""
+    rows = _label_rows(batch)
+    hidden, labels = model.hidden_states(batch)[rows], batch.labels[rows]
+    weight = model.output_weight()
+    if weight is not None:
+        return linear_cross_entropy(hidden, weight, labels)
+    return sft_loss(model.compute_logits(hidden), labels)
+
+
 def _reply_logprobs(model: TrainableModel, batch: PackedBatch) -> torch.Tensor:
     rows = _label_rows(batch)
     logits = model.compute_logits(model.hidden_states(batch)[rows])
@@ -114,9 +126,7 @@ class Trainer:
     # ---- one step per objective ---------------------------------------------------------
     def _sft_step(self, examples: Sequence[Example]) -> tuple[torch.Tensor, dict, int]:
         batch = pack(examples).to(self.model.device)
-        rows = _label_rows(batch)
-        logits = self.model.compute_logits(self.model.hidden_states(batch)[rows])
-        return sft_loss(logits, batch.labels[rows]), {}, batch.num_tokens
+        return sft_batch_loss(self.model, batch), {}, batch.num_tokens
 
     def _pair_batch(self, pairs: Sequence[PreferencePair]) -> PackedBatch:
         return pack([p.chosen for p in pairs] + [p.rejected for p in pairs]).to(self.model.device)
