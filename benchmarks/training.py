@@ -1,9 +1,16 @@
 """Training throughput: steps (forward + backward + AdamW step) on llama-engine's model, then
 the same batches on HF transformers (+ peft for adapters, + bitsandbytes for QLoRA) with the
 same hyperparameters and the same initial adapter weights, in the same run, each side in its
-own process (so peak RSS is its own). Methods: full fine-tuning, LoRA r=16 on all linear
+own process (so peak RSS is its own), their steps interleaved (ours, theirs, ours, ...) so
+that a load from elsewhere falls on both alike. Methods: full fine-tuning, LoRA r=16 on all linear
 layers, QLoRA (the same over an NF4 base with double-quantized scales), DoRA. Prints
 tokens/s, peak RSS, the ratios, how far apart the loss curves are, and plots them.
+
+Each side runs its own default recipe, and QLoRA's is the same on both: activation
+checkpointing per decoder layer (ours by default; peft's ``prepare_model_for_kbit_training``,
+the standard QLoRA recipe, turns on transformers' gradient checkpointing). Our SFT loss is
+fused with the head in chunks (``losses.linear_cross_entropy``) for every method; transformers
+computes the whole logits (its own default: no chunked loss exists for it on the CPU).
 
     python benchmarks/training.py --methods lora,qlora --seq-len 128 --batch-size 4 --steps 5
 """
@@ -26,6 +33,18 @@ WARMUP_STEPS = 1  # not timed: first-touch allocation and thread-pool start
 METHODS = ("full", "lora", "qlora", "dora")
 LORA_RANK, LORA_ALPHA = 16, 32
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_OUR_LOSS = "loss fused with the head over 256-token chunks"
+_THEIR_LOSS = "whole logits"
+RECIPES = {  # what each side runs, written into the results
+    "full": {"llama_engine": _OUR_LOSS, "transformers": _THEIR_LOSS},
+    "lora": {"llama_engine": _OUR_LOSS, "transformers": _THEIR_LOSS},
+    "dora": {"llama_engine": _OUR_LOSS, "transformers": _THEIR_LOSS},
+    "qlora": {"llama_engine": "activation checkpointing per decoder layer (our QLoRA default), "
+                              "NF4 decoder projections, float32 embedding and head, " + _OUR_LOSS,
+              "transformers": "peft.prepare_model_for_kbit_training (gradient checkpointing), "
+                              "bitsandbytes NF4 double-quant, float32 compute, embedding and "
+                              "head, " + _THEIR_LOSS},
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,29 +69,62 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _timed(step, batches: list[torch.Tensor]) -> dict:
-    losses, times = [], []
-    for i, batch in enumerate(batches):
+def _serve_steps(build, build_args: tuple, conn) -> None:
+    """A side's process: build its step function and batches, say so, then run step i
+    whenever the parent sends i, answering (loss, seconds); None ends it with the peak RSS.
+    A failed build answers its error instead."""
+    try:
+        step, batches = build(*build_args)
+    except Exception as e:  # the peer could not run this method here: the parent says so
+        conn.send(f"{type(e).__name__}: {e}")
+        return
+    conn.send(None)
+    while (i := conn.recv()) is not None:
         started = time.perf_counter()
-        losses.append(step(batch))
+        loss = step(batches[i])
+        conn.send((loss, time.perf_counter() - started))
+    conn.send(_peak_rss_bytes())
+
+
+class _Side:
+    """One side's process (spawned fresh, so its peak RSS is its own)."""
+
+    def __init__(self, build, *build_args):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve_steps, args=(build, build_args, child))
+        self.process.start()
+        self.error = self.conn.recv()  # None once built
+        self.losses: list[float] = []
+        self.times: list[float] = []
+
+    def step(self, i: int) -> None:
+        self.conn.send(i)
+        loss, seconds = self.conn.recv()
+        self.losses.append(loss)
         if i >= WARMUP_STEPS:
-            times.append(time.perf_counter() - started)
-    tokens = batches[0].numel()
-    return {"losses": losses, "step_s": times, "tokens_per_s": tokens * len(times) / sum(times),
-            "peak_rss_bytes": _peak_rss_bytes()}
+            self.times.append(seconds)
+
+    def finish(self, tokens: int) -> dict:
+        self.conn.send(None)
+        peak = self.conn.recv()
+        self.process.join()
+        return {"losses": self.losses, "step_s": self.times,
+                "tokens_per_s": tokens * len(self.times) / sum(self.times), "peak_rss_bytes": peak}
 
 
 def _lr(method: str) -> float:
     return LR if method == "full" else ADAPTER_LR
 
 
-def run_ours(model_path: str, method: str, args: argparse.Namespace, adapter_file: str) -> dict:
-    """Our side; for adapters, the initial adapter weights go to ``adapter_file`` (PEFT
-    names) so that peft starts from the same ones."""
+def build_ours(model_path: str, method: str, args: argparse.Namespace, adapter_file: str):
+    """Our side's (step function, batches); for adapters, the initial adapter weights go to
+    ``adapter_file`` (PEFT names) so that peft starts from the same ones."""
     from safetensors.torch import save_file
 
     from llama_engine.training.batching import pack
-    from llama_engine.training.losses import IGNORE_INDEX, sft_loss
+    from llama_engine.training.losses import IGNORE_INDEX
+    from llama_engine.training.loop import sft_batch_loss
     from llama_engine.training.tokenization import Example
 
     if method == "full":
@@ -88,18 +140,19 @@ def run_ours(model_path: str, method: str, args: argparse.Namespace, adapter_fil
 
     def step(batch: torch.Tensor) -> float:
         packed = pack([Example(row.tolist(), row[1:].tolist() + [IGNORE_INDEX]) for row in batch])
-        loss = sft_loss(model.compute_logits(model.hidden_states(packed)), packed.labels)
+        loss = sft_batch_loss(model, packed)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return _timed(step, _batches(model.config.vocab_size, args))
+    return step, _batches(model.config.vocab_size, args)
 
 
-def run_transformers(model_path: str, method: str, args: argparse.Namespace,
-                     adapter_file: str) -> dict:
-    """transformers (+ peft, + bitsandbytes NF4 with double quantization for QLoRA)."""
+def build_transformers(model_path: str, method: str, args: argparse.Namespace,
+                       adapter_file: str):
+    """transformers' (+ peft, + bitsandbytes NF4 with double quantization for QLoRA) (step
+    function, batches)."""
     import transformers
     kwargs = {"dtype": torch.float32}
     if method == "qlora":
@@ -116,6 +169,8 @@ def run_transformers(model_path: str, method: str, args: argparse.Namespace,
         from safetensors.torch import load_file
         config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                  target_modules=list(ALL_LINEAR), use_dora=method == "dora")
+        if method == "qlora":  # the QLoRA recipe: gradient checkpointing on
+            model = peft.prepare_model_for_kbit_training(model)
         model = peft.get_peft_model(model, config)
         peft.set_peft_model_state_dict(model, load_file(adapter_file))
     model.train()
@@ -128,7 +183,7 @@ def run_transformers(model_path: str, method: str, args: argparse.Namespace,
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return _timed(step, _batches(model.config.vocab_size, args))
+    return step, _batches(model.config.vocab_size, args)
 
 
 def write_hf_folder(gguf_path: str, folder: str) -> None:
@@ -154,11 +209,11 @@ def _in_child(fn, *fn_args) -> dict:
 
 
 def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
-    """Both sides of one method, each in a fresh process."""
+    """Both sides of one method, each in a fresh process, steps interleaved."""
     import tempfile
+    tokens = args.batch_size * args.seq_len
     with tempfile.TemporaryDirectory() as folder:
         adapter_file = os.path.join(folder, "initial_adapter.safetensors")
-        ours = _in_child(run_ours, model_path, method, args, adapter_file)
         peer_path = model_path
         if method == "qlora" and not os.path.isdir(model_path):
             # transformers refuses a quantization_config with a GGUF file: bitsandbytes
@@ -166,10 +221,19 @@ def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
             # so that the peer's peak RSS is its own
             peer_path = os.path.join(folder, "hf")
             _in_child(write_hf_folder, model_path, peer_path)
-        try:
-            theirs = _in_child(run_transformers, peer_path, method, args, adapter_file)
-        except Exception as e:  # the peer could not run this method here: say so
-            return {"llama_engine": ours, "transformers": None, "peer_error": f"{type(e).__name__}: {e}"}
+        ours_side = _Side(build_ours, model_path, method, args, adapter_file)
+        if ours_side.error:
+            raise RuntimeError(f"[{method}] llama-engine failed: {ours_side.error}")
+        their_side = _Side(build_transformers, peer_path, method, args, adapter_file)
+        for i in range(WARMUP_STEPS + args.steps):
+            ours_side.step(i)
+            if not their_side.error:
+                their_side.step(i)
+        ours = ours_side.finish(tokens)
+        if their_side.error:
+            their_side.process.join()
+            return {"llama_engine": ours, "transformers": None, "peer_error": their_side.error}
+        theirs = their_side.finish(tokens)
     gap = max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"]))
     return {"llama_engine": ours, "transformers": theirs,
             "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
@@ -228,6 +292,7 @@ def run(args: argparse.Namespace) -> None:
         "hyperparameters": {"optimizer": "AdamW", "lr_full": LR, "lr_adapters": ADAPTER_LR,
                             "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA,
                             "lora_targets": list(ALL_LINEAR)},
+        "recipes": {m: RECIPES[m] for m in methods},
         "methods": results,
     }
     if args.plot:

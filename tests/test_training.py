@@ -64,6 +64,33 @@ def test_sft_loss_ignores_unlabelled_tokens() -> None:
     assert sft_loss(logits, labels).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(seed: int) -> None:
+    """The chunked loss and its gradients (hidden and head weight) against autograd through
+    F.cross_entropy of the whole logits, on random shapes, chunks and ignored labels."""
+    from llama_engine.training.losses import linear_cross_entropy
+    g = torch.Generator().manual_seed(seed)
+    tokens, hidden_size, vocab = (int(torch.randint(lo, hi, (), generator=g))
+                                  for lo, hi in ((1, 40), (1, 24), (2, 300)))
+    chunk = int(torch.randint(1, tokens + 3, (), generator=g))
+    hidden = torch.randn(tokens, hidden_size, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, generator=g, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    labels[torch.rand(tokens, generator=g) < 0.3] = IGNORE_INDEX
+    labels[0] = 1  # at least one label token
+    upstream = float(torch.rand((), generator=g)) + 0.5  # the loss scaled downstream
+    (linear_cross_entropy(hidden, weight, labels, chunk) * upstream).backward()
+    h_ref = hidden.detach().clone().requires_grad_(True)
+    w_ref = weight.detach().clone().requires_grad_(True)
+    expected = F.cross_entropy(h_ref @ w_ref.t(), labels, ignore_index=IGNORE_INDEX)
+    (expected * upstream).backward()
+    with torch.no_grad():
+        assert linear_cross_entropy(hidden, weight, labels, chunk).item() == pytest.approx(
+            expected.item(), rel=1e-5)
+    torch.testing.assert_close(hidden.grad, h_ref.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad, w_ref.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_lr_schedule_matches_transformers() -> None:
     transformers = pytest.importorskip("transformers")
     lr, lr_min, warmup, total = 1e-3, 1e-4, 5, 40

@@ -207,6 +207,8 @@ def _packed_matmul(x: Tensor, weight: PackedWeight) -> Tensor:
     if _use_triton(x):
         return _triton().quant_matmul(x, weight)
     if _use_cpu(x):
+        if weight.qtype == NF4 and x.numel() // x.shape[-1] >= NF4_DENSE_MIN_ROWS:
+            return _dequantized_matmul(x, weight)
         return _cpu.quant_matmul(x, weight)
     return x @ dequantize(weight).to(x.dtype).t()
 
@@ -262,16 +264,37 @@ def bf16_linear(x: Tensor, weight: BF16Weight, gelu: bool = False) -> Tensor:
     return reference.bf16_linear(x, weight.weight, weight.bias, gelu)
 
 
-# Rows of a packed W unpacked at a time in PackedLinear's backward: 1024 rows of 4096
-# float32 columns are 16 MiB, whatever the size of W (a 49152-row output head included).
-BACKWARD_ROW_CHUNK = 1024
+NF4 = "NF4"
+# From this many rows of x on, an NF4 matmul dequantizes W a chunk at a time and multiplies
+# with torch's dense float32 GEMM (oneDNN/MKL): the decode is O(N K), the product
+# O(M N K), and at a training batch's M (thousands of tokens) the blocked GEMM beats
+# decoding into the packed kernel's tiles (benchmarks/results/training-cpu-2026-11-30.md).
+NF4_DENSE_MIN_ROWS = 256
+# float32 bytes of a packed W dequantized at a time by the chunked matmuls: 16 MiB, so W is
+# never dense as a whole (a whole 576 x 3072 SmolLM2 projection is 7 MiB; a 49152-row
+# head would go in 7 parts).
+DEQUANTIZED_CHUNK_BYTES = 16 * 2**20
+
+
+def _row_chunks(w: PackedWeight) -> list[tuple[int, int, PackedWeight]]:
+    """(start, end, rows start:end of w) covering w's rows, DEQUANTIZED_CHUNK_BYTES each."""
+    step = max(1, DEQUANTIZED_CHUNK_BYTES // (4 * w.cols))
+    return [(start, min(start + step, w.rows),
+             PackedWeight(w.data[start:start + step], w.qtype, min(step, w.rows - start), w.cols))
+            for start in range(0, w.rows, step)]
+
+
+def _dequantized_matmul(x: Tensor, weight: PackedWeight) -> Tensor:
+    """x [..., K] @ W^T with W dequantized chunk by chunk (exactly ``dequantize``'s values)."""
+    parts = [torch.nn.functional.linear(x, dequantize(rows)) for _, _, rows in _row_chunks(weight)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 class PackedLinear(torch.autograd.Function):
     """y = x @ W^T for a frozen packed W, differentiable in x (QLoRA trains adapters over
-    such a base). The forward is the packed matmul kernel; the backward dx = dy @ W walks W
-    by BACKWARD_ROW_CHUNK rows, each dequantized by the kernel, multiplied and dropped, so W
-    is never dense as a whole."""
+    such a base). The forward is ``linear``'s packed matmul; the backward dx = dy @ W walks
+    W by chunks of DEQUANTIZED_CHUNK_BYTES, each dequantized by the kernel, multiplied and
+    dropped, so W is never dense as a whole."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: PackedWeight) -> Tensor:
@@ -280,11 +303,8 @@ class PackedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
-        w: PackedWeight = ctx.weight
         grad_in = None
-        for start in range(0, w.rows, BACKWARD_ROW_CHUNK):
-            end = min(start + BACKWARD_ROW_CHUNK, w.rows)
-            rows = PackedWeight(w.data[start:end], w.qtype, end - start, w.cols)
+        for start, end, rows in _row_chunks(ctx.weight):
             part = grad_out[..., start:end] @ dequantize(rows).to(grad_out.dtype)
             grad_in = part if grad_in is None else grad_in.add_(part)
         return grad_in, None

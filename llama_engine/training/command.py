@@ -44,7 +44,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN)
     parser.add_argument("--checkpoint-every", type=int, default=None,
                         help="steps between checkpoints (default: each epoch)")
-    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                        default=None, help="recompute each decoder layer in the backward pass "
+                        "(default: on for qlora, off otherwise)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithm", choices=(FULL,) + ADAPTER_ALGORITHMS, default=FULL,
                         help="full fine-tuning, or an adapter: lora, qlora (NF4 base), dora")

@@ -93,6 +93,10 @@ class FullFineTune(ShardableModel):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._active.compute_logits(hidden)
 
+    def output_weight(self) -> torch.Tensor | None:
+        head = self._active.lm_head
+        return head.weight if head is not None else None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 

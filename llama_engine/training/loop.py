@@ -21,7 +21,7 @@ from llama_engine.training.distributed import (SINGLE_PROCESS, DataParallel, FSD
                                                full_optimizer_state, load_full_optimizer_state,
                                                whole)
 from llama_engine.training.losses import (IGNORE_INDEX, bradley_terry_loss, dpo_loss,
-                                          sequence_logprobs, sft_loss)
+                                          linear_cross_entropy, sequence_logprobs, sft_loss)
 from llama_engine.training.model import TrainableModel
 from llama_engine.training.optim import build_optimizer, build_scheduler, default_warmup_steps
 from llama_engine.training.tokenization import Example, PreferencePair
@@ -89,6 +89,21 @@ def _label_rows(batch: PackedBatch) -> torch.Tensor:
     return (batch.labels != IGNORE_INDEX).nonzero().squeeze(-1)
 
 
+def sft_batch_loss(model: TrainableModel, batch: PackedBatch, reduction: str = "mean"
+                   ) -> torch.Tensor:
+    """Mean (``reduction`` "sum": sum) next-token cross-entropy over the batch's label
+    tokens: the hidden states of those tokens only, then the head and the loss fused in
+    chunks where the head is a plain matrix (``losses.linear_cross_entropy``: no [T, vocab]
+    logits held), else the logits."""
+    rows = _label_rows(batch)
+    hidden, labels = model.hidden_states(batch)[rows], batch.labels[rows]
+    weight = model.output_weight()
+    if weight is None:
+        return sft_loss(model.compute_logits(hidden), labels, reduction)
+    loss = linear_cross_entropy(hidden, weight, labels)
+    return loss * rows.numel() if reduction == "sum" else loss
+
+
 def _reply_logprobs(model: TrainableModel, batch: PackedBatch) -> torch.Tensor:
     rows = _label_rows(batch)
     logits = model.compute_logits(model.hidden_states(batch)[rows])
@@ -137,9 +152,8 @@ class Trainer:
     # ---- one step per objective: (loss sum, metric sums, tokens, loss terms) -------------
     def _sft_step(self, examples: Sequence[Example]) -> StepTerms:
         batch = pack(examples).to(self.model.device)
-        rows = _label_rows(batch)
-        logits = self.model.compute_logits(self.model.hidden_states(batch)[rows])
-        return sft_loss(logits, batch.labels[rows], "sum"), {}, batch.num_tokens, rows.numel()
+        loss = sft_batch_loss(self.model, batch, "sum")
+        return loss, {}, batch.num_tokens, int((batch.labels != IGNORE_INDEX).sum())
 
     def _pair_batch(self, pairs: Sequence[PreferencePair]) -> PackedBatch:
         return pack([p.chosen for p in pairs] + [p.rejected for p in pairs]).to(self.model.device)

@@ -10,7 +10,14 @@ Formulas, with s the scale (alpha / r, or rsLoRA's alpha / sqrt(r), Kalajdzievsk
       (the paper's section 4.3), m [out] starting at ||W||_row.
   QLoRA (Dettmers et al. 2023): LoRA over a base held in NF4 with double-quantized absmax
       (``quant.quantize_nf4``); ``kernels.linear`` runs the packed matmuls forward and
-      backward (``kernels.PackedLinear``), so the base is never dense.
+      backward (``kernels.PackedLinear``), so the base is never dense as a whole.
+
+QLoRA's recipe is memory first, as in the paper and in peft's
+``prepare_model_for_kbit_training``: activation checkpointing per decoder layer is on unless
+asked off (about a third more compute for the layers' recomputed forward; at SmolLM2's
+2048-token batch it leaves a layer's inputs instead of all its activations). LoRA and DoRA
+default to it off: their reason to exist is a cheaper step, not a smaller one. For every
+method the SFT loss runs fused with the head in chunks (``losses.linear_cross_entropy``).
 """
 from __future__ import annotations
 
@@ -240,26 +247,35 @@ def _layer_for(linear: Linear, start: int, end: int, spec: LoRASpec,
 
 
 def nf4_base(weights: dict[str, Any]) -> None:
-    """Replace the decoder projections and the embedding (also the tied output head) in
-    ``weights`` by NF4, one matrix at a time, so the dense model never exists whole. A
-    matrix whose rows are not whole NF4 blocks (columns not a multiple of 64; no released
-    Llama has one) stays as it is."""
+    """Replace the decoder projections in ``weights`` by NF4, one matrix at a time, so the
+    dense model never exists whole. The embedding and the output head stay float32, as in
+    the QLoRA paper (Dettmers et al. 2023 quantize the transformer's linear layers) and as
+    bitsandbytes does under transformers (``llm_int8_skip_modules`` keeps ``lm_head``; an
+    embedding is no ``nn.Linear``): the loss then matches a transformers + peft +
+    bitsandbytes run, and the head's [tokens, vocab] matmul, the largest of a step, runs
+    dense. A matrix whose rows are not whole NF4 blocks (columns not a multiple of 64; no
+    released Llama has one) stays as it is."""
     for name in list(weights):
         leaf = name.rsplit(".", 1)[-1]
-        if (leaf in NF4_WEIGHTS or name in ("embed", "lm_head")) \
-                and weights[name].shape[1] % NF4_BLOCK == 0:
+        if leaf in NF4_WEIGHTS and weights[name].shape[1] % NF4_BLOCK == 0:
             w = weights[name]
             dense = kernels.dequantize(w) if isinstance(w, PackedWeight) else w.float()
             weights[name] = quantize_nf4(dense)
             del w, dense
+    for name in ("embed", "lm_head"):
+        w = weights.get(name)
+        if w is not None:  # a GGUF's table may be quantized or float16
+            weights[name] = kernels.dequantize(w) if isinstance(w, PackedWeight) else w.float()
 
 
 class AdapterFineTune(ShardableModel):
     """LoRA / DoRA / QLoRA training of ``model_path`` (a GGUF file or an HF folder)."""
 
     def __init__(self, model_path: str, spec: LoRASpec, quantize_base: bool = False,
-                 activation_checkpointing: bool = False, seed: int = 0,
+                 activation_checkpointing: bool | None = None, seed: int = 0,
                  device: str | torch.device = "cpu"):
+        """``activation_checkpointing`` None: on for QLoRA (``quantize_base``), off for
+        LoRA and DoRA (see the module docstring). Raises ValueError for DoRA over NF4."""
         if quantize_base and spec.use_dora:
             raise ValueError("algorithm: DoRA over an NF4 base is not offered; use dora or qlora")
         loaded = load_model(model_path, torch.float32, dequantize=not quantize_base)
@@ -272,7 +288,7 @@ class AdapterFineTune(ShardableModel):
         del loaded
         self.model.requires_grad_(False)
         self.adapters = TrainingAdapters(self.model, spec, seed).to(self.device)
-        if activation_checkpointing:
+        if quantize_base if activation_checkpointing is None else activation_checkpointing:
             checkpointed_layers(self.model)
         self._enabled = True
 
@@ -283,6 +299,12 @@ class AdapterFineTune(ShardableModel):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         adapters = self.adapters if self._enabled and self.adapters.lm_head is not None else None
         return self.model.compute_logits(hidden, adapters)
+
+    def output_weight(self) -> torch.Tensor | None:
+        head = self.model.lm_head
+        if head is None or (self._enabled and self.adapters.lm_head is not None):
+            return None
+        return head.weight  # None when the head is packed
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.adapters.parameters())

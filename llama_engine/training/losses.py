@@ -20,6 +20,66 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
+# Tokens whose logits exist at a time in linear_cross_entropy: 256 x a 49152 vocabulary is
+# 48 MiB of float32, against 384 MiB for SmolLM2's whole 2048-token batch (and as much again
+# for its softmax and for its gradient, which autograd would hold at once).
+LOSS_CHUNK_TOKENS = 256
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sft_loss(hidden @ weight^T, labels) chunk by chunk over the tokens, the gradients
+    computed in the forward pass (as Liger-Kernel's fused linear cross-entropy does): of
+    the logits only one chunk ever exists, and the backward scales the two gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunk_tokens: int, grad_enabled: bool) -> torch.Tensor:
+        counted = labels != IGNORE_INDEX
+        # HF's mean over label tokens; no label token gives nan, as F.cross_entropy does
+        count = counted.sum().to(torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # (needs_input_grad says requires_grad even under no_grad: ask the caller's mode)
+        grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if grad_enabled and ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
+            mask, target = counted[start:start + chunk_tokens], y.clamp(min=0)[:, None]
+            logits = F.linear(h, weight).float()
+            logsumexp = torch.logsumexp(logits, dim=-1)
+            loss += ((logsumexp - logits.gather(1, target).squeeze(1)) * mask).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d(sum of CE)/d logits = softmax - one_hot(label), on label tokens only
+            grad_logits = logits.sub_(logsumexp[:, None]).exp_()
+            grad_logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=logits.dtype))
+            grad_logits.mul_((mask / count)[:, None])
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss if grad_hidden is not None else None,
+                grad_weight * grad_loss if grad_weight is not None else None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """``sft_loss(hidden @ weight^T, labels)`` without the [T, V] logits: hidden [T, C] and
+    the output head's weight [V, C] float32, labels [T] as ``sft_loss`` takes them. The
+    logits, their softmax and their gradient exist ``chunk_tokens`` rows at a time (the
+    chunked loss of torchtune's CEWithChunkedOutputLoss, with Liger-Kernel's gradients in
+    the forward pass, so nothing is recomputed). Differentiable in hidden and weight; equal
+    to the unchunked loss up to float32 summation order."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens: must be positive, got {chunk_tokens}")
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, torch.is_grad_enabled())
+
+
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor,
                       seq_index: torch.Tensor, num_seqs: int) -> torch.Tensor:
     """Sum of log p(label) over each sequence's label tokens: [num_seqs] float32.

@@ -31,6 +31,12 @@ class TrainableModel(Protocol):
         """[T, vocab_size] float32 logits from ``hidden_states``' output."""
         ...
 
+    def output_weight(self) -> torch.Tensor | None:
+        """The output head's weight [vocab_size, hidden_size] when ``compute_logits`` is
+        exactly ``hidden @ weight^T`` (a dense head with no adapter), else None. The SFT
+        loss then runs through ``losses.linear_cross_entropy``, never holding all logits."""
+        ...
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters the optimizer updates (requires_grad set), in a fixed order."""
         ...

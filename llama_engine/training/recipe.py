@@ -46,7 +46,7 @@ class Recipe:
     algorithm_config: Optional[dict[str, Any]] = None
     adapter_path: Optional[str] = None  # a PEFT folder the adapter starts from (its config wins)
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
-    activation_checkpointing: bool = False
+    activation_checkpointing: Optional[bool] = None  # None: the algorithm's default (QLoRA: on)
     fsdp: bool = False                  # the spec's memory_efficient_fsdp_wrap
     fsdp_cpu_offload: bool = False      # the spec's fsdp_cpu_offload (implies fsdp)
     nproc_per_node: int = 1             # ranks torch's launcher starts for a job
@@ -114,7 +114,7 @@ def build_model(recipe: Recipe) -> TrainableModel:
     if recipe.algorithm == FULL:
         from llama_engine.training.full import FullFineTune
         return FullFineTune(recipe.model_path, keep_reference=recipe.objective == DPO,
-                            activation_checkpointing=recipe.activation_checkpointing,
+                            activation_checkpointing=bool(recipe.activation_checkpointing),
                             device=device)
     if recipe.algorithm in ADAPTER_ALGORITHMS:
         from llama_engine.training.lora import QLORA, AdapterFineTune
