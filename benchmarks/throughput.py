@@ -29,6 +29,17 @@ def cpu_model() -> str:
     return platform.machine()
 
 
+# Environment variables that set how the OpenMP team waits between parallel regions (read
+# once, when libgomp loads). On a shared machine they change the figures severalfold: a
+# team thread spinning at a barrier for a descheduled peer burns the peer's time slice.
+OPENMP_SETTINGS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def openmp_settings() -> dict[str, str | None]:
+    """The OpenMP environment a run had (None: unset, the runtime's default), for results."""
+    return {name: os.environ.get(name) for name in OPENMP_SETTINGS}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--num-requests", type=int, default=32)
@@ -129,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {
         "date": datetime.date.today().isoformat(), "machine": cpu_model(),
         "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
-        "torch": torch.__version__,
+        "openmp": openmp_settings(), "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if _on_gpu() else "cpu",
         "workload": {k: getattr(args, k) for k in ("num_requests", "prompt_len", "output_len",
                                                     "dataset", "max_num_seqs", "hf_batch_size")},
