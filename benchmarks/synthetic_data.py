@@ -21,9 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+# first: it sets the engine's OpenMP spin policy, which must precede the torch import
 from benchmarks.throughput import cpu_model, openmp_settings
+
+import torch  # noqa: E402
 
 TOPICS = ["the moon", "bread", "rain", "volcanoes", "chess", "bees", "trains", "glass",
           "coffee", "whales", "maps", "tea", "bridges", "salt", "owls", "clocks"]

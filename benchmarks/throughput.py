@@ -10,8 +10,21 @@ import os
 import platform
 import time
 
-import numpy as np
-import torch
+from llama_engine.openmp import configure_openmp
+
+# Environment variables that set how the OpenMP team waits between parallel regions. On a
+# shared machine they change the figures severalfold: a team thread spinning at a barrier
+# for a descheduled peer burns the peer's time slice.
+OPENMP_SETTINGS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+# The engine's spin policy, as the llama-engine command sets it: libgomp reads it once, when
+# torch loads it, so before the torch import below (LLM() sets it too, but too late in a
+# program that imported torch first, as every benchmark that imports this module does).
+# Both engines of a comparison share the runtime, hence the policy.
+OPENMP_POLICY_APPLIED = configure_openmp()
+OPENMP_AT_START = {name: os.environ.get(name) for name in OPENMP_SETTINGS}
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 SHAREGPT_LIKE = {"prompt_mu": 5.0, "prompt_sigma": 0.9, "output_mu": 5.2, "output_sigma": 0.7}
 MAX_LEN_CAP = 1024
@@ -29,15 +42,10 @@ def cpu_model() -> str:
     return platform.machine()
 
 
-# Environment variables that set how the OpenMP team waits between parallel regions (read
-# once, when libgomp loads). On a shared machine they change the figures severalfold: a
-# team thread spinning at a barrier for a descheduled peer burns the peer's time slice.
-OPENMP_SETTINGS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-
-
-def openmp_settings() -> dict[str, str | None]:
-    """The OpenMP environment a run had (None: unset, the runtime's default), for results."""
-    return {name: os.environ.get(name) for name in OPENMP_SETTINGS}
+def openmp_settings() -> dict[str, str | bool | None]:
+    """The OpenMP environment the runtime started with (None: unset, the runtime's default)
+    and whether the engine's spin policy was set in time, for results files."""
+    return {**OPENMP_AT_START, "engine_policy_applied": OPENMP_POLICY_APPLIED}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
