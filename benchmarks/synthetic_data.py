@@ -21,9 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# first: it sets the engine's OpenMP spin policy, which must precede the torch import
+from benchmarks.throughput import cpu_model, openmp_settings
 
-from benchmarks.throughput import cpu_model
+import torch  # noqa: E402
 
 TOPICS = ["the moon", "bread", "rain", "volcanoes", "chess", "bees", "trains", "glass",
           "coffee", "whales", "maps", "tea", "bridges", "salt", "owls", "clocks"]
@@ -156,6 +157,7 @@ def run(args: argparse.Namespace) -> dict:
     hidden = load_model(None).config.hidden_size
     dialogs = prompts(args.num_prompts)
     samples = args.num_prompts * args.k
+    load_at_start = os.getloadavg()[0]
     results: dict[str, dict] = {}
 
     def record(name: str, r: dict) -> None:  # printed as each run ends: a long run shows progress
@@ -176,7 +178,8 @@ def run(args: argparse.Namespace) -> dict:
     if not args.skip_hf:
         record("transformers", run_hf(args, dialogs, head))
     report = {"date": datetime.date.today().isoformat(), "machine": cpu_model(),
-              "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+              "cpus": os.cpu_count(), "openmp": openmp_settings(),
+              "load_average_1m": {"start": load_at_start, "end": os.getloadavg()[0]},
               "torch": torch.__version__, "device": "cpu",
               "workload": {"num_prompts": args.num_prompts, "k": args.k,
                            "max_tokens": args.max_tokens, "seed": args.seed},

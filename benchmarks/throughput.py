@@ -10,8 +10,21 @@ import os
 import platform
 import time
 
-import numpy as np
-import torch
+from llama_engine.openmp import configure_openmp
+
+# Environment variables that set how the OpenMP team waits between parallel regions. On a
+# shared machine they change the figures severalfold: a team thread spinning at a barrier
+# for a descheduled peer burns the peer's time slice.
+OPENMP_SETTINGS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+# The engine's spin policy, as the llama-engine command sets it: libgomp reads it once, when
+# torch loads it, so before the torch import below (LLM() sets it too, but too late in a
+# program that imported torch first, as every benchmark that imports this module does).
+# Both engines of a comparison share the runtime, hence the policy.
+OPENMP_POLICY_APPLIED = configure_openmp()
+OPENMP_AT_START = {name: os.environ.get(name) for name in OPENMP_SETTINGS}
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 SHAREGPT_LIKE = {"prompt_mu": 5.0, "prompt_sigma": 0.9, "output_mu": 5.2, "output_sigma": 0.7}
 MAX_LEN_CAP = 1024
@@ -27,6 +40,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.machine()
+
+
+def openmp_settings() -> dict[str, str | bool | None]:
+    """The OpenMP environment the runtime started with (None: unset, the runtime's default)
+    and whether the engine's spin policy was set in time, for results files."""
+    return {**OPENMP_AT_START, "engine_policy_applied": OPENMP_POLICY_APPLIED}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {
         "date": datetime.date.today().isoformat(), "machine": cpu_model(),
         "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
-        "torch": torch.__version__,
+        "openmp": openmp_settings(), "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if _on_gpu() else "cpu",
         "workload": {k: getattr(args, k) for k in ("num_requests", "prompt_len", "output_len",
                                                     "dataset", "max_num_seqs", "hf_batch_size")},
