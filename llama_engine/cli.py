@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     chat.set_defaults(func=cmd_chat)
 
     from llama_engine.training.command import add_train_arguments
-    train = sub.add_parser("train", help="fine-tune: sft, dpo or reward (full fine-tuning)")
+    train = sub.add_parser("train", help="fine-tune: sft, dpo or reward (full, lora, qlora or dora)")
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
 

@@ -144,6 +144,8 @@ def test_sft_job_completes_streams_logs_and_writes_hf_checkpoints(server, data_f
     ({"algorithm_config.rank": 0}, "algorithm_config.rank"),
     ({"algorithm_config.alpha": 0}, "algorithm_config.alpha"),
     ({"algorithm_config.lora_attn_modules": ["q_proj", "attention"]}, "algorithm_config.lora_attn_modules[1]"),
+    ({"algorithm_config.lora_attn_modules": [], "algorithm_config.apply_lora_to_mlp": False},
+     "algorithm_config"),  # nothing left to adapt
     ({"optimizer_config.lr": 0}, "optimizer_config.lr"),
     ({"optimizer_config.lr": -1e-3}, "optimizer_config.lr"),
     ({"training_config.batch_size": 0}, "training_config.batch_size"),

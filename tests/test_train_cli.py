@@ -53,3 +53,16 @@ def test_bad_data_is_one_clear_line(tiny_model: str, tmp_path: Path) -> None:
     done = train("sft", "--dataset", str(bad), "--model", tiny_model, "--output", str(tmp_path / "o"))
     assert done.returncode == 2
     assert "column 'text', row 1" in done.stderr
+
+
+def test_examples_cut_before_any_label_are_refused_not_trained_to_nan(tiny_model: str,
+                                                                     tmp_path: Path) -> None:
+    # one token per example leaves no next token to predict: the loss would be 0 / 0
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i} of some text"}) + "\n" for i in range(2)))
+    out = tmp_path / "out"
+    done = train("sft", "--dataset", str(data), "--model", tiny_model, "--output", str(out),
+                 "--max-seq-len", "1")
+    assert done.returncode != 0
+    assert "max_seq_len" in done.stderr
+    assert not (out / "step-1").exists()

@@ -17,7 +17,9 @@ from llama_engine.training.distributed import (SINGLE_PROCESS, FSDPOptions, clos
 from llama_engine.training.loop import (DPO, SFT, CheckpointFn, DPOParams, Item, LogFn, Trainer,
                                         TrainingOptions, TrainingResult)
 from llama_engine.training.model import TrainableModel
-from llama_engine.training.tokenization import DEFAULT_MAX_SEQ_LEN, preference_pair, sft_example
+from llama_engine.training.losses import IGNORE_INDEX
+from llama_engine.training.tokenization import (DEFAULT_MAX_SEQ_LEN, PreferencePair, preference_pair,
+                                               sft_example)
 
 FULL = "full"
 ADAPTER_ALGORITHMS = ("lora", "qlora", "dora")
@@ -130,10 +132,23 @@ def build_model(recipe: Recipe) -> TrainableModel:
 
 
 def load_items(tokenizer: Any, source: DataSource, objective: str, max_seq_len: int) -> list[Item]:
-    """Tokenized examples (SFT) or preference pairs (DPO, reward) of ``source``'s rows."""
+    """Tokenized examples (SFT) or preference pairs (DPO, reward) of ``source``'s rows,
+    without those that ``max_seq_len`` cut before any token with a loss (their loss would be
+    0 / 0). Raises ValueError naming ``max_seq_len`` when that leaves none."""
     if objective == SFT:
-        return [sft_example(tokenizer, row, max_seq_len) for row in source.rows()]
-    return [preference_pair(tokenizer, row, max_seq_len) for row in source.rows()]
+        items = [sft_example(tokenizer, row, max_seq_len) for row in source.rows()]
+    else:
+        items = [preference_pair(tokenizer, row, max_seq_len) for row in source.rows()]
+    kept = [item for item in items if _has_loss_terms(item)]
+    if items and not kept:
+        raise ValueError(f"max_seq_len: {max_seq_len} tokens leave no example a token to learn "
+                         f"(all {len(items)} are cut inside the prompt); raise max_seq_len")
+    return kept
+
+
+def _has_loss_terms(item: Item) -> bool:
+    examples = (item.chosen, item.rejected) if isinstance(item, PreferencePair) else (item,)
+    return all(any(label != IGNORE_INDEX for label in e.labels) for e in examples)
 
 
 def run(recipe: Recipe, on_log: LogFn = lambda record: None,

@@ -163,9 +163,16 @@ class ModelRegistry:
         self._models: dict[str, ServedModel] = {}
         self._aliases: dict[str, str] = {}
         self._adapters: dict[str, ServedAdapter] = {}
+        self._reserved: set[str] = set()
 
     def _taken(self, name: str) -> bool:
-        return name in self._models or name in self._aliases or name in self._adapters
+        return (name in self._models or name in self._aliases or name in self._adapters
+                or name in self._reserved)
+
+    def reserve(self, name: str) -> None:
+        """Keep ``name`` from models, aliases and adapters: a model the server lists that is
+        not an engine (the embedding model of ``/v1/embeddings``)."""
+        self._reserved.add(name)
 
     def add(self, model: ServedModel) -> None:
         if self._taken(model.model_id):

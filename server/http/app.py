@@ -292,6 +292,7 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     openai = OpenAIService(registry, runner)
     state_dir = resolve_state_dir(state_dir)
     memory = MemoryBanksService(MemoryStore(state_dir))
+    registry.reserve(memory.model_card().id)  # /v1/models lists it: no adapter may take it
     datasets = DatasetRegistry(state_dir)
     jobs = JobManager(state_dir)
     inference = InferenceService(registry, runner)

@@ -70,6 +70,13 @@ class LoraFinetuningConfig(StrictModel):
     rank: int = Field(gt=0)
     alpha: int = Field(gt=0)
 
+    @model_validator(mode="after")
+    def _adapts_something(self) -> "LoraFinetuningConfig":
+        if not (self.lora_attn_modules or self.apply_lora_to_mlp or self.apply_lora_to_output):
+            raise ValueError("lora_attn_modules: empty, with apply_lora_to_mlp and "
+                             "apply_lora_to_output false: no module to adapt")
+        return self
+
 
 class QLoraFinetuningConfig(LoraFinetuningConfig):
     pass
