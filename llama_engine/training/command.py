@@ -152,11 +152,12 @@ def run_train(args: argparse.Namespace) -> None:
         fsdp_cpu_offload=args.fsdp_cpu_offload, nproc_per_node=args.nproc_per_node)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(unit="step", dynamic_ncols=True, disable=not writer)
+    bar = tqdm(unit="step", dynamic_ncols=True, disable=True)  # shown once training starts
     records: list[dict] = []
 
     def on_start(trainer, total: int) -> None:
-        bar.reset(total=total)
+        nonlocal bar  # not before: a refused model or dataset prints its error alone
+        bar = tqdm(total=total, unit="step", dynamic_ncols=True, disable=not writer)
 
     def on_log(record: dict) -> None:
         records.append(record)
