@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the frozen base's matmul precision (adapter methods), both sides")
     p.add_argument("--output-json", default=None)
     p.add_argument("--plot", default=None, help="PNG of both sides' loss curves per method")
 
@@ -133,7 +135,8 @@ def build_ours(model_path: str, method: str, args: argparse.Namespace, adapter_f
     else:
         from llama_engine.training.lora import AdapterFineTune, LoRASpec
         spec = LoRASpec(ALL_LINEAR, LORA_RANK, LORA_ALPHA, use_dora=method == "dora")
-        model = AdapterFineTune(model_path, spec, quantize_base=method == "qlora", seed=args.seed)
+        model = AdapterFineTune(model_path, spec, quantize_base=method == "qlora", seed=args.seed,
+                                base_dtype=getattr(torch, args.dtype))
         save_file({k: v.detach().contiguous() for k, v in model.adapters.peft_state_dict().items()},
                   adapter_file)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=_lr(method))

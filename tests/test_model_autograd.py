@@ -223,3 +223,82 @@ def test_adapters_on_a_packed_base_train_like_on_its_dequantized_copy(tiny_check
     with torch.inference_mode():  # no adapters: the base (fused kernel) path
         torch.testing.assert_close(_prefill(packed, ids), _prefill(dense, ids),
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("seed", range(3))
+def test_rms_norm_and_rope_gradients_equal_autograd_through_their_formulas(native, seed) -> None:
+    """The closed-form backwards (``kernels.autograd``), with the native forward and with
+    torch's, over random shapes: RMSNorm with a residual and a trained weight, rope of q and
+    k taken as strided views of one fused projection."""
+    from llama_engine.kernels import autograd
+    from llama_engine.kernels import cpu
+    g = torch.Generator().manual_seed(seed)
+    tokens, width = int(torch.randint(1, 40, (), generator=g)), 16 * int(torch.randint(1, 6, (), generator=g))
+    x = torch.randn(tokens, width, generator=g, requires_grad=True)
+    residual = torch.randn(tokens, width, generator=g, requires_grad=True)
+    weight = (torch.rand(width, generator=g) + 0.5).requires_grad_(True)
+    normed, new_residual = autograd.rms_norm(x, weight, 1e-6, residual,
+                                             cpu.rms_norm if native else None)
+    up_n, up_r = torch.randn(tokens, width, generator=g), torch.randn(tokens, width, generator=g)
+    ((normed * up_n).sum() + (new_residual * up_r).sum()).backward()
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, residual, weight)]
+    s = leaves[0] + leaves[1]
+    ref = s * torch.rsqrt(s.square().mean(-1, keepdim=True) + 1e-6) * leaves[2]
+    ((ref * up_n).sum() + (s * up_r).sum()).backward()
+    torch.testing.assert_close(normed, ref.detach(), rtol=1e-5, atol=1e-5)
+    for got, leaf in zip((x, residual, weight), leaves):
+        torch.testing.assert_close(got.grad, leaf.grad, rtol=1e-4, atol=1e-4)
+
+    heads, kv_heads, dim = 3, 1, 16
+    fused = torch.randn(tokens, (heads + kv_heads) * dim, generator=g, requires_grad=True)
+    q = fused[:, :heads * dim].reshape(tokens, heads, dim)
+    k = fused[:, heads * dim:].reshape(tokens, kv_heads, dim)
+    positions = torch.randint(0, 64, (tokens,), generator=g)
+    angles = torch.arange(64)[:, None] * torch.rand(dim // 2, generator=g)
+    cos_sin = torch.cat([angles.cos(), angles.sin()], -1)
+    q_rot, k_rot = autograd.rope(q, k, positions, cos_sin, cpu.rope if native else None)
+    up_q, up_k = torch.randn(q_rot.shape, generator=g), torch.randn(k_rot.shape, generator=g)
+    ((q_rot * up_q).sum() + (k_rot * up_k).sum()).backward()
+    leaf = fused.detach().clone().requires_grad_(True)
+    cos, sin = cos_sin[positions, None, :dim // 2], cos_sin[positions, None, dim // 2:]
+
+    def rotate(t):
+        t1, t2 = t[..., :dim // 2], t[..., dim // 2:]
+        return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
+
+    q_ref = rotate(leaf[:, :heads * dim].reshape(tokens, heads, dim))
+    k_ref = rotate(leaf[:, heads * dim:].reshape(tokens, kv_heads, dim))
+    ((q_ref * up_q).sum() + (k_ref * up_k).sum()).backward()
+    torch.testing.assert_close(q_rot, q_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_rot, k_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.grad, leaf.grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(q, fused.detach()[:, :heads * dim].reshape(tokens, heads, dim))  # not in place
+
+
+@pytest.mark.parametrize("qtype", [None, "NF4", "Q4_1"])
+@pytest.mark.parametrize("seed", range(2))
+def test_mixed_precision_linear_equals_bfloat16_torch_and_stays_near_float32(qtype, seed) -> None:
+    """``linear(..., compute_dtype=bfloat16)``: the forward and the input gradient equal
+    torch's bfloat16 matmuls of the rounded operands (the weight dequantized first when
+    packed), in float32 out, and stay within bfloat16's rounding of the float32 ones."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols, tokens = 64 * int(torch.randint(1, 5, (), generator=g)), 128, int(torch.randint(1, 300, (), generator=g))
+    dense = torch.randn(rows, cols, generator=g) / cols ** 0.5
+    weight = quantize(dense, qtype) if qtype else dense.to(torch.bfloat16)
+    reference_weight = dequantize(weight) if qtype else dense.to(torch.bfloat16).float()
+    x = torch.randn(tokens, cols, generator=g, requires_grad=True)
+    upstream = torch.randn(tokens, rows, generator=g)
+    y = kernels.linear(x, weight, torch.bfloat16)
+    (y * upstream).sum().backward()
+    assert y.dtype == torch.float32 and x.grad.dtype == torch.float32
+    bf = reference_weight.to(torch.bfloat16)
+    want_y = torch.nn.functional.linear(x.detach().to(torch.bfloat16), bf).float()
+    want_dx = (upstream.to(torch.bfloat16) @ bf).float()
+    # the same bfloat16 products (a float32 matmul would be off by bfloat16's rounding)
+    torch.testing.assert_close(y, want_y, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(x.grad, want_dx, rtol=1e-3, atol=1e-5)
+    exact_y = x.detach() @ reference_weight.t()
+    assert (y - exact_y).abs().max() < 0.05 * exact_y.abs().max()
+    with torch.no_grad():  # the inference path gives the same numbers
+        torch.testing.assert_close(kernels.linear(x, weight, torch.bfloat16), y, rtol=0, atol=0)

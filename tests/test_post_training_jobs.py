@@ -149,6 +149,10 @@ def test_sft_job_completes_streams_logs_and_writes_hf_checkpoints(server, data_f
     ({"optimizer_config.lr": 0}, "optimizer_config.lr"),
     ({"optimizer_config.lr": -1e-3}, "optimizer_config.lr"),
     ({"training_config.batch_size": 0}, "training_config.batch_size"),
+    ({"training_config.dtype": "fp16"}, "training_config.dtype"),
+    ({"training_config.dtype": "bf16"}, "training_config.dtype"),  # the body's full fine-tune
+    ({"training_config.dtype": "bf16", "algorithm": "lora",
+      "training_config.memory_efficient_fsdp_wrap": True}, "training_config.dtype"),
     ({"logger_config": {"checkpoint_every": 3}}, "logger_config.checkpoint_every"),
     ({"model": "llama3_70b"}, "model"),
 ])

@@ -20,6 +20,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from llama_engine.kernels import autograd as _autograd
 from llama_engine.kernels import reference
 from llama_engine.kernels.options import KernelOptions, configure, options  # noqa: F401
 from llama_engine.quant import PackedWeight
@@ -63,7 +64,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float,
              residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """RMSNorm(x + residual) * weight and the new residual; see reference.rms_norm."""
     if needs_grad(x, weight, residual):
-        return reference.rms_norm(x, weight, eps, residual)
+        return _autograd.rms_norm(x, weight, eps, residual,
+                                  _cpu.rms_norm if _use_cpu(x) else None)
     if _use_triton(x):
         return _triton().rms_norm(x, weight, eps, residual)
     if _use_cpu(x):
@@ -75,7 +77,7 @@ def rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tens
     """Rotary embedding of q [T, H, D] and k [T, Hkv, D]; see reference.rope (the native
     kernels rotate in place)."""
     if needs_grad(q, k):
-        return reference.rope(q, k, positions, cos_sin)
+        return _autograd.rope(q, k, positions, cos_sin, _cpu.rope if _use_cpu(q) else None)
     if _use_triton(q):
         return _triton().rope(q, k, positions, cos_sin)
     if _use_cpu(q):
@@ -194,8 +196,19 @@ class PagedAttention:
         return PagedKV(self.k_caches[layer], self.v_caches[layer], self.metadata)
 
 
-def linear(x: Tensor, weight: Tensor | PackedWeight) -> Tensor:
-    """y = x @ W^T: x [..., K], W [N, K] dense or packed (GGUF block format, NF4)."""
+def linear(x: Tensor, weight: Tensor | PackedWeight,
+           compute_dtype: torch.dtype | None = None) -> Tensor:
+    """y = x @ W^T: x [..., K], W [N, K] dense or packed (GGUF block format, NF4).
+
+    ``compute_dtype``: the GEMM's precision when it is not x's (mixed precision, as
+    torch.autocast and bitsandbytes' ``compute_dtype``): x and W (a packed W dequantized a
+    chunk at a time) are rounded to it, the products summed in float32 by the BLAS, and y
+    returned in x's dtype; differentiable in x (W frozen). torch.bfloat16 runs on AMX /
+    AVX512-BF16 at 4-7x the float32 GEMM (``bf16_matmul_is_fast``)."""
+    if compute_dtype is not None and compute_dtype != x.dtype:
+        if needs_grad(x):
+            return MixedPrecisionLinear.apply(x, weight, compute_dtype)
+        return _mixed_precision_matmul(x, weight, compute_dtype)
     if isinstance(weight, PackedWeight):
         if needs_grad(x):
             return PackedLinear.apply(x, weight)
@@ -308,6 +321,40 @@ class PackedLinear(torch.autograd.Function):
             part = grad_out[..., start:end] @ dequantize(rows).to(grad_out.dtype)
             grad_in = part if grad_in is None else grad_in.add_(part)
         return grad_in, None
+
+
+def _mixed_precision_matmul(x: Tensor, weight: Tensor | PackedWeight, dtype: torch.dtype) -> Tensor:
+    """x [..., K] @ W^T in ``dtype`` (see ``linear``), returned in x's dtype."""
+    xc = x.to(dtype)
+    if not isinstance(weight, PackedWeight):
+        return torch.nn.functional.linear(xc, weight.to(dtype)).to(x.dtype)
+    y = x.new_empty(*x.shape[:-1], weight.rows)
+    for start, end, rows in _row_chunks(weight):
+        y[..., start:end] = torch.nn.functional.linear(xc, dequantize(rows).to(dtype))
+    return y
+
+
+class MixedPrecisionLinear(torch.autograd.Function):
+    """y = x @ W^T with the GEMMs in ``dtype`` (``linear``'s ``compute_dtype``) for a frozen
+    W, dense or packed; dx = dy @ W in ``dtype`` too (a packed W a chunk at a time), returned
+    in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | PackedWeight, dtype: torch.dtype) -> Tensor:
+        ctx.weight, ctx.dtype = weight, dtype
+        return _mixed_precision_matmul(x, weight, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:
+        weight, dtype = ctx.weight, ctx.dtype
+        grad = grad_out.to(dtype)
+        if not isinstance(weight, PackedWeight):
+            return (grad @ weight.to(dtype)).to(grad_out.dtype), None, None
+        grad_in = None
+        for start, end, rows in _row_chunks(weight):
+            part = grad[..., start:end] @ dequantize(rows).to(dtype)
+            grad_in = part.to(grad_out.dtype) if grad_in is None else grad_in.add_(part)
+        return grad_in, None, None
 
 
 class DecoderLayerWeights(NamedTuple):

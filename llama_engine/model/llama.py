@@ -65,6 +65,8 @@ class Linear(nn.Module):
     uint8 buffer ``qweight`` [N, row bytes] with its format and shape as attributes, so
     ``state_dict()``, ``.to()`` and ``buffers()`` see it. ``layer`` and ``parts`` (PEFT
     module name -> output column range) tell an ``Adapters`` which projection this is.
+    ``compute_dtype`` (None: x's) is the matmul's precision (``kernels.linear``): training
+    sets it to bfloat16 over a frozen base.
     """
 
     def __init__(self, weight: Weight, layer: int = -1,
@@ -72,6 +74,7 @@ class Linear(nn.Module):
         super().__init__()
         self.layer = layer
         self.parts = parts or {}
+        self.compute_dtype: torch.dtype | None = None
         if isinstance(weight, PackedWeight):
             self.weight = None
             self.register_buffer("qweight", weight.data)
@@ -91,7 +94,7 @@ class Linear(nn.Module):
         return self.weight if self.qweight is None else self.packed
 
     def forward(self, x: torch.Tensor, adapters: Adapters | None = None) -> torch.Tensor:
-        y = kernels.linear(x, self.matrix)
+        y = kernels.linear(x, self.matrix, self.compute_dtype)
         return y if adapters is None else adapters(self, x, y)
 
 

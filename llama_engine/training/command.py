@@ -47,6 +47,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                         default=None, help="recompute each decoder layer in the backward pass "
                         "(default: on for qlora, off otherwise)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                        help="the frozen base's precision under lora/qlora/dora (default: bf16 "
+                             "where the device multiplies bfloat16 natively, else fp32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithm", choices=(FULL,) + ADAPTER_ALGORITHMS, default=FULL,
                         help="full fine-tuning, or an adapter: lora, qlora (NF4 base), dora")
@@ -147,7 +150,7 @@ def run_train(args: argparse.Namespace) -> None:
         validation=_source(args.validation_dataset, args.objective) if args.validation_dataset else None,
         algorithm=args.algorithm, algorithm_config=_algorithm_config(args),
         max_seq_len=args.max_seq_len,
-        activation_checkpointing=args.activation_checkpointing,
+        activation_checkpointing=args.activation_checkpointing, dtype=args.dtype,
         fsdp=args.fsdp or args.fsdp_cpu_offload or args.nproc_per_node > 1,
         fsdp_cpu_offload=args.fsdp_cpu_offload, nproc_per_node=args.nproc_per_node)
     output = Path(args.output)

@@ -142,16 +142,10 @@ class LoRALayer(nn.Module):
         if spec.use_dora:
             self.magnitude = nn.Parameter(torch.linalg.vector_norm(base_weight.float(), dim=1))
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        """LoRA's s B A x [T, out] of x [T, in] (PEFT's order: B(A x), then times s)."""
-        return ((x @ self.lora_A.t()) @ self.lora_B.t()) * self.scale
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, base_weight: torch.Tensor | None
+    def forward(self, x: torch.Tensor, y: torch.Tensor, base_weight: torch.Tensor
                 ) -> torch.Tensor:
-        """y [T, out] (the base projection's output for these columns) plus the adapter's
-        update of x [T, in]."""
-        if self.magnitude is None:
-            return y + self.update(x)
+        """DoRA: y [T, out] (the base projection's output for these columns) and x [T, in]
+        to the adapted output (LoRA layers go through ``add_lora`` instead)."""
         lora = (x @ self.lora_A.t()) @ self.lora_B.t()
         with torch.no_grad():  # DoRA detaches the norm (Liu et al. 2024, section 4.3)
             # B A computed as PEFT does (its rounding), (A^T B^T)^T
@@ -190,12 +184,9 @@ class TrainingAdapters(nn.Module):
         if not any(a is not None for a in adapters.values()):
             return y
         if all(a is None or a.magnitude is None for a in adapters.values()):
-            # LoRA: y + one [T, N] update, so the backward passes dy on whole instead of
-            # through a slice (a zero-filled [T, N] and a copy) per part
-            updates = [adapters[name].update(x) if adapters.get(name) is not None
-                       else y.new_zeros(*y.shape[:-1], end - start)
-                       for name, (start, end) in parts.items()]
-            return y + (updates[0] if len(updates) == 1 else torch.cat(updates, dim=-1))
+            lora = [(start, end, adapters[name]) for name, (start, end) in parts.items()
+                    if adapters.get(name) is not None]
+            return add_lora(y, x, lora)
         pieces = []
         for name, (start, end) in parts.items():
             adapter = adapters.get(name)
@@ -225,6 +216,56 @@ class TrainingAdapters(nn.Module):
         return out
 
 
+class _AddLoRA(torch.autograd.Function):
+    """y[:, start:end] += s B (A x) for each adapted part of a projection's output, in place,
+    one autograd node for the projection (see ``add_lora``)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, x: torch.Tensor, scale: float,
+                spans: tuple[tuple[int, int], ...], *weights: torch.Tensor) -> torch.Tensor:
+        a_weights, b_weights = weights[0::2], weights[1::2]
+        a = a_weights[0] if len(a_weights) == 1 else torch.cat(a_weights)  # [P r, in]
+        h = x @ a.t()                                                      # [T, P r]
+        scaled = h * scale
+        rank = a_weights[0].shape[0]
+        for i, ((start, end), b) in enumerate(zip(spans, b_weights)):
+            y[:, start:end].addmm_(scaled[:, i * rank:(i + 1) * rank], b.t())
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, h, a, *b_weights)
+        ctx.scale, ctx.spans, ctx.rank = scale, spans, rank
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, h, a, *b_weights = ctx.saved_tensors
+        scale, rank = ctx.scale, ctx.rank
+        grad_h = torch.cat([grad_y[:, start:end] @ b for (start, end), b
+                            in zip(ctx.spans, b_weights)], dim=1).mul_(scale)  # [T, P r]
+        grad_b = [(grad_y[:, start:end].t() @ h[:, i * rank:(i + 1) * rank]).mul_(scale)
+                  for i, (start, end) in enumerate(ctx.spans)]
+        grad_a = (grad_h.t() @ x).split(rank)
+        grad_x = grad_h @ a if ctx.needs_input_grad[1] else None
+        grads = [g for pair in zip(grad_a, grad_b) for g in pair]
+        return (grad_y, grad_x, None, None, *grads)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor,
+             lora: list[tuple[int, int, "LoRALayer"]]) -> torch.Tensor:
+    """LoRA (Hu et al. 2021) over a projection's base output y [T, N] of x [T, in]:
+    y[:, start:end] += s B A x for each (start, end, adapter), one rank and scale for all.
+
+    y is updated in place and returned (the base matmul's output is not saved by it), so a
+    step makes no [T, N] temporaries for the update, its scaling, a concatenation or a sum:
+    s is applied to A x [T, r] rather than to the [T, N] product as PEFT does, which
+    changes only the rounding. The backward gives dA = s (dy B)^T x, dB = s dy^T (A x) and
+    dx = s (dy B) A, and passes dy to the base matmul unchanged."""
+    if not lora:
+        return y
+    spans = tuple((start, end) for start, end, _ in lora)
+    weights = [w for _, _, adapter in lora for w in (adapter.lora_A, adapter.lora_B)]
+    return _AddLoRA.apply(y, x, lora[0][2].scale, spans, *weights)
+
+
 def _rows(linear: Linear) -> int:
     return linear.weight.shape[0] if linear.weight is not None else linear.rows
 
@@ -236,7 +277,7 @@ def _cols(linear: Linear) -> int:
 def _dense_rows(linear: Linear, start: int, end: int) -> torch.Tensor:
     """Rows start:end of the projection's weight, float32 (dequantized when packed)."""
     if linear.weight is not None:
-        return linear.weight[start:end]
+        return linear.weight[start:end].float()
     return kernels.dequantize(linear.packed.select_rows(torch.arange(start, end)))
 
 
@@ -244,6 +285,18 @@ def _layer_for(linear: Linear, start: int, end: int, spec: LoRASpec,
                generator: torch.Generator) -> LoRALayer:
     base = _dense_rows(linear, start, end) if spec.use_dora else None
     return LoRALayer(_cols(linear), end - start, spec, base, generator)
+
+
+def _lower_base_precision(model: Llama, dtype: torch.dtype) -> None:
+    """The frozen projections of ``model`` (decoder layers and head) held and multiplied in
+    ``dtype``; a packed (NF4) one stays packed and dequantizes to ``dtype``. A head tied to
+    the embedding gets its own copy: the embedding lookup stays float32."""
+    projections = [linear for layer in model.layers
+                   for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+    for linear in projections + ([model.lm_head] if model.lm_head is not None else []):
+        if linear.weight is not None:
+            linear.weight = nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)
+        linear.compute_dtype = dtype
 
 
 def nf4_base(weights: dict[str, Any]) -> None:
@@ -273,11 +326,19 @@ class AdapterFineTune(ShardableModel):
 
     def __init__(self, model_path: str, spec: LoRASpec, quantize_base: bool = False,
                  activation_checkpointing: bool | None = None, seed: int = 0,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", base_dtype: torch.dtype = torch.float32):
         """``activation_checkpointing`` None: on for QLoRA (``quantize_base``), off for
-        LoRA and DoRA (see the module docstring). Raises ValueError for DoRA over NF4."""
+        LoRA and DoRA (see the module docstring). ``base_dtype`` torch.bfloat16: the frozen
+        decoder projections and head are held in bfloat16 (NF4 ones dequantize to it) and
+        their matmuls run in it (``kernels.linear``'s ``compute_dtype``), while the
+        adapters, norms, attention, residual stream, loss and optimizer stay float32: the
+        recipe of peft over a bfloat16 base (its adapters are float32) and of bitsandbytes'
+        ``bnb_4bit_compute_dtype=torch.bfloat16``. Raises ValueError for DoRA over NF4 or
+        another base_dtype."""
         if quantize_base and spec.use_dora:
             raise ValueError("algorithm: DoRA over an NF4 base is not offered; use dora or qlora")
+        if base_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype: the frozen base is float32 or bfloat16, not {base_dtype}")
         loaded = load_model(model_path, torch.float32, dequantize=not quantize_base)
         if quantize_base:
             nf4_base(loaded.weights)
@@ -288,6 +349,9 @@ class AdapterFineTune(ShardableModel):
         del loaded
         self.model.requires_grad_(False)
         self.adapters = TrainingAdapters(self.model, spec, seed).to(self.device)
+        self.base_dtype = base_dtype
+        if base_dtype != torch.float32:
+            _lower_base_precision(self.model, base_dtype)
         if quantize_base if activation_checkpointing is None else activation_checkpointing:
             checkpointed_layers(self.model)
         self._enabled = True

@@ -44,7 +44,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
             mask, target = counted[start:start + chunk_tokens], y.clamp(min=0)[:, None]
-            logits = F.linear(h, weight).float()
+            logits = F.linear(h.to(weight.dtype), weight).float()
             logsumexp = torch.logsumexp(logits, dim=-1)
             loss += ((logsumexp - logits.gather(1, target).squeeze(1)) * mask).sum()
             if grad_hidden is None and grad_weight is None:
@@ -54,7 +54,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=logits.dtype))
             grad_logits.mul_((mask / count)[:, None])
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
+                grad_hidden[start:start + chunk_tokens] = grad_logits.to(weight.dtype) @ weight
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -69,8 +69,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
-    """``sft_loss(hidden @ weight^T, labels)`` without the [T, V] logits: hidden [T, C] and
-    the output head's weight [V, C] float32, labels [T] as ``sft_loss`` takes them. The
+    """``sft_loss(hidden @ weight^T, labels)`` without the [T, V] logits: hidden [T, C]
+    float32, the output head's weight [V, C] float32, or bfloat16 when frozen (then the
+    head's matmuls run in bfloat16, hidden rounded to it), labels [T] as ``sft_loss`` takes
+    them. The
     logits, their softmax and their gradient exist ``chunk_tokens`` rows at a time (the
     chunked loss of torchtune's CEWithChunkedOutputLoss, with Liger-Kernel's gradients in
     the forward pass, so nothing is recomputed). Differentiable in hidden and weight; equal

@@ -23,6 +23,10 @@ from llama_engine.training.tokenization import (DEFAULT_MAX_SEQ_LEN, PreferenceP
 
 FULL = "full"
 ADAPTER_ALGORITHMS = ("lora", "qlora", "dora")
+# The frozen base's precision under adapters (Llama Stack's TrainingConfig.dtype): "bf16"
+# holds it in bfloat16 and runs its matmuls there, the adapters, norms, attention, loss and
+# optimizer staying float32 (``lora.AdapterFineTune``); "fp32" keeps all in float32.
+BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,20 @@ class Recipe:
     adapter_path: Optional[str] = None  # a PEFT folder the adapter starts from (its config wins)
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     activation_checkpointing: Optional[bool] = None  # None: the algorithm's default (QLoRA: on)
+    dtype: Optional[str] = None         # the frozen base's precision, BASE_DTYPES; None: default
     fsdp: bool = False                  # the spec's memory_efficient_fsdp_wrap
     fsdp_cpu_offload: bool = False      # the spec's fsdp_cpu_offload (implies fsdp)
     nproc_per_node: int = 1             # ranks torch's launcher starts for a job
 
     def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in BASE_DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(BASE_DTYPES)}")
+        if self.dtype == "bf16" and self.algorithm == FULL:
+            raise ValueError("dtype: bf16 holds a frozen base in bfloat16 under adapters "
+                             "(lora, qlora, dora); full fine-tuning trains every weight in fp32")
+        if self.dtype == "bf16" and (self.fsdp or self.fsdp_cpu_offload):
+            raise ValueError("dtype: bf16 is not offered under FSDP "
+                             "(memory_efficient_fsdp_wrap); use fp32")
         if self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node: must be at least 1, got {self.nproc_per_node}")
         if self.nproc_per_node > 1 and not (self.fsdp or self.fsdp_cpu_offload):
@@ -108,6 +121,19 @@ def lora_spec(recipe: Recipe):
     return LoRASpec.from_config(recipe.algorithm, config, bool(config.get("use_rslora")))
 
 
+def base_dtype(recipe: Recipe, device: str) -> torch.dtype:
+    """The frozen base's dtype: the recipe's, else bfloat16 for adapters (single process)
+    where the device multiplies it natively (a GPU, or a CPU with AMX / AVX512-BF16), as
+    torchtune's and Llama Stack's default, else float32."""
+    if recipe.dtype is not None:
+        return BASE_DTYPES[recipe.dtype]
+    if recipe.algorithm == FULL or recipe.fsdp or recipe.fsdp_cpu_offload:
+        return torch.float32
+    from llama_engine.kernels import bf16_matmul_is_fast
+    native = torch.cuda.is_bf16_supported() if device == "cuda" else bf16_matmul_is_fast()
+    return torch.bfloat16 if native else torch.float32
+
+
 def build_model(recipe: Recipe) -> TrainableModel:
     """The TrainableModel for the recipe's algorithm: full fine-tuning, or adapters (LoRA,
     DoRA; QLoRA over an NF4 base). Raises ValueError for an unknown algorithm or a bad
@@ -123,7 +149,8 @@ def build_model(recipe: Recipe) -> TrainableModel:
         model = AdapterFineTune(recipe.model_path, lora_spec(recipe),
                                 quantize_base=recipe.algorithm == QLORA,
                                 activation_checkpointing=recipe.activation_checkpointing,
-                                seed=recipe.options.seed, device=device)
+                                seed=recipe.options.seed, device=device,
+                                base_dtype=base_dtype(recipe, device))
         if recipe.adapter_path:
             model.load_checkpoint(Path(recipe.adapter_path))
         return model

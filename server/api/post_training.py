@@ -135,13 +135,20 @@ class PostTrainingService:
         except APIError:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return Recipe(objective=objective, model_path=model_path, train=train,
-                      output_dir=str(folder / "checkpoints"), options=options,
-                      validation=validation, algorithm=algorithm, algorithm_config=algorithm_config,
-                      adapter_path=adapter_path, max_seq_len=max_seq_len,
-                      activation_checkpointing=t.enable_activation_checkpointing,
-                      fsdp=t.memory_efficient_fsdp_wrap, fsdp_cpu_offload=t.fsdp_cpu_offload,
-                      nproc_per_node=self.fsdp_nproc_per_node if t.memory_efficient_fsdp_wrap else 1)
+        try:
+            return Recipe(objective=objective, model_path=model_path, train=train,
+                          output_dir=str(folder / "checkpoints"), options=options,
+                          validation=validation, algorithm=algorithm,
+                          algorithm_config=algorithm_config, adapter_path=adapter_path,
+                          max_seq_len=max_seq_len,
+                          activation_checkpointing=t.enable_activation_checkpointing,
+                          dtype=t.dtype, fsdp=t.memory_efficient_fsdp_wrap,
+                          fsdp_cpu_offload=t.fsdp_cpu_offload,
+                          nproc_per_node=self.fsdp_nproc_per_node if t.memory_efficient_fsdp_wrap else 1)
+        except ValueError as e:  # the training_config's fields do not go together
+            shutil.rmtree(folder, ignore_errors=True)
+            field = str(e).split(":", 1)[0]
+            raise APIError(f"training_config.{e}", param=f"training_config.{field}") from None
 
     def _submit(self, job_uuid: str, recipe: Recipe) -> None:
         try:
