@@ -68,7 +68,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsdp", action="store_true",
                         help="shard with FSDP even in one process (implied by --nproc-per-node > 1)")
     parser.add_argument("--fsdp-cpu-offload", action="store_true",
-                        help="FSDP keeps parameter, gradient and optimizer shards in host memory")
+                        help="FSDP keeps parameter, gradient and optimizer shards in host memory "
+                             "(with --fsdp or --nproc-per-node N > 1; alone it is refused)")
 
 
 def _source(path: str, objective: str) -> DataSource:
@@ -148,7 +149,7 @@ def run_train(args: argparse.Namespace) -> None:
         algorithm=args.algorithm, algorithm_config=_algorithm_config(args),
         max_seq_len=args.max_seq_len,
         activation_checkpointing=args.activation_checkpointing,
-        fsdp=args.fsdp or args.fsdp_cpu_offload or args.nproc_per_node > 1,
+        fsdp=args.fsdp or args.nproc_per_node > 1,
         fsdp_cpu_offload=args.fsdp_cpu_offload, nproc_per_node=args.nproc_per_node)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -248,7 +248,7 @@ class JobManager:
                     continue
                 args = ["--state-dir", str(self.state_dir), "--job-uuid", job_uuid]
                 recipe = self.store.get(job_uuid).spec["recipe"]
-                if recipe.get("fsdp") or recipe.get("fsdp_cpu_offload"):
+                if recipe.get("fsdp"):
                     command = launcher_command(recipe.get("nproc_per_node", 1), WORKER_MODULE, args)
                 else:
                     command = [sys.executable, "-m", WORKER_MODULE, *args]

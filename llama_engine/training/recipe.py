@@ -25,6 +25,12 @@ FULL = "full"
 ADAPTER_ALGORITHMS = ("lora", "qlora", "dora")
 
 
+# As the spec's TrainingConfig has it, CPU offload is an option of FSDP, not a way to ask for
+# it: the HTTP API (training_config) and the CLI (flags) refuse it alone alike.
+FSDP_CPU_OFFLOAD_NEEDS_FSDP = (
+    "fsdp_cpu_offload (--fsdp-cpu-offload) keeps FSDP's shards in host memory: it needs FSDP, "
+    "memory_efficient_fsdp_wrap (--fsdp, or --nproc-per-node N > 1)")
+
 @dataclass(frozen=True)
 class DataSource:
     """A local data file (its suffix names the format) and its declared columns."""
@@ -50,15 +56,17 @@ class Recipe:
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     activation_checkpointing: Optional[bool] = None  # None: the algorithm's default (QLoRA: on)
     fsdp: bool = False                  # the spec's memory_efficient_fsdp_wrap
-    fsdp_cpu_offload: bool = False      # the spec's fsdp_cpu_offload (implies fsdp)
+    fsdp_cpu_offload: bool = False      # the spec's fsdp_cpu_offload (needs fsdp)
     nproc_per_node: int = 1             # ranks torch's launcher starts for a job
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node: must be at least 1, got {self.nproc_per_node}")
-        if self.nproc_per_node > 1 and not (self.fsdp or self.fsdp_cpu_offload):
+        if self.nproc_per_node > 1 and not self.fsdp:
             raise ValueError("nproc_per_node: several processes train only under FSDP "
                              "(memory_efficient_fsdp_wrap)")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise ValueError(FSDP_CPU_OFFLOAD_NEEDS_FSDP)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,7 +168,7 @@ def run(recipe: Recipe, on_log: LogFn = lambda record: None,
     Under FSDP (the recipe asks for it, or this process is one rank of a
     ``torch.distributed.run`` launch) this process joins the process group first and
     trains its share; rank 0 alone gets ``on_log`` and ``on_checkpoint``."""
-    distributed = recipe.fsdp or recipe.fsdp_cpu_offload or launched_by_torchrun()
+    distributed = recipe.fsdp or launched_by_torchrun()
     group = init_data_parallel(default_device()) if distributed else SINGLE_PROCESS
     try:
         model = build_model(recipe)

@@ -67,7 +67,7 @@ def run_job(store: JobStore, job_uuid: str) -> None:
         pids = torch.zeros(group.world_size, dtype=torch.int64)
         pids[group.rank] = os.getpid()
         resources.update(processes=group.world_size, pids=group.all_reduce_sum(pids).tolist(),
-                         fsdp=recipe.fsdp or recipe.fsdp_cpu_offload,
+                         fsdp=recipe.fsdp,
                          fsdp_cpu_offload=recipe.fsdp_cpu_offload)
         if group.world_size > 1:
             resources["launcher"] = "torch.distributed.run"
