@@ -129,8 +129,12 @@ def run_train(args: argparse.Namespace) -> None:
     from llama_engine.loader import default_model_path
 
     if args.nproc_per_node > 1 and not launched_by_torchrun():
-        # each rank runs this same command line; the launcher's status is the run's
-        sys.exit(run_launcher(args.nproc_per_node, "llama_engine.cli", args.argv))
+        # each rank runs this same command line; the launcher's reason is the run's error
+        reason = run_launcher(args.nproc_per_node, "llama_engine.cli", args.argv)
+        if reason is not None:
+            print(f"llama-engine: error: {reason}", file=sys.stderr)
+            sys.exit(1)
+        return
     writer = int(os.environ.get("RANK", "0")) == 0
 
     if args.objective == DPO and not 0 <= args.label_smoothing < 0.5:
