@@ -6,6 +6,12 @@ that a load from elsewhere falls on both alike. Methods: full fine-tuning, LoRA 
 layers, QLoRA (the same over an NF4 base with double-quantized scales), DoRA. Prints
 tokens/s, peak RSS, the ratios, how far apart the loss curves are, and plots them.
 
+Precision (``--dtype``): our adapter methods hold the frozen base in bfloat16 where the CPU
+multiplies it natively (our training default; adapters, norms, attention, loss and optimizer
+stay float32). The peer then runs twice, interleaved: at the same precision (the model loaded
+in bfloat16, peft's adapters float32; bitsandbytes' ``bnb_4bit_compute_dtype``) and in
+float32, and the ratio is taken against its faster run.
+
 Each side runs its own default recipe, and QLoRA's is the same on both: activation
 checkpointing per decoder layer (ours by default; peft's ``prepare_model_for_kbit_training``,
 the standard QLoRA recipe, turns on transformers' gradient checkpointing). Our SFT loss is
@@ -42,8 +48,8 @@ RECIPES = {  # what each side runs, written into the results
     "qlora": {"llama_engine": "activation checkpointing per decoder layer (our QLoRA default), "
                               "NF4 decoder projections, float32 embedding and head, " + _OUR_LOSS,
               "transformers": "peft.prepare_model_for_kbit_training (gradient checkpointing), "
-                              "bitsandbytes NF4 double-quant, float32 compute, embedding and "
-                              "head, " + _THEIR_LOSS},
+                              "bitsandbytes NF4 double-quant, compute in the run's dtype, "
+                              "float32 embedding and head, " + _THEIR_LOSS},
 }
 
 
@@ -55,8 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated, of {', '.join(METHODS)}")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="the frozen base's matmul precision (adapter methods), both sides")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="the frozen base's precision for the adapter methods (default: our "
+                        "training default, bfloat16 where the CPU multiplies it natively); "
+                        "the peer runs at it and at float32")
     p.add_argument("--output-json", default=None)
     p.add_argument("--plot", default=None, help="PNG of both sides' loss curves per method")
 
@@ -153,15 +161,17 @@ def build_ours(model_path: str, method: str, args: argparse.Namespace, adapter_f
 
 
 def build_transformers(model_path: str, method: str, args: argparse.Namespace,
-                       adapter_file: str):
+                       adapter_file: str, dtype: str = "float32"):
     """transformers' (+ peft, + bitsandbytes NF4 with double quantization for QLoRA) (step
-    function, batches)."""
+    function, batches). ``dtype`` bfloat16: the model loaded in bfloat16 (peft keeps its
+    adapters float32) or bitsandbytes' ``bnb_4bit_compute_dtype=torch.bfloat16``."""
     import transformers
-    kwargs = {"dtype": torch.float32}
+    torch_dtype = getattr(torch, dtype)
+    kwargs = {"dtype": torch.float32 if method == "full" else torch_dtype}
     if method == "qlora":
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32)
+            bnb_4bit_compute_dtype=torch_dtype)
     if os.path.isdir(model_path):
         model = transformers.AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     else:
@@ -211,8 +221,17 @@ def _in_child(fn, *fn_args) -> dict:
         return pool.apply(fn, fn_args)
 
 
+def peer_dtypes(method: str, args: argparse.Namespace) -> list[str]:
+    """The precisions the peer runs a method at: ours, and float32 besides when ours is
+    bfloat16 (the ratio is taken against the peer's faster one)."""
+    if method == "full":
+        return ["float32"]
+    return list(dict.fromkeys([args.dtype, "float32"]))
+
+
 def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
-    """Both sides of one method, each in a fresh process, steps interleaved."""
+    """Our side and the peer's (at each of ``peer_dtypes``) of one method, each in a fresh
+    process, steps interleaved."""
     import tempfile
     tokens = args.batch_size * args.seq_len
     with tempfile.TemporaryDirectory() as folder:
@@ -227,21 +246,35 @@ def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
         ours_side = _Side(build_ours, model_path, method, args, adapter_file)
         if ours_side.error:
             raise RuntimeError(f"[{method}] llama-engine failed: {ours_side.error}")
-        their_side = _Side(build_transformers, peer_path, method, args, adapter_file)
+        peers = {dtype: _Side(build_transformers, peer_path, method, args, adapter_file, dtype)
+                 for dtype in peer_dtypes(method, args)}
         for i in range(WARMUP_STEPS + args.steps):
             ours_side.step(i)
-            if not their_side.error:
-                their_side.step(i)
+            for side in peers.values():
+                if not side.error:
+                    side.step(i)
         ours = ours_side.finish(tokens)
-        if their_side.error:
-            their_side.process.join()
-            return {"llama_engine": ours, "transformers": None, "peer_error": their_side.error}
-        theirs = their_side.finish(tokens)
-    gap = max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"]))
-    return {"llama_engine": ours, "transformers": theirs,
-            "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
-            "peak_rss_ratio": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
-            "max_loss_gap": gap}
+        result = {"llama_engine": ours, "dtype": args.dtype if method != "full" else "float32",
+                  "peers": {}}
+        for dtype, side in peers.items():
+            if side.error:
+                side.process.join()
+                result["peers"][dtype] = {"error": side.error}
+                continue
+            theirs = side.finish(tokens)
+            theirs["max_loss_gap"] = max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"]))
+            result["peers"][dtype] = theirs
+    ran = {dtype: r for dtype, r in result["peers"].items() if "error" not in r}
+    if ran:  # against the peer's faster precision
+        best = max(ran, key=lambda dtype: ran[dtype]["tokens_per_s"])
+        theirs = ran[best]
+        result.update(transformers=theirs, peer_dtype=best,
+                      tokens_per_s_ratio=ours["tokens_per_s"] / theirs["tokens_per_s"],
+                      peak_rss_ratio=ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
+                      max_loss_gap=theirs["max_loss_gap"])
+    else:
+        result["transformers"] = None
+    return result
 
 
 def plot(results: dict, path: str) -> None:
@@ -251,9 +284,11 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.5), squeeze=False)
     for ax, (method, r) in zip(axes[0], results.items()):
-        for side, style in (("llama_engine", "o-"), ("transformers", "x--")):
-            if r.get(side):
-                ax.plot(range(len(r[side]["losses"])), r[side]["losses"], style, label=side)
+        curves = [(f"llama_engine ({r['dtype']})", r["llama_engine"], "o-")]
+        curves += [(f"transformers ({dtype})", peer, style) for (dtype, peer), style
+                   in zip(r["peers"].items(), ("x--", "+:")) if "error" not in peer]
+        for label, side, style in curves:
+            ax.plot(range(len(side["losses"])), side["losses"], style, label=label)
         ax.set_title(method)
     finish_loss_plot(fig, list(axes[0]), path)
 
@@ -263,6 +298,9 @@ def run(args: argparse.Namespace) -> None:
     from llama_engine.loader import default_model_path
 
     model_path = args.model or default_model_path()
+    if args.dtype is None:
+        from llama_engine.kernels import bf16_matmul_is_fast
+        args.dtype = "bfloat16" if bf16_matmul_is_fast() else "float32"
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:
         if method not in METHODS:
@@ -270,16 +308,19 @@ def run(args: argparse.Namespace) -> None:
     results = {}
     for method in methods:
         r = results[method] = compare(model_path, method, args)
-        ours, theirs = r["llama_engine"], r["transformers"]
-        print(f"[{method}] llama-engine {ours['tokens_per_s']:8.1f} tok/s  peak RSS "
-              f"{ours['peak_rss_bytes'] / 2**30:.2f} GiB")
-        if theirs is None:
-            print(f"[{method}] transformers could not run: {r['peer_error']}")
-            continue
-        print(f"[{method}] transformers {theirs['tokens_per_s']:8.1f} tok/s  peak RSS "
-              f"{theirs['peak_rss_bytes'] / 2**30:.2f} GiB")
-        print(f"[{method}] ratio {r['tokens_per_s_ratio']:.2f}x tokens/s, {r['peak_rss_ratio']:.2f}x "
-              f"peak RSS; loss curves differ by at most {r['max_loss_gap']:.2e}")
+        ours = r["llama_engine"]
+        print(f"[{method}] llama-engine ({r['dtype']}) {ours['tokens_per_s']:8.1f} tok/s  "
+              f"peak RSS {ours['peak_rss_bytes'] / 2**30:.2f} GiB")
+        for dtype, theirs in r["peers"].items():
+            if "error" in theirs:
+                print(f"[{method}] transformers ({dtype}) could not run: {theirs['error']}")
+                continue
+            print(f"[{method}] transformers ({dtype}) {theirs['tokens_per_s']:8.1f} tok/s  "
+                  f"peak RSS {theirs['peak_rss_bytes'] / 2**30:.2f} GiB; loss curves differ "
+                  f"by at most {theirs['max_loss_gap']:.2e}")
+        if r["transformers"] is not None:
+            print(f"[{method}] ratio {r['tokens_per_s_ratio']:.2f}x tokens/s against the peer's "
+                  f"faster ({r['peer_dtype']}), {r['peak_rss_ratio']:.2f}x its peak RSS")
     if "lora" in results and "qlora" in results:
         print("QLoRA / LoRA peak RSS (ours): {:.2f}".format(
             results["qlora"]["llama_engine"]["peak_rss_bytes"]

@@ -87,7 +87,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from llama_engine.training.command import run_train
-    run_train(args)
+    from llama_engine.training.distributed import record_rank_error
+    try:
+        run_train(args)
+    except Exception as e:  # one rank of several: the launcher's error names it and this
+        record_rank_error(e)
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:

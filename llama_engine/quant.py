@@ -232,3 +232,49 @@ def dequantize_nf4(w: PackedWeight) -> torch.Tensor:
     scale = floats[:, NF4_HEADER_FLOATS:].gather(1, slot)
     absmax = NF4_ABSMAX_MAP[q] * scale + offset
     return (NF4_LEVELS[codes] * absmax[..., None]).reshape(w.rows, w.cols)
+
+
+# ---- rounding bounds -------------------------------------------------------------------
+# How far storing a value in a format can move it, at worst. Float formats (GGUF's type
+# names; torch dtypes map onto them): relative to the value, the unit roundoff 2^-p (p: the
+# significand's bits), plus, below the smallest normal, half the subnormal spacing.
+FLOAT_ROUNDOFF = {"F32": (2.0 ** -24, 2.0 ** -150), "F16": (2.0 ** -11, 2.0 ** -25),
+                  "BF16": (2.0 ** -8, 2.0 ** -134)}
+TORCH_FORMATS = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+# Block formats: relative to the largest |w| of the value's block, from the quantizers above:
+# Q8_0 half a step d = amax / 127; Q4_0 a whole step d = amax / 8 (the block's largest
+# value of the other sign than its extreme lands on code 16, clamped to 15); Q4_1 half a
+# step (max - min) / 15 <= 2 amax / 15; NF4 half the widest gap between levels (0.304 / 2)
+# plus the double-quantized absmax's own error. Each also carries its fp16 / 8-bit scale's
+# rounding, which the FORMAT_SLACK factor below covers.
+BLOCK_ROUNDOFF = {"Q8_0": (BLOCK, 0.5 / 127), "Q4_0": (BLOCK, 1 / 8), "Q4_1": (BLOCK, 1 / 15),
+                  "NF4": (NF4_BLOCK, 0.2)}
+FORMAT_SLACK = 1.5  # the scales' own rounding, and float32 arithmetic in the quantizers
+
+
+def rounding_bound(values: torch.Tensor, formats: "tuple[str, ...] | set[str]") -> torch.Tensor:
+    """The largest difference, elementwise, between float [rows, cols] ``values`` and the
+    same values after being stored in each of ``formats`` in turn (GGUF type names: F32,
+    F16, BF16, Q8_0, Q4_0, Q4_1; or NF4): the sum of each format's worst rounding error
+    (FLOAT_ROUNDOFF, BLOCK_ROUNDOFF) times FORMAT_SLACK. float32, values' shape. A block
+    format's bound uses the largest |value| of each block of a row (a row's tail shorter
+    than a block: of the whole row). Raises ValueError for an unknown format."""
+    magnitude = values.detach().float().abs()
+    bound = torch.zeros_like(magnitude)
+    for name in formats:
+        if name in FLOAT_ROUNDOFF:
+            relative, floor = FLOAT_ROUNDOFF[name]
+            bound += magnitude * relative + floor
+        elif name in BLOCK_ROUNDOFF:
+            size, relative = BLOCK_ROUNDOFF[name]
+            rows, cols = magnitude.shape
+            if cols % size:
+                block_max = magnitude.amax(-1, keepdim=True).expand(rows, cols)
+            else:
+                block_max = magnitude.reshape(rows, cols // size, size).amax(-1, keepdim=True) \
+                    .expand(rows, cols // size, size).reshape(rows, cols)
+            bound += block_max * relative
+        else:
+            raise ValueError(f"unknown weight format {name!r} (known: "
+                             f"{', '.join([*FLOAT_ROUNDOFF, *BLOCK_ROUNDOFF])})")
+    return bound * FORMAT_SLACK

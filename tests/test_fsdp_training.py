@@ -4,7 +4,9 @@ offload, full DPO with its frozen reference sharded too), with a global batch th
 unevenly (the last batch of 7 rows in 3s has one item: one rank computes nothing); a run
 resumed from a sharded run's checkpoint (weights and Adam state) ends where one process does. Through
 the HTTP API: a memory_efficient_fsdp_wrap job runs two ranks and gives the plain job's
-curve; cancel stops every rank; a rank killed mid-run fails the job, with the reason logged."""
+curve; cancel stops every rank; a rank killed mid-run fails the job (and the CLI run), the
+reason naming the rank and the signal that killed it rather than the other rank's broken
+collective."""
 from __future__ import annotations
 
 import json
@@ -25,12 +27,15 @@ from tests.test_post_training_jobs import log_records, post, sft_request, status
 LOSS_TOLERANCE = 1e-4  # the issue's bar for the 2-rank curve against the 1-rank one
 WEIGHT_TOLERANCE = 1e-5
 PROCESS_EXIT_WAIT_S = 30
+PROCESS_GROUP_FAILURE_WAIT_S = 120  # the launcher notices a dead rank and stops the other
 ROWS = [{"dialog": [{"role": "user", "content": f"What is the code word number {i}?"},
                     {"role": "assistant", "content": f"The code word number {i} is zebra-{i}."}]}
         for i in range(7)]
 PAIRS = [{"prompt": [{"role": "user", "content": f"Code word {i}?"}], "chosen": f"zebra-{i}",
           "rejected": f"lion-{i}"} for i in range(7)]
 LORA_FLAGS = ["--algorithm", "lora", "--rank", "4", "--alpha", "8", "--lora-mlp"]
+KILLED_RANK_1 = "rank 1 was killed by signal SIGKILL (9)"
+FIRST_STEP_WAIT_S = 300
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +69,8 @@ def test_two_ranks_give_the_one_process_curve_and_checkpoint(tiny_model, tmp_pat
     from llama_engine.cli import main
     data = _jsonl(tmp_path / "data.jsonl", rows)
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
-    main(_train_args(objective, tiny_model, data, single, extra))  # one process, no FSDP
+    plain = [flag for flag in extra if flag != "--fsdp-cpu-offload"]  # an option of FSDP
+    main(_train_args(objective, tiny_model, data, single, plain))  # one process, no FSDP
     done = subprocess.run([sys.executable, "-m", "llama_engine.cli",
                            *_train_args(objective, tiny_model, data, sharded, extra),
                            "--nproc-per-node", "2"], capture_output=True, text=True, timeout=600)
@@ -105,6 +111,49 @@ def test_two_ranks_resume_from_a_sharded_checkpoint(tiny_model, tmp_path) -> Non
     mine = load_file(sharded / "step-6" / "adapter_model.safetensors")
     for name, tensor in reference.items():
         torch.testing.assert_close(mine[name], tensor, atol=WEIGHT_TOLERANCE, rtol=0, msg=name)
+
+
+def _rank_pids(launcher: int) -> dict[int, int]:
+    """rank -> pid of the processes torch's launcher (process `launcher`) started."""
+    children = []
+    for task in Path(f"/proc/{launcher}/task").iterdir():
+        children += [int(p) for p in (task / "children").read_text().split()]
+    ranks = {}
+    for pid in children:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            ranks[int(rank)] = pid
+    return ranks
+
+
+def test_a_killed_rank_fails_the_cli_run_naming_the_rank_and_signal(tiny_model, tmp_path) -> None:
+    """`llama-engine train --nproc-per-node 2`, rank 1 killed (SIGKILL) mid-run: the run
+    exits 1 with one error line naming rank 1 and the signal, and no rank is left."""
+    data = _jsonl(tmp_path / "sft.jsonl", ROWS)
+    output = tmp_path / "run"
+    endless = ["--epochs", "100000", "--n-iters", "100000", "--checkpoint-every", "100000"]
+    run = subprocess.Popen([sys.executable, "-m", "llama_engine.cli",
+                            *_train_args("sft", tiny_model, data, output, endless),
+                            "--nproc-per-node", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + FIRST_STEP_WAIT_S
+        metrics = output / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().strip()):  # both ranks train
+            assert run.poll() is None and time.monotonic() < deadline, "no step was logged"
+            time.sleep(0.2)
+        ranks = _rank_pids(run.pid)
+        assert sorted(ranks) == [0, 1]
+        os.kill(ranks[1], 9)
+        _, stderr = run.communicate(timeout=PROCESS_GROUP_FAILURE_WAIT_S)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 1, stderr[-4000:]
+    assert stderr.strip().splitlines()[-1].startswith(f"llama-engine: error: {KILLED_RANK_1}"), \
+        stderr[-4000:]
+    _wait_gone(list(ranks.values()))
 
 
 def _gone(pid: int) -> bool:
@@ -169,8 +218,8 @@ def test_fsdp_jobs_through_the_http_api(tiny_model, tmp_path) -> None:
             failed = next(r for r in records if r.get("event") == "failed")
             if stop == "cancel":
                 assert failed["reason"] == "cancelled by the user"
-            else:  # rank 0's broken collective, or the launcher's exit status
-                assert failed["reason"], failed
+            else:  # the killed rank and its signal, not rank 0's broken collective
+                assert failed["reason"].startswith(KILLED_RANK_1), failed
             assert wait_for(server, job_uuid, lambda s: s["status"] == "failed", "failed")
             _wait_gone(pids)
         assert requests.get(f"{server.base_url}/health", timeout=10).status_code == 200

@@ -250,10 +250,25 @@ def test_rank_above_the_limit(good_adapter, config) -> None:
 
 
 def test_shape_that_does_not_fit_the_base(good_adapter, config) -> None:
+    """The error names the projection as peft and transformers do, not by our names."""
     from dataclasses import replace
     other = replace(config, intermediate_size=config.intermediate_size + 32)
-    with pytest.raises(AdapterLoadError, match="does not fit the base model"):
-        load_lora_adapter(good_adapter, other, MAX_RANK)
+    with pytest.raises(AdapterLoadError, match=r"'good' model\.layers\.0\.mlp\.down_proj: "
+                                               r"lora_A has shape .* does not fit the base model"):
+        load_lora_adapter(good_adapter, other, MAX_RANK, name="good")
+
+
+def test_projection_missing_lora_b_is_named_as_peft_names_it(good_adapter, config,
+                                                               tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+    path = _copy_with(good_adapter, tmp_path / "no-b")
+    weights = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(weights)
+    del tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(AdapterLoadError,
+                       match=r"model\.layers\.1\.self_attn\.k_proj: needs both lora_A and lora_B"):
+        load_lora_adapter(path, config, MAX_RANK)
 
 
 def test_layer_the_base_lacks(good_adapter, config) -> None:

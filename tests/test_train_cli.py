@@ -66,3 +66,18 @@ def test_examples_cut_before_any_label_are_refused_not_trained_to_nan(tiny_model
     assert done.returncode != 0
     assert "max_seq_len" in done.stderr
     assert not (out / "step-1").exists()
+
+
+def test_fsdp_cpu_offload_alone_is_refused_as_the_http_api_refuses_it(tiny_model: str,
+                                                                       tmp_path: Path) -> None:
+    """--fsdp-cpu-offload is an option of FSDP (the HTTP API's fsdp_cpu_offload needs
+    memory_efficient_fsdp_wrap): alone it is one line naming both flags, and nothing runs."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"text": "one line"}) + "\n")
+    out = tmp_path / "out"
+    done = train("sft", "--dataset", str(data), "--model", tiny_model, "--output", str(out),
+                 "--fsdp-cpu-offload")
+    assert done.returncode == 2, done.stderr
+    error = done.stderr.strip().splitlines()
+    assert len(error) == 1 and "--fsdp-cpu-offload" in error[0] and "--fsdp," in error[0], error
+    assert not out.exists()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llama_engine.engine.block_manager import BlockManager
-from llama_engine.engine.lora_manager import LoRAManager, base_weights_of
+from llama_engine.engine.lora_manager import LoRAManager, base_weights_of, served_head_of
 from llama_engine.engine.model_runner import ModelRunner, kv_bytes_per_token
 from llama_engine.engine.sampler import SampledToken, TokenBitmask, sample, token_logprobs
 from llama_engine.engine.scheduler import Scheduler
@@ -129,7 +129,8 @@ class LLMEngine:
             self.lora_manager = LoRAManager(
                 self.model_config, config.max_loras, config.max_lora_rank, self.device,
                 DTYPES[config.lora_dtype], base_weight=base_weights_of(self.model),
-                has_lm_head=not self.is_reward_model)
+                has_lm_head=not self.is_reward_model,
+                served_head=served_head_of(self.model, self.model_config))
         self.loras: dict[str, LoRARequest] = {}  # adapters requests may name, by name
         self._last_lora_id = 0  # the largest lora_int_id ever added (ids are never reused)
         self._retiring: set[int] = set()  # unloaded while in use: dropped once idle
@@ -255,7 +256,8 @@ class LLMEngine:
         then takes the result). Raises AdapterLoadError naming the problem."""
         self._require_lora("lora_request")
         return load_lora_adapter(lora_request.lora_path, self.model_config,
-                                 self.config.max_lora_rank, lora_request.lora_name)
+                                 self.config.max_lora_rank, lora_request.lora_name,
+                                 self.lora_manager.served_head)
 
     def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> None:
         """Make an adapter available to requests under its name (``adapter``: already read by

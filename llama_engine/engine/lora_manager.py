@@ -29,9 +29,11 @@ import torch
 from llama_engine import kernels
 from llama_engine.config import ModelConfig
 from llama_engine.engine.sequence import NO_LORA
+from llama_engine.loader import HEAD_FORMAT
 from llama_engine.loader.adapters import (HEAD_KEY, PROJECTIONS, AdapterLoadError,
-                                          LoRAAdapter, adapted_shape, load_lora_adapter,
-                                          projection_shapes, resolve_dora)
+                                          LoRAAdapter, ServedHead, adapted_shape,
+                                          load_lora_adapter, projection_shapes, resolve_dora)
+from llama_engine.quant import TORCH_FORMATS
 from llama_engine.lora_request import LoRARequest
 from llama_engine.model.llama import Linear, Llama
 
@@ -132,11 +134,14 @@ class LoRAManager:
 
     def __init__(self, config: ModelConfig, max_loras: int, max_lora_rank: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 base_weight: BaseWeightFn | None = None, has_lm_head: bool = True):
+                 base_weight: BaseWeightFn | None = None, has_lm_head: bool = True,
+                 served_head: ServedHead | None = None):
         """dtype: of the stacked A and B (scales and DoRA ratios stay float32). On the CPU,
         bfloat16 halves the bytes the kernels stream per step, at bfloat16's rounding of
         the adapter weights (about 3 significant digits); float32 reproduces peft.
-        has_lm_head: False for a reward model (a score head), which refuses head adapters."""
+        has_lm_head: False for a reward model (a score head), which refuses head adapters.
+        served_head: the output head a peft adapter's saved copy of it must equal
+        (``served_head_of``); None checks that copy's shape only."""
         if max_loras < 1 or max_lora_rank < 1:
             raise ValueError(f"max_loras and max_lora_rank must be >= 1, got {max_loras} and "
                              f"{max_lora_rank}")
@@ -145,6 +150,7 @@ class LoRAManager:
         self.device, self.dtype = torch.device(device), dtype
         self.base_weight = base_weight
         self.has_lm_head = has_lm_head
+        self.served_head = served_head
         self.shapes = projection_shapes(config)
         self.adapters: dict[int, LoRAAdapter] = {}  # host memory, by lora_int_id
         self.requests: dict[int, LoRARequest] = {}
@@ -175,7 +181,7 @@ class LoRAManager:
             raise AdapterLoadError(f"an adapter named '{request.lora_name}' is already loaded")
         if adapter is None:
             adapter = load_lora_adapter(request.lora_path, self.config, self.max_lora_rank,
-                                        request.lora_name)
+                                        request.lora_name, self.served_head)
         if HEAD_KEY in adapter.weights and not self.has_lm_head:
             raise AdapterLoadError(f"adapter '{request.lora_name}' adapts lm_head, which this "
                                    "model lacks (a reward model: a score head instead)")
@@ -371,3 +377,16 @@ def base_weights_of(model: Llama) -> BaseWeightFn:
         w = linear.matrix
         return (kernels.dequantize(w) if linear.packed is not None else w)[lo:hi].float()
     return base_weight
+
+
+def served_head_of(model: Llama, config: ModelConfig) -> ServedHead | None:
+    """The model's output head as adapters.ServedHead: its values (dequantized when packed)
+    and the formats they went through (the GGUF file's type, if any, then the packed
+    format or the serving dtype). None for a model without one (a reward model)."""
+    head = model.lm_head
+    if head is None:
+        return None
+    served = head.qtype if head.packed is not None else TORCH_FORMATS[head.weight.dtype]
+    source = config.extra.get(HEAD_FORMAT)
+    return ServedHead(lambda: base_weights_of(model)(*HEAD_KEY),
+                      tuple(dict.fromkeys(f for f in (source, served) if f)))

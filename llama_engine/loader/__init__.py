@@ -25,6 +25,11 @@ class ModelLoadError(ValueError):
     """A model that cannot be loaded: the message says which file, tensor or key, and why."""
 
 
+# ModelConfig.extra key: the GGUF type the output head was stored in (token_embd's when tied),
+# a rounding its values carry even when dequantized at load (adapters.ServedHead).
+HEAD_FORMAT = "lm_head_format"
+
+
 @dataclass
 class LoadedModel:
     name: str

@@ -12,8 +12,11 @@ The output head (PEFT's ``lm_head``, keys ``base_model.model.lm_head.lora_A.weig
 goes to the logits only and the embedding lookup stays the base's. It is kept under
 ``HEAD_KEY`` beside the decoder layers' (layer, projection) keys. Beside a head adapter peft
 saves a copy of the frozen head itself (``base_model.model.lm_head.base_layer.weight``, its
-``save_embedding_layers``): LoRA training leaves it as the base has it, so it is checked
-against the base's shape (another vocabulary is refused by name) and not kept.
+``save_embedding_layers``, on by default when ``lm_head`` is targeted). peft, loading the
+adapter, writes that copy over the model's head (and, tied, over the embedding), so the
+adapter's output is its trainer's only over the base it was saved against: the copy is
+checked against the served head (shape, then values within the rounding of the formats the
+two went through, ``quant.rounding_bound``), a mismatch refused by name, and not kept.
 
 llama.cpp (``convert_lora_to_gguf.py``): ``general.type = adapter``, ``adapter.lora.alpha``,
 tensors ``blk.N.attn_q.weight.lora_a`` [r, in] and ``.lora_b`` [out, r] (``output.weight
@@ -40,6 +43,7 @@ import torch
 
 from llama_engine.config import ModelConfig
 from llama_engine.loader import ModelLoadError
+from llama_engine.quant import TORCH_FORMATS, rounding_bound
 
 # HF module name -> (parent module, our projection name)
 PROJECTIONS = {
@@ -47,6 +51,8 @@ PROJECTIONS = {
     "o_proj": ("self_attn", "wo"), "gate_proj": ("mlp", "w_gate"), "up_proj": ("mlp", "w_up"),
     "down_proj": ("mlp", "w_down"),
 }
+# our projection name -> (parent module, HF module name): how messages name a projection
+HF_NAMES = {ours: (parent, module) for module, (parent, ours) in PROJECTIONS.items()}
 # llama.cpp tensor name (between "blk.N." and ".weight.lora_a/b") -> our projection name
 GGUF_PROJECTIONS = {"attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
                     "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down"}
@@ -79,6 +85,18 @@ UNSUPPORTED_PEFT_OPTIONS = {
 
 class AdapterLoadError(ModelLoadError):
     """An adapter that cannot be served: the message names the file, key or option, and why."""
+
+
+@dataclass(frozen=True)
+class ServedHead:
+    """The output head adapters are served over, for checking peft's saved copy of it.
+
+    weight() -> its values, float32 [vocab, hidden] (dequantized when packed); formats: every
+    format its values were rounded through on their way here (GGUF type names: the file's
+    type, the packed format or the serving dtype), which bound how far they may lie from the
+    weights a trainer saw."""
+    weight: Callable[[], torch.Tensor]
+    formats: tuple[str, ...]
 
 
 @dataclass
@@ -136,19 +154,21 @@ def adapted_shape(config: ModelConfig, key: tuple[int, str]) -> tuple[int, int]:
 
 
 def load_lora_adapter(path: str, config: ModelConfig, max_rank: int,
-                      name: str | None = None) -> LoRAAdapter:
-    """Read a PEFT adapter folder or a llama.cpp GGUF adapter file for a base with `config`.
+                      name: str | None = None, served_head: ServedHead | None = None
+                      ) -> LoRAAdapter:
+    """Read a PEFT adapter folder or a llama.cpp GGUF adapter file for a base with `config`
+    (``served_head``: the head peft's saved copy of it must equal; None checks its shape only).
 
     Raises AdapterLoadError naming the problem: a missing or unreadable file, an option
     this engine cannot honour (modules_to_save, bias training, ...), a target the model
     lacks, a shape that does not fit the base (the head's: [vocab, hidden]), a rank above
-    `max_rank`.
+    `max_rank`, a saved copy of the head other than the served one (another base).
     """
     name = name or os.path.basename(os.path.normpath(path))
     if not os.path.exists(path):
         raise AdapterLoadError(f"adapter '{name}': path does not exist: {path}")
     if os.path.isdir(path):
-        weights = _read_peft(path, config)
+        weights = _read_peft(path, config, served_head=served_head)
     else:
         weights = _read_gguf(path, config)
     if not weights:
@@ -178,16 +198,17 @@ def resolve_dora(adapter: LoRAAdapter, base_weight: Callable[[int, str], torch.T
 
 def _read_peft(folder: str, config: ModelConfig,
                tensors: dict[str, torch.Tensor] | None = None,
-               allow_score_head: bool = False) -> dict[tuple[int, str], LoRAWeights]:
+               allow_score_head: bool = False, served_head: ServedHead | None = None
+               ) -> dict[tuple[int, str], LoRAWeights]:
     """The LoRA weights of a PEFT folder (``tensors``: its tensors, already read, without
-    any score head)."""
+    any score head; ``served_head``: what a saved copy of the head must equal)."""
     options = _read_peft_config(folder, allow_score_head)
     tensors = _read_peft_tensors(folder) if tensors is None else tensors
     use_dora = bool(options.get("use_dora"))
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if key == PEFT_HEAD_COPY_KEY:
-            _check_head_copy(folder, key, tensor, config)
+            _check_head_copy(folder, key, tensor, config, served_head)
             continue
         head = PEFT_HEAD_KEY.fullmatch(key)
         if head is not None:
@@ -212,7 +233,7 @@ def _read_peft(folder: str, config: ModelConfig,
         parts.setdefault((layer, module), {})[kind] = tensor.float()
     weights = {}
     for (layer, module), p in sorted(parts.items()):
-        where = f"{folder}: {_describe((layer, module))}"
+        where = f"{folder}: {module_name((layer, module))}"
         if "lora_A.weight" not in p or "lora_B.weight" not in p:
             raise AdapterLoadError(f"{where}: needs both lora_A and lora_B")
         if use_dora and "lora_magnitude_vector" not in p:
@@ -222,11 +243,8 @@ def _read_peft(folder: str, config: ModelConfig,
         if a.dim() != 2:
             raise AdapterLoadError(f"{where}: lora_A has shape {tuple(a.shape)}, not [r, in]")
         r = a.shape[0]
-        if module == LM_HEAD:
-            full_name, key = LM_HEAD, HEAD_KEY
-        else:
-            full_name = f"model.layers.{layer}.{PROJECTIONS[module][0]}.{module}"
-            key = (layer, PROJECTIONS[module][1])
+        full_name = module_name((layer, module))
+        key = HEAD_KEY if module == LM_HEAD else (layer, PROJECTIONS[module][1])
         alpha = float(_pattern_value(options.get("alpha_pattern") or {}, full_name,
                                      options.get("lora_alpha", 8)))
         scale = alpha / math.sqrt(r) if options.get("use_rslora") else alpha / r
@@ -235,13 +253,31 @@ def _read_peft(folder: str, config: ModelConfig,
     return weights
 
 
-def _check_head_copy(folder: str, key: str, tensor: torch.Tensor, config: ModelConfig) -> None:
-    """peft's copy of the frozen output head must be the base's shape, [vocab, hidden]."""
+def _check_head_copy(folder: str, key: str, tensor: torch.Tensor, config: ModelConfig,
+                     served_head: ServedHead | None) -> None:
+    """peft's copy of the frozen output head must be the base's shape, [vocab, hidden], and
+    (served_head given) its values those of the served head, within the rounding of the
+    copy's dtype and of the served head's formats."""
     shape = adapted_shape(config, HEAD_KEY)
     if tuple(tensor.shape) != shape:
         raise AdapterLoadError(f"{folder}: tensor '{key}' has shape {tuple(tensor.shape)}; the "
                                f"base model's output head is {list(shape)}: the adapter was "
                                "saved over another vocabulary or model")
+    if served_head is None:
+        return
+    formats = {*served_head.formats, TORCH_FORMATS.get(tensor.dtype, "F32")}
+    saved, served = tensor.float(), served_head.weight()
+    error = (saved - served).abs()
+    excess = error - rounding_bound(torch.maximum(saved.abs(), served.abs()), formats)
+    worst = int(excess.argmax())
+    if excess.view(-1)[worst] > 0:
+        row, col = divmod(worst, shape[1])
+        raise AdapterLoadError(
+            f"{folder}: tensor '{key}' (peft's copy of the frozen output head, which peft "
+            f"loads over the model's lm_head) differs from the served model's lm_head: "
+            f"{saved[row, col].item():.6g} against {served[row, col].item():.6g} at "
+            f"[{row}, {col}], beyond the rounding of {'/'.join(sorted(formats))}: the adapter "
+            "was saved against a different base model; serve it over that base")
 
 
 def _check_dora_tensor(folder: str, key: str, kind: str, use_dora: bool) -> None:
@@ -250,9 +286,15 @@ def _check_dora_tensor(folder: str, key: str, kind: str, use_dora: bool) -> None
                                "adapter_config.json has no use_dora")
 
 
-def _describe(key: tuple[int, str]) -> str:
-    """How messages name an adapted weight: "layer 3 wq", or "lm_head" (the output head)."""
-    return LM_HEAD if key == HEAD_KEY else f"layer {key[0]} {key[1]}"
+def module_name(key: tuple[int, str]) -> str:
+    """The HF / PEFT module name of an adapted weight, as users know it from
+    ``target_modules`` and the model's ``named_modules()``: (3, "wq") or (3, "q_proj") ->
+    "model.layers.3.self_attn.q_proj"; HEAD_KEY -> "lm_head"."""
+    if key == HEAD_KEY:
+        return LM_HEAD
+    layer, projection = key
+    parent, module = HF_NAMES.get(projection) or (PROJECTIONS[projection][0], projection)
+    return f"model.layers.{layer}.{parent}.{module}"
 
 
 def read_peft_reward_adapter(folder: str, config: ModelConfig
@@ -321,11 +363,11 @@ def _check_target_modules(path: str, targets: object) -> None:
                                    f"{LM_HEAD})")
 
 
-def _pattern_value(patterns: dict, module_name: str, default: object) -> object:
-    """PEFT's rank/alpha pattern lookup: the first key that matches the whole module name
+def _pattern_value(patterns: dict, name: str, default: object) -> object:
+    """PEFT's rank/alpha pattern lookup: the first key that matches the whole module name `name`
     or a dotted suffix of it."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 
@@ -381,7 +423,7 @@ def _read_gguf(path: str, config: ModelConfig) -> dict[tuple[int, str], LoRAWeig
     weights = {}
     for (layer, proj), p in sorted(parts.items()):
         if "lora_a" not in p or "lora_b" not in p:
-            raise AdapterLoadError(f"{path}: {_describe((layer, proj))} needs both lora_a and "
+            raise AdapterLoadError(f"{path}: {module_name((layer, proj))} needs both lora_a and "
                                    "lora_b")
         a, b = p["lora_a"], p["lora_b"]
         if proj in heads and b.dim() == 2 and b.shape[0] % (2 * heads[proj]) == 0:
@@ -394,7 +436,7 @@ def _read_gguf(path: str, config: ModelConfig) -> dict[tuple[int, str], LoRAWeig
 def _check_fits(name: str, key: tuple[int, str], w: LoRAWeights, shape: tuple[int, int],
                 max_rank: int) -> None:
     out_features, in_features = shape
-    where = f"adapter '{name}' {_describe(key)}"
+    where = f"adapter '{name}' {module_name(key)}"
     r = w.a.shape[0]
     if w.a.dim() != 2 or w.a.shape[1] != in_features:
         raise AdapterLoadError(f"{where}: lora_A has shape {tuple(w.a.shape)}, the base needs "

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from llama_engine.config import ModelConfig
-from llama_engine.loader import LoadedModel, ModelLoadError, Weight
+from llama_engine.loader import HEAD_FORMAT, LoadedModel, ModelLoadError, Weight
 from llama_engine.loader.gguf_file import GGUFFile, GGUFFormatError, GGUFTensor
 from llama_engine.quant import BLOCK_BYTES, PackedWeight, dequantize as dequantize_packed
 
@@ -117,6 +117,8 @@ def load_gguf(path: str, dtype: torch.dtype, dequantize: bool) -> LoadedModel:
     for i in range(config.num_layers):
         weights[f"layers.{i}.wq"] = unpermute_rows(weights[f"layers.{i}.wq"], config.num_heads)
         weights[f"layers.{i}.wk"] = unpermute_rows(weights[f"layers.{i}.wk"], config.num_kv_heads)
+    types = {t.name: t.type_name for t in reader.tensors}
+    config.extra[HEAD_FORMAT] = types.get("output.weight", types["token_embd.weight"])
     if "rope_freqs" in weights:  # llama3 scaling, stored as per-frequency divisors
         config.extra["rope_freq_factors"] = weights.pop("rope_freqs").float().tolist()
     name = os.path.basename(path)

@@ -71,7 +71,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsdp", action="store_true",
                         help="shard with FSDP even in one process (implied by --nproc-per-node > 1)")
     parser.add_argument("--fsdp-cpu-offload", action="store_true",
-                        help="FSDP keeps parameter, gradient and optimizer shards in host memory")
+                        help="FSDP keeps parameter, gradient and optimizer shards in host memory "
+                             "(with --fsdp or --nproc-per-node N > 1; alone it is refused)")
 
 
 def _source(path: str, objective: str) -> DataSource:
@@ -131,8 +132,12 @@ def run_train(args: argparse.Namespace) -> None:
     from llama_engine.loader import default_model_path
 
     if args.nproc_per_node > 1 and not launched_by_torchrun():
-        # each rank runs this same command line; the launcher's status is the run's
-        sys.exit(run_launcher(args.nproc_per_node, "llama_engine.cli", args.argv))
+        # each rank runs this same command line; the launcher's reason is the run's error
+        reason = run_launcher(args.nproc_per_node, "llama_engine.cli", args.argv)
+        if reason is not None:
+            print(f"llama-engine: error: {reason}", file=sys.stderr)
+            sys.exit(1)
+        return
     writer = int(os.environ.get("RANK", "0")) == 0
 
     if args.objective == DPO and not 0 <= args.label_smoothing < 0.5:
@@ -151,7 +156,7 @@ def run_train(args: argparse.Namespace) -> None:
         algorithm=args.algorithm, algorithm_config=_algorithm_config(args),
         max_seq_len=args.max_seq_len,
         activation_checkpointing=args.activation_checkpointing, dtype=args.dtype,
-        fsdp=args.fsdp or args.fsdp_cpu_offload or args.nproc_per_node > 1,
+        fsdp=args.fsdp or args.nproc_per_node > 1,
         fsdp_cpu_offload=args.fsdp_cpu_offload, nproc_per_node=args.nproc_per_node)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
+import signal
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -25,6 +24,8 @@ from torch import nn
 PROCESS_GROUP_TIMEOUT_S = 300
 LAUNCHER = "torch.distributed.run"
 DEFAULT_CPU_RANKS = 2  # ranks of an FSDP job on a machine without GPUs
+# what the launcher sends the ranks still running once one has failed
+LAUNCHER_STOP_SIGNAL = signal.SIGTERM
 Item = TypeVar("Item")
 
 
@@ -196,14 +197,59 @@ class ShardableModel:
         return full_parameters(self.fsdp_units)
 
 
-def launcher_command(nproc_per_node: int, module: str, args: Sequence[str]) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N -m MODULE ARGS``:
+def launcher_args(nproc_per_node: int, module: str, args: Sequence[str]) -> list[str]:
+    """``torch.distributed.run``'s arguments: ``--standalone --nproc-per-node N -m MODULE ARGS``,
     torch's launcher on this machine (a local rendezvous on a free port), no restarts (a
     failed rank fails the run; the launcher stops the other ranks)."""
-    return [sys.executable, "-m", LAUNCHER, "--standalone", f"--nproc-per-node={nproc_per_node}",
-            "--max-restarts=0", "-m", module, *args]
+    return ["--standalone", f"--nproc-per-node={nproc_per_node}", "--max-restarts=0",
+            "-m", module, *args]
 
 
-def run_launcher(nproc_per_node: int, module: str, args: Sequence[str]) -> int:
-    """Run ``launcher_command`` in the foreground; its exit status."""
-    return subprocess.call(launcher_command(nproc_per_node, module, args))
+def run_launcher(nproc_per_node: int, module: str, args: Sequence[str]) -> str | None:
+    """Run torch's launcher (``launcher_args``) in this process until every rank has ended.
+    Returns None when all succeeded, else why the run failed (``failure_reason``)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    try:
+        run(parse_args(launcher_args(nproc_per_node, module, args)))
+    except ChildFailedError as e:
+        return failure_reason(e.failures)
+    return None
+
+
+def failure_reason(failures: Mapping[int, Any]) -> str:
+    """Why a launch failed, from torch elastic's ``ProcessFailure`` of each failed global
+    rank, naming the rank. The cause first: a rank killed by a signal (other than
+    LAUNCHER_STOP_SIGNAL, which the launcher sends the rest), whose death breaks the others'
+    collectives; else the ranks that raised (their exception, from the error file
+    ``record_rank_error`` wrote), earliest first; else the rest. The other failed ranks
+    follow in brackets. E.g. "rank 1 was killed by signal SIGKILL (9) (then: rank 0 exited
+    with code 1)"."""
+    def killed(f) -> bool:
+        return f.exitcode < 0 and -f.exitcode != LAUNCHER_STOP_SIGNAL
+
+    def raised(f) -> bool:
+        return f.exitcode > 0 and os.path.isfile(f.error_file)
+
+    def describe(rank: int, f, full: bool) -> str:
+        if f.exitcode < 0:
+            return f"rank {rank} was killed by signal {f.signal_name()} ({-f.exitcode})"
+        if full and raised(f):
+            message = f.message["message"] if isinstance(f.message, dict) else f.message
+            return f"rank {rank}: {message}"
+        return f"rank {rank} exited with code {f.exitcode}"
+
+    ranks = sorted(failures, key=lambda r: (failures[r].timestamp, r))
+    causes = ([r for r in ranks if killed(failures[r])] or [r for r in ranks if raised(failures[r])]
+              or ranks)
+    reason = "; ".join(describe(r, failures[r], True) for r in causes)
+    others = [describe(r, failures[r], False) for r in ranks if r not in causes]
+    return reason + (f" (then: {'; '.join(others)})" if others else "")
+
+
+def record_rank_error(error: BaseException) -> None:
+    """Under torch's launcher, write this rank's exception to its error file
+    (TORCHELASTIC_ERROR_FILE), where ``run_launcher`` reads it for the failure reason."""
+    if launched_by_torchrun():
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+        get_error_handler().record_exception(error)

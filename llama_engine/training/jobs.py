@@ -7,9 +7,10 @@ A job is ``scheduled`` until the device is free, ``running`` while its worker li
 job still ``running`` when the server comes back from a restart is scheduled again and its
 worker resumes from the job's last checkpoint.
 
-An FSDP job's worker is torch's launcher (``torch.distributed.run``) running one worker
-process per rank; a cancel stops the launcher, which stops its ranks (and a rank dies with
-its launcher whatever happens to it)."""
+An FSDP job's worker runs torch's launcher (``torch.distributed.run``), which starts one
+worker process per rank; a cancel stops the launcher, which stops its ranks (and a rank dies
+with its launcher whatever happens to it); a failed rank fails the job with the launcher's
+reason, naming the rank and its signal or exception."""
 from __future__ import annotations
 
 import hashlib
@@ -27,7 +28,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llama_engine.errors import NotFoundError
-from llama_engine.training.distributed import launcher_command
 from llama_engine.state import open_database
 
 DATABASE_FILE = "post_training.sqlite3"
@@ -248,10 +248,9 @@ class JobManager:
                     continue
                 args = ["--state-dir", str(self.state_dir), "--job-uuid", job_uuid]
                 recipe = self.store.get(job_uuid).spec["recipe"]
-                if recipe.get("fsdp") or recipe.get("fsdp_cpu_offload"):
-                    command = launcher_command(recipe.get("nproc_per_node", 1), WORKER_MODULE, args)
-                else:
-                    command = [sys.executable, "-m", WORKER_MODULE, *args]
+                if recipe.get("fsdp"):  # the worker runs torch's launcher, which runs the ranks
+                    args += ["--nproc-per-node", str(recipe.get("nproc_per_node", 1))]
+                command = [sys.executable, "-m", WORKER_MODULE, *args]
                 # stdin is a pipe the worker watches: when this process dies, however it
                 # dies, the pipe closes and the worker exits rather than train unsupervised.
                 self._workers[job_uuid] = subprocess.Popen(command, stdin=subprocess.PIPE,

@@ -29,6 +29,12 @@ ADAPTER_ALGORITHMS = ("lora", "qlora", "dora")
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+# As the spec's TrainingConfig has it, CPU offload is an option of FSDP, not a way to ask for
+# it: the HTTP API (training_config) and the CLI (flags) refuse it alone alike.
+FSDP_CPU_OFFLOAD_NEEDS_FSDP = (
+    "fsdp_cpu_offload (--fsdp-cpu-offload) keeps FSDP's shards in host memory: it needs FSDP, "
+    "memory_efficient_fsdp_wrap (--fsdp, or --nproc-per-node N > 1)")
+
 @dataclass(frozen=True)
 class DataSource:
     """A local data file (its suffix names the format) and its declared columns."""
@@ -55,7 +61,7 @@ class Recipe:
     activation_checkpointing: Optional[bool] = None  # None: the algorithm's default (QLoRA: on)
     dtype: Optional[str] = None         # the frozen base's precision, BASE_DTYPES; None: default
     fsdp: bool = False                  # the spec's memory_efficient_fsdp_wrap
-    fsdp_cpu_offload: bool = False      # the spec's fsdp_cpu_offload (implies fsdp)
+    fsdp_cpu_offload: bool = False      # the spec's fsdp_cpu_offload (needs fsdp)
     nproc_per_node: int = 1             # ranks torch's launcher starts for a job
 
     def __post_init__(self) -> None:
@@ -64,14 +70,16 @@ class Recipe:
         if self.dtype == "bf16" and self.algorithm == FULL:
             raise ValueError("dtype: bf16 holds a frozen base in bfloat16 under adapters "
                              "(lora, qlora, dora); full fine-tuning trains every weight in fp32")
-        if self.dtype == "bf16" and (self.fsdp or self.fsdp_cpu_offload):
+        if self.dtype == "bf16" and self.fsdp:
             raise ValueError("dtype: bf16 is not offered under FSDP "
                              "(memory_efficient_fsdp_wrap); use fp32")
         if self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node: must be at least 1, got {self.nproc_per_node}")
-        if self.nproc_per_node > 1 and not (self.fsdp or self.fsdp_cpu_offload):
+        if self.nproc_per_node > 1 and not self.fsdp:
             raise ValueError("nproc_per_node: several processes train only under FSDP "
                              "(memory_efficient_fsdp_wrap)")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise ValueError(FSDP_CPU_OFFLOAD_NEEDS_FSDP)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,7 +135,7 @@ def base_dtype(recipe: Recipe, device: str) -> torch.dtype:
     torchtune's and Llama Stack's default, else float32."""
     if recipe.dtype is not None:
         return BASE_DTYPES[recipe.dtype]
-    if recipe.algorithm == FULL or recipe.fsdp or recipe.fsdp_cpu_offload:
+    if recipe.algorithm == FULL or recipe.fsdp:
         return torch.float32
     from llama_engine.kernels import bf16_matmul_is_fast
     native = torch.cuda.is_bf16_supported() if device == "cuda" else bf16_matmul_is_fast()
@@ -187,7 +195,7 @@ def run(recipe: Recipe, on_log: LogFn = lambda record: None,
     Under FSDP (the recipe asks for it, or this process is one rank of a
     ``torch.distributed.run`` launch) this process joins the process group first and
     trains its share; rank 0 alone gets ``on_log`` and ``on_checkpoint``."""
-    distributed = recipe.fsdp or recipe.fsdp_cpu_offload or launched_by_torchrun()
+    distributed = recipe.fsdp or launched_by_torchrun()
     group = init_data_parallel(default_device()) if distributed else SINGLE_PROCESS
     try:
         model = build_model(recipe)

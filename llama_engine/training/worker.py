@@ -2,8 +2,11 @@
 post-training job in this process, reporting steps, checkpoints and the outcome to the job
 store. Exits when its parent (the server) goes away: its stdin is the parent's pipe.
 
-An FSDP job runs this module once per rank under torch's launcher (``torch.distributed.run``,
-``jobs.JobManager`` starts it); rank 0 reports, and every rank dies with the launcher."""
+An FSDP job (``--nproc-per-node N``) runs torch's launcher (``torch.distributed.run``) in
+this process, which runs this module once per rank; rank 0 reports steps, every rank dies
+with the launcher, and when a rank fails the launcher's process fails the job with the
+reason naming the rank: its signal when it was killed (rather than the broken collective
+another rank saw), else its exception."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +20,10 @@ import traceback
 
 import torch
 
-from llama_engine.training.distributed import launched_by_torchrun
-from llama_engine.training.jobs import COMPLETED, FAILED, RUNNING, JobStore
+from llama_engine.training.distributed import (LAUNCHER, launched_by_torchrun,
+                                               nproc_per_node_arg, record_rank_error,
+                                               run_launcher)
+from llama_engine.training.jobs import COMPLETED, FAILED, RUNNING, WORKER_MODULE, JobStore
 from llama_engine.training.recipe import Recipe, default_device, run
 
 EXIT_PARENT_GONE = 3
@@ -67,10 +72,10 @@ def run_job(store: JobStore, job_uuid: str) -> None:
         pids = torch.zeros(group.world_size, dtype=torch.int64)
         pids[group.rank] = os.getpid()
         resources.update(processes=group.world_size, pids=group.all_reduce_sum(pids).tolist(),
-                         fsdp=recipe.fsdp or recipe.fsdp_cpu_offload,
+                         fsdp=recipe.fsdp,
                          fsdp_cpu_offload=recipe.fsdp_cpu_offload)
         if group.world_size > 1:
-            resources["launcher"] = "torch.distributed.run"
+            resources["launcher"] = LAUNCHER
         if writer:
             store.set_resources(job_uuid, resources)
 
@@ -88,22 +93,32 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--job-uuid", required=True)
+    parser.add_argument("--nproc-per-node", type=nproc_per_node_arg, default=None, metavar="N",
+                        help="an FSDP job: run torch's launcher here, starting N ranks")
     args = parser.parse_args(argv)
     _exit_when_parent_goes()
     distributed = launched_by_torchrun()
     if distributed:
         _die_with_the_launcher()
+    elif args.nproc_per_node is not None:
+        reason = run_launcher(args.nproc_per_node, WORKER_MODULE,
+                              ["--state-dir", args.state_dir, "--job-uuid", args.job_uuid])
+        if reason is not None:  # a cancel came first: the job reads "cancelled" still
+            JobStore(args.state_dir).set_status(
+                args.job_uuid, FAILED, {"event": FAILED, "reason": reason}, only_from=RUNNING)
+            sys.exit(1)
+        return
     store = JobStore(args.state_dir)
     try:
         run_job(store, args.job_uuid)
     except Exception as e:  # the job failed, not the worker: say why in its logs
         traceback.print_exc()
-        where = f"rank {_rank()}: " if distributed else ""
-        # The first rank to fail names the reason; a rank whose collective broke because
-        # another died comes later and finds the job failed already.
-        store.set_status(args.job_uuid, FAILED,
-                         {"event": FAILED, "reason": f"{where}{type(e).__name__}: {e}"},
-                         only_from=RUNNING)
+        if distributed:  # the launcher names the failed rank and why (failure_reason)
+            record_rank_error(e)
+        else:
+            store.set_status(args.job_uuid, FAILED,
+                             {"event": FAILED, "reason": f"{type(e).__name__}: {e}"},
+                             only_from=RUNNING)
         sys.exit(1)
 
 
