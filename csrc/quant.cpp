@@ -250,7 +250,7 @@ void matmul_nf4(const f32::KernelSet& k, const float* x, int M, int K, const uin
     matmul_f32_decoded(k, decode, x, M, K, w, nf4::row_bytes(K), N, y);
 }
 
-// Rows of float32 from packed rows with an exact scalar decoder (the reference rounds alike).
+// Rows of float32 from packed rows with an exact decoder (the reference rounds alike).
 template <class DecodeFn>
 void dequantize_rows(DecodeFn&& decode, const uint8_t* w, int64_t row_bytes, int N, int K,
                      float* out) {
@@ -278,7 +278,10 @@ void py_dequantize(const llama_ops::PackedWeightView& w, const llama_ops::Tensor
     const int64_t row_bytes = row_bytes_for(w.qtype, K);
     py::gil_scoped_release release;
     if (w.qtype == kNf4Name) {
-        dequantize_rows(nf4::decode_rows_scalar, w.data, row_bytes, N, K, out_ptr);
+        // QLoRA's GEMMs dequantize every NF4 matrix up to three times a step: the vector
+        // decoder gives the scalar one's values (tested) at a fraction of its cost
+        const auto decode = f32::avx512::supported() ? nf4::decode_rows_avx512 : nf4::decode_rows_scalar;
+        dequantize_rows(decode, w.data, row_bytes, N, K, out_ptr);
     } else {
         const QType t = parse_qtype(w.qtype);
         const auto decode = [t](const uint8_t* rows, int64_t stride, int n, int cols, float* dst) {

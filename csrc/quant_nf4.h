@@ -81,9 +81,9 @@ inline int64_t row_bytes(int K) {
     return K / 2 + blocks + static_cast<int64_t>(sizeof(float)) * (kHeaderFloats + slots(blocks));
 }
 
-// Block b's absmax: map[q] * scale + offset, rounded twice like the torch reference in
-// baseline x86-64 code (no FMA); inlined into SIMD code it may become one FMA (half an ulp
-// apart).
+// Block b's absmax: map[q] * scale + offset, rounded twice like the torch reference. The
+// product goes through a volatile so that no compiler contracts the two roundings into one
+// FMA (half an ulp apart) where it is inlined into FMA-enabled code (the AVX-512 decoder).
 inline float block_absmax(const uint8_t* row, int K, int b) {
     const uint8_t* absmax_codes = row + K / 2;
     const uint8_t* floats = absmax_codes + K / kBlock;
@@ -92,7 +92,7 @@ inline float block_absmax(const uint8_t* row, int K, int b) {
     std::memcpy(&phase, floats + sizeof(float), sizeof(float));
     const int slot = (static_cast<int>(phase) + b) / kGroupBlocks;
     std::memcpy(&scale, floats + (kHeaderFloats + slot) * sizeof(float), sizeof(float));
-    const float scaled = kAbsmaxMap[absmax_codes[b]] * scale;
+    volatile float scaled = kAbsmaxMap[absmax_codes[b]] * scale;
     return scaled + offset;
 }
 
