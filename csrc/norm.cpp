@@ -58,6 +58,20 @@ void silu_and_mul_row(const float* gate, const float* up, int64_t width, float* 
     }
 }
 
+// SwiGLU's gradient for one token: with s = sigmoid(g), silu(g) = g s and
+// silu'(g) = s (1 + g (1 - s)): d_gate = dy * up * silu'(g), d_up = dy * silu(g).
+LLAMA_SIMD_CLONES
+void silu_and_mul_backward_row(const float* gate, const float* up, const float* grad_out,
+                               int64_t width, float* grad_gate, float* grad_up) {
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) {
+        const float g = gate[i];
+        const float s = 1.0f / (1.0f + exp_f32(-g));
+        grad_gate[i] = grad_out[i] * up[i] * s * (1.0f + g * (1.0f - s));
+        grad_up[i] = grad_out[i] * g * s;
+    }
+}
+
 }  // namespace
 
 void rms_norm_rows(const float* x, const float* weight, float eps, const float* residual,
@@ -94,6 +108,16 @@ void silu_and_mul_rows(const float* gate_up, float* out, int64_t rows, int64_t w
     parallel_for(rows, worth_threading(rows * width), [&](int64_t r) {
         const float* gate = gate_up + r * 2 * width;
         silu_and_mul_row(gate, gate + width, width, out + r * width);
+    });
+}
+
+void silu_and_mul_backward_rows(const float* gate_up, const float* grad_out, float* grad_gate_up,
+                                int64_t rows, int64_t width) {
+    parallel_for(rows, worth_threading(rows * width), [&](int64_t r) {
+        const float* gate = gate_up + r * 2 * width;
+        float* grad_gate = grad_gate_up + r * 2 * width;
+        silu_and_mul_backward_row(gate, gate + width, grad_out + r * width, width, grad_gate,
+                                  grad_gate + width);
     });
 }
 
@@ -152,4 +176,19 @@ void register_norm(py::module_& m) {
           "gate_up"_a, "out"_a,
           "out [..., F] = silu(gate_up[..., :F]) * gate_up[..., F:] for C-contiguous float32 "
           "gate_up [..., 2F].");
+    m.def("silu_and_mul_backward", [](const TensorView& gate_up, const TensorView& grad_out,
+                                      const TensorView& grad_gate_up) {
+              const TokenRows<float> rows = dense_rows<float>(gate_up, "gate_up");
+              if (rows.width % 2 != 0) {
+                  fail("gate_up: last dim must be even, got " + std::to_string(rows.width));
+              }
+              const int64_t width = rows.width / 2;
+              const float* grad = dense_like<float>(grad_out, "grad_out", gate_up, width);
+              float* grad_rows = dense_like<float>(grad_gate_up, "grad_gate_up", gate_up);
+              py::gil_scoped_release release;
+              silu_and_mul_backward_rows(rows.data, grad, grad_rows, rows.tokens, width);
+          },
+          "gate_up"_a, "grad_out"_a, "grad_gate_up"_a,
+          "grad_gate_up [..., 2F] = the gradient of silu_and_mul at gate_up [..., 2F] given "
+          "grad_out [..., F]; all C-contiguous float32.");
 }

@@ -276,6 +276,26 @@ def test_rms_norm_and_rope_gradients_equal_autograd_through_their_formulas(nativ
     assert torch.equal(q, fused.detach()[:, :heads * dim].reshape(tokens, heads, dim))  # not in place
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("seed", range(3))
+def test_silu_and_mul_gradient_equals_autograd_through_its_formula(native, seed) -> None:
+    from llama_engine.kernels import autograd
+    from llama_engine.kernels import cpu
+    g = torch.Generator().manual_seed(seed)
+    tokens, width = int(torch.randint(1, 40, (), generator=g)), int(torch.randint(1, 100, (), generator=g))
+    gate_up = (3 * torch.randn(tokens, 2 * width, generator=g)).requires_grad_(True)
+    up_out = torch.randn(tokens, width, generator=g)
+    out = autograd.silu_and_mul(gate_up, *((cpu.silu_and_mul, cpu.silu_and_mul_backward)
+                                          if native else (None, None)))
+    (out * up_out).sum().backward()
+    leaf = gate_up.detach().clone().requires_grad_(True)
+    gate, up = leaf[:, :width], leaf[:, width:]
+    ref = gate * torch.sigmoid(gate) * up
+    (ref * up_out).sum().backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gate_up.grad, leaf.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("qtype", [None, "NF4", "Q4_1"])
 @pytest.mark.parametrize("seed", range(2))
 def test_mixed_precision_linear_equals_bfloat16_torch_and_stays_near_float32(qtype, seed) -> None:

@@ -88,7 +88,9 @@ def rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tens
 def silu_and_mul(gate_up: Tensor) -> Tensor:
     """SwiGLU: [..., 2F] = concat(gate, up) -> silu(gate) * up [..., F]."""
     if needs_grad(gate_up):
-        return reference.silu_and_mul(gate_up)
+        if _use_cpu(gate_up):
+            return _autograd.silu_and_mul(gate_up, _cpu.silu_and_mul, _cpu.silu_and_mul_backward)
+        return _autograd.silu_and_mul(gate_up)
     if _use_triton(gate_up):
         return _triton().silu_and_mul(gate_up)
     if _use_cpu(gate_up):

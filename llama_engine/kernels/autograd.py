@@ -1,8 +1,10 @@
-"""Differentiable RMSNorm and rotary embedding for training: the forward runs the op's
-kernel (native on the CPU, the torch reference elsewhere) and the backward is the op's
-closed-form gradient in a few whole-tensor passes. Autograd through the references records
-every intermediate instead: for rope, four slices whose backward each zero-fills and copies
-a whole [T, H, D] gradient, and for RMSNorm about a dozen passes over [T, C]."""
+"""Differentiable RMSNorm, rotary embedding and SwiGLU for training: the forward runs the
+op's kernel (native on the CPU, the torch reference elsewhere) and the backward is the op's
+closed-form gradient in a few whole-tensor passes (one native pass for SwiGLU). Autograd
+through the references records every intermediate instead: for rope, four slices whose
+backward each zero-fills and copies a whole [T, H, D] gradient; for RMSNorm about a dozen
+passes over [T, C]; for SwiGLU strided products over both halves and a concatenation of
+their gradients."""
 from __future__ import annotations
 
 import torch
@@ -84,3 +86,31 @@ def rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor, native=None
     new tensors. ``native``: the kernel's in-place ``rope(q, k, positions, cos_sin)`` for
     both passes, or None for torch ops."""
     return _Rope.apply(q, k, positions, cos_sin, native)
+
+
+class _SiluAndMul(torch.autograd.Function):
+    """SwiGLU (Shazeer 2020): silu(gate) * up over gate_up = [gate, up]. With s =
+    sigmoid(gate): d_gate = dy * up * s * (1 + gate * (1 - s)), d_up = dy * gate * s."""
+
+    @staticmethod
+    def forward(ctx, gate_up: Tensor, native, native_backward) -> Tensor:
+        ctx.save_for_backward(gate_up)
+        ctx.native_backward = native_backward
+        return native(gate_up) if native is not None else reference.silu_and_mul(gate_up)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (gate_up,) = ctx.saved_tensors
+        if ctx.native_backward is not None:
+            return ctx.native_backward(gate_up, grad_out), None, None
+        gate, up = gate_up.chunk(2, dim=-1)
+        s = torch.sigmoid(gate)
+        grad_gate = grad_out * up * s * (1 + gate * (1 - s))
+        return torch.cat([grad_gate, grad_out * gate * s], dim=-1), None, None
+
+
+def silu_and_mul(gate_up: Tensor, native=None, native_backward=None) -> Tensor:
+    """``reference.silu_and_mul`` (gate_up [..., 2F] -> [..., F]), differentiable in
+    gate_up. ``native`` / ``native_backward``: the kernel's forward and its gradient
+    (``cpu.silu_and_mul_backward``), or None for torch ops."""
+    return _SiluAndMul.apply(gate_up, native, native_backward)

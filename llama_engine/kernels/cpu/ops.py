@@ -109,6 +109,16 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def silu_and_mul_backward(gate_up: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The gradient [..., 2F] of ``silu_and_mul`` at gate_up float32 [..., 2F] given
+    grad_out [..., F] (d_gate = dy up silu'(gate), d_up = dy silu(gate)). Raises ValueError
+    for a dtype or shape that does not fit."""
+    rows = dense(gate_up)
+    grad_gate_up = torch.empty_like(rows)
+    _C.silu_and_mul_backward(rows, dense(grad_out), grad_gate_up)
+    return grad_gate_up
+
+
 def attention_metadata(slot_mapping: torch.Tensor | None, block_tables: torch.Tensor,
                        context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                        scale: float) -> _C.AttentionMetadata:
