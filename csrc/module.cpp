@@ -12,4 +12,5 @@ PYBIND11_MODULE(_C, m) {
     register_sampling(m);
     register_decoder_layer(m);
     register_lora(m);
+    register_loss(m);
 }

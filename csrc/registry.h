@@ -9,3 +9,4 @@ void register_attention(pybind11::module_& m);
 void register_sampling(pybind11::module_& m);
 void register_decoder_layer(pybind11::module_& m);
 void register_lora(pybind11::module_& m);
+void register_loss(pybind11::module_& m);

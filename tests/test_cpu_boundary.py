@@ -174,6 +174,9 @@ def _binding_calls() -> dict[str, tuple[Callable, dict]]:
         "silu_and_mul_backward": (_C.silu_and_mul_backward, dict(
             gate_up=torch.randn(TOKENS, 2 * F), grad_out=torch.randn(TOKENS, F),
             grad_gate_up=_filled(TOKENS, 2 * F))),
+        "cross_entropy": (_C.cross_entropy, dict(
+            logits=torch.randn(TOKENS, F), labels=torch.tensor([0, -100, F - 1]),
+            scale=torch.ones(TOKENS), loss=_filled(TOKENS), grad=_filled(TOKENS, F))),
         "sample": (_C.sample, dict(logits=torch.randn(2, 10), temperature=torch.ones(2, dtype=f64),
                                    top_k=torch.zeros(2, dtype=torch.int64),
                                    top_p=torch.ones(2, dtype=f64), min_p=torch.zeros(2, dtype=f64),
@@ -241,6 +244,10 @@ BAD_ARGUMENTS = [
     ("silu_and_mul_backward", "grad_gate_up", lambda t: _filled(TOKENS, 2 * F + 2),
      r"grad_gate_up: expected shape \[3, 192\], got \[3, 194\]"),
     ("silu_and_mul_backward", "gate_up", _strided, "gate_up: must be C-contiguous"),
+    ("cross_entropy", "labels", lambda t: torch.tensor([0, F, 1]),
+     f"labels: {F} is outside the vocabulary"),
+    ("cross_entropy", "grad", lambda t: _filled(TOKENS, F).bfloat16(), "grad: expected the logits' dtype"),
+    ("cross_entropy", "logits", _strided, "logits: must be C-contiguous"),
     ("sample", "temperature", lambda t: t.float(), "temperature: expected float64, got float32"),
     ("sample", "top_k", lambda t: torch.zeros(3, dtype=torch.int64),
      r"top_k: expected shape \[2\], got \[3\]"),

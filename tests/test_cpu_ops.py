@@ -390,3 +390,29 @@ def test_sample_rejects_out_of_range_parameters() -> None:
     for name, bad in [("temperature", -1.0), ("top_p", 0.0), ("min_p", 1.5), ("uniform", 2.0)]:
         with pytest.raises(ValueError):
             ops.sample(logits, **{**ok, name: torch.full((1,), bad)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cross_entropy_and_its_gradient_equal_torch(dtype, seed) -> None:
+    """Per-row loss and scaled gradient against torch's cross_entropy and its autograd
+    gradient (float32 maths on the same logits; ignored rows give 0 and a zero row)."""
+    g = _gen(seed)
+    rows, vocab = int(torch.randint(1, 40, (), generator=g)), int(torch.randint(2, 3000, (), generator=g))
+    logits = (4 * torch.randn(rows, vocab, generator=g)).to(dtype)
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[torch.rand(rows, generator=g) < 0.3] = -100
+    scale = torch.rand(rows, generator=g)
+    loss, grad = ops.cross_entropy(logits, labels, scale, True)
+    assert grad.dtype == dtype
+
+    wide = logits.float().requires_grad_(True)
+    want = torch.nn.functional.cross_entropy(wide, labels, ignore_index=-100, reduction="none")
+    (want * scale).sum().backward()
+    torch.testing.assert_close(loss, want.detach(), **FLOAT_TOL)
+    tol = FLOAT_TOL if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-6)  # bf16 rounding
+    torch.testing.assert_close(grad.float(), wide.grad.to(dtype).float(), **tol)
+    assert torch.equal(ops.cross_entropy(logits, labels, scale, False)[0], loss)
+    ref_loss, ref_grad = reference.cross_entropy(logits, labels, scale, True)
+    torch.testing.assert_close(ref_loss, loss, **FLOAT_TOL)
+    torch.testing.assert_close(ref_grad.float(), grad.float(), **tol)

@@ -98,6 +98,16 @@ def silu_and_mul(gate_up: Tensor) -> Tensor:
     return reference.silu_and_mul(gate_up)
 
 
+def cross_entropy(logits: Tensor, labels: Tensor, scale: Tensor,
+                  with_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Per-row softmax cross-entropy of logits [rows, vocab] (float32 or bfloat16) and its
+    scaled gradient in the logits' dtype; see reference.cross_entropy. Not differentiable:
+    the training loss (``losses.linear_cross_entropy``) uses the gradient it returns."""
+    if logits.device.type == "cpu" and options().backend == "auto" and _cpu is not None:
+        return _cpu.cross_entropy(logits, labels, scale, with_grad)
+    return reference.cross_entropy(logits, labels, scale, with_grad)
+
+
 def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
              slot_mapping: Tensor) -> None:
     """Write k, v [T, Hkv, D] into the paged caches at slot_mapping [T]."""

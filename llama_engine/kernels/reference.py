@@ -233,3 +233,19 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
         out *= magnitude_ratio[s].float()
     y[rows] = out.to(y.dtype)
     return y
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                  with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row of logits [rows, vocab] (float32 or bfloat16): loss [rows] float32 =
+    logsumexp(logits) - logits[label] (0 where label < 0) and, ``with_grad``, the gradient
+    scale[r] * (softmax(logits[r]) - one_hot(label)) in the logits' dtype (zero rows where
+    label < 0). labels int64 [rows], scale float32 [rows]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    counted = labels >= 0
+    target = labels.clamp(min=0)[:, None]
+    loss = -logp.gather(1, target).squeeze(1) * counted
+    if not with_grad:
+        return loss, None
+    grad = logp.exp_().scatter_add_(1, target, torch.full_like(target, -1, dtype=logp.dtype))
+    return loss, grad.mul_((scale * counted)[:, None]).to(logits.dtype)

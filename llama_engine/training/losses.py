@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llama_engine import kernels
+
 IGNORE_INDEX = -100  # a label that carries no loss (prompt tokens, sequence ends), as in HF
 
 
@@ -43,18 +45,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if grad_enabled and ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
-            mask, target = counted[start:start + chunk_tokens], y.clamp(min=0)[:, None]
-            logits = F.linear(h.to(weight.dtype), weight).float()
-            logsumexp = torch.logsumexp(logits, dim=-1)
-            loss += ((logsumexp - logits.gather(1, target).squeeze(1)) * mask).sum()
-            if grad_hidden is None and grad_weight is None:
+            mask = counted[start:start + chunk_tokens]
+            # the logits in the head's dtype; each row's loss and d(mean CE)/d logits =
+            # (softmax - one_hot(label)) / count, zero off label tokens, in one pass
+            logits = F.linear(h.to(weight.dtype), weight)
+            with_grad = grad_hidden is not None or grad_weight is not None
+            row_loss, grad_logits = kernels.cross_entropy(
+                logits, y, mask / count, with_grad)  # IGNORE_INDEX < 0: no loss
+            loss += row_loss.sum()
+            if not with_grad:
                 continue
-            # d(sum of CE)/d logits = softmax - one_hot(label), on label tokens only
-            grad_logits = logits.sub_(logsumexp[:, None]).exp_()
-            grad_logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=logits.dtype))
-            grad_logits.mul_((mask / count)[:, None])
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk_tokens] = grad_logits.to(weight.dtype) @ weight
+                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)

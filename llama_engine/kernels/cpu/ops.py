@@ -119,6 +119,18 @@ def silu_and_mul_backward(gate_up: torch.Tensor, grad_out: torch.Tensor) -> torc
     return grad_gate_up
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                  with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``reference.cross_entropy`` in one pass over each row of logits (float32 or
+    bfloat16 [rows, vocab]). Raises ValueError naming a tensor that does not fit or a label
+    outside the vocabulary."""
+    rows = dense(logits)
+    loss = torch.empty(rows.shape[0], dtype=F32)
+    grad = torch.empty_like(rows) if with_grad else None
+    _C.cross_entropy(rows, dense_as(labels, I64), dense_as(scale, F32), loss, grad)
+    return loss, grad
+
+
 def attention_metadata(slot_mapping: torch.Tensor | None, block_tables: torch.Tensor,
                        context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                        scale: float) -> _C.AttentionMetadata:
