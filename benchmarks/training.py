@@ -237,10 +237,12 @@ def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         adapter_file = os.path.join(folder, "initial_adapter.safetensors")
         peer_path = model_path
-        if method == "qlora" and not os.path.isdir(model_path):
-            # transformers refuses a quantization_config with a GGUF file: bitsandbytes
-            # quantizes from an HF folder of the dequantized model, written in its own process
-            # so that the peer's peak RSS is its own
+        if not os.path.isdir(model_path):
+            # the peer starts from an HF folder of the dequantized model, as its users do:
+            # transformers refuses a quantization_config with a GGUF file (bitsandbytes
+            # quantizes from the folder), and in bfloat16 it would keep the GGUF's blocks
+            # packed and cast around every matmul. Written in its own process so that the
+            # peer's peak RSS is its own.
             peer_path = os.path.join(folder, "hf")
             _in_child(write_hf_folder, model_path, peer_path)
         ours_side = _Side(build_ours, model_path, method, args, adapter_file)
