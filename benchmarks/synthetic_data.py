@@ -51,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the reward model's dtype (auto: the server's --reward-dtype auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
+    p.add_argument("--scoring-only", type=int, default=0, metavar="ROUNDS",
+                   help="time only the scoring of fixed replies (the same sequences on every "
+                        "side: the engine at float32 and --reward-dtype, transformers at float32 "
+                        "and bfloat16), ROUNDS rounds interleaved, and exit")
 
 
 def prompts(n: int) -> list[list[dict]]:
@@ -200,6 +204,34 @@ def _score(model, sequences: list[list[int]], pad: int) -> list[float]:
         return model(input_ids=ids, attention_mask=mask).logits[:, 0].tolist()
 
 
+def run_scoring_only(args, dialogs, head_path: str, head: torch.Tensor) -> dict[str, list[float]]:
+    """Seconds to score the same P x k fixed replies (~the benchmark's lengths) on each side,
+    one list per side, the sides taking turns each round so that load hits them alike."""
+    from llama_engine import LLM
+    from llama_engine.synthetic_data import reply_token_ids
+    tok = _tokenizer()
+    sequences = [reply_token_ids(tok, d, f"Sample {j}: " + "a plain sentence about it, " * 9)
+                 for d in dialogs for j in range(args.k)]
+    sides = {f"engine {dtype}": LLM(score_head=head_path, dtype=dtype).reward
+             for dtype in dict.fromkeys(["float32", args.reward_dtype])}
+    for dtype in (torch.float32, torch.bfloat16):
+        _, scorer, pad = hf_models(head, dtype)
+        sides[f"transformers {str(dtype).removeprefix('torch.')}"] = (
+            lambda seqs, scorer=scorer, pad=pad: [
+                _score(scorer, seqs[i:i + args.hf_score_batch], pad)
+                for i in range(0, len(seqs), args.hf_score_batch)])
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for name, score in sides.items():
+        score(sequences[:args.k])  # warm-up
+    for _ in range(args.scoring_only):
+        for name, score in sides.items():
+            start = time.perf_counter()
+            score(sequences)
+            times[name].append(time.perf_counter() - start)
+            print(f"{name:>24}: scoring {times[name][-1]:.1f} s (load {os.getloadavg()[0]:.2f})", flush=True)
+    return times
+
+
 def run(args: argparse.Namespace) -> dict:
     from llama_engine.kernels import bf16_matmul_is_fast
     from llama_engine.loader import load_model
@@ -224,6 +256,13 @@ def run(args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         head_path, head = save_head(hidden, folder)
+        if args.scoring_only:
+            report = {"date": datetime.date.today().isoformat(), "machine": cpu_model(),
+                      "load_average_1m": {"start": load_at_start, "end": os.getloadavg()[0]},
+                      "scoring_s": run_scoring_only(args, dialogs, head_path, head)}
+            if args.output_json:
+                Path(args.output_json).write_text(json.dumps(report, indent=2))
+            return report
         record("engine, prefix sharing", run_engine(args, dialogs, head_path, True))
         record("engine, no prefix sharing", run_engine(args, dialogs, head_path, False))
     peers = [] if args.skip_hf else [torch.float32] + (
