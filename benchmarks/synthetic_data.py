@@ -212,19 +212,23 @@ def run_scoring_only(args, dialogs, head_path: str, head: torch.Tensor) -> dict[
     tok = _tokenizer()
     sequences = [reply_token_ids(tok, d, f"Sample {j}: " + "a plain sentence about it, " * 9)
                  for d in dialogs for j in range(args.k)]
-    sides = {f"engine {dtype}": LLM(score_head=head_path, dtype=dtype).reward
-             for dtype in dict.fromkeys(["float32", args.reward_dtype])}
-    for dtype in (torch.float32, torch.bfloat16):
+
+    def engine(dtype: str):  # a fresh engine each round: no sequence of the last one cached
+        return lambda: LLM(score_head=head_path, dtype=dtype).reward
+
+    def peer(dtype: torch.dtype):
         _, scorer, pad = hf_models(head, dtype)
-        sides[f"transformers {str(dtype).removeprefix('torch.')}"] = (
-            lambda seqs, scorer=scorer, pad=pad: [
-                _score(scorer, seqs[i:i + args.hf_score_batch], pad)
-                for i in range(0, len(seqs), args.hf_score_batch)])
+        return lambda: lambda seqs: [_score(scorer, seqs[i:i + args.hf_score_batch], pad)
+                                     for i in range(0, len(seqs), args.hf_score_batch)]
+    sides = {f"engine {dtype}": engine(dtype)
+             for dtype in dict.fromkeys(["float32", args.reward_dtype])}
+    sides |= {f"transformers {str(dtype).removeprefix('torch.')}": peer(dtype)
+              for dtype in (torch.float32, torch.bfloat16)}
     times: dict[str, list[float]] = {name: [] for name in sides}
-    for name, score in sides.items():
-        score(sequences[:args.k])  # warm-up
     for _ in range(args.scoring_only):
-        for name, score in sides.items():
+        for name, make in sides.items():
+            score = make()
+            score(sequences[:1])  # warm-up
             start = time.perf_counter()
             score(sequences)
             times[name].append(time.perf_counter() - start)
