@@ -261,9 +261,10 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         head_path, head = save_head(hidden, folder)
         if args.scoring_only:
+            times = run_scoring_only(args, dialogs, head_path, head)
             report = {"date": datetime.date.today().isoformat(), "machine": cpu_model(),
                       "load_average_1m": {"start": load_at_start, "end": os.getloadavg()[0]},
-                      "scoring_s": run_scoring_only(args, dialogs, head_path, head)}
+                      "scoring_s": times}
             if args.output_json:
                 Path(args.output_json).write_text(json.dumps(report, indent=2))
             return report
