@@ -3,7 +3,13 @@ sample scored by a reward model (the default model with a seeded random reward h
 llama-engine with and without prefix sharing, and on HF transformers (``generate`` with
 ``num_return_sequences=k``, then ``LlamaForSequenceClassification`` on the same weights and
 head) in the same run. Reports generations/s and scored generations/s (generation plus
-scoring) and the ratio against transformers.
+scoring) and the ratio against transformers' faster configuration.
+
+The reward model runs at --reward-dtype, by default what ``llama-engine serve --reward-model``
+picks (bfloat16 matmuls on a CPU that multiplies bfloat16 natively, else float32). When that
+is bfloat16 the peer runs twice, in float32 and loaded in bfloat16, and the report gives how
+far our scores are from transformers' float32 scores of the same sequences (max abs
+difference; the fraction of prompts whose k samples rank alike; Kendall concordance).
 
 With prefix sharing: the k samples of a prompt are one request with n = k (forked from one
 prefill) and the reward model's prefix cache shares each prompt's tokens among its k
@@ -41,8 +47,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="transformers: prompts per generate call (x k sequences)")
     p.add_argument("--hf-score-batch", type=int, default=32)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--reward-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="the reward model's dtype (auto: the server's --reward-dtype auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
+    p.add_argument("--scoring-only", type=int, default=0, metavar="ROUNDS",
+                   help="time only the scoring of fixed replies (the same sequences on every "
+                        "side: the engine at float32 and --reward-dtype, transformers at float32 "
+                        "and bfloat16), ROUNDS rounds interleaved, and exit")
 
 
 def prompts(n: int) -> list[list[dict]]:
@@ -59,10 +71,11 @@ def save_head(hidden_size: int, folder: str) -> tuple[str, torch.Tensor]:
 
 
 def run_engine(args, dialogs, head_path: str, share_prefix: bool) -> dict:
+    """The timed run; also returns (not timed) the scored sequences and their scores."""
     from llama_engine import LLM, SamplingParams
     from llama_engine.synthetic_data import reply_token_ids
     policy = LLM(enable_prefix_caching=share_prefix)
-    reward = LLM(score_head=head_path, enable_prefix_caching=share_prefix)
+    reward = LLM(score_head=head_path, enable_prefix_caching=share_prefix, dtype=args.reward_dtype)
     tok = policy.get_tokenizer()
     prompt_ids = [tok.apply_chat_template(d, add_generation_prompt=True) for d in dialogs]
     policy.generate(prompt_ids[:1], SamplingParams(max_tokens=4))  # warm-up
@@ -79,32 +92,47 @@ def run_engine(args, dialogs, head_path: str, share_prefix: bool) -> dict:
         replies = [[outs[i * args.k + j].outputs[0].text for j in range(args.k)]
                    for i in range(len(dialogs))]
     generated = time.perf_counter()
-    scored = reward.reward([reply_token_ids(tok, d, r) for d, rs in zip(dialogs, replies) for r in rs])
+    sequences = [reply_token_ids(tok, d, r) for d, rs in zip(dialogs, replies) for r in rs]
+    scored = reward.reward(sequences)
     done = time.perf_counter()
     scored_tokens = sum(len(o.prompt_token_ids) for o in scored)
     return {"generation_s": generated - start, "scoring_s": done - generated,
             "tokens_generated": sum(len(o.token_ids) for out in outs for o in out.outputs),
             "scored_tokens": scored_tokens,
-            "prefix_cache_hit_rate": sum(o.num_cached_tokens for o in scored) / scored_tokens}
+            "prefix_cache_hit_rate": sum(o.num_cached_tokens for o in scored) / scored_tokens,
+            "reward_dtype": args.reward_dtype,
+            "sequences": sequences, "scores": [o.score for o in scored]}
 
 
-def run_hf(args, dialogs, head: torch.Tensor) -> dict:
+def hf_models(head: torch.Tensor, dtype: torch.dtype):
+    """transformers' causal LM on the default GGUF's weights (dequantized) at ``dtype``, the
+    same decoder under ``LlamaForSequenceClassification`` with the reward head, and the pad id."""
     import transformers
     from llama_engine.loader import default_model_path
-    from llama_engine.synthetic_data import reply_token_ids
-    from llama_engine.tokenizer import Tokenizer
     folder, name = os.path.split(default_model_path())
     causal = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                               dtype=torch.float32).eval()
+                                                               dtype=dtype).eval()
     config = causal.config
     config.num_labels = 1
-    scorer = transformers.LlamaForSequenceClassification(config).eval()
+    scorer = transformers.LlamaForSequenceClassification(config).to(dtype).eval()
     scorer.model = causal.model  # the same decoder, with the reward head on top
     with torch.no_grad():
         scorer.score.weight.copy_(head)
-    tok = Tokenizer.from_gguf(default_model_path())
-    pad = tok.eos_token_id
+    pad = _tokenizer().eos_token_id
     scorer.config.pad_token_id = pad
+    return causal, scorer, pad
+
+
+def _tokenizer():
+    from llama_engine.loader import default_model_path
+    from llama_engine.tokenizer import Tokenizer
+    return Tokenizer.from_gguf(default_model_path())
+
+
+def run_hf(args, dialogs, head: torch.Tensor, dtype: torch.dtype) -> dict:
+    from llama_engine.synthetic_data import reply_token_ids
+    causal, scorer, pad = hf_models(head, dtype)
+    tok = _tokenizer()
     prompt_ids = [tok.apply_chat_template(d, add_generation_prompt=True) for d in dialogs]
     torch.manual_seed(args.seed)
     _generate(causal, prompt_ids[:1], 1, 4, pad)  # warm-up, as the engine gets
@@ -122,7 +150,31 @@ def run_hf(args, dialogs, head: torch.Tensor) -> dict:
         _score(scorer, sequences[i:i + args.hf_score_batch], pad)
     done = time.perf_counter()
     return {"generation_s": generated - start, "scoring_s": done - generated,
-            "tokens_generated": tokens, "scored_tokens": sum(len(s) for s in sequences)}
+            "tokens_generated": tokens, "scored_tokens": sum(len(s) for s in sequences),
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def score_agreement(args, ours: dict, head: torch.Tensor) -> dict:
+    """Our scores of our sequences against transformers' float32 scores of the same ones:
+    max abs difference, the fraction of prompts whose k samples rank alike (what the top_k /
+    top_p filters read), and Kendall's concordance over all pairs."""
+    _, scorer, pad = hf_models(head, torch.float32)
+    sequences, scores = ours["sequences"], ours["scores"]
+    expected = [v for i in range(0, len(sequences), args.hf_score_batch)
+                for v in _score(scorer, sequences[i:i + args.hf_score_batch], pad)]
+    groups = [slice(i, i + args.k) for i in range(0, len(scores), args.k)]
+
+    def order(values: list[float]) -> list[int]:
+        return sorted(range(len(values)), key=values.__getitem__)
+    pairs = [(i, j) for i in range(len(scores)) for j in range(i + 1, len(scores))]
+    return {"max_abs_diff": max(abs(a - b) for a, b in zip(scores, expected)),
+            "score_std": float(torch.tensor(expected).std()),
+            "prompts_ranked_alike": sum(order(scores[g]) == order(expected[g]) for g in groups) / len(groups),
+            "best_sample_alike": sum(max(range(args.k), key=scores[g].__getitem__)
+                                     == max(range(args.k), key=expected[g].__getitem__)
+                                     for g in groups) / len(groups),
+            "kendall_concordance": sum((scores[i] - scores[j]) * (expected[i] - expected[j]) > 0
+                                       for i, j in pairs) / len(pairs)}
 
 
 def _generate(model, prompts: list[list[int]], k: int, new_tokens: int, pad: int) -> list[list[int]]:
@@ -152,8 +204,43 @@ def _score(model, sequences: list[list[int]], pad: int) -> list[float]:
         return model(input_ids=ids, attention_mask=mask).logits[:, 0].tolist()
 
 
+def run_scoring_only(args, dialogs, head_path: str, head: torch.Tensor) -> dict[str, list[float]]:
+    """Seconds to score the same P x k fixed replies (~the benchmark's lengths) on each side,
+    one list per side, the sides taking turns each round so that load hits them alike."""
+    from llama_engine import LLM
+    from llama_engine.synthetic_data import reply_token_ids
+    tok = _tokenizer()
+    sequences = [reply_token_ids(tok, d, f"Sample {j}: " + "a plain sentence about it, " * 9)
+                 for d in dialogs for j in range(args.k)]
+
+    def engine(dtype: str):  # a fresh engine each round: no sequence of the last one cached
+        return lambda: LLM(score_head=head_path, dtype=dtype).reward
+
+    def peer(dtype: torch.dtype):
+        _, scorer, pad = hf_models(head, dtype)
+        return lambda: lambda seqs: [_score(scorer, seqs[i:i + args.hf_score_batch], pad)
+                                     for i in range(0, len(seqs), args.hf_score_batch)]
+    sides = {f"engine {dtype}": engine(dtype)
+             for dtype in dict.fromkeys(["float32", args.reward_dtype])}
+    sides |= {f"transformers {str(dtype).removeprefix('torch.')}": peer(dtype)
+              for dtype in (torch.float32, torch.bfloat16)}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(args.scoring_only):
+        for name, make in sides.items():
+            score = make()
+            score(sequences[:1])  # warm-up
+            start = time.perf_counter()
+            score(sequences)
+            times[name].append(time.perf_counter() - start)
+            print(f"{name:>24}: scoring {times[name][-1]:.1f} s (load {os.getloadavg()[0]:.2f})", flush=True)
+    return times
+
+
 def run(args: argparse.Namespace) -> dict:
+    from llama_engine.kernels import bf16_matmul_is_fast
     from llama_engine.loader import load_model
+    if args.reward_dtype == "auto":  # as `llama-engine serve --reward-dtype auto` picks it
+        args.reward_dtype = "bfloat16" if bf16_matmul_is_fast() else "float32"
     hidden = load_model(None).config.hidden_size
     dialogs = prompts(args.num_prompts)
     samples = args.num_prompts * args.k
@@ -173,24 +260,45 @@ def run(args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         head_path, head = save_head(hidden, folder)
+        if args.scoring_only:
+            times = run_scoring_only(args, dialogs, head_path, head)
+            report = {"date": datetime.date.today().isoformat(), "machine": cpu_model(),
+                      "load_average_1m": {"start": load_at_start, "end": os.getloadavg()[0]},
+                      "scoring_s": times}
+            if args.output_json:
+                Path(args.output_json).write_text(json.dumps(report, indent=2))
+            return report
         record("engine, prefix sharing", run_engine(args, dialogs, head_path, True))
         record("engine, no prefix sharing", run_engine(args, dialogs, head_path, False))
-    if not args.skip_hf:
-        record("transformers", run_hf(args, dialogs, head))
+    peers = [] if args.skip_hf else [torch.float32] + (
+        [torch.bfloat16] if args.reward_dtype == "bfloat16" else [])
+    for dtype in peers:
+        record(f"transformers {str(dtype).removeprefix('torch.')}", run_hf(args, dialogs, head, dtype))
+    ours = results["engine, prefix sharing"]
+    agreement = None
+    if peers:
+        agreement = score_agreement(args, ours, head)
+        print("our scores vs transformers float32 on the same sequences:", agreement)
+    for r in results.values():  # kept for the agreement, not for the report
+        r.pop("sequences", None), r.pop("scores", None)
     report = {"date": datetime.date.today().isoformat(), "machine": cpu_model(),
               "cpus": os.cpu_count(), "openmp": openmp_settings(),
               "load_average_1m": {"start": load_at_start, "end": os.getloadavg()[0]},
               "torch": torch.__version__, "device": "cpu",
               "workload": {"num_prompts": args.num_prompts, "k": args.k,
-                           "max_tokens": args.max_tokens, "seed": args.seed},
-              "results": results}
-    if "transformers" in results:
-        peer = results["transformers"]["scored_generations_per_s"]
+                           "max_tokens": args.max_tokens, "seed": args.seed,
+                           "reward_dtype": args.reward_dtype},
+              "results": results, "scores_vs_transformers_float32": agreement}
+    peer_names = [name for name in results if name.startswith("transformers")]
+    if peer_names:
+        fastest = max(peer_names, key=lambda name: results[name]["scored_generations_per_s"])
+        peer = results[fastest]["scored_generations_per_s"]
+        report["peer"] = fastest
         report["ratio_vs_transformers"] = {
             name: r["scored_generations_per_s"] / peer for name, r in results.items()
-            if name != "transformers"}
+            if name not in peer_names}
         for name, ratio in report["ratio_vs_transformers"].items():
-            print(f"{name} / transformers, scored generations/s end to end: {ratio:.2f}x")
+            print(f"{name} / {fastest}, scored generations/s end to end: {ratio:.2f}x")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2))
     return report

@@ -28,6 +28,7 @@ DEFAULT_MAX_WAITING = 256
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
 API_KEY_ENV = "LLAMA_ENGINE_API_KEY"
 REWARD_MODEL_ALIAS = "llama3_405b_reward"  # the spec's RewardModel name
+REWARD_DTYPES = ("auto", "float32", "bfloat16")
 GIB = 1 << 30
 LOG = logging.getLogger("server")
 
@@ -44,6 +45,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward-head", metavar="FILE", default=None,
                         help="safetensors file holding score.weight [1, hidden_size], the reward "
                              "head put on --reward-model")
+    parser.add_argument("--reward-dtype", choices=REWARD_DTYPES, default="auto",
+                        help="the reward model's dtype (auto: bfloat16 matmuls on a CPU with "
+                             "AMX / AVX512-BF16, where its prefill-only scoring runs several "
+                             "times faster than in float32; otherwise --dtype's)")
     parser.add_argument("--alias", action="append", metavar="NAME=ID", default=[],
                         help="extra name for a model id, e.g. llama3_8b_chat=SmolLM2-135M-Instruct.Q4_1")
     parser.add_argument("--host", default=DEFAULT_HOST)
@@ -115,6 +120,26 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def reward_dtype(args: argparse.Namespace) -> Optional[str]:
+    """The reward model's engine dtype: ``--reward-dtype``; auto means bfloat16 when it runs
+    on a CPU that multiplies bfloat16 natively (``kernels.bf16_matmul_is_fast``) and --dtype
+    is unset or auto, else --dtype's choice (None: the engine's default). Why bfloat16 there:
+    a reward model only prefills, where bfloat16 matmuls run ~5x float32's, and SDG reads a
+    score to rank and filter a prompt's k samples, for which bfloat16's rounding (~1e-2 of a
+    score, no more than transformers' own bfloat16 model: tests/test_reward_model.py) is
+    small beside what separates samples. ``--reward-dtype float32`` gives transformers'
+    float32 scores within 1e-4."""
+    if args.reward_dtype != "auto":
+        return args.reward_dtype
+    import torch
+    from llama_engine.kernels import bf16_matmul_is_fast
+    device = args.device or "auto"
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if on_cpu and args.dtype in (None, "auto") and bf16_matmul_is_fast():
+        return "bfloat16"
+    return args.dtype
+
+
 def split_lora_argument(value: str) -> tuple[str, str]:
     """`NAME=PATH` -> (NAME, PATH); SystemExit otherwise."""
     name, sep, path = value.partition("=")
@@ -148,17 +173,21 @@ def split_model_argument(value: Optional[str]) -> tuple[Optional[str], Optional[
 
 
 def load_model(args: argparse.Namespace, model_id: Optional[str], path: Optional[str],
-               score_head: Optional[str] = None, loras: Sequence[str] = ()
-               ) -> tuple[ServedModel, list[tuple[str, str]]]:
+               score_head: Optional[str] = None, loras: Sequence[str] = (),
+               dtype: Optional[str] = None) -> tuple[ServedModel, list[tuple[str, str]]]:
     """One engine on ``path`` (None: the default model) with the command line's engine
-    settings, and the (name, path) of the ``--lora NAME=PATH`` adapters loaded into it;
-    ``score_head`` (a head file) makes it a reward model."""
+    settings (``dtype``, when given, instead of --dtype), and the (name, path) of the
+    ``--lora NAME=PATH`` adapters loaded into it; ``score_head`` (a head file) makes it a
+    reward model."""
     from llama_engine.engine.async_engine import AsyncLLMEngine
     from llama_engine.engine.llm_engine import EngineConfig, LLMEngine
     from llama_engine.loader import default_model_path
 
     max_running = args.max_running or args.max_num_seqs or EngineConfig.max_num_seqs
-    core = LLMEngine(EngineConfig(model=path, score_head=score_head, **engine_kwargs(args)))
+    kwargs = engine_kwargs(args)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    core = LLMEngine(EngineConfig(model=path, score_head=score_head, **kwargs))
     adapters = load_adapters(core, loras)
     engine = AsyncLLMEngine(core)
     if model_id is None:  # a head on a served model's file must not take that model's id
@@ -187,7 +216,8 @@ def load_registry(args: argparse.Namespace) -> ModelRegistry:
         raise SystemExit("--reward-head needs --reward-model (the model it goes on)")
     if args.reward_model is not None:
         model_id, path = split_model_argument(args.reward_model)
-        reward, _ = load_model(args, model_id, path, score_head=args.reward_head)
+        reward, _ = load_model(args, model_id, path, score_head=args.reward_head,
+                               dtype=reward_dtype(args))
         registry.add(reward)
         if REWARD_MODEL_ALIAS not in [alias.partition("=")[0] for alias in args.alias]:
             registry.add_alias(REWARD_MODEL_ALIAS, reward.model_id)

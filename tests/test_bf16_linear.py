@@ -45,3 +45,23 @@ def test_torch_backend_keeps_the_plain_layout() -> None:
     x = torch.randn(5, 40).to(torch.bfloat16)
     expected = (x.float() @ weight.to(torch.bfloat16).float().t() + bias.to(torch.bfloat16).float())
     torch.testing.assert_close(kernels.bf16_linear(x, packed).float(), expected.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_linear_over_a_bf16_weight_is_mixed_precision(seed: int) -> None:
+    """``kernels.linear`` of float32 x [B, M, K] and a ``BF16Weight``: the torch reference of
+    autocast's CPU linear (x and W rounded to bfloat16, float32 sums, y rounded to bfloat16
+    once), returned in float32; and within bfloat16's error of the float32 product."""
+    g = torch.Generator().manual_seed(100 + seed)
+    batch, rows = (int(v) for v in torch.randint(1, 200, (2,), generator=g))
+    out_features, in_features = (int(v) for v in torch.randint(1, 1600, (2,), generator=g))
+    weight = torch.randn(out_features, in_features, generator=g) * in_features ** -0.5
+    x = torch.randn(batch % 3 + 1, rows, in_features, generator=g)
+    out = kernels.linear(x, kernels.pack_bf16(weight))
+    expected = (x.to(torch.bfloat16).float() @ weight.to(torch.bfloat16).float().t()).to(torch.bfloat16)
+    assert out.dtype == torch.float32 and out.shape == (*x.shape[:-1], out_features)
+    torch.testing.assert_close(out, expected.float(), rtol=BF16_RTOL, atol=BF16_ATOL)
+    # three roundings to bfloat16 (x, W, y) of 2^-9 relative each, summed over K terms
+    exact = x.double() @ weight.double().t()
+    scale = (x.double().abs() @ weight.double().abs().t())
+    assert ((out.double() - exact).abs() <= 3 * 2.0 ** -8 * scale + 1e-6).all()

@@ -4,6 +4,7 @@ reward head in a separate file on a causal-LM checkpoint; a reward head trained 
 post-training on a toy preference set ranks held-out pairs."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -64,6 +65,35 @@ def test_scores_match_transformers_batched_and_alone(reward_folder: str) -> None
     alone_llm = LLM(model=reward_folder, enable_prefix_caching=False)
     alone = [alone_llm.reward(ids)[0].score for ids in sequences]
     assert alone == pytest.approx(expected, abs=TOLERANCE)
+
+
+def concordant_fraction(a: list[float], b: list[float]) -> float:
+    """Of all pairs (i, j), the fraction that a and b order alike (Kendall's concordance)."""
+    pairs = list(itertools.combinations(range(len(a)), 2))
+    return sum((a[i] - a[j]) * (b[i] - b[j]) > 0 for i, j in pairs) / len(pairs)
+
+
+def test_bfloat16_matmul_scores_are_near_transformers_float32_and_rank_alike(
+        reward_folder: str) -> None:
+    """dtype=bfloat16 on the CPU (bfloat16 projections, float32 everything else): no farther
+    from transformers' float32 scores than transformers' own bfloat16 model is, every
+    dialog's replies in the same order (what the SDG filters read), and nearly every pair of
+    all 16 ordered alike."""
+    import transformers
+    llm = LLM(model=reward_folder, dtype="bfloat16")
+    sequences = sequences_for(llm.get_tokenizer())
+    expected, peer_bf16 = (hf_scores(transformers.LlamaForSequenceClassification.from_pretrained(
+        reward_folder, dtype=dtype).eval(), sequences) for dtype in (torch.float32, torch.bfloat16))
+    scores = [o.score for o in llm.reward(sequences)]
+    error = max(abs(s - e) for s, e in zip(scores, expected))
+    peer_error = max(abs(s - e) for s, e in zip(peer_bf16, expected))
+    assert 0 < error <= peer_error, (error, peer_error)
+    replies = len(dialogs()[0][1])
+    for start in range(0, len(scores), replies):
+        group = slice(start, start + replies)
+        assert sorted(range(replies), key=scores[group].__getitem__) == \
+            sorted(range(replies), key=expected[group].__getitem__)
+    assert concordant_fraction(scores, expected) >= 0.9
 
 
 def test_a_reward_model_scores_and_does_not_generate(reward_folder: str) -> None:

@@ -33,8 +33,32 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def server(folders: tuple[str, str]) -> Iterator[ServerProcess]:
     policy, reward = folders
-    with running_server("--model", f"tiny={policy}", "--reward-model", f"rm={reward}") as s:
+    # float32: the scores are compared with transformers' float32 ones within 1e-4 (the
+    # bfloat16 default on AMX CPUs is held to transformers in tests/test_reward_model.py)
+    with running_server("--model", f"tiny={policy}", "--reward-model", f"rm={reward}",
+                        "--reward-dtype", "float32") as s:
         yield s
+
+
+@pytest.mark.parametrize("argv, on_native_bf16, elsewhere", [
+    ([], "bfloat16", None),  # None: the engine's default (float32 on the CPU)
+    (["--reward-dtype", "float32"], "float32", "float32"),
+    (["--dtype", "float32"], "float32", "float32"),
+    (["--reward-dtype", "bfloat16", "--dtype", "float32"], "bfloat16", "bfloat16")])
+def test_the_reward_model_runs_bfloat16_by_default_where_the_cpu_multiplies_it(
+        argv: list[str], on_native_bf16: str, elsewhere: str | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: bfloat16 on a CPU with native bfloat16 unless --dtype says otherwise, --dtype's
+    choice elsewhere; an explicit --reward-dtype wins."""
+    import argparse
+    from llama_engine import kernels
+    from server.cli import add_serve_arguments, reward_dtype
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", *argv])
+    for fast, expected in ((True, on_native_bf16), (False, elsewhere)):
+        monkeypatch.setattr(kernels, "bf16_matmul_is_fast", lambda: fast)
+        assert reward_dtype(args) == expected
 
 
 @pytest.fixture(scope="module")

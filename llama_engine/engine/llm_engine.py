@@ -52,7 +52,11 @@ def gpu_kv_cache_budget(free: int, total: int, reserved: int, utilization: float
 class EngineConfig:
     model: str | None = None  # GGUF file or HF folder; None = the default SmolLM2
     score_head: str | None = None  # reward head file (score.weight) for a GGUF / causal-LM model
-    dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
+    # auto: float32 on CPU, bfloat16 on GPU. bfloat16 on the CPU is mixed precision
+    # (``Llama.round_matmuls_to_bf16``): the projections multiply in bfloat16, the rest and
+    # the KV cache stay float32. It suits prefill-heavy work (a reward model only prefills);
+    # decode, bound by reading the weights, is fastest on the packed GGUF weights.
+    dtype: str = "auto"
     dequantize: bool = False  # unpack GGUF block formats instead of running them packed
     device: str = "auto"
     block_size: int = 16
@@ -105,7 +109,13 @@ class LLMEngine:
             "bfloat16" if self.device.type == "cuda" else "float32")
         if dtype_name not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or auto, got {dtype_name!r}")
-        self.dtype = DTYPES[dtype_name]
+        # On the CPU bfloat16 means bfloat16 matmuls over float32 activations and KV cache;
+        # self.dtype is the activations' and the cache's.
+        bf16_matmuls = self.device.type == "cpu" and dtype_name == "bfloat16"
+        if bf16_matmuls and config.enable_lora:
+            raise ValueError("enable_lora: adapters run over float32 or packed base weights "
+                             "on the CPU; use dtype float32 (or auto) with LoRA")
+        self.dtype = torch.float32 if bf16_matmuls else DTYPES[dtype_name]
         loaded = load_model(config.model, self.dtype, config.dequantize, config.score_head)
         self.model_id = loaded.name
         self.tokenizer = loaded.tokenizer
@@ -113,6 +123,8 @@ class LLMEngine:
         # Packed weights are not nn.Parameters, so they move here rather than by Module.to.
         weights = {name: w.to(self.device) for name, w in loaded.weights.items()}
         self.model = Llama(loaded.config, weights).to(self.device)
+        if bf16_matmuls:
+            self.model.round_matmuls_to_bf16()
         # A reward model scores prompts (max_tokens=0 requests) and generates nothing.
         self.is_reward_model = self.model.score is not None
         del weights

@@ -208,15 +208,19 @@ class PagedAttention:
         return PagedKV(self.k_caches[layer], self.v_caches[layer], self.metadata)
 
 
-def linear(x: Tensor, weight: Tensor | PackedWeight,
+def linear(x: Tensor, weight: Tensor | PackedWeight | BF16Weight,
            compute_dtype: torch.dtype | None = None) -> Tensor:
-    """y = x @ W^T: x [..., K], W [N, K] dense or packed (GGUF block format, NF4).
+    """y = x @ W^T: x [..., K], W [N, K] dense, packed (GGUF block format, NF4) or rounded
+    to bfloat16 for inference (``BF16Weight``: ``bf16_matmul``, not differentiable).
 
     ``compute_dtype``: the GEMM's precision when it is not x's (mixed precision, as
     torch.autocast and bitsandbytes' ``compute_dtype``): x and W (a packed W dequantized a
     chunk at a time) are rounded to it, the products summed in float32 by the BLAS, and y
-    returned in x's dtype; differentiable in x (W frozen). torch.bfloat16 runs on AMX /
-    AVX512-BF16 at 4-7x the float32 GEMM (``bf16_matmul_is_fast``)."""
+    returned in x's dtype; differentiable in x (W frozen: training over a bfloat16 base).
+    torch.bfloat16 runs on AMX / AVX512-BF16 at 4-7x the float32 GEMM
+    (``bf16_matmul_is_fast``)."""
+    if isinstance(weight, BF16Weight):
+        return bf16_matmul(x, weight)
     if compute_dtype is not None and compute_dtype != x.dtype:
         if needs_grad(x):
             return MixedPrecisionLinear.apply(x, weight, compute_dtype)
@@ -287,6 +291,18 @@ def bf16_linear(x: Tensor, weight: BF16Weight, gelu: bool = False) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, weight.weight, weight.bias, "gelu" if gelu else "none",
                                                   [], "none" if gelu else "")
     return reference.bf16_linear(x, weight.weight, weight.bias, gelu)
+
+
+def bf16_matmul(x: Tensor, weight: BF16Weight) -> Tensor:
+    """y = x @ W^T (+ b) in mixed precision, as ``torch.autocast`` runs a CPU linear: x [..., K]
+    of any float dtype is rounded to bfloat16, the products summed in float32
+    (``bf16_linear``: oneDNN's AMX / AVX512-BF16 GEMM where the CPU has them), and y [..., N]
+    rounded to bfloat16 once and returned in x's dtype. Against float32 that is ~2^-9
+    relative error per rounding; on a CPU with native bfloat16 a prefill-sized matmul runs
+    ~5x faster than float32's (benchmarks/results/synthetic-data-cpu-2026-11-30T*.md).
+    Not differentiable."""
+    y = bf16_linear(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), weight)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 NF4 = "NF4"

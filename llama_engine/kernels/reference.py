@@ -60,7 +60,8 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation: gate_up is [..., 2*F] = concat(gate, up); returns silu(gate)*up."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate.float()).to(gate.dtype) * up
+    # torch computes silu of bfloat16 / float16 in float32 and rounds once
+    return torch.nn.functional.silu(gate) * up
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -66,7 +66,8 @@ class Linear(nn.Module):
     ``state_dict()``, ``.to()`` and ``buffers()`` see it. ``layer`` and ``parts`` (PEFT
     module name -> output column range) tell an ``Adapters`` which projection this is.
     ``compute_dtype`` (None: x's) is the matmul's precision (``kernels.linear``): training
-    sets it to bfloat16 over a frozen base.
+    sets it to bfloat16 over a frozen base. After ``round_to_bf16`` W is ``bf16`` alone (an
+    inference-time copy in oneDNN's layout, which neither ``state_dict()`` nor ``.to()`` sees).
     """
 
     def __init__(self, weight: Weight, layer: int = -1,
@@ -82,6 +83,7 @@ class Linear(nn.Module):
         else:
             self.weight = nn.Parameter(weight, requires_grad=False)
             self.qweight = None
+        self.bf16: kernels.BF16Weight | None = None
 
     @property
     def packed(self) -> PackedWeight | None:
@@ -90,8 +92,18 @@ class Linear(nn.Module):
         return PackedWeight(self.qweight, self.qtype, self.rows, self.cols)
 
     @property
-    def matrix(self) -> Weight:
+    def matrix(self) -> Weight | kernels.BF16Weight:
+        if self.bf16 is not None:
+            return self.bf16
         return self.weight if self.qweight is None else self.packed
+
+    def round_to_bf16(self) -> None:
+        """Replace W by W rounded to bfloat16 (a packed W dequantized first), so ``forward``
+        multiplies in bfloat16 (``kernels.bf16_matmul``). Inference only: the float32 or
+        packed W is dropped."""
+        self.bf16 = kernels.pack_bf16(self.weight if self.packed is None
+                                      else kernels.dequantize(self.packed))
+        self.weight, self.qweight = None, None
 
     def forward(self, x: torch.Tensor, adapters: Adapters | None = None) -> torch.Tensor:
         y = kernels.linear(x, self.matrix, self.compute_dtype)
@@ -142,6 +154,8 @@ class DecoderLayer(nn.Module):
         self.down_proj = Linear(w["w_down"], layer, _parts(down_proj=config.hidden_size))
         self._fused: kernels.FusedDecoderLayer | None = None
         self._fused_checked = False  # asked kernels for a fused kernel yet
+        # what the projections take (round_matmuls_to_bf16: bfloat16); None: x's dtype
+        self.matmul_dtype: torch.dtype | None = None
 
     def forward(self, layer: int, x: torch.Tensor, residual: torch.Tensor | None,
                 positions: torch.Tensor, cos_sin: torch.Tensor, attend: kernels.Attention,
@@ -154,19 +168,29 @@ class DecoderLayer(nn.Module):
             lora = fuse(layer) if fuse is not None and fused.takes_lora(layer, attend) else None
             if adapters is None or lora is not None:
                 return fused(layer, x, residual, positions, cos_sin, attend, lora)
-        tokens = x.shape[0]
+        # With bfloat16 matmuls, norms, RoPE and attention stay in x's dtype; the MLP's
+        # activations stay bfloat16 between its two projections (one rounding fewer each way).
+        tokens, dtype, matmul_dtype = x.shape[0], x.dtype, self.matmul_dtype or x.dtype
         h, residual = self.input_layernorm(x, residual)
-        q, k, v = self.qkv_proj(h, adapters).split([self.q_size, self.kv_size, self.kv_size],
-                                                   dim=-1)
-        q, k = kernels.rope(q.reshape(tokens, self.num_heads, self.head_dim).contiguous(),
-                            k.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous(),
+        q, k, v = self.qkv_proj(h.to(matmul_dtype), adapters).split(
+            [self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = kernels.rope(q.reshape(tokens, self.num_heads, self.head_dim).to(dtype).contiguous(),
+                            k.reshape(tokens, self.num_kv_heads, self.head_dim).to(dtype).contiguous(),
                             positions, cos_sin)
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous()
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim).to(dtype).contiguous()
         attn = attend(layer, q, k, v)
         h, residual = self.post_attention_layernorm(
-            self.o_proj(attn.reshape(tokens, -1), adapters), residual)
-        gate_up = self.gate_up_proj(h, adapters)
-        return self.down_proj(kernels.silu_and_mul(gate_up), adapters), residual
+            self.o_proj(attn.reshape(tokens, -1).to(matmul_dtype), adapters).to(dtype), residual)
+        gate_up = self.gate_up_proj(h.to(matmul_dtype), adapters)
+        return self.down_proj(kernels.silu_and_mul(gate_up), adapters).to(dtype), residual
+
+    def round_matmuls_to_bf16(self) -> None:
+        """The four projections multiply in bfloat16 (``Linear.round_to_bf16``); the layer
+        then runs op by op (the fused kernel takes packed weights)."""
+        for linear in (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj):
+            linear.round_to_bf16()
+        self._fused, self._fused_checked = None, False
+        self.matmul_dtype = torch.bfloat16
 
     def _fused_kernel(self) -> kernels.FusedDecoderLayer | None:
         if not self._fused_checked:
@@ -230,6 +254,18 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             x, residual = layer(i, x, residual, positions, self.cos_sin, attend, adapters)
         return self.norm(x, residual)[0]
+
+    def round_matmuls_to_bf16(self) -> None:
+        """Mixed precision, as vLLM's CPU backend runs ``dtype=bfloat16`` on CPUs with AMX /
+        AVX512-BF16, but keeping float32 wherever bfloat16 saves no time: every decoder-layer
+        projection and the LM head multiply in bfloat16 (float32 sums, ``kernels.bf16_matmul``);
+        the embedding, RMSNorm, RoPE, attention, the KV cache, the residual stream and a
+        reward model's score head stay float32 (so a score is not rounded to bfloat16's three
+        digits). Inference only: the float32 or packed weights are dropped."""
+        for layer in self.layers:
+            layer.round_matmuls_to_bf16()
+        if self.lm_head is not None:
+            self.lm_head.round_to_bf16()
 
     def compute_logits(self, hidden: torch.Tensor, adapters: Adapters | None = None
                        ) -> torch.Tensor:
