@@ -33,7 +33,9 @@ ROWS = [{"dialog": [{"role": "user", "content": f"What is the code word number {
         for i in range(7)]
 PAIRS = [{"prompt": [{"role": "user", "content": f"Code word {i}?"}], "chosen": f"zebra-{i}",
           "rejected": f"lion-{i}"} for i in range(7)]
-LORA_FLAGS = ["--algorithm", "lora", "--rank", "4", "--alpha", "8", "--lora-mlp"]
+# FSDP trains in float32: the one-process reference runs pin it too (a one-process adapter
+# run would hold its base in bfloat16 by default on a CPU that multiplies it natively)
+LORA_FLAGS = ["--algorithm", "lora", "--rank", "4", "--alpha", "8", "--lora-mlp", "--dtype", "fp32"]
 KILLED_RANK_1 = "rank 1 was killed by signal SIGKILL (9)"
 FIRST_STEP_WAIT_S = 300
 
