@@ -125,9 +125,9 @@ def reward_dtype(args: argparse.Namespace) -> Optional[str]:
     on a CPU that multiplies bfloat16 natively (``kernels.bf16_matmul_is_fast``) and --dtype
     is unset or auto, else --dtype's choice (None: the engine's default). Why bfloat16 there:
     a reward model only prefills, where bfloat16 matmuls run ~5x float32's, and SDG reads a
-    score to rank and filter a prompt's k samples, for which bfloat16's rounding (~1e-2 of a
-    score, no more than transformers' own bfloat16 model: tests/test_reward_model.py) is
-    small beside what separates samples. ``--reward-dtype float32`` gives transformers'
+    score to rank and filter a prompt's k samples, for which bfloat16's rounding (up to about
+    0.2 on a trained head's scores near 5; ranks alike but for near ties:
+    tests/test_reward_model.py) is small beside what separates samples. ``--reward-dtype float32`` gives transformers'
     float32 scores within 1e-4."""
     if args.reward_dtype != "auto":
         return args.reward_dtype
@@ -187,6 +187,10 @@ def load_model(args: argparse.Namespace, model_id: Optional[str], path: Optional
     kwargs = engine_kwargs(args)
     if dtype is not None:
         kwargs["dtype"] = dtype
+        if dtype == "bfloat16":
+            # --lora / --enable-lora are for the served models; adapters run over float32 or
+            # packed weights, so a bfloat16 reward model (the default on such CPUs) has none
+            kwargs.pop("enable_lora", None)
     core = LLMEngine(EngineConfig(model=path, score_head=score_head, **kwargs))
     adapters = load_adapters(core, loras)
     engine = AsyncLLMEngine(core)

@@ -285,3 +285,17 @@ def test_dora_job_writes_a_peft_folder_and_dpo_goes_on_from_it(server, data_file
     assert step["loss"] != pytest.approx(0.693147, abs=1e-6)
     assert Path(status(server, "dpo-dora")["checkpoints"][-1]["path"].removeprefix("file://"),
                 "adapter_config.json").exists()
+
+
+def test_a_worker_reports_its_own_peak_memory_not_the_servers() -> None:
+    """A job's worker is started by the server: its peak must not include the server's
+    (getrusage carries the parent's peak over fork and exec)."""
+    import subprocess
+    import sys
+
+    import torch
+    held = torch.ones(2**28)  # 1 GiB touched here, in the "server"
+    probe = "from llama_engine.training.worker import _peak_rss_bytes; print(_peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                               check=True).stdout)
+    assert child < held.numel() * held.element_size()

@@ -52,3 +52,23 @@ def test_two_models_are_listed_routed_and_named_in_404s(server: ServerProcess) -
     metrics = requests.get(f"{server.base_url}/metrics", timeout=TIMEOUT_S).text
     assert 'llama_engine_requests_running{model="first"}' in metrics
     assert 'llama_engine_requests_running{model="second"}' in metrics
+
+
+def test_an_adapter_named_where_a_model_is_expected_is_a_400_naming_the_field() -> None:
+    """SDG's policy and reward model, and reward scoring's model, are served models: an
+    adapter's name there is refused by field, not an AttributeError (a 500)."""
+    from types import SimpleNamespace
+
+    from server.api.registry import ModelRegistry, ServedAdapter, ServedModel
+    from server.api.errors import APIError
+    registry = ModelRegistry()
+    engine = SimpleNamespace(is_reward_model=False)
+    base = ServedModel("base", engine, max_running=1, max_waiting=1)
+    registry.add(base)
+    registry.add_adapter(ServedAdapter("tuned", "/adapters/tuned", base))
+    for resolve, field in ((registry.resolve_generator, "model"),
+                           (registry.resolve_reward_model, "reward_model")):
+        with pytest.raises(APIError) as raised:
+            resolve("tuned", field)
+        assert raised.value.param == field and raised.value.status == 400
+        assert "LoRA adapter" in raised.value.message

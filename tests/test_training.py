@@ -290,3 +290,20 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_model: str) -> N
         grads.append([p.grad.clone() for p in model.trainable_parameters()])
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(recomputed, plain, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_qlora_dpo_first_step_is_ln2(tiny_model: str, tmp_path: Path, dtype) -> None:
+    """DPO over an NF4 base: the reference pass (adapters off, no gradient) runs like the
+    policy's (it once crashed in the fused inference layer, which has no training KV)."""
+    from llama_engine.training.lora import AdapterFineTune, LoRASpec
+    from llama_engine.training.loop import DPO, DPOParams, Trainer, TrainingOptions
+    from llama_engine.training.tokenization import preference_pair
+
+    model = AdapterFineTune(tiny_model, LoRASpec(("q_proj", "v_proj"), 4, 8),
+                            quantize_base=True, base_dtype=dtype)
+    pairs = [preference_pair(model.tokenizer, row) for row in PAIRS]
+    options = TrainingOptions(objective=DPO, n_epochs=1, batch_size=3, shuffle=False, lr=1e-3,
+                              dpo=DPOParams(beta=BETA))
+    records = Trainer(model, options, tmp_path / "dpo").train(pairs).records
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # B = 0: policy == reference

@@ -194,6 +194,12 @@ class DecoderLayer(nn.Module):
 
     def _fused_kernel(self) -> kernels.FusedDecoderLayer | None:
         if not self._fused_checked:
+            projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
+            if any(p.compute_dtype is not None for p in projections):
+                # the fused kernel multiplies in float32: a lower compute_dtype (training
+                # over a bfloat16 base) must round the same in every pass, DPO's reference too
+                self._fused_checked = True
+                return None
             self._fused = kernels.fused_decoder_layer(kernels.DecoderLayerWeights(
                 self.input_layernorm.weight, self.qkv_proj.matrix, self.o_proj.matrix,
                 self.post_attention_layernorm.weight, self.gate_up_proj.matrix,

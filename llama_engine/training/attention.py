@@ -21,6 +21,12 @@ class PackedCausalAttention:
         lengths = {end - start for start, end in self.spans}
         self.uniform = len(lengths) == 1  # one [B, H, L, D] call
 
+    def paged_kv(self, layer: int) -> None:
+        """No paged KV cache in training (``kernels.Attention``): a fused decoder layer that
+        runs here (a no-grad pass over a packed base, DPO's reference) calls ``__call__``
+        between its two halves."""
+        return None
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                  ) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hkv, D] -> [T, H, D]."""

@@ -53,7 +53,17 @@ def _rank() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident memory. Linux's ``VmHWM`` belongs to the process's own
+    address space; ``getrusage``'s ru_maxrss also keeps the peak of the server the worker
+    was forked from (carried over fork and exec), so every job would report the server's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB elsewhere
 
 
 def run_job(store: JobStore, job_uuid: str) -> None:

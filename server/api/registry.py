@@ -281,9 +281,13 @@ class ModelRegistry:
 
     def _resolve_as(self, name: str, field: str) -> ServedModel:
         try:
-            return self.resolve(name)
+            served = self.resolve(name)
         except ModelNotFoundError as e:
             raise ModelNotFoundError(f"{field}: {e.message.partition(': ')[2]}", param=field) from None
+        if isinstance(served, ServedAdapter):
+            raise APIError(f"{field}: {name!r} is a LoRA adapter on {served.base.model_id!r}; "
+                           "this route takes a served model", param=field)
+        return served
 
     @property
     def default(self) -> ServedModel:
