@@ -61,6 +61,20 @@ def test_the_reward_model_runs_bfloat16_by_default_where_the_cpu_multiplies_it(
         assert reward_dtype(args) == expected
 
 
+def test_a_bfloat16_reward_model_loads_beside_lora_adapters(folders: tuple[str, str]) -> None:
+    """--enable-lora / --lora are the served models': the bfloat16 reward model (which
+    takes no adapters) still loads, and the served model keeps its adapters."""
+    import argparse
+    from server.cli import add_serve_arguments, load_model
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--enable-lora"])
+    reward, _ = load_model(args, "rm", folders[1], dtype="bfloat16")
+    assert reward.is_reward_model
+    policy, _ = load_model(args, "tiny", folders[0])
+    assert policy.engine.engine.lora_manager is not None
+
+
 @pytest.fixture(scope="module")
 def reference(folders: tuple[str, str]):
     """transformers' score of (messages, reply), tokenized as reward training tokenizes it."""
