@@ -58,25 +58,24 @@ class _Rope(torch.autograd.Function):
                 ) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(positions, cos_sin)
         ctx.native = native
-        return _rotate(q.clone(memory_format=torch.contiguous_format),
-                       k.clone(memory_format=torch.contiguous_format), positions, cos_sin, native)
+        return _rotate(q, k, positions, cos_sin, native)
 
     @staticmethod
     def backward(ctx, grad_q: Tensor, grad_k: Tensor):
         positions, cos_sin = ctx.saved_tensors
         half = cos_sin.shape[-1] // 2
         inverse = torch.cat([cos_sin[:, :half], -cos_sin[:, half:]], dim=-1)
-        grad_q, grad_k = _rotate(grad_q.clone(memory_format=torch.contiguous_format),
-                                 grad_k.clone(memory_format=torch.contiguous_format),
-                                 positions, inverse, ctx.native)
+        grad_q, grad_k = _rotate(grad_q, grad_k, positions, inverse, ctx.native)
         return grad_q, grad_k, None, None, None
 
 
 def _rotate(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor, native
             ) -> tuple[Tensor, Tensor]:
-    """q, k rotated: in place by ``native`` (tensors this module owns), else new tensors."""
+    """q, k rotated into new tensors: ``native`` rotates in place, so it gets copies (the
+    caller's tensors are left as they are); the torch reference makes new ones itself."""
     if native is not None:
-        return native(q, k, positions, cos_sin)
+        return native(q.clone(memory_format=torch.contiguous_format),
+                      k.clone(memory_format=torch.contiguous_format), positions, cos_sin)
     return reference.rope(q, k, positions, cos_sin)
 
 
