@@ -1,14 +1,18 @@
 """Training throughput: steps (forward + backward + AdamW step) on llama-engine's model, then
 the same batches on HF transformers (+ peft for adapters, + bitsandbytes for QLoRA) with the
 same hyperparameters and the same initial adapter weights, in the same run, each side in its
-own process (so peak RSS is its own), their steps interleaved (ours, theirs, ours, ...) so
-that a load from elsewhere falls on both alike. Methods: full fine-tuning, LoRA r=16 on all linear
-layers, QLoRA (the same over an NF4 base with double-quantized scales), DoRA. Prints
-tokens/s, peak RSS, the ratios, how far apart the loss curves are, and plots them.
+own process (so peak RSS is its own), interleaved in rounds so that a load from elsewhere
+falls on every side alike: each round, each side in turn runs a warm-up step, then --steps
+timed steps back to back, as a training loop does (the untimed warm-up steps are in the
+results as ``warmup_s``). On the shared VMs we measure on a step's time drifts by up to 1.5x
+within minutes, so each round's ratio is in the results too (``round_ratios``), and the
+tokens/s ratio is their median.
+Methods: full fine-tuning, LoRA r=16 on all linear layers, QLoRA (the same over an NF4 base
+with double-quantized scales), DoRA. Prints tokens/s, peak RSS, the ratios, how far apart the loss curves are, and plots them.
 
 Precision (``--dtype``): our adapter methods hold the frozen base in bfloat16 where the CPU
 multiplies it natively (our training default; adapters, norms, attention, loss and optimizer
-stay float32). The peer then runs twice, interleaved: at the same precision (the model loaded
+stay float32). The peer then runs twice: at the same precision (the model loaded
 in bfloat16, peft's adapters float32; bitsandbytes' ``bnb_4bit_compute_dtype``) and in
 float32, and the ratio is taken against its faster run.
 
@@ -18,7 +22,7 @@ the standard QLoRA recipe, turns on transformers' gradient checkpointing). Our S
 fused with the head in chunks (``losses.linear_cross_entropy``) for every method; transformers
 computes the whole logits (its own default: no chunked loss exists for it on the CPU).
 
-    python benchmarks/training.py --methods lora,qlora --seq-len 128 --batch-size 4 --steps 5
+    python benchmarks/training.py --methods lora,qlora --seq-len 128 --batch-size 4 --rounds 2
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import torch
 
 LR = 1e-5
 ADAPTER_LR = 1e-3  # adapters start at zero: a full fine-tune's lr would barely move them
-WARMUP_STEPS = 1  # not timed: first-touch allocation and thread-pool start
+WARMUP_STEPS = 1  # per round, not timed: first-touch allocation, caches after idling
 METHODS = ("full", "lora", "qlora", "dora")
 LORA_RANK, LORA_ALPHA = 16, 32
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -57,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=2,
+                   help="timed steps per side per round (after a warm-up step)")
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated, of {', '.join(METHODS)}")
@@ -72,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _batches(vocab: int, args: argparse.Namespace) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(args.seed)
     return [torch.randint(1, vocab, (args.batch_size, args.seq_len), generator=generator)
-            for _ in range(WARMUP_STEPS + args.steps)]
+            for _ in range(args.rounds * (WARMUP_STEPS + args.steps))]
 
 
 def _peak_rss_bytes() -> int:
@@ -107,19 +113,21 @@ class _Side:
         self.error = self.conn.recv()  # None once built
         self.losses: list[float] = []
         self.times: list[float] = []
+        self.warmup_times: list[float] = []
 
-    def step(self, i: int) -> None:
-        self.conn.send(i)
-        loss, seconds = self.conn.recv()
-        self.losses.append(loss)
-        if i >= WARMUP_STEPS:
-            self.times.append(seconds)
+    def run_round(self, args: argparse.Namespace) -> None:
+        """The next WARMUP_STEPS untimed and args.steps timed steps, back to back."""
+        for j in range(WARMUP_STEPS + args.steps):
+            self.conn.send(len(self.losses))
+            loss, seconds = self.conn.recv()
+            self.losses.append(loss)
+            (self.times if j >= WARMUP_STEPS else self.warmup_times).append(seconds)
 
     def finish(self, tokens: int) -> dict:
         self.conn.send(None)
         peak = self.conn.recv()
         self.process.join()
-        return {"losses": self.losses, "step_s": self.times,
+        return {"losses": self.losses, "step_s": self.times, "warmup_s": self.warmup_times,
                 "tokens_per_s": tokens * len(self.times) / sum(self.times), "peak_rss_bytes": peak}
 
 
@@ -231,7 +239,7 @@ def peer_dtypes(method: str, args: argparse.Namespace) -> list[str]:
 
 def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
     """Our side and the peer's (at each of ``peer_dtypes``) of one method, each in a fresh
-    process, steps interleaved."""
+    process, interleaved in rounds."""
     import tempfile
     tokens = args.batch_size * args.seq_len
     with tempfile.TemporaryDirectory() as folder:
@@ -250,11 +258,11 @@ def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
             raise RuntimeError(f"[{method}] llama-engine failed: {ours_side.error}")
         peers = {dtype: _Side(build_transformers, peer_path, method, args, adapter_file, dtype)
                  for dtype in peer_dtypes(method, args)}
-        for i in range(WARMUP_STEPS + args.steps):
-            ours_side.step(i)
+        for _ in range(args.rounds):
+            ours_side.run_round(args)
             for side in peers.values():
                 if not side.error:
-                    side.step(i)
+                    side.run_round(args)
         ours = ours_side.finish(tokens)
         result = {"llama_engine": ours, "dtype": args.dtype if method != "full" else "float32",
                   "peers": {}}
@@ -270,13 +278,20 @@ def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
     if ran:  # against the peer's faster precision
         best = max(ran, key=lambda dtype: ran[dtype]["tokens_per_s"])
         theirs = ran[best]
-        result.update(transformers=theirs, peer_dtype=best,
-                      tokens_per_s_ratio=ours["tokens_per_s"] / theirs["tokens_per_s"],
+        ratios = sorted(_round_times(theirs, args) / _round_times(ours, args))
+        result.update(transformers=theirs, peer_dtype=best, round_ratios=ratios.tolist(),
+                      tokens_per_s_ratio=ratios.quantile(0.5).item(),
+                      mean_tokens_per_s_ratio=ours["tokens_per_s"] / theirs["tokens_per_s"],
                       peak_rss_ratio=ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
                       max_loss_gap=theirs["max_loss_gap"])
     else:
         result["transformers"] = None
     return result
+
+
+def _round_times(side: dict, args: argparse.Namespace) -> torch.Tensor:
+    """A side's seconds per timed step, averaged per round: [rounds] float64."""
+    return torch.tensor(side["step_s"], dtype=torch.float64).view(args.rounds, args.steps).mean(1)
 
 
 def plot(results: dict, path: str) -> None:
@@ -321,7 +336,9 @@ def run(args: argparse.Namespace) -> None:
                   f"peak RSS {theirs['peak_rss_bytes'] / 2**30:.2f} GiB; loss curves differ "
                   f"by at most {theirs['max_loss_gap']:.2e}")
         if r["transformers"] is not None:
-            print(f"[{method}] ratio {r['tokens_per_s_ratio']:.2f}x tokens/s against the peer's "
+            rounds = ", ".join(f"{x:.2f}" for x in r["round_ratios"])
+            print(f"[{method}] ratio {r['tokens_per_s_ratio']:.2f}x tokens/s (median of rounds: "
+                  f"{rounds}; of the means {r['mean_tokens_per_s_ratio']:.2f}x) against the peer's "
                   f"faster ({r['peer_dtype']}), {r['peak_rss_ratio']:.2f}x its peak RSS")
     if "lora" in results and "qlora" in results:
         print("QLoRA / LoRA peak RSS (ours): {:.2f}".format(
