@@ -6,10 +6,14 @@ head) in the same run. Reports generations/s and scored generations/s (generatio
 scoring) and the ratio against transformers' faster configuration.
 
 The reward model runs at --reward-dtype, by default what ``llama-engine serve --reward-model``
-picks (bfloat16 matmuls on a CPU that multiplies bfloat16 natively, else float32). When that
-is bfloat16 the peer runs twice, in float32 and loaded in bfloat16, and the report gives how
-far our scores are from transformers' float32 scores of the same sequences (max abs
-difference; the fraction of prompts whose k samples rank alike; Kendall concordance).
+picks (bfloat16 matmuls on a CPU that multiplies bfloat16 natively, else float32). The policy
+runs at --policy-dtype, by default bfloat16 on such a CPU too (``llama-engine serve --dtype
+bfloat16``; the server's ``auto`` keeps float32 on the CPU, where decoding a few sequences is
+fastest on the packed GGUF weights, while 256 sequences at once are bound by the matmuls).
+When either is bfloat16 the peer runs twice, in float32 and loaded in bfloat16, and the
+report gives how far our scores are from transformers' float32 scores of the same sequences
+(max abs difference; the fraction of prompts whose k samples rank alike; Kendall
+concordance).
 
 With prefix sharing: the k samples of a prompt are one request with n = k (forked from one
 prefill) and the reward model's prefix cache shares each prompt's tokens among its k
@@ -49,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--reward-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="the reward model's dtype (auto: the server's --reward-dtype auto)")
+    p.add_argument("--policy-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="the policy's dtype (auto: bfloat16 where the CPU multiplies it natively)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
     p.add_argument("--scoring-only", type=int, default=0, metavar="ROUNDS",
@@ -74,7 +80,7 @@ def run_engine(args, dialogs, head_path: str, share_prefix: bool) -> dict:
     """The timed run; also returns (not timed) the scored sequences and their scores."""
     from llama_engine import LLM, SamplingParams
     from llama_engine.synthetic_data import reply_token_ids
-    policy = LLM(enable_prefix_caching=share_prefix)
+    policy = LLM(enable_prefix_caching=share_prefix, dtype=args.policy_dtype)
     reward = LLM(score_head=head_path, enable_prefix_caching=share_prefix, dtype=args.reward_dtype)
     tok = policy.get_tokenizer()
     prompt_ids = [tok.apply_chat_template(d, add_generation_prompt=True) for d in dialogs]
@@ -100,7 +106,7 @@ def run_engine(args, dialogs, head_path: str, share_prefix: bool) -> dict:
             "tokens_generated": sum(len(o.token_ids) for out in outs for o in out.outputs),
             "scored_tokens": scored_tokens,
             "prefix_cache_hit_rate": sum(o.num_cached_tokens for o in scored) / scored_tokens,
-            "reward_dtype": args.reward_dtype,
+            "reward_dtype": args.reward_dtype, "policy_dtype": args.policy_dtype,
             "sequences": sequences, "scores": [o.score for o in scored]}
 
 
@@ -239,8 +245,11 @@ def run_scoring_only(args, dialogs, head_path: str, head: torch.Tensor) -> dict[
 def run(args: argparse.Namespace) -> dict:
     from llama_engine.kernels import bf16_matmul_is_fast
     from llama_engine.loader import load_model
+    native = "bfloat16" if bf16_matmul_is_fast() else "float32"
     if args.reward_dtype == "auto":  # as `llama-engine serve --reward-dtype auto` picks it
-        args.reward_dtype = "bfloat16" if bf16_matmul_is_fast() else "float32"
+        args.reward_dtype = native
+    if args.policy_dtype == "auto":
+        args.policy_dtype = native
     hidden = load_model(None).config.hidden_size
     dialogs = prompts(args.num_prompts)
     samples = args.num_prompts * args.k
@@ -271,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
         record("engine, prefix sharing", run_engine(args, dialogs, head_path, True))
         record("engine, no prefix sharing", run_engine(args, dialogs, head_path, False))
     peers = [] if args.skip_hf else [torch.float32] + (
-        [torch.bfloat16] if args.reward_dtype == "bfloat16" else [])
+        [torch.bfloat16] if "bfloat16" in (args.reward_dtype, args.policy_dtype) else [])
     for dtype in peers:
         record(f"transformers {str(dtype).removeprefix('torch.')}", run_hf(args, dialogs, head, dtype))
     ours = results["engine, prefix sharing"]
@@ -287,7 +296,7 @@ def run(args: argparse.Namespace) -> dict:
               "torch": torch.__version__, "device": "cpu",
               "workload": {"num_prompts": args.num_prompts, "k": args.k,
                            "max_tokens": args.max_tokens, "seed": args.seed,
-                           "reward_dtype": args.reward_dtype},
+                           "reward_dtype": args.reward_dtype, "policy_dtype": args.policy_dtype},
               "results": results, "scores_vs_transformers_float32": agreement}
     peer_names = [name for name in results if name.startswith("transformers")]
     if peer_names:

@@ -87,6 +87,14 @@ def check_greedy_and_logprobs(llm: LLM, hf_model, prompts: list[str]) -> None:
         ref_lp = torch.log_softmax(hf_logits(hf_model, ids + got)[len(ids) - 1:-1], dim=-1)
         for step, (token, lp) in enumerate(zip(got, out.outputs[0].logprobs)):
             assert abs(lp[token] - ref_lp[step, token].item()) < LOGIT_TOL, (prompt, step)
+    # without logprobs the sampled tokens' logprobs still sum to cumulative_logprob (the
+    # sampler's other path: no log-softmax over the vocabulary)
+    plain = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS,
+                                                 ignore_eos=True))
+    for out, ref in zip(plain, outs):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        expected = sum(lp[t] for t, lp in zip(ref.outputs[0].token_ids, ref.outputs[0].logprobs))
+        assert abs(out.outputs[0].cumulative_logprob - expected) < LOGIT_TOL * GREEDY_TOKENS
 
 
 @pytest.mark.slow

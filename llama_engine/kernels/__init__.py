@@ -526,6 +526,11 @@ def apply_penalties(logits: Tensor, prompt_mask: Tensor, output_counts: Tensor,
 def top_logprobs(logits: Tensor, chosen: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Log-softmax of logits [B, V]: the chosen [B] tokens' logprobs [B] and the k best
     (ids [B, k], logprobs [B, k]). See ``reference.top_logprobs``."""
+    if k == 0:  # the chosen logprobs alone are minus the cross-entropy: one pass that writes
+        # no [B, V] (a 256-sequence decode step's log-softmax is 50 MB)
+        logits = logits.float()
+        loss, _ = cross_entropy(logits, chosen, logits.new_ones(logits.shape[0]), False)
+        return -loss, chosen[:, None][:, :0], logits[:, :0]
     return reference.top_logprobs(logits, chosen, k)
 
 
