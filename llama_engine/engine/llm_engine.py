@@ -381,8 +381,10 @@ class LLMEngine:
             constrained = [i for i, m in enumerate(matchers) if m is not None]
             bitmask = TokenBitmask(constrained, self.structured.fill_bitmask(
                 [matchers[i] for i in constrained])) if constrained else None
-            picked = sample(logits[torch.tensor(rows, device=logits.device)], sampling_seqs,
-                            bitmask)
+            # every row, in order (decode steps): a view, not a gather of [B, V]
+            every_row = rows == list(range(logits.shape[0]))
+            picked = sample(logits if every_row else logits[torch.tensor(rows, device=logits.device)],
+                            sampling_seqs, bitmask)
             if constrained:
                 self.structured.advance([matchers[i] for i in constrained],
                                         [picked[i].token_id for i in constrained])
