@@ -335,8 +335,10 @@ def test_base_dtype_defaults_and_refusals(tmp_path: Path) -> None:
     from llama_engine.training.recipe import DataSource, Recipe, base_dtype
 
     def recipe(**kw) -> Recipe:
+        adapter = {"lora_attn_modules": ["q_proj"], "apply_lora_to_mlp": False,
+                   "apply_lora_to_output": False, "rank": 8, "alpha": 16}
         return Recipe(objective="sft", model_path="m", train=DataSource("d.jsonl", {}),
-                      output_dir=str(tmp_path), **kw)
+                      output_dir=str(tmp_path), algorithm_config=adapter, **kw)
 
     native = torch.bfloat16 if bf16_matmul_is_fast() else torch.float32
     assert base_dtype(recipe(algorithm="lora"), "cpu") == native

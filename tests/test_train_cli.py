@@ -81,3 +81,35 @@ def test_fsdp_cpu_offload_alone_is_refused_as_the_http_api_refuses_it(tiny_model
     error = done.stderr.strip().splitlines()
     assert len(error) == 1 and "--fsdp-cpu-offload" in error[0] and "--fsdp," in error[0], error
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--algorithm", "lora", "--dtype", "bf16"], "dtype"),   # a bf16 base under FSDP
+    (["--algorithm", "lora", "--rank", "0"], "rank"),        # the adapter config
+    (["--label-smoothing", "0.5"], "label_smoothing"),       # the DPO options
+])
+def test_a_refused_fsdp_run_is_refused_before_any_rank_starts(tiny_model: str, tmp_path: Path,
+                                                              flags: list[str], field: str) -> None:
+    """--nproc-per-node 2 starts torch's launcher; a recipe it would refuse is one line from
+    this process, naming the field, before the launcher starts a rank (whose failure would
+    read "rank N: ...")."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green."}) + "\n")
+    out = tmp_path / "out"
+    done = train("dpo", "--dataset", str(data), "--model", tiny_model, "--output", str(out),
+                 "--nproc-per-node", "2", *flags)
+    assert done.returncode == 2, done.stderr
+    error = done.stderr.strip().splitlines()
+    assert len(error) == 1 and "rank 0" not in error[0] and field in error[0], error
+    assert not out.exists()
+
+
+def test_reward_training_under_fsdp_is_refused_before_any_rank_starts(tiny_model: str,
+                                                                      tmp_path: Path) -> None:
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green."}) + "\n")
+    done = train("reward", "--dataset", str(data), "--model", tiny_model, "--output",
+                 str(tmp_path / "out"), "--nproc-per-node", "2")
+    assert done.returncode == 2, done.stderr
+    error = done.stderr.strip().splitlines()
+    assert len(error) == 1 and "reward-model training does not run under FSDP" in error[0], error

@@ -14,7 +14,7 @@ from llama_engine.datasets import check_columns
 from llama_engine.datasets.columns import PREFERENCE, SFT as SFT_TASK, check_trainer_columns
 from llama_engine.training.distributed import (launched_by_torchrun, nproc_per_node_arg,
                                                run_launcher)
-from llama_engine.training.loop import DPO, OBJECTIVES, SFT, DPOParams, TrainingOptions
+from llama_engine.training.loop import OBJECTIVES, SFT, DPOParams, TrainingOptions
 from llama_engine.training.optim import OPTIMIZERS
 from llama_engine.training.recipe import ADAPTER_ALGORITHMS, FULL, DataSource, Recipe, run
 from llama_engine.training.tokenization import DEFAULT_MAX_SEQ_LEN
@@ -127,10 +127,33 @@ def finish_loss_plot(fig, axes: list, path: Path | str) -> None:
     plt.close(fig)
 
 
+def _recipe(args: argparse.Namespace) -> Recipe:
+    """The run the flags describe, every check that needs no model done (the data's
+    columns against every row, the options together, the adapter config). Raises
+    ValueError naming what is wrong."""
+    from llama_engine.loader import default_model_path
+    options = TrainingOptions(
+        objective=args.objective, n_epochs=args.epochs, batch_size=args.batch_size,
+        shuffle=not args.no_shuffle, n_iters=args.n_iters, optimizer_type=args.optimizer,
+        lr=args.lr, lr_min=args.lr_min, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, seed=args.seed,
+        checkpoint_every_n_steps=args.checkpoint_every,
+        dpo=DPOParams(args.beta, args.reward_clip, args.label_smoothing, args.gamma))
+    return Recipe(
+        objective=args.objective, model_path=args.model or default_model_path(),
+        train=_source(args.dataset, args.objective), output_dir=args.output, options=options,
+        validation=_source(args.validation_dataset, args.objective) if args.validation_dataset else None,
+        algorithm=args.algorithm, algorithm_config=_algorithm_config(args),
+        max_seq_len=args.max_seq_len,
+        activation_checkpointing=args.activation_checkpointing, dtype=args.dtype,
+        fsdp=args.fsdp or args.nproc_per_node > 1,
+        fsdp_cpu_offload=args.fsdp_cpu_offload, nproc_per_node=args.nproc_per_node)
+
+
 def run_train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
-    from llama_engine.loader import default_model_path
 
+    recipe = _recipe(args)  # a refused run is refused here, before any rank starts
     if args.nproc_per_node > 1 and not launched_by_torchrun():
         # each rank runs this same command line; the launcher's reason is the run's error
         reason = run_launcher(args.nproc_per_node, "llama_engine.cli", args.argv)
@@ -140,24 +163,6 @@ def run_train(args: argparse.Namespace) -> None:
         return
     writer = int(os.environ.get("RANK", "0")) == 0
 
-    if args.objective == DPO and not 0 <= args.label_smoothing < 0.5:
-        raise ValueError("--label-smoothing must be in [0, 0.5)")
-    options = TrainingOptions(
-        objective=args.objective, n_epochs=args.epochs, batch_size=args.batch_size,
-        shuffle=not args.no_shuffle, n_iters=args.n_iters, optimizer_type=args.optimizer,
-        lr=args.lr, lr_min=args.lr_min, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, seed=args.seed,
-        checkpoint_every_n_steps=args.checkpoint_every,
-        dpo=DPOParams(args.beta, args.reward_clip, args.label_smoothing, args.gamma))
-    recipe = Recipe(
-        objective=args.objective, model_path=args.model or default_model_path(),
-        train=_source(args.dataset, args.objective), output_dir=args.output, options=options,
-        validation=_source(args.validation_dataset, args.objective) if args.validation_dataset else None,
-        algorithm=args.algorithm, algorithm_config=_algorithm_config(args),
-        max_seq_len=args.max_seq_len,
-        activation_checkpointing=args.activation_checkpointing, dtype=args.dtype,
-        fsdp=args.fsdp or args.nproc_per_node > 1,
-        fsdp_cpu_offload=args.fsdp_cpu_offload, nproc_per_node=args.nproc_per_node)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     bar = tqdm(unit="step", dynamic_ncols=True, disable=True)  # shown once training starts

@@ -14,8 +14,9 @@ from llama_engine.datasets import parse_rows
 from llama_engine.datasets.source import Content
 from llama_engine.training.distributed import (SINGLE_PROCESS, FSDPOptions, close_data_parallel,
                                                init_data_parallel, launched_by_torchrun)
-from llama_engine.training.loop import (DPO, SFT, CheckpointFn, DPOParams, Item, LogFn, Trainer,
-                                        TrainingOptions, TrainingResult)
+from llama_engine.training.loop import (DPO, REWARD, REWARD_UNDER_FSDP, SFT, CheckpointFn,
+                                        DPOParams, Item, LogFn, Trainer, TrainingOptions,
+                                        TrainingResult)
 from llama_engine.training.model import TrainableModel
 from llama_engine.training.losses import IGNORE_INDEX
 from llama_engine.training.tokenization import (DEFAULT_MAX_SEQ_LEN, PreferencePair, preference_pair,
@@ -80,6 +81,13 @@ class Recipe:
                              "(memory_efficient_fsdp_wrap)")
         if self.fsdp_cpu_offload and not self.fsdp:
             raise ValueError(FSDP_CPU_OFFLOAD_NEEDS_FSDP)
+        if self.objective == REWARD and self.fsdp:
+            raise ValueError(f"fsdp: {REWARD_UNDER_FSDP}")
+        if self.algorithm not in (FULL,) + ADAPTER_ALGORITHMS:
+            raise ValueError(f"algorithm: unknown {self.algorithm!r}; known: "
+                             f"{', '.join((FULL,) + ADAPTER_ALGORITHMS)}")
+        if self.algorithm in ADAPTER_ALGORITHMS:
+            lora_spec(self)  # the adapter config's own checks (rank, alpha, modules)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,27 +151,23 @@ def base_dtype(recipe: Recipe, device: str) -> torch.dtype:
 
 
 def build_model(recipe: Recipe) -> TrainableModel:
-    """The TrainableModel for the recipe's algorithm: full fine-tuning, or adapters (LoRA,
-    DoRA; QLoRA over an NF4 base). Raises ValueError for an unknown algorithm or a bad
-    adapter config."""
+    """The TrainableModel for the recipe's algorithm (checked by ``Recipe``): full
+    fine-tuning, or adapters (LoRA, DoRA; QLoRA over an NF4 base)."""
     device = default_device()
     if recipe.algorithm == FULL:
         from llama_engine.training.full import FullFineTune
         return FullFineTune(recipe.model_path, keep_reference=recipe.objective == DPO,
                             activation_checkpointing=bool(recipe.activation_checkpointing),
                             device=device)
-    if recipe.algorithm in ADAPTER_ALGORITHMS:
-        from llama_engine.training.lora import QLORA, AdapterFineTune
-        model = AdapterFineTune(recipe.model_path, lora_spec(recipe),
-                                quantize_base=recipe.algorithm == QLORA,
-                                activation_checkpointing=recipe.activation_checkpointing,
-                                seed=recipe.options.seed, device=device,
-                                base_dtype=base_dtype(recipe, device))
-        if recipe.adapter_path:
-            model.load_checkpoint(Path(recipe.adapter_path))
-        return model
-    raise ValueError(f"algorithm: unknown {recipe.algorithm!r}; known: "
-                     f"{', '.join((FULL,) + ADAPTER_ALGORITHMS)}")
+    from llama_engine.training.lora import QLORA, AdapterFineTune
+    model = AdapterFineTune(recipe.model_path, lora_spec(recipe),
+                            quantize_base=recipe.algorithm == QLORA,
+                            activation_checkpointing=recipe.activation_checkpointing,
+                            seed=recipe.options.seed, device=device,
+                            base_dtype=base_dtype(recipe, device))
+    if recipe.adapter_path:
+        model.load_checkpoint(Path(recipe.adapter_path))
+    return model
 
 
 def load_items(tokenizer: Any, source: DataSource, objective: str, max_seq_len: int) -> list[Item]:
