@@ -166,6 +166,25 @@ def test_bad_requests_name_the_field(server, data_file, overrides, param) -> Non
     assert missing.status_code == 404  # nothing was queued
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"training_config.fsdp_cpu_offload": True},
+     "training_config.fsdp_cpu_offload: keeps FSDP's shards in host memory: it needs FSDP "
+     "(training_config.memory_efficient_fsdp_wrap)"),
+    ({"training_config.dtype": "bf16", "algorithm": "lora",
+      "training_config.memory_efficient_fsdp_wrap": True},
+     "training_config.dtype: bf16 is not offered under FSDP "
+     "(training_config.memory_efficient_fsdp_wrap); use fp32"),
+])
+def test_recipe_refusals_name_the_request_fields(server, data_file, overrides, message) -> None:
+    """The recipe's checks (shared with the CLI, which names its flags) name the request's
+    fields here, in the message as in ``param``."""
+    response = post(server, "/post_training/supervised_fine_tune/",
+                    sft_request("refused", data_file, **overrides))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["message"], error["param"]) == (message, message.split(":")[0])
+
+
 def test_unknown_job_is_404(server) -> None:
     for method, path in (("GET", "status"), ("GET", "logs"), ("GET", "artifacts"), ("POST", "cancel")):
         response = requests.request(method, f"{server.base_url}/post_training/job/{path}",

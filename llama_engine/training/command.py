@@ -12,6 +12,7 @@ from pathlib import Path
 
 from llama_engine.datasets import check_columns
 from llama_engine.datasets.columns import PREFERENCE, SFT as SFT_TASK, check_trainer_columns
+from llama_engine.errors import RecipeError
 from llama_engine.training.distributed import (launched_by_torchrun, nproc_per_node_arg,
                                                run_launcher)
 from llama_engine.training.loop import OBJECTIVES, SFT, DPOParams, TrainingOptions
@@ -21,6 +22,13 @@ from llama_engine.training.tokenization import DEFAULT_MAX_SEQ_LEN
 
 LOSS_CURVE_FILE = "loss_curve.png"
 METRICS_FILE = "metrics.jsonl"
+# The recipe's options whose flag is not "--" + the option's name with dashes (cli_flag).
+FLAGS = {"model_path": "--model", "train": "--dataset", "validation": "--validation-dataset",
+         "output_dir": "--output", "n_epochs": "--epochs", "shuffle": "--no-shuffle",
+         "optimizer_type": "--optimizer", "checkpoint_every_n_steps": "--checkpoint-every",
+         "lora_attn_modules": "--lora-modules", "apply_lora_to_mlp": "--lora-mlp",
+         "apply_lora_to_output": "--lora-output", "use_rslora": "--rslora",
+         "fsdp": "--fsdp / --nproc-per-node"}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +81,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsdp-cpu-offload", action="store_true",
                         help="FSDP keeps parameter, gradient and optimizer shards in host memory "
                              "(with --fsdp or --nproc-per-node N > 1; alone it is refused)")
+
+
+def cli_flag(option: str) -> str:
+    """The flag that sets a recipe option (a RecipeError's field): max_seq_len is
+    --max-seq-len, n_epochs --epochs."""
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
 
 
 def _source(path: str, objective: str) -> DataSource:
@@ -151,6 +165,15 @@ def _recipe(args: argparse.Namespace) -> Recipe:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    """Train as the flags say (``add_train_arguments``). Raises ValueError naming the flag
+    at fault for a refused run."""
+    try:
+        _train(args)
+    except RecipeError as e:  # the recipe's names for options are the HTTP API's; here, flags
+        raise ValueError(e.render(cli_flag)) from None
+
+
+def _train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     recipe = _recipe(args)  # a refused run is refused here, before any rank starts

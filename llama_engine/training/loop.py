@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from llama_engine.errors import RecipeError
 from llama_engine.training.batching import PackedBatch, batches_per_epoch, epoch_batches, pack
 from llama_engine.training.checkpoint import TRAINING_STATE_FILE
 from llama_engine.training.distributed import (SINGLE_PROCESS, DataParallel, FSDPOptions,
@@ -48,7 +49,7 @@ class DPOParams:
 
     def __post_init__(self) -> None:
         if not 0 <= self.label_smoothing < 0.5:  # 0.5 would make chosen and rejected alike
-            raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+            raise RecipeError("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from llama_engine.datasets import parse_rows
+from llama_engine.errors import RecipeError
 from llama_engine.datasets.source import Content
 from llama_engine.training.distributed import (SINGLE_PROCESS, FSDPOptions, close_data_parallel,
                                                init_data_parallel, launched_by_torchrun)
@@ -30,11 +31,6 @@ ADAPTER_ALGORITHMS = ("lora", "qlora", "dora")
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-# As the spec's TrainingConfig has it, CPU offload is an option of FSDP, not a way to ask for
-# it: the HTTP API (training_config) and the CLI (flags) refuse it alone alike.
-FSDP_CPU_OFFLOAD_NEEDS_FSDP = (
-    "fsdp_cpu_offload (--fsdp-cpu-offload) keeps FSDP's shards in host memory: it needs FSDP, "
-    "memory_efficient_fsdp_wrap (--fsdp, or --nproc-per-node N > 1)")
 
 @dataclass(frozen=True)
 class DataSource:
@@ -66,26 +62,28 @@ class Recipe:
     nproc_per_node: int = 1             # ranks torch's launcher starts for a job
 
     def __post_init__(self) -> None:
+        """Every check that needs neither the model nor the data, so that a front end
+        refuses a run before it starts any process. Raises RecipeError."""
         if self.dtype is not None and self.dtype not in BASE_DTYPES:
-            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(BASE_DTYPES)}")
+            raise RecipeError("dtype", f"{self.dtype!r} is not one of {', '.join(BASE_DTYPES)}")
         if self.dtype == "bf16" and self.algorithm == FULL:
-            raise ValueError("dtype: bf16 holds a frozen base in bfloat16 under adapters "
-                             "(lora, qlora, dora); full fine-tuning trains every weight in fp32")
+            raise RecipeError("dtype", "bf16 holds a frozen base in bfloat16 under adapters "
+                              "(lora, qlora, dora); full fine-tuning trains every weight in fp32")
         if self.dtype == "bf16" and self.fsdp:
-            raise ValueError("dtype: bf16 is not offered under FSDP "
-                             "(memory_efficient_fsdp_wrap); use fp32")
+            raise RecipeError("dtype", "bf16 is not offered under FSDP (`fsdp`); use fp32")
         if self.nproc_per_node < 1:
-            raise ValueError(f"nproc_per_node: must be at least 1, got {self.nproc_per_node}")
+            raise RecipeError("nproc_per_node", f"must be at least 1, got {self.nproc_per_node}")
         if self.nproc_per_node > 1 and not self.fsdp:
-            raise ValueError("nproc_per_node: several processes train only under FSDP "
-                             "(memory_efficient_fsdp_wrap)")
+            raise RecipeError("nproc_per_node", "several processes train only under FSDP (`fsdp`)")
         if self.fsdp_cpu_offload and not self.fsdp:
-            raise ValueError(FSDP_CPU_OFFLOAD_NEEDS_FSDP)
+            # as the spec's TrainingConfig has it: an option of FSDP, not a way to ask for it
+            raise RecipeError("fsdp_cpu_offload", "keeps FSDP's shards in host memory: it "
+                              "needs FSDP (`fsdp`)")
         if self.objective == REWARD and self.fsdp:
-            raise ValueError(f"fsdp: {REWARD_UNDER_FSDP}")
+            raise RecipeError("fsdp", REWARD_UNDER_FSDP)
         if self.algorithm not in (FULL,) + ADAPTER_ALGORITHMS:
-            raise ValueError(f"algorithm: unknown {self.algorithm!r}; known: "
-                             f"{', '.join((FULL,) + ADAPTER_ALGORITHMS)}")
+            raise RecipeError("algorithm", f"unknown {self.algorithm!r}; known: "
+                              f"{', '.join((FULL,) + ADAPTER_ALGORITHMS)}")
         if self.algorithm in ADAPTER_ALGORITHMS:
             lora_spec(self)  # the adapter config's own checks (rank, alpha, modules)
 
@@ -128,8 +126,8 @@ def adapter_start(folder: str | Path) -> AdapterStart:
 
 def lora_spec(recipe: Recipe):
     """The recipe's adapter configuration (``lora.LoRASpec``): the starting adapter's, or
-    the algorithm config's (rsLoRA scaling when it says ``use_rslora``). Raises ValueError
-    for a bad config."""
+    the algorithm config's (rsLoRA scaling when it says ``use_rslora``). Raises RecipeError
+    for a bad config, ValueError for an unreadable adapter folder."""
     from llama_engine.training.lora import LoRASpec, read_adapter_config
     if recipe.adapter_path:
         return LoRASpec.from_peft_config(read_adapter_config(Path(recipe.adapter_path)))
@@ -173,15 +171,15 @@ def build_model(recipe: Recipe) -> TrainableModel:
 def load_items(tokenizer: Any, source: DataSource, objective: str, max_seq_len: int) -> list[Item]:
     """Tokenized examples (SFT) or preference pairs (DPO, reward) of ``source``'s rows,
     without those that ``max_seq_len`` cut before any token with a loss (their loss would be
-    0 / 0). Raises ValueError naming ``max_seq_len`` when that leaves none."""
+    0 / 0). Raises RecipeError naming ``max_seq_len`` when that leaves none."""
     if objective == SFT:
         items = [sft_example(tokenizer, row, max_seq_len) for row in source.rows()]
     else:
         items = [preference_pair(tokenizer, row, max_seq_len) for row in source.rows()]
     kept = [item for item in items if _has_loss_terms(item)]
     if items and not kept:
-        raise ValueError(f"max_seq_len: {max_seq_len} tokens leave no example a token to learn "
-                         f"(all {len(items)} are cut inside the prompt); raise max_seq_len")
+        raise RecipeError("max_seq_len", f"{max_seq_len} tokens leave no example a token to "
+                          f"learn (all {len(items)} are cut inside the prompt); raise it")
     return kept
 
 
