@@ -111,6 +111,7 @@ def test_sft_job_completes_streams_logs_and_writes_hf_checkpoints(server, data_f
     body = sft_request("sft-1", data_file, **{"dataset.metadata": {"dataset_id": "codes"}})
     accepted = post(server, "/post_training/supervised_fine_tune/", body)
     assert accepted.status_code == 200, accepted.text
+    assert accepted.json() == {"job_uuid": "sft-1"}  # Llama Stack's PostTrainingJob
     assert post(server, "/post_training/supervised_fine_tune/", body).status_code == 409
 
     records = list(log_records(server, "sft-1"))  # ends when the job ends
@@ -202,7 +203,9 @@ def test_jobs_queue_and_cancel(server, data_file) -> None:
     assert status(server, "queued")["status"] == "scheduled"  # the device is taken
     records = log_records(server, "long")
     next(r for r in records if "loss" in r)  # it trains
-    assert post(server, "/post_training/job/cancel", job_uuid="long").status_code == 200
+    cancelled = post(server, "/post_training/job/cancel", job_uuid="long")
+    # the spec's and Llama Stack's cancel returns nothing: an empty body, not JSON null
+    assert (cancelled.status_code, cancelled.content) == (200, b"")
     assert status(server, "long")["status"] == "failed"
     assert any(r.get("reason") == "cancelled by the user" for r in records)  # the stream ends
     wait_for(server, "queued", lambda s: s["status"] == "running", "started after the cancel")
@@ -254,6 +257,7 @@ def test_dpo_job_from_the_sft_checkpoint(server, tmp_path) -> None:
         assert (refused.status_code, refused.json()["error"]["param"]) == (400, param), refused.text
     accepted = post(server, "/post_training/preference_optimize/", body)
     assert accepted.status_code == 200, accepted.text
+    assert accepted.json() == {"job_uuid": "dpo-1"}
     steps = [r for r in log_records(server, "dpo-1") if "loss" in r]
     assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 1
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(steps[1])

@@ -177,7 +177,7 @@ class PostTrainingService:
         if self.jobs.store.exists(job_uuid):
             raise ConflictError(f"job_uuid: job {job_uuid!r} already exists", param="job_uuid")
 
-    async def supervised_fine_tune(self, request: pt.PostTrainingSFTRequest) -> None:
+    async def supervised_fine_tune(self, request: pt.PostTrainingSFTRequest) -> pt.PostTrainingJob:
         def submit() -> None:
             self._refuse_duplicate(request.job_uuid)
             model_path = self.resolve_model_path(request.model)
@@ -187,8 +187,9 @@ class PostTrainingService:
                                   DPOParams())
             self._submit(request.job_uuid, recipe)
         await asyncio.to_thread(submit)
+        return pt.PostTrainingJob(job_uuid=request.job_uuid)
 
-    async def preference_optimize(self, request: pt.PostTrainingRLHFRequest) -> None:
+    async def preference_optimize(self, request: pt.PostTrainingRLHFRequest) -> pt.PostTrainingJob:
         def submit() -> None:
             self._refuse_duplicate(request.job_uuid)
             path = _file_url_path(request.finetuned_model, "finetuned_model")
@@ -206,6 +207,7 @@ class PostTrainingService:
                 recipe = self._recipe(request, DPO, str(path), FULL, None, dpo)
             self._submit(request.job_uuid, recipe)
         await asyncio.to_thread(submit)
+        return pt.PostTrainingJob(job_uuid=request.job_uuid)
 
     # ---- jobs ---------------------------------------------------------------------------
     def _job(self, job_uuid: str) -> JobRecord:

@@ -163,6 +163,13 @@ class PostTrainingRLHFRequest(TrainingRequest):
     algorithm_config: DPOAlignmentConfig
 
 
+class PostTrainingJob(StrictModel):
+    """A queued job (Llama Stack's answer to a training request; the draft spec returns
+    nothing): its status, logs and artifacts are read by this uuid."""
+
+    job_uuid: str
+
+
 class PostTrainingJobStatus(str, Enum):
     running = "running"
     completed = "completed"
