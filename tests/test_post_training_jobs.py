@@ -116,6 +116,10 @@ def test_sft_job_completes_streams_logs_and_writes_hf_checkpoints(server, data_f
 
     records = list(log_records(server, "sft-1"))  # ends when the job ends
     steps = [r for r in records if "loss" in r]
+    precision = [r for r in records if r.get("event") == "precision"]  # once, before step 1
+    assert precision == [{"event": "precision", "base_dtype": "fp32",
+                          "reason": "full fine-tuning trains every weight in fp32"}]
+    assert records.index(precision[0]) < records.index(steps[0])
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert {"epoch", "lr", "grad_norm", "tokens_per_s"} <= set(steps[0])
     assert steps[0]["lr"] == 0.0 and steps[1]["lr"] == pytest.approx(1e-4)  # 1 warm-up step

@@ -35,6 +35,8 @@ def test_sft_and_reward_runs(tiny_model: str, tmp_path: Path) -> None:
     done = train("sft", "--dataset", str(sft), "--model", tiny_model, "--output", str(out),
                  "--batch-size", "2", "--epochs", "2", "--lr", "1e-4")
     assert done.returncode == 0, done.stderr
+    assert "precision: base model in fp32 (full fine-tuning trains every weight in fp32)" in \
+        done.stdout.splitlines()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert (out / "loss_curve.png").read_bytes()[:8] == PNG_MAGIC

@@ -17,7 +17,8 @@ from llama_engine.training.distributed import (launched_by_torchrun, nproc_per_n
                                                run_launcher)
 from llama_engine.training.loop import OBJECTIVES, SFT, DPOParams, TrainingOptions
 from llama_engine.training.optim import OPTIMIZERS
-from llama_engine.training.recipe import ADAPTER_ALGORITHMS, FULL, DataSource, Recipe, run
+from llama_engine.training.recipe import (ADAPTER_ALGORITHMS, FULL, BasePrecision, DataSource,
+                                          Recipe, run)
 from llama_engine.training.tokenization import DEFAULT_MAX_SEQ_LEN
 
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -191,8 +192,10 @@ def _train(args: argparse.Namespace) -> None:
     bar = tqdm(unit="step", dynamic_ncols=True, disable=True)  # shown once training starts
     records: list[dict] = []
 
-    def on_start(trainer, total: int) -> None:
+    def on_start(trainer, total: int, precision: BasePrecision) -> None:
         nonlocal bar  # not before: a refused model or dataset prints its error alone
+        if writer:
+            print(precision.describe(), flush=True)
         bar = tqdm(total=total, unit="step", dynamic_ncols=True, disable=not writer)
 
     def on_log(record: dict) -> None:

@@ -135,22 +135,55 @@ def lora_spec(recipe: Recipe):
     return LoRASpec.from_config(recipe.algorithm, config, bool(config.get("use_rslora")))
 
 
-def base_dtype(recipe: Recipe, device: str) -> torch.dtype:
-    """The frozen base's dtype: the recipe's, else bfloat16 for adapters (single process)
+@dataclass(frozen=True)
+class BasePrecision:
+    """The precision a run holds its base model's weights in, and why: logged once at the
+    start of each run (a job's logs, the CLI's output)."""
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        """bf16 or fp32 (BASE_DTYPES' names, the request's and the CLI's)."""
+        return next(name for name, dtype in BASE_DTYPES.items() if dtype == self.dtype)
+
+    def record(self) -> dict[str, str]:
+        """The job-log record: {"event": "precision", "base_dtype": "bf16", "reason": ...}."""
+        return {"event": "precision", "base_dtype": self.name, "reason": self.reason}
+
+    def describe(self) -> str:
+        return f"precision: base model in {self.name} ({self.reason})"
+
+
+def base_precision(recipe: Recipe, device: str) -> BasePrecision:
+    """The base's precision: the recipe's dtype, else bfloat16 for adapters (single process)
     where the device multiplies it natively (a GPU, or a CPU with AMX / AVX512-BF16), as
-    torchtune's and Llama Stack's default, else float32."""
+    torchtune's and Llama Stack's default, else float32 (full fine-tuning, FSDP, a CPU
+    that would emulate bfloat16)."""
     if recipe.dtype is not None:
-        return BASE_DTYPES[recipe.dtype]
-    if recipe.algorithm == FULL or recipe.fsdp:
-        return torch.float32
-    from llama_engine.kernels import bf16_matmul_is_fast
-    native = torch.cuda.is_bf16_supported() if device == "cuda" else bf16_matmul_is_fast()
-    return torch.bfloat16 if native else torch.float32
+        return BasePrecision(BASE_DTYPES[recipe.dtype], "as requested")
+    if recipe.algorithm == FULL:
+        return BasePrecision(torch.float32, "full fine-tuning trains every weight in fp32")
+    if recipe.fsdp:
+        return BasePrecision(torch.float32, "FSDP shards an fp32 base (bf16 is not offered "
+                             "under FSDP)")
+    if device == "cuda":
+        native, unit = torch.cuda.is_bf16_supported(), "this GPU"
+    else:
+        from llama_engine.kernels import bf16_matmul_is_fast
+        native, unit = bf16_matmul_is_fast(), "this CPU (AMX / AVX512-BF16)"
+    if native:
+        return BasePrecision(torch.bfloat16, f"the default for adapters in one process: {unit} "
+                             "multiplies bfloat16 natively; adapters, norms, attention, loss "
+                             "and optimizer stay fp32")
+    return BasePrecision(torch.float32, f"the default for adapters where {unit} does not "
+                         "multiply bfloat16 natively (emulated bfloat16 is slower than fp32)")
 
 
-def build_model(recipe: Recipe) -> TrainableModel:
+def build_model(recipe: Recipe, base_dtype: torch.dtype) -> TrainableModel:
     """The TrainableModel for the recipe's algorithm (checked by ``Recipe``): full
-    fine-tuning, or adapters (LoRA, DoRA; QLoRA over an NF4 base)."""
+    fine-tuning (float32), or adapters over a ``base_dtype`` base (LoRA, DoRA; QLoRA over
+    an NF4 base that dequantizes to it)."""
     device = default_device()
     if recipe.algorithm == FULL:
         from llama_engine.training.full import FullFineTune
@@ -161,8 +194,7 @@ def build_model(recipe: Recipe) -> TrainableModel:
     model = AdapterFineTune(recipe.model_path, lora_spec(recipe),
                             quantize_base=recipe.algorithm == QLORA,
                             activation_checkpointing=recipe.activation_checkpointing,
-                            seed=recipe.options.seed, device=device,
-                            base_dtype=base_dtype(recipe, device))
+                            seed=recipe.options.seed, device=device, base_dtype=base_dtype)
     if recipe.adapter_path:
         model.load_checkpoint(Path(recipe.adapter_path))
     return model
@@ -190,9 +222,11 @@ def _has_loss_terms(item: Item) -> bool:
 
 def run(recipe: Recipe, on_log: LogFn = lambda record: None,
         on_checkpoint: CheckpointFn = lambda step, path: None,
-        on_start: Callable[[Trainer, int], None] = lambda trainer, total: None) -> TrainingResult:
+        on_start: Callable[[Trainer, int, BasePrecision], None] = lambda *started: None
+        ) -> TrainingResult:
     """Build the model, tokenize the data, train (resuming from the latest checkpoint under
-    ``output_dir`` if any). ``on_start`` gets the trainer and the number of steps.
+    ``output_dir`` if any). ``on_start`` gets the trainer, the number of steps and the
+    base's precision (to log) on every rank.
 
     Under FSDP (the recipe asks for it, or this process is one rank of a
     ``torch.distributed.run`` launch) this process joins the process group first and
@@ -200,14 +234,15 @@ def run(recipe: Recipe, on_log: LogFn = lambda record: None,
     distributed = recipe.fsdp or launched_by_torchrun()
     group = init_data_parallel(default_device()) if distributed else SINGLE_PROCESS
     try:
-        model = build_model(recipe)
+        precision = base_precision(recipe, default_device())
+        model = build_model(recipe, precision.dtype)
         tokenizer = model.tokenizer
         items = load_items(tokenizer, recipe.train, recipe.objective, recipe.max_seq_len)
         validation = (load_items(tokenizer, recipe.validation, recipe.objective, recipe.max_seq_len)
                       if recipe.validation else [])
         trainer = Trainer(model, recipe.options, Path(recipe.output_dir), on_log, on_checkpoint,
                           group, FSDPOptions(recipe.fsdp_cpu_offload) if distributed else None)
-        on_start(trainer, recipe.options.total_steps(len(items)))
+        on_start(trainer, recipe.options.total_steps(len(items)), precision)
         return trainer.train(items, validation)
     finally:
         if distributed:
