@@ -2,6 +2,11 @@
 parameters, the engine, a server in front of them) raises and reads the same type."""
 from __future__ import annotations
 
+import re
+from typing import Callable
+
+_MENTION = re.compile(r"`(\w+)`")  # an option named inside a RecipeError's reason
+
 
 class RequestValidationError(ValueError):
     """A request the engine will not run. ``field`` names the offending request parameter
@@ -22,3 +27,20 @@ class NotFoundError(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else self.default_message
+
+
+class RecipeError(RequestValidationError):
+    """A training run refused. ``field`` is the recipe's name of the option at fault (a
+    ``training.recipe.Recipe``, ``TrainingOptions`` or ``DPOParams`` field, or a key of the
+    adapter config); ``reason`` names any other option it involves in backticks (`fsdp`).
+    Each front end names options its own way through ``render``: the CLI its flags, the
+    HTTP API its request fields. ``str()`` keeps the recipe's names."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(field, reason)
+        self.args = (self.render(lambda option: option),)
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """``"field: reason"`` with every option (the field, each `option` in the reason)
+        called ``name(option)``."""
+        return f"{name(self.field)}: " + _MENTION.sub(lambda m: name(m[1]), self.reason)

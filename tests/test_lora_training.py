@@ -331,19 +331,28 @@ def test_bfloat16_base_trains_within_its_rounding_of_float32(tiny_model: str, me
 
 
 def test_base_dtype_defaults_and_refusals(tmp_path: Path) -> None:
-    from llama_engine.kernels import bf16_matmul_is_fast
-    from llama_engine.training.recipe import DataSource, Recipe, base_dtype
+    from llama_engine.training.recipe import DataSource, Recipe, base_precision
 
     def recipe(**kw) -> Recipe:
+        adapter = {"lora_attn_modules": ["q_proj"], "apply_lora_to_mlp": False,
+                   "apply_lora_to_output": False, "rank": 8, "alpha": 16}
         return Recipe(objective="sft", model_path="m", train=DataSource("d.jsonl", {}),
-                      output_dir=str(tmp_path), **kw)
+                      output_dir=str(tmp_path), algorithm_config=adapter, **kw)
 
-    native = torch.bfloat16 if bf16_matmul_is_fast() else torch.float32
-    assert base_dtype(recipe(algorithm="lora"), "cpu") == native
-    assert base_dtype(recipe(algorithm="qlora", dtype="fp32"), "cpu") == torch.float32
-    assert base_dtype(recipe(algorithm="lora", dtype="bf16"), "cpu") == torch.bfloat16
-    assert base_dtype(recipe(algorithm="full"), "cpu") == torch.float32
-    assert base_dtype(recipe(algorithm="lora", fsdp=True), "cpu") == torch.float32
+    def base(**kw) -> tuple[str, str]:
+        precision = base_precision(recipe(**kw), "cpu")
+        return precision.name, precision.reason
+
+    # the CPU's own word on native bfloat16 matmuls (oneDNN's AMX or AVX512-BF16 kernels)
+    native = torch.backends.mkldnn.is_available() and (
+        torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    name, reason = base(algorithm="lora")
+    assert name == ("bf16" if native else "fp32")
+    assert reason.startswith("the default for adapters") and ("does not" not in reason) == native
+    assert base(algorithm="qlora", dtype="fp32") == ("fp32", "as requested")
+    assert base(algorithm="lora", dtype="bf16") == ("bf16", "as requested")
+    assert base(algorithm="full") == ("fp32", "full fine-tuning trains every weight in fp32")
+    assert base(algorithm="lora", fsdp=True)[0] == "fp32"
     for kw in ({"algorithm": "full", "dtype": "bf16"}, {"algorithm": "lora", "dtype": "fp16"},
                {"algorithm": "lora", "dtype": "bf16", "fsdp": True}):
         with pytest.raises(ValueError, match="^dtype: "):

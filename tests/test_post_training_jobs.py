@@ -111,10 +111,15 @@ def test_sft_job_completes_streams_logs_and_writes_hf_checkpoints(server, data_f
     body = sft_request("sft-1", data_file, **{"dataset.metadata": {"dataset_id": "codes"}})
     accepted = post(server, "/post_training/supervised_fine_tune/", body)
     assert accepted.status_code == 200, accepted.text
+    assert accepted.json() == {"job_uuid": "sft-1"}  # Llama Stack's PostTrainingJob
     assert post(server, "/post_training/supervised_fine_tune/", body).status_code == 409
 
     records = list(log_records(server, "sft-1"))  # ends when the job ends
     steps = [r for r in records if "loss" in r]
+    precision = [r for r in records if r.get("event") == "precision"]  # once, before step 1
+    assert precision == [{"event": "precision", "base_dtype": "fp32",
+                          "reason": "full fine-tuning trains every weight in fp32"}]
+    assert records.index(precision[0]) < records.index(steps[0])
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert {"epoch", "lr", "grad_norm", "tokens_per_s"} <= set(steps[0])
     assert steps[0]["lr"] == 0.0 and steps[1]["lr"] == pytest.approx(1e-4)  # 1 warm-up step
@@ -166,6 +171,25 @@ def test_bad_requests_name_the_field(server, data_file, overrides, param) -> Non
     assert missing.status_code == 404  # nothing was queued
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"training_config.fsdp_cpu_offload": True},
+     "training_config.fsdp_cpu_offload: keeps FSDP's shards in host memory: it needs FSDP "
+     "(training_config.memory_efficient_fsdp_wrap)"),
+    ({"training_config.dtype": "bf16", "algorithm": "lora",
+      "training_config.memory_efficient_fsdp_wrap": True},
+     "training_config.dtype: bf16 is not offered under FSDP "
+     "(training_config.memory_efficient_fsdp_wrap); use fp32"),
+])
+def test_recipe_refusals_name_the_request_fields(server, data_file, overrides, message) -> None:
+    """The recipe's checks (shared with the CLI, which names its flags) name the request's
+    fields here, in the message as in ``param``."""
+    response = post(server, "/post_training/supervised_fine_tune/",
+                    sft_request("refused", data_file, **overrides))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["message"], error["param"]) == (message, message.split(":")[0])
+
+
 def test_unknown_job_is_404(server) -> None:
     for method, path in (("GET", "status"), ("GET", "logs"), ("GET", "artifacts"), ("POST", "cancel")):
         response = requests.request(method, f"{server.base_url}/post_training/job/{path}",
@@ -183,7 +207,9 @@ def test_jobs_queue_and_cancel(server, data_file) -> None:
     assert status(server, "queued")["status"] == "scheduled"  # the device is taken
     records = log_records(server, "long")
     next(r for r in records if "loss" in r)  # it trains
-    assert post(server, "/post_training/job/cancel", job_uuid="long").status_code == 200
+    cancelled = post(server, "/post_training/job/cancel", job_uuid="long")
+    # the spec's and Llama Stack's cancel returns nothing: an empty body, not JSON null
+    assert (cancelled.status_code, cancelled.content) == (200, b"")
     assert status(server, "long")["status"] == "failed"
     assert any(r.get("reason") == "cancelled by the user" for r in records)  # the stream ends
     wait_for(server, "queued", lambda s: s["status"] == "running", "started after the cancel")
@@ -235,6 +261,7 @@ def test_dpo_job_from_the_sft_checkpoint(server, tmp_path) -> None:
         assert (refused.status_code, refused.json()["error"]["param"]) == (400, param), refused.text
     accepted = post(server, "/post_training/preference_optimize/", body)
     assert accepted.status_code == 200, accepted.text
+    assert accepted.json() == {"job_uuid": "dpo-1"}
     steps = [r for r in log_records(server, "dpo-1") if "loss" in r]
     assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 1
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(steps[1])

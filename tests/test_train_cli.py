@@ -2,12 +2,16 @@
 transformers loads, one metrics record per step and a loss-curve PNG; bad data is one line."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+
+from llama_engine.errors import RecipeError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,6 +35,8 @@ def test_sft_and_reward_runs(tiny_model: str, tmp_path: Path) -> None:
     done = train("sft", "--dataset", str(sft), "--model", tiny_model, "--output", str(out),
                  "--batch-size", "2", "--epochs", "2", "--lr", "1e-4")
     assert done.returncode == 0, done.stderr
+    assert "precision: base model in fp32 (full fine-tuning trains every weight in fp32)" in \
+        done.stdout.splitlines()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert (out / "loss_curve.png").read_bytes()[:8] == PNG_MAGIC
@@ -64,7 +70,7 @@ def test_examples_cut_before_any_label_are_refused_not_trained_to_nan(tiny_model
     done = train("sft", "--dataset", str(data), "--model", tiny_model, "--output", str(out),
                  "--max-seq-len", "1")
     assert done.returncode != 0
-    assert "max_seq_len" in done.stderr
+    assert "error: --max-seq-len: 1 tokens" in done.stderr
     assert not (out / "step-1").exists()
 
 
@@ -79,5 +85,74 @@ def test_fsdp_cpu_offload_alone_is_refused_as_the_http_api_refuses_it(tiny_model
                  "--fsdp-cpu-offload")
     assert done.returncode == 2, done.stderr
     error = done.stderr.strip().splitlines()
-    assert len(error) == 1 and "--fsdp-cpu-offload" in error[0] and "--fsdp," in error[0], error
+    assert error == ["llama-engine: error: --fsdp-cpu-offload: keeps FSDP's shards in host "
+                     "memory: it needs FSDP (--fsdp / --nproc-per-node)"], error
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--algorithm", "lora", "--dtype", "bf16"], "--dtype"),   # a bf16 base under FSDP
+    (["--algorithm", "lora", "--rank", "0"], "--rank"),        # the adapter config
+    (["--label-smoothing", "0.5"], "--label-smoothing"),       # the DPO options
+])
+def test_a_refused_fsdp_run_is_refused_before_any_rank_starts(tiny_model: str, tmp_path: Path,
+                                                              flags: list[str], field: str) -> None:
+    """--nproc-per-node 2 starts torch's launcher; a recipe it would refuse is one line from
+    this process, naming the flag, before the launcher starts a rank (whose failure would
+    read "rank N: ...")."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green."}) + "\n")
+    out = tmp_path / "out"
+    done = train("dpo", "--dataset", str(data), "--model", tiny_model, "--output", str(out),
+                 "--nproc-per-node", "2", *flags)
+    assert done.returncode == 2, done.stderr
+    error = done.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"llama-engine: error: {field}: "), error
+    assert not out.exists()
+
+
+def test_reward_training_under_fsdp_is_refused_before_any_rank_starts(tiny_model: str,
+                                                                      tmp_path: Path) -> None:
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green."}) + "\n")
+    done = train("reward", "--dataset", str(data), "--model", tiny_model, "--output",
+                 str(tmp_path / "out"), "--nproc-per-node", "2")
+    assert done.returncode == 2, done.stderr
+    error = done.stderr.strip().splitlines()
+    assert error == ["llama-engine: error: --fsdp / --nproc-per-node: reward-model training "
+                     "does not run under FSDP (its score head sits outside the model); train it "
+                     "in one process"], error
+
+
+def test_a_bf16_base_under_fsdp_names_the_flags() -> None:
+    from llama_engine.training.command import cli_flag
+    from llama_engine.training.recipe import DataSource, Recipe
+    with pytest.raises(RecipeError) as refused:
+        Recipe("sft", "m", DataSource("d.jsonl", {}), "out", algorithm="lora", dtype="bf16",
+               fsdp=True)
+    assert refused.value.render(cli_flag) == \
+        "--dtype: bf16 is not offered under FSDP (--fsdp / --nproc-per-node); use fp32"
+    assert str(refused.value) == "dtype: bf16 is not offered under FSDP (fsdp); use fp32"
+
+
+def test_every_recipe_option_the_cli_sets_is_named_by_a_flag_it_has() -> None:
+    """cli_flag names the flag a refused option came from: for every option of the recipe,
+    its training options, its DPO options and its adapter config that a flag sets, that
+    flag must exist."""
+    from llama_engine.training.command import _algorithm_config, add_train_arguments, cli_flag
+    from llama_engine.training.loop import DPOParams, TrainingOptions
+    from llama_engine.training.recipe import Recipe
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    args = parser.parse_args(["sft", "--dataset", "d", "--output", "o", "--algorithm", "lora"])
+    containers = {"options", "dpo", "algorithm_config"}
+    not_flags = {"objective",     # the positional argument
+                 "adapter_path"}  # the HTTP API's finetuned_model; no flag
+    options = ([f.name for cls in (Recipe, TrainingOptions, DPOParams) for f in fields(cls)]
+               + list(_algorithm_config(args)))
+    named = [o for o in options if o not in containers | not_flags]
+    assert len(named) > 30
+    for option in named:
+        for flag in cli_flag(option).split(" / "):
+            assert flag in flags, (option, flag)

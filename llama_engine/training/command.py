@@ -12,15 +12,24 @@ from pathlib import Path
 
 from llama_engine.datasets import check_columns
 from llama_engine.datasets.columns import PREFERENCE, SFT as SFT_TASK, check_trainer_columns
+from llama_engine.errors import RecipeError
 from llama_engine.training.distributed import (launched_by_torchrun, nproc_per_node_arg,
                                                run_launcher)
-from llama_engine.training.loop import DPO, OBJECTIVES, SFT, DPOParams, TrainingOptions
+from llama_engine.training.loop import OBJECTIVES, SFT, DPOParams, TrainingOptions
 from llama_engine.training.optim import OPTIMIZERS
-from llama_engine.training.recipe import ADAPTER_ALGORITHMS, FULL, DataSource, Recipe, run
+from llama_engine.training.recipe import (ADAPTER_ALGORITHMS, FULL, BasePrecision, DataSource,
+                                          Recipe, run)
 from llama_engine.training.tokenization import DEFAULT_MAX_SEQ_LEN
 
 LOSS_CURVE_FILE = "loss_curve.png"
 METRICS_FILE = "metrics.jsonl"
+# The recipe's options whose flag is not "--" + the option's name with dashes (cli_flag).
+FLAGS = {"model_path": "--model", "train": "--dataset", "validation": "--validation-dataset",
+         "output_dir": "--output", "n_epochs": "--epochs", "shuffle": "--no-shuffle",
+         "optimizer_type": "--optimizer", "checkpoint_every_n_steps": "--checkpoint-every",
+         "lora_attn_modules": "--lora-modules", "apply_lora_to_mlp": "--lora-mlp",
+         "apply_lora_to_output": "--lora-output", "use_rslora": "--rslora",
+         "fsdp": "--fsdp / --nproc-per-node"}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +84,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "(with --fsdp or --nproc-per-node N > 1; alone it is refused)")
 
 
+def cli_flag(option: str) -> str:
+    """The flag that sets a recipe option (a RecipeError's field): max_seq_len is
+    --max-seq-len, n_epochs --epochs."""
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
 def _source(path: str, objective: str) -> DataSource:
     """The file's columns as the trainer reads them, checked against every row."""
     source = DataSource(str(Path(path).resolve()), {})
@@ -127,10 +142,42 @@ def finish_loss_plot(fig, axes: list, path: Path | str) -> None:
     plt.close(fig)
 
 
-def run_train(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
+def _recipe(args: argparse.Namespace) -> Recipe:
+    """The run the flags describe, every check that needs no model done (the data's
+    columns against every row, the options together, the adapter config). Raises
+    ValueError naming what is wrong."""
     from llama_engine.loader import default_model_path
+    options = TrainingOptions(
+        objective=args.objective, n_epochs=args.epochs, batch_size=args.batch_size,
+        shuffle=not args.no_shuffle, n_iters=args.n_iters, optimizer_type=args.optimizer,
+        lr=args.lr, lr_min=args.lr_min, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, seed=args.seed,
+        checkpoint_every_n_steps=args.checkpoint_every,
+        dpo=DPOParams(args.beta, args.reward_clip, args.label_smoothing, args.gamma))
+    return Recipe(
+        objective=args.objective, model_path=args.model or default_model_path(),
+        train=_source(args.dataset, args.objective), output_dir=args.output, options=options,
+        validation=_source(args.validation_dataset, args.objective) if args.validation_dataset else None,
+        algorithm=args.algorithm, algorithm_config=_algorithm_config(args),
+        max_seq_len=args.max_seq_len,
+        activation_checkpointing=args.activation_checkpointing, dtype=args.dtype,
+        fsdp=args.fsdp or args.nproc_per_node > 1,
+        fsdp_cpu_offload=args.fsdp_cpu_offload, nproc_per_node=args.nproc_per_node)
 
+
+def run_train(args: argparse.Namespace) -> None:
+    """Train as the flags say (``add_train_arguments``). Raises ValueError naming the flag
+    at fault for a refused run."""
+    try:
+        _train(args)
+    except RecipeError as e:  # the recipe's names for options are the HTTP API's; here, flags
+        raise ValueError(e.render(cli_flag)) from None
+
+
+def _train(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    recipe = _recipe(args)  # a refused run is refused here, before any rank starts
     if args.nproc_per_node > 1 and not launched_by_torchrun():
         # each rank runs this same command line; the launcher's reason is the run's error
         reason = run_launcher(args.nproc_per_node, "llama_engine.cli", args.argv)
@@ -140,31 +187,15 @@ def run_train(args: argparse.Namespace) -> None:
         return
     writer = int(os.environ.get("RANK", "0")) == 0
 
-    if args.objective == DPO and not 0 <= args.label_smoothing < 0.5:
-        raise ValueError("--label-smoothing must be in [0, 0.5)")
-    options = TrainingOptions(
-        objective=args.objective, n_epochs=args.epochs, batch_size=args.batch_size,
-        shuffle=not args.no_shuffle, n_iters=args.n_iters, optimizer_type=args.optimizer,
-        lr=args.lr, lr_min=args.lr_min, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, seed=args.seed,
-        checkpoint_every_n_steps=args.checkpoint_every,
-        dpo=DPOParams(args.beta, args.reward_clip, args.label_smoothing, args.gamma))
-    recipe = Recipe(
-        objective=args.objective, model_path=args.model or default_model_path(),
-        train=_source(args.dataset, args.objective), output_dir=args.output, options=options,
-        validation=_source(args.validation_dataset, args.objective) if args.validation_dataset else None,
-        algorithm=args.algorithm, algorithm_config=_algorithm_config(args),
-        max_seq_len=args.max_seq_len,
-        activation_checkpointing=args.activation_checkpointing, dtype=args.dtype,
-        fsdp=args.fsdp or args.nproc_per_node > 1,
-        fsdp_cpu_offload=args.fsdp_cpu_offload, nproc_per_node=args.nproc_per_node)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     bar = tqdm(unit="step", dynamic_ncols=True, disable=True)  # shown once training starts
     records: list[dict] = []
 
-    def on_start(trainer, total: int) -> None:
+    def on_start(trainer, total: int, precision: BasePrecision) -> None:
         nonlocal bar  # not before: a refused model or dataset prints its error alone
+        if writer:
+            print(precision.describe(), flush=True)
         bar = tqdm(total=total, unit="step", dynamic_ncols=True, disable=not writer)
 
     def on_log(record: dict) -> None:

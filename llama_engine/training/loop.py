@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from llama_engine.errors import RecipeError
 from llama_engine.training.batching import PackedBatch, batches_per_epoch, epoch_batches, pack
 from llama_engine.training.checkpoint import TRAINING_STATE_FILE
 from llama_engine.training.distributed import (SINGLE_PROCESS, DataParallel, FSDPOptions,
@@ -33,6 +34,8 @@ SCORE_HEAD_INIT_STD = 0.02  # transformers' initializer_range for Llama
 Item = Union[Example, PreferencePair]
 StepTerms = tuple[torch.Tensor, dict, int, int]  # loss sum, metric sums, tokens, loss terms
 LogFn = Callable[[dict], None]
+REWARD_UNDER_FSDP = ("reward-model training does not run under FSDP (its score head sits "
+                     "outside the model); train it in one process")
 CheckpointFn = Callable[[int, Path], None]
 
 
@@ -43,6 +46,10 @@ class DPOParams:
     reward_clip: float = 0.0
     label_smoothing: float = 0.0
     gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.label_smoothing < 0.5:  # 0.5 would make chosen and rejected alike
+            raise RecipeError("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)
@@ -127,8 +134,7 @@ class Trainer:
         if group.world_size > 1 and fsdp is None:
             raise ValueError("several ranks train only under FSDP (fsdp options)")
         if fsdp is not None and options.objective == REWARD:
-            raise ValueError("reward-model training does not run under FSDP (its score head "
-                             "sits outside the model); train it in one process")
+            raise ValueError(REWARD_UNDER_FSDP)
         self.model, self.options, self.output_dir = model, options, Path(output_dir)
         self.group = group
         if not group.is_writer:

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llama_engine import kernels
+from llama_engine.errors import RecipeError
 from llama_engine.loader import load_model
 from llama_engine.model.llama import Linear, Llama
 from llama_engine.quant import NF4_BLOCK, PackedWeight, quantize_nf4
@@ -70,14 +71,14 @@ class LoRASpec:
         known = ATTENTION_MODULES + MLP_MODULES + (OUTPUT_MODULE,)
         for name in self.target_modules:
             if name not in known:
-                raise ValueError(f"lora_attn_modules: unknown module {name!r}; known: "
-                                 f"{', '.join(known)} (and output_proj for o_proj)")
+                raise RecipeError("lora_attn_modules", f"unknown module {name!r}; known: "
+                                  f"{', '.join(known)} (and output_proj for o_proj)")
         if not self.target_modules:
-            raise ValueError("lora_attn_modules: no module to adapt")
+            raise RecipeError("lora_attn_modules", "no module to adapt")
         if self.rank <= 0:
-            raise ValueError(f"rank: must be positive, got {self.rank}")
+            raise RecipeError("rank", f"must be positive, got {self.rank}")
         if self.alpha <= 0:
-            raise ValueError(f"alpha: must be positive, got {self.alpha}")
+            raise RecipeError("alpha", f"must be positive, got {self.alpha}")
 
     @property
     def scale(self) -> float:
@@ -336,9 +337,9 @@ class AdapterFineTune(ShardableModel):
         ``bnb_4bit_compute_dtype=torch.bfloat16``. Raises ValueError for DoRA over NF4 or
         another base_dtype."""
         if quantize_base and spec.use_dora:
-            raise ValueError("algorithm: DoRA over an NF4 base is not offered; use dora or qlora")
+            raise RecipeError("algorithm", "DoRA over an NF4 base is not offered; use dora or qlora")
         if base_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype: the frozen base is float32 or bfloat16, not {base_dtype}")
+            raise RecipeError("dtype", f"the frozen base is float32 or bfloat16, not {base_dtype}")
         loaded = load_model(model_path, torch.float32, dequantize=not quantize_base)
         if quantize_base:
             nf4_base(loaded.weights)

@@ -7,6 +7,8 @@ from typing import Iterable
 
 import torch
 
+from llama_engine.errors import RecipeError
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DEFAULT_WARMUP_FRACTION = 0.05  # of all steps, when the request does not say
 
@@ -14,7 +16,7 @@ DEFAULT_WARMUP_FRACTION = 0.05  # of all steps, when the request does not say
 def build_optimizer(params: Iterable[torch.nn.Parameter], optimizer_type: str, lr: float,
                     weight_decay: float) -> torch.optim.Optimizer:
     """torch's Adam (weight decay as an L2 term in the gradient), AdamW (decoupled weight
-    decay, Loshchilov & Hutter 2019) or plain SGD. Raises ValueError for another name."""
+    decay, Loshchilov & Hutter 2019) or plain SGD. Raises RecipeError for another name."""
     params = list(params)
     if optimizer_type == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -22,7 +24,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optimizer_type: str, l
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if optimizer_type == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer_type: unknown optimizer {optimizer_type!r}; known: {', '.join(OPTIMIZERS)}")
+    raise RecipeError("optimizer_type", f"unknown optimizer {optimizer_type!r}; known: "
+                      f"{', '.join(OPTIMIZERS)}")
 
 
 def default_warmup_steps(total_steps: int) -> int:

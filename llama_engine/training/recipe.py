@@ -11,11 +11,13 @@ from typing import Any, Callable, Optional
 import torch
 
 from llama_engine.datasets import parse_rows
+from llama_engine.errors import RecipeError
 from llama_engine.datasets.source import Content
 from llama_engine.training.distributed import (SINGLE_PROCESS, FSDPOptions, close_data_parallel,
                                                init_data_parallel, launched_by_torchrun)
-from llama_engine.training.loop import (DPO, SFT, CheckpointFn, DPOParams, Item, LogFn, Trainer,
-                                        TrainingOptions, TrainingResult)
+from llama_engine.training.loop import (DPO, REWARD, REWARD_UNDER_FSDP, SFT, CheckpointFn,
+                                        DPOParams, Item, LogFn, Trainer, TrainingOptions,
+                                        TrainingResult)
 from llama_engine.training.model import TrainableModel
 from llama_engine.training.losses import IGNORE_INDEX
 from llama_engine.training.tokenization import (DEFAULT_MAX_SEQ_LEN, PreferencePair, preference_pair,
@@ -29,11 +31,6 @@ ADAPTER_ALGORITHMS = ("lora", "qlora", "dora")
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-# As the spec's TrainingConfig has it, CPU offload is an option of FSDP, not a way to ask for
-# it: the HTTP API (training_config) and the CLI (flags) refuse it alone alike.
-FSDP_CPU_OFFLOAD_NEEDS_FSDP = (
-    "fsdp_cpu_offload (--fsdp-cpu-offload) keeps FSDP's shards in host memory: it needs FSDP, "
-    "memory_efficient_fsdp_wrap (--fsdp, or --nproc-per-node N > 1)")
 
 @dataclass(frozen=True)
 class DataSource:
@@ -65,21 +62,30 @@ class Recipe:
     nproc_per_node: int = 1             # ranks torch's launcher starts for a job
 
     def __post_init__(self) -> None:
+        """Every check that needs neither the model nor the data, so that a front end
+        refuses a run before it starts any process. Raises RecipeError."""
         if self.dtype is not None and self.dtype not in BASE_DTYPES:
-            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(BASE_DTYPES)}")
+            raise RecipeError("dtype", f"{self.dtype!r} is not one of {', '.join(BASE_DTYPES)}")
         if self.dtype == "bf16" and self.algorithm == FULL:
-            raise ValueError("dtype: bf16 holds a frozen base in bfloat16 under adapters "
-                             "(lora, qlora, dora); full fine-tuning trains every weight in fp32")
+            raise RecipeError("dtype", "bf16 holds a frozen base in bfloat16 under adapters "
+                              "(lora, qlora, dora); full fine-tuning trains every weight in fp32")
         if self.dtype == "bf16" and self.fsdp:
-            raise ValueError("dtype: bf16 is not offered under FSDP "
-                             "(memory_efficient_fsdp_wrap); use fp32")
+            raise RecipeError("dtype", "bf16 is not offered under FSDP (`fsdp`); use fp32")
         if self.nproc_per_node < 1:
-            raise ValueError(f"nproc_per_node: must be at least 1, got {self.nproc_per_node}")
+            raise RecipeError("nproc_per_node", f"must be at least 1, got {self.nproc_per_node}")
         if self.nproc_per_node > 1 and not self.fsdp:
-            raise ValueError("nproc_per_node: several processes train only under FSDP "
-                             "(memory_efficient_fsdp_wrap)")
+            raise RecipeError("nproc_per_node", "several processes train only under FSDP (`fsdp`)")
         if self.fsdp_cpu_offload and not self.fsdp:
-            raise ValueError(FSDP_CPU_OFFLOAD_NEEDS_FSDP)
+            # as the spec's TrainingConfig has it: an option of FSDP, not a way to ask for it
+            raise RecipeError("fsdp_cpu_offload", "keeps FSDP's shards in host memory: it "
+                              "needs FSDP (`fsdp`)")
+        if self.objective == REWARD and self.fsdp:
+            raise RecipeError("fsdp", REWARD_UNDER_FSDP)
+        if self.algorithm not in (FULL,) + ADAPTER_ALGORITHMS:
+            raise RecipeError("algorithm", f"unknown {self.algorithm!r}; known: "
+                              f"{', '.join((FULL,) + ADAPTER_ALGORITHMS)}")
+        if self.algorithm in ADAPTER_ALGORITHMS:
+            lora_spec(self)  # the adapter config's own checks (rank, alpha, modules)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,8 +126,8 @@ def adapter_start(folder: str | Path) -> AdapterStart:
 
 def lora_spec(recipe: Recipe):
     """The recipe's adapter configuration (``lora.LoRASpec``): the starting adapter's, or
-    the algorithm config's (rsLoRA scaling when it says ``use_rslora``). Raises ValueError
-    for a bad config."""
+    the algorithm config's (rsLoRA scaling when it says ``use_rslora``). Raises RecipeError
+    for a bad config, ValueError for an unreadable adapter folder."""
     from llama_engine.training.lora import LoRASpec, read_adapter_config
     if recipe.adapter_path:
         return LoRASpec.from_peft_config(read_adapter_config(Path(recipe.adapter_path)))
@@ -129,55 +135,83 @@ def lora_spec(recipe: Recipe):
     return LoRASpec.from_config(recipe.algorithm, config, bool(config.get("use_rslora")))
 
 
-def base_dtype(recipe: Recipe, device: str) -> torch.dtype:
-    """The frozen base's dtype: the recipe's, else bfloat16 for adapters (single process)
+@dataclass(frozen=True)
+class BasePrecision:
+    """The precision a run holds its base model's weights in, and why: logged once at the
+    start of each run (a job's logs, the CLI's output)."""
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        """bf16 or fp32 (BASE_DTYPES' names, the request's and the CLI's)."""
+        return next(name for name, dtype in BASE_DTYPES.items() if dtype == self.dtype)
+
+    def record(self) -> dict[str, str]:
+        """The job-log record: {"event": "precision", "base_dtype": "bf16", "reason": ...}."""
+        return {"event": "precision", "base_dtype": self.name, "reason": self.reason}
+
+    def describe(self) -> str:
+        return f"precision: base model in {self.name} ({self.reason})"
+
+
+def base_precision(recipe: Recipe, device: str) -> BasePrecision:
+    """The base's precision: the recipe's dtype, else bfloat16 for adapters (single process)
     where the device multiplies it natively (a GPU, or a CPU with AMX / AVX512-BF16), as
-    torchtune's and Llama Stack's default, else float32."""
+    torchtune's and Llama Stack's default, else float32 (full fine-tuning, FSDP, a CPU
+    that would emulate bfloat16)."""
     if recipe.dtype is not None:
-        return BASE_DTYPES[recipe.dtype]
-    if recipe.algorithm == FULL or recipe.fsdp:
-        return torch.float32
-    from llama_engine.kernels import bf16_matmul_is_fast
-    native = torch.cuda.is_bf16_supported() if device == "cuda" else bf16_matmul_is_fast()
-    return torch.bfloat16 if native else torch.float32
+        return BasePrecision(BASE_DTYPES[recipe.dtype], "as requested")
+    if recipe.algorithm == FULL:
+        return BasePrecision(torch.float32, "full fine-tuning trains every weight in fp32")
+    if recipe.fsdp:
+        return BasePrecision(torch.float32, "FSDP shards an fp32 base (bf16 is not offered "
+                             "under FSDP)")
+    if device == "cuda":
+        native, unit = torch.cuda.is_bf16_supported(), "this GPU"
+    else:
+        from llama_engine.kernels import bf16_matmul_is_fast
+        native, unit = bf16_matmul_is_fast(), "this CPU (AMX / AVX512-BF16)"
+    if native:
+        return BasePrecision(torch.bfloat16, f"the default for adapters in one process: {unit} "
+                             "multiplies bfloat16 natively; adapters, norms, attention, loss "
+                             "and optimizer stay fp32")
+    return BasePrecision(torch.float32, f"the default for adapters where {unit} does not "
+                         "multiply bfloat16 natively (emulated bfloat16 is slower than fp32)")
 
 
-def build_model(recipe: Recipe) -> TrainableModel:
-    """The TrainableModel for the recipe's algorithm: full fine-tuning, or adapters (LoRA,
-    DoRA; QLoRA over an NF4 base). Raises ValueError for an unknown algorithm or a bad
-    adapter config."""
+def build_model(recipe: Recipe, base_dtype: torch.dtype) -> TrainableModel:
+    """The TrainableModel for the recipe's algorithm (checked by ``Recipe``): full
+    fine-tuning (float32), or adapters over a ``base_dtype`` base (LoRA, DoRA; QLoRA over
+    an NF4 base that dequantizes to it)."""
     device = default_device()
     if recipe.algorithm == FULL:
         from llama_engine.training.full import FullFineTune
         return FullFineTune(recipe.model_path, keep_reference=recipe.objective == DPO,
                             activation_checkpointing=bool(recipe.activation_checkpointing),
                             device=device)
-    if recipe.algorithm in ADAPTER_ALGORITHMS:
-        from llama_engine.training.lora import QLORA, AdapterFineTune
-        model = AdapterFineTune(recipe.model_path, lora_spec(recipe),
-                                quantize_base=recipe.algorithm == QLORA,
-                                activation_checkpointing=recipe.activation_checkpointing,
-                                seed=recipe.options.seed, device=device,
-                                base_dtype=base_dtype(recipe, device))
-        if recipe.adapter_path:
-            model.load_checkpoint(Path(recipe.adapter_path))
-        return model
-    raise ValueError(f"algorithm: unknown {recipe.algorithm!r}; known: "
-                     f"{', '.join((FULL,) + ADAPTER_ALGORITHMS)}")
+    from llama_engine.training.lora import QLORA, AdapterFineTune
+    model = AdapterFineTune(recipe.model_path, lora_spec(recipe),
+                            quantize_base=recipe.algorithm == QLORA,
+                            activation_checkpointing=recipe.activation_checkpointing,
+                            seed=recipe.options.seed, device=device, base_dtype=base_dtype)
+    if recipe.adapter_path:
+        model.load_checkpoint(Path(recipe.adapter_path))
+    return model
 
 
 def load_items(tokenizer: Any, source: DataSource, objective: str, max_seq_len: int) -> list[Item]:
     """Tokenized examples (SFT) or preference pairs (DPO, reward) of ``source``'s rows,
     without those that ``max_seq_len`` cut before any token with a loss (their loss would be
-    0 / 0). Raises ValueError naming ``max_seq_len`` when that leaves none."""
+    0 / 0). Raises RecipeError naming ``max_seq_len`` when that leaves none."""
     if objective == SFT:
         items = [sft_example(tokenizer, row, max_seq_len) for row in source.rows()]
     else:
         items = [preference_pair(tokenizer, row, max_seq_len) for row in source.rows()]
     kept = [item for item in items if _has_loss_terms(item)]
     if items and not kept:
-        raise ValueError(f"max_seq_len: {max_seq_len} tokens leave no example a token to learn "
-                         f"(all {len(items)} are cut inside the prompt); raise max_seq_len")
+        raise RecipeError("max_seq_len", f"{max_seq_len} tokens leave no example a token to "
+                          f"learn (all {len(items)} are cut inside the prompt); raise it")
     return kept
 
 
@@ -188,9 +222,11 @@ def _has_loss_terms(item: Item) -> bool:
 
 def run(recipe: Recipe, on_log: LogFn = lambda record: None,
         on_checkpoint: CheckpointFn = lambda step, path: None,
-        on_start: Callable[[Trainer, int], None] = lambda trainer, total: None) -> TrainingResult:
+        on_start: Callable[[Trainer, int, BasePrecision], None] = lambda *started: None
+        ) -> TrainingResult:
     """Build the model, tokenize the data, train (resuming from the latest checkpoint under
-    ``output_dir`` if any). ``on_start`` gets the trainer and the number of steps.
+    ``output_dir`` if any). ``on_start`` gets the trainer, the number of steps and the
+    base's precision (to log) on every rank.
 
     Under FSDP (the recipe asks for it, or this process is one rank of a
     ``torch.distributed.run`` launch) this process joins the process group first and
@@ -198,14 +234,15 @@ def run(recipe: Recipe, on_log: LogFn = lambda record: None,
     distributed = recipe.fsdp or launched_by_torchrun()
     group = init_data_parallel(default_device()) if distributed else SINGLE_PROCESS
     try:
-        model = build_model(recipe)
+        precision = base_precision(recipe, default_device())
+        model = build_model(recipe, precision.dtype)
         tokenizer = model.tokenizer
         items = load_items(tokenizer, recipe.train, recipe.objective, recipe.max_seq_len)
         validation = (load_items(tokenizer, recipe.validation, recipe.objective, recipe.max_seq_len)
                       if recipe.validation else [])
         trainer = Trainer(model, recipe.options, Path(recipe.output_dir), on_log, on_checkpoint,
                           group, FSDPOptions(recipe.fsdp_cpu_offload) if distributed else None)
-        on_start(trainer, recipe.options.total_steps(len(items)))
+        on_start(trainer, recipe.options.total_steps(len(items)), precision)
         return trainer.train(items, validation)
     finally:
         if distributed:

@@ -24,7 +24,7 @@ from llama_engine.training.distributed import (LAUNCHER, launched_by_torchrun,
                                                nproc_per_node_arg, record_rank_error,
                                                run_launcher)
 from llama_engine.training.jobs import COMPLETED, FAILED, RUNNING, WORKER_MODULE, JobStore
-from llama_engine.training.recipe import Recipe, default_device, run
+from llama_engine.training.recipe import BasePrecision, Recipe, default_device, run
 
 EXIT_PARENT_GONE = 3
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -77,7 +77,7 @@ def run_job(store: JobStore, job_uuid: str) -> None:
     if writer:
         store.set_resources(job_uuid, resources)
 
-    def on_start(trainer, total_steps: int) -> None:
+    def on_start(trainer, total_steps: int, precision: BasePrecision) -> None:
         group = trainer.group  # every rank: the pids add up over the ranks
         pids = torch.zeros(group.world_size, dtype=torch.int64)
         pids[group.rank] = os.getpid()
@@ -88,6 +88,7 @@ def run_job(store: JobStore, job_uuid: str) -> None:
             resources["launcher"] = LAUNCHER
         if writer:
             store.set_resources(job_uuid, resources)
+            store.append_log(job_uuid, precision.record())
 
     def on_log(record: dict) -> None:  # rank 0 only
         store.append_log(job_uuid, record)

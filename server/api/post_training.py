@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 from llama_engine.datasets import (DatasetRegistry, DatasetSourceError, DatasetValidationError,
                                    detect_format, load_checked_rows)
 from llama_engine.datasets.columns import PREFERENCE, SFT as SFT_COLUMNS, check_trainer_columns
+from llama_engine.errors import RecipeError
 from llama_engine.training.jobs import (FINISHED, JobExistsError, JobManager, JobNotFoundError,
                                         JobRecord, job_dir)
 from llama_engine.training.loop import DPO, SFT, DPOParams, TrainingOptions
@@ -31,6 +32,26 @@ HYPERPARAMS: dict[str, tuple[type, Optional[float]]] = {
     "seed": (int, None), "warmup_steps": (int, 0), "max_seq_len": (int, 1),
     "max_grad_norm": (float, 0), "use_rslora": (bool, None)}
 LOGGER_OPTIONS: dict[str, tuple[type, Optional[float]]] = {"checkpoint_every_n_steps": (int, 1)}
+# The request field that sets each recipe option (a RecipeError's field, see request_field).
+REQUEST_FIELDS = {
+    **{name: f"training_config.{name}" for name in (
+        "n_epochs", "batch_size", "shuffle", "n_iters", "dtype", "fsdp_cpu_offload")},
+    "fsdp": "training_config.memory_efficient_fsdp_wrap",
+    "activation_checkpointing": "training_config.enable_activation_checkpointing",
+    **{name: f"optimizer_config.{name}" for name in ("optimizer_type", "lr", "lr_min", "weight_decay")},
+    **{name: f"algorithm_config.{name}" for name in (
+        "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "rank", "alpha",
+        "reward_clip", "gamma")},
+    "beta": "algorithm_config.reward_scale", "label_smoothing": "algorithm_config.epsilon",
+    **{name: f"hyperparam_search_config.{name}" for name in HYPERPARAMS},
+    **{name: f"logger_config.{name}" for name in LOGGER_OPTIONS},
+}
+
+
+def request_field(option: str) -> str:
+    """The request field that sets a recipe option: dtype is training_config.dtype, beta
+    algorithm_config.reward_scale; an option no field sets (the server's own) keeps its name."""
+    return REQUEST_FIELDS.get(option, option)
 
 
 def _timestamp(seconds: Optional[float]) -> Optional[datetime]:
@@ -122,9 +143,6 @@ class PostTrainingService:
                 algorithm_config: Optional[dict], dpo: DPOParams,
                 adapter_path: Optional[str] = None) -> Recipe:
         t = request.training_config
-        if t.fsdp_cpu_offload and not t.memory_efficient_fsdp_wrap:
-            raise APIError("training_config.fsdp_cpu_offload: offloads FSDP's shards; it needs "
-                           "training_config.memory_efficient_fsdp_wrap", param="training_config.fsdp_cpu_offload")
         options, max_seq_len = self._options(request, objective, dpo)
         task = SFT_COLUMNS if objective == SFT else PREFERENCE
         folder = job_dir(self.jobs.state_dir, request.job_uuid)
@@ -145,10 +163,9 @@ class PostTrainingService:
                           dtype=t.dtype, fsdp=t.memory_efficient_fsdp_wrap,
                           fsdp_cpu_offload=t.fsdp_cpu_offload,
                           nproc_per_node=self.fsdp_nproc_per_node if t.memory_efficient_fsdp_wrap else 1)
-        except ValueError as e:  # the training_config's fields do not go together
+        except RecipeError as e:  # the request's fields do not go together
             shutil.rmtree(folder, ignore_errors=True)
-            field = str(e).split(":", 1)[0]
-            raise APIError(f"training_config.{e}", param=f"training_config.{field}") from None
+            raise APIError(e.render(request_field), param=request_field(e.field)) from None
 
     def _submit(self, job_uuid: str, recipe: Recipe) -> None:
         try:
@@ -160,7 +177,7 @@ class PostTrainingService:
         if self.jobs.store.exists(job_uuid):
             raise ConflictError(f"job_uuid: job {job_uuid!r} already exists", param="job_uuid")
 
-    async def supervised_fine_tune(self, request: pt.PostTrainingSFTRequest) -> None:
+    async def supervised_fine_tune(self, request: pt.PostTrainingSFTRequest) -> pt.PostTrainingJob:
         def submit() -> None:
             self._refuse_duplicate(request.job_uuid)
             model_path = self.resolve_model_path(request.model)
@@ -170,8 +187,9 @@ class PostTrainingService:
                                   DPOParams())
             self._submit(request.job_uuid, recipe)
         await asyncio.to_thread(submit)
+        return pt.PostTrainingJob(job_uuid=request.job_uuid)
 
-    async def preference_optimize(self, request: pt.PostTrainingRLHFRequest) -> None:
+    async def preference_optimize(self, request: pt.PostTrainingRLHFRequest) -> pt.PostTrainingJob:
         def submit() -> None:
             self._refuse_duplicate(request.job_uuid)
             path = _file_url_path(request.finetuned_model, "finetuned_model")
@@ -189,6 +207,7 @@ class PostTrainingService:
                 recipe = self._recipe(request, DPO, str(path), FULL, None, dpo)
             self._submit(request.job_uuid, recipe)
         await asyncio.to_thread(submit)
+        return pt.PostTrainingJob(job_uuid=request.job_uuid)
 
     # ---- jobs ---------------------------------------------------------------------------
     def _job(self, job_uuid: str) -> JobRecord:

@@ -127,6 +127,8 @@ def make_handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRe
         if route.stream_call is not None and getattr(body, "stream", False):
             return await send_event_stream(request, route.stream_call(body), route.done_marker)
         result = await route.call(*args)
+        if route.empty_body:
+            return web.Response()
         if result is None:
             return web.json_response(None)
         if route.jsonl:
@@ -239,10 +241,11 @@ def datasets_routes(datasets: DatasetsService) -> list[Route]:
 def post_training_routes(service: PostTrainingService) -> list[Route]:
     return [
         Route("/post_training/supervised_fine_tune/", "Queue a supervised fine-tuning job.",
-              "PostTraining", pt.PostTrainingSFTRequest, None, service.supervised_fine_tune,
-              errors=(409,)),
+              "PostTraining", pt.PostTrainingSFTRequest, pt.PostTrainingJob,
+              service.supervised_fine_tune, errors=(409,)),
         Route("/post_training/preference_optimize/", "Queue a DPO job.", "PostTraining",
-              pt.PostTrainingRLHFRequest, None, service.preference_optimize, errors=(409,)),
+              pt.PostTrainingRLHFRequest, pt.PostTrainingJob, service.preference_optimize,
+              errors=(409,)),
         Route("/post_training/job/status", "A job's status, timestamps, resources and "
               "checkpoints.", "PostTraining", None, pt.PostTrainingJobStatusResponse,
               service.status, method="GET", query_model=pt.JobQuery),
@@ -254,7 +257,8 @@ def post_training_routes(service: PostTrainingService) -> list[Route]:
               pt.PostTrainingJobArtifactsResponse, service.artifacts, method="GET",
               query_model=pt.JobQuery),
         Route("/post_training/job/cancel", "Stop a job: it ends failed, the reason in its logs.",
-              "PostTraining", None, None, service.cancel, query_model=pt.JobQuery),
+              "PostTraining", None, None, service.cancel, query_model=pt.JobQuery,
+              empty_body=True),
     ]
 
 

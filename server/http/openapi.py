@@ -70,6 +70,9 @@ def _operation(route: Route) -> dict[str, Any]:
     if route.event_stream:
         content: dict[str, Any] = {SSE_CONTENT_TYPE: {"schema": _event_schema(route)}}
         description = f"An event stream of {route.stream_model.__name__}."
+    elif route.empty_body:
+        content = {}
+        description = "Done (an empty body)."
     elif route.response_model is None:
         content = _json_content({"type": "null"})
         description = "Done (JSON null)."
@@ -84,7 +87,7 @@ def _operation(route: Route) -> dict[str, Any]:
         "summary": route.summary,
         "tags": [route.tag],
         "operationId": route.path.strip("/").replace("/", "_"),
-        "responses": {"200": {"description": description, "content": content},
+        "responses": {"200": {"description": description, **({"content": content} if content else {})},
                       **_error_responses(route.errors)},
     }
     if route.query_model is not None:

@@ -32,3 +32,4 @@ class Route:
     query_model: Optional[type[BaseModel]] = None  # fields read from the query string
     errors: tuple[int, ...] = ()  # statuses beyond the common ones (409, 415...)
     event_stream: bool = False  # call always answers with an event stream of stream_model
+    empty_body: bool = False  # answers 200 with no body, not JSON null (the call returns nothing)

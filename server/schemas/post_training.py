@@ -163,6 +163,13 @@ class PostTrainingRLHFRequest(TrainingRequest):
     algorithm_config: DPOAlignmentConfig
 
 
+class PostTrainingJob(StrictModel):
+    """A queued job (Llama Stack's answer to a training request; the draft spec returns
+    nothing): its status, logs and artifacts are read by this uuid."""
+
+    job_uuid: str
+
+
 class PostTrainingJobStatus(str, Enum):
     running = "running"
     completed = "completed"
@@ -195,8 +202,10 @@ class PostTrainingJobArtifactsResponse(StrictModel):
 
 
 class PostTrainingJobLogStream(StrictModel):
-    """Stream of logs from a finetuning job: each event carries new log lines, one JSON
-    record per optimizer step (step, epoch, loss, lr, grad_norm, tokens_per_s; for DPO also
+    """Stream of logs from a finetuning job: each event carries new log lines, JSON records:
+    lifecycle events ({"event": "scheduled"}, "running"), the precision the run chose at its
+    start ({"event": "precision", "base_dtype": "bf16" or "fp32", "reason"}), one record per
+    optimizer step (step, epoch, loss, lr, grad_norm, tokens_per_s; for DPO also
     rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins), then the job's
     end."""
 
