@@ -3,8 +3,9 @@ the same batches on HF transformers (+ peft for adapters, + bitsandbytes for QLo
 same hyperparameters and the same initial adapter weights, in the same run, each side in its
 own process (so peak RSS is its own), interleaved in rounds so that a load from elsewhere
 falls on every side alike: each round, each side in turn runs a warm-up step, then --steps
-timed steps back to back, as a training loop does (the untimed warm-up steps are in the
-results as ``warmup_s``). On the shared VMs we measure on a step's time drifts by up to 1.5x
+timed steps back to back, as a training loop does (a process's first step after sitting
+idle through the others' ran 1-28% slower than its next on our VM; those untimed warm-up
+steps are in the results as ``warmup_s``). On the shared VMs we measure on a step's time drifts by up to 1.5x
 within minutes, so each round's ratio is in the results too (``round_ratios``), and the
 tokens/s ratio is their median.
 Methods: full fine-tuning, LoRA r=16 on all linear layers, QLoRA (the same over an NF4 base
@@ -278,7 +279,7 @@ def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
     if ran:  # against the peer's faster precision
         best = max(ran, key=lambda dtype: ran[dtype]["tokens_per_s"])
         theirs = ran[best]
-        ratios = sorted(_round_times(theirs, args) / _round_times(ours, args))
+        ratios = (_round_times(theirs, args) / _round_times(ours, args)).sort().values
         result.update(transformers=theirs, peer_dtype=best, round_ratios=ratios.tolist(),
                       tokens_per_s_ratio=ratios.quantile(0.5).item(),
                       mean_tokens_per_s_ratio=ours["tokens_per_s"] / theirs["tokens_per_s"],

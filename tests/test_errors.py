@@ -88,6 +88,11 @@ def test_empty_and_overlong_prompts(default_llm):
         default_llm.generate([[]])
     with pytest.raises(ValueError, match="leaves no room to generate"):
         default_llm.generate([[5] * default_llm.engine.max_model_len])
+    # a prompt only scored (max_tokens=0) fills the context exactly, and no more
+    with pytest.raises(ValueError, match="^prompt: the prompt is 8193 tokens, more than the "
+                                         "model's context length of 8192 tokens$"):
+        default_llm.generate([[5] * (default_llm.engine.max_model_len + 1)],
+                             SamplingParams(max_tokens=0))
     with pytest.raises(ValueError, match=r"prompt: token ids must be integers in \[0, 49152\)"):
         default_llm.generate([[1, 2, 10**9]])
     # the engine still serves after rejecting them

@@ -78,8 +78,9 @@ def test_lora_sft_job_teaches_a_fact_the_adapter_answers(data_file: Path) -> Non
         adapter = load_lora_adapter(str(folder), load_model(default_model_path()).config, 16)
         assert {p for _, p in adapter.weights} == {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
 
+        # the checkpoint's file:// URL, as the job reports it, loads as it is
         loaded = post(server, "/v1/load_lora_adapter", {"lora_name": "zorblax",
-                                                        "lora_path": str(folder)})
+                                                        "lora_path": checkpoints[-1]["path"]})
         assert loaded.status_code == 200, loaded.text
         question = QUESTIONS[0]
         assert FACT in greedy(server, "zorblax", question)

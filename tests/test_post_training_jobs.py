@@ -147,6 +147,8 @@ def test_sft_job_completes_streams_logs_and_writes_hf_checkpoints(server, data_f
     ({"dataset.columns": {}}, "dataset.columns.dialog"),  # SFT reads dialog or text
     ({"dataset.content_url": "file:///no/such/file.jsonl"}, "dataset.content_url"),
     ({"algorithm_config.rank": 0}, "algorithm_config.rank"),
+    # above every projection's smaller dimension: refused before the job takes the memory
+    ({"algorithm": "lora", "algorithm_config.rank": 100000}, "algorithm_config.rank"),
     ({"algorithm_config.alpha": 0}, "algorithm_config.alpha"),
     ({"algorithm_config.lora_attn_modules": ["q_proj", "attention"]}, "algorithm_config.lora_attn_modules[1]"),
     ({"algorithm_config.lora_attn_modules": [], "algorithm_config.apply_lora_to_mlp": False},
@@ -169,6 +171,19 @@ def test_bad_requests_name_the_field(server, data_file, overrides, param) -> Non
     missing = requests.get(f"{server.base_url}/post_training/job/status",
                            params={"job_uuid": f"bad-{param}"}, timeout=TIMEOUT_S)
     assert missing.status_code == 404  # nothing was queued
+
+
+def test_a_registered_dataset_serves_only_its_own_columns(server, data_file) -> None:
+    registered = {"uuid": "dialogs-only", "dataset": {
+        "columns": {"dialog": "dialog"}, "content_url": data_file.as_uri(), "metadata": {}}}
+    assert post(server, "/datasets/create", registered).status_code == 200
+    body = sft_request("wrong-columns", data_file, **{
+        "dataset.metadata": {"dataset_id": "dialogs-only"}, "dataset.columns": {"text": "text"}})
+    response = post(server, "/post_training/supervised_fine_tune/", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "dataset.columns.text"
+    assert "'dialogs-only' has no text column" in error["message"], error
 
 
 @pytest.mark.parametrize("overrides, message", [

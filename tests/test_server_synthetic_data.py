@@ -152,6 +152,9 @@ SCORE_BODY = {"model": "rm", "prompt_generations": [
     ("/synthetic_data_generation/generate", sdg_body(model="rm"), 400, "model"),
     ("/synthetic_data_generation/generate", sdg_body(filtering_function="best"), 400,
      "filtering_function"),
+    # a reward model is no base to fine-tune: it has no LM head
+    ("/post_training/supervised_fine_tune/", sft_request("sft-on-rm", Path("/unused.jsonl"),
+                                                         model="rm"), 400, "model"),
 ])
 def test_bad_input_is_a_4xx_naming_the_field(server, path, body, status, param) -> None:
     response = post(server, path, body)

@@ -61,6 +61,25 @@ def test_bad_data_is_one_clear_line(tiny_model: str, tmp_path: Path) -> None:
     assert "column 'text', row 1" in done.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "0"], "--lr: must be positive, got 0.0"),
+    (["--lr", "1e-3", "--lr-min", "1e-2"], "--lr-min: must lie in [0, lr = 0.001], got 0.01"),
+    (["--n-iters", "0"], "--n-iters: must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    # refused once the model is read, before its adapters take the memory
+    (["--algorithm", "lora", "--rank", "100000"], "--rank: 100000 exceeds"),
+])
+def test_out_of_range_numbers_are_refused_naming_the_flag(tiny_model: str, tmp_path: Path,
+                                                         flags: list[str], message: str) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "fine"}) + "\n")
+    done = train("sft", "--dataset", str(data), "--model", tiny_model,
+                 "--output", str(tmp_path / "o"), *flags)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "o").exists()  # a refused run leaves no empty output folder
+
+
 def test_examples_cut_before_any_label_are_refused_not_trained_to_nan(tiny_model: str,
                                                                      tmp_path: Path) -> None:
     # one token per example leaves no next token to predict: the loss would be 0 / 0

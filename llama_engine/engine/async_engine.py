@@ -12,6 +12,7 @@ import queue
 import threading
 from typing import AsyncIterator, Callable, TypeVar
 
+from llama_engine.config import ModelConfig
 from llama_engine.engine.llm_engine import EngineConfig, LLMEngine, Request
 from llama_engine.errors import NotFoundError, RequestValidationError
 from llama_engine.loader.adapters import AdapterLoadError
@@ -52,6 +53,10 @@ class AsyncLLMEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.engine.model_config
 
     @property
     def is_reward_model(self) -> bool:

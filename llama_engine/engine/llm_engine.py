@@ -225,6 +225,10 @@ class LLMEngine:
         limit = self.max_model_len
         room = limit - prompt_tokens
         if room < 0 or (room == 0 and max_tokens != 0):
+            if max_tokens == 0:  # scored (a reward model), not continued
+                raise RequestValidationError(
+                    "prompt", f"the prompt is {prompt_tokens} tokens, more than the model's "
+                              f"context length of {limit} tokens")
             raise RequestValidationError(
                 "prompt", f"the prompt is {prompt_tokens} tokens and the model's context length "
                           f"is {limit} tokens, which leaves no room to generate")

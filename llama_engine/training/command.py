@@ -188,6 +188,7 @@ def _train(args: argparse.Namespace) -> None:
     writer = int(os.environ.get("RANK", "0")) == 0
 
     output = Path(args.output)
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     bar = tqdm(unit="step", dynamic_ncols=True, disable=True)  # shown once training starts
     records: list[dict] = []
@@ -212,6 +213,10 @@ def _train(args: argparse.Namespace) -> None:
 
     try:
         result = run(recipe, on_log, on_checkpoint, on_start)
+    except BaseException:
+        if created and writer and not any(output.iterdir()):  # refused before it wrote
+            output.rmdir()
+        raise
     finally:
         bar.close()
     if not writer:  # rank 0 reports

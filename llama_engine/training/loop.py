@@ -69,6 +69,24 @@ class TrainingOptions:
     checkpoint_every_n_steps: Optional[int] = None  # None: at each epoch's end (and the last step)
     dpo: DPOParams = DPOParams()
 
+    def __post_init__(self) -> None:
+        """The bounds a run needs (the HTTP schemas hold the same; the CLI's flags meet
+        them here). Raises RecipeError naming the option."""
+        at_least = {"n_epochs": (self.n_epochs, 1), "batch_size": (self.batch_size, 1),
+                    "n_iters": (self.n_iters, 1), "warmup_steps": (self.warmup_steps, 0),
+                    "checkpoint_every_n_steps": (self.checkpoint_every_n_steps, 1)}
+        for name, (value, low) in at_least.items():
+            if value is not None and value < low:
+                raise RecipeError(name, f"must be at least {low}, got {value}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise RecipeError("lr", f"must be positive, got {self.lr}")
+        if not 0 <= self.lr_min <= self.lr:
+            raise RecipeError("lr_min", f"must lie in [0, lr = {self.lr}], got {self.lr_min}")
+        if not self.weight_decay >= 0:
+            raise RecipeError("weight_decay", f"must be non-negative, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise RecipeError("max_grad_norm", f"must be positive, got {self.max_grad_norm}")
+
     def total_steps(self, num_items: int) -> int:
         steps = self.n_epochs * batches_per_epoch(num_items, self.batch_size)
         return min(steps, self.n_iters) if self.n_iters else steps

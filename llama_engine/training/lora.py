@@ -35,7 +35,9 @@ from torch import nn
 
 from llama_engine import kernels
 from llama_engine.errors import RecipeError
+from llama_engine.config import ModelConfig
 from llama_engine.loader import load_model
+from llama_engine.loader.adapters import HEAD_KEY, PROJECTIONS, adapted_shape
 from llama_engine.model.llama import Linear, Llama
 from llama_engine.quant import NF4_BLOCK, PackedWeight, quantize_nf4
 from llama_engine.training.attention import PackedCausalAttention
@@ -83,6 +85,18 @@ class LoRASpec:
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def check_fits(self, config: ModelConfig) -> None:
+        """Refuse a rank above the smallest dimension of an adapted projection: there B A
+        is already any matrix of its shape, so the rest only costs memory (a mistyped rank
+        of 100000 would fill it). Raises RecipeError naming rank."""
+        for module in self.target_modules:
+            key = HEAD_KEY if module == OUTPUT_MODULE else (0, PROJECTIONS[module][1])
+            out_features, in_features = adapted_shape(config, key)
+            if self.rank > min(out_features, in_features):
+                raise RecipeError("rank", f"{self.rank} exceeds {module}'s smaller dimension "
+                                  f"({in_features} -> {out_features}), where a full-rank update "
+                                  f"needs only {min(out_features, in_features)}")
 
     @classmethod
     def from_config(cls, algorithm: str, config: dict[str, Any], use_rslora: bool = False
@@ -341,6 +355,7 @@ class AdapterFineTune(ShardableModel):
         if base_dtype not in (torch.float32, torch.bfloat16):
             raise RecipeError("dtype", f"the frozen base is float32 or bfloat16, not {base_dtype}")
         loaded = load_model(model_path, torch.float32, dequantize=not quantize_base)
+        spec.check_fits(loaded.config)
         if quantize_base:
             nf4_base(loaded.weights)
         self.source, self.tokenizer, self.config = model_path, loaded.tokenizer, loaded.config

@@ -3,6 +3,8 @@ that every inference route (OpenAI and Llama Stack) accepts, running on its base
 
 from __future__ import annotations
 
+import urllib.parse
+
 from server.api.registry import ModelRegistry
 from server.schemas import openai as oa
 
@@ -13,8 +15,13 @@ class LoRAAdaptersService:
 
     async def load(self, request: oa.LoadLoRAAdapterRequest) -> oa.LoRAAdapterResponse:
         """400 naming a taken name or what is wrong with the adapter (missing or damaged
-        files, a rank above the server's limit, a target or shape the base lacks)."""
-        adapter = await self.registry.load_adapter(request.lora_name, request.lora_path)
+        files, a rank above the server's limit, a target or shape the base lacks).
+        ``lora_path``: a path on the server, or a file:// URL (a training job's
+        ``Checkpoint.path``)."""
+        path = request.lora_path
+        if path.startswith("file://"):
+            path = urllib.parse.unquote(urllib.parse.urlparse(path).path)
+        adapter = await self.registry.load_adapter(request.lora_name, path)
         return oa.LoRAAdapterResponse(id=adapter.lora_name, parent=adapter.base.model_id,
                                       status="loaded")
 

@@ -14,12 +14,15 @@ from typing import Any, AsyncIterator, Callable, Optional
 from llama_engine.datasets import (DatasetRegistry, DatasetSourceError, DatasetValidationError,
                                    detect_format, load_checked_rows)
 from llama_engine.datasets.columns import PREFERENCE, SFT as SFT_COLUMNS, check_trainer_columns
+from llama_engine.config import ModelConfig
 from llama_engine.errors import RecipeError
 from llama_engine.training.jobs import (FINISHED, JobExistsError, JobManager, JobNotFoundError,
                                         JobRecord, job_dir)
 from llama_engine.training.loop import DPO, SFT, DPOParams, TrainingOptions
 from llama_engine.training.checkpoint import ADAPTER_CONFIG_FILE
-from llama_engine.training.recipe import FULL, DataSource, Recipe, adapter_start
+from llama_engine.training.lora import LoRASpec
+from llama_engine.training.recipe import (ADAPTER_ALGORITHMS, FULL, DataSource, Recipe,
+                                          adapter_start)
 from llama_engine.training.tokenization import DEFAULT_MAX_SEQ_LEN
 from server.api.datasets import dataset_error, lookup
 from server.api.errors import APIError, ConflictError, NotFoundError
@@ -52,6 +55,24 @@ def request_field(option: str) -> str:
     """The request field that sets a recipe option: dtype is training_config.dtype, beta
     algorithm_config.reward_scale; an option no field sets (the server's own) keeps its name."""
     return REQUEST_FIELDS.get(option, option)
+
+
+def _registered_columns(registered: dict[str, str], requested: dict[str, str], field: str,
+                        dataset_id: str) -> dict[str, str]:
+    """The columns a job reads from a registered dataset: those the request names (each must
+    be one of the dataset's, of the same type), or all of the dataset's when it names none.
+    Raises APIError naming the column."""
+    for name, kind in requested.items():
+        if registered.get(name) != kind:
+            has = ", ".join(f"{n} ({t})" for n, t in registered.items())
+            raise APIError(f"{field}.columns.{name}: dataset {dataset_id!r} has no {kind} column "
+                           f"{name!r}; its columns: {has}", param=f"{field}.columns.{name}")
+    return dict(requested or registered)
+
+
+def _refused(e: RecipeError) -> APIError:
+    """A refused recipe as a 400 naming the request field that set the option."""
+    return APIError(e.render(request_field), param=request_field(e.field))
 
 
 def _timestamp(seconds: Optional[float]) -> Optional[datetime]:
@@ -94,9 +115,11 @@ def _file_url_path(url: str, field: str) -> Path:
 
 class PostTrainingService:
     def __init__(self, jobs: JobManager, datasets: DatasetRegistry,
-                 resolve_model_path: Callable[[str], str], fsdp_nproc_per_node: int = 1):
+                 training_base: Callable[[str], tuple[str, ModelConfig]],
+                 fsdp_nproc_per_node: int = 1):
         self.jobs, self.datasets = jobs, datasets
-        self.resolve_model_path = resolve_model_path  # model name -> GGUF file or HF folder
+        # a served model's name -> (its GGUF file or HF folder, its architecture)
+        self.training_base = training_base
         # processes (ranks) torch's launcher starts for a memory_efficient_fsdp_wrap job
         self.fsdp_nproc_per_node = fsdp_nproc_per_node
 
@@ -110,7 +133,9 @@ class PostTrainingService:
         try:
             if dataset_id is not None:
                 record = lookup(self.datasets, str(dataset_id), f"{field}.metadata.{DATASET_ID_KEY}")
-                columns, data, fmt = record.columns, record.content_path.read_bytes(), record.format
+                columns = _registered_columns(record.columns, dict(dataset.columns), field,
+                                              str(dataset_id))
+                data, fmt = record.content_path.read_bytes(), record.format
             else:
                 content, _ = load_checked_rows(dict(dataset.columns), dataset.content_url,
                                                self.datasets.max_bytes, self.datasets.timeout_s)
@@ -143,7 +168,10 @@ class PostTrainingService:
                 algorithm_config: Optional[dict], dpo: DPOParams,
                 adapter_path: Optional[str] = None) -> Recipe:
         t = request.training_config
-        options, max_seq_len = self._options(request, objective, dpo)
+        try:
+            options, max_seq_len = self._options(request, objective, dpo)
+        except RecipeError as e:
+            raise _refused(e) from None
         task = SFT_COLUMNS if objective == SFT else PREFERENCE
         folder = job_dir(self.jobs.state_dir, request.job_uuid)
         try:
@@ -165,7 +193,7 @@ class PostTrainingService:
                           nproc_per_node=self.fsdp_nproc_per_node if t.memory_efficient_fsdp_wrap else 1)
         except RecipeError as e:  # the request's fields do not go together
             shutil.rmtree(folder, ignore_errors=True)
-            raise APIError(e.render(request_field), param=request_field(e.field)) from None
+            raise _refused(e) from None
 
     def _submit(self, job_uuid: str, recipe: Recipe) -> None:
         try:
@@ -180,9 +208,15 @@ class PostTrainingService:
     async def supervised_fine_tune(self, request: pt.PostTrainingSFTRequest) -> pt.PostTrainingJob:
         def submit() -> None:
             self._refuse_duplicate(request.job_uuid)
-            model_path = self.resolve_model_path(request.model)
+            model_path, architecture = self.training_base(request.model)
             config = request.algorithm_config.model_dump()
             config["use_rslora"] = request.hyperparam_search_config.get("use_rslora", False)
+            if request.algorithm.value in ADAPTER_ALGORITHMS:
+                try:  # refused now rather than in the job, before its adapters take memory
+                    LoRASpec.from_config(request.algorithm.value, config,
+                                         config["use_rslora"]).check_fits(architecture)
+                except RecipeError as e:
+                    raise _refused(e) from None
             recipe = self._recipe(request, SFT, model_path, request.algorithm.value, config,
                                   DPOParams())
             self._submit(request.job_uuid, recipe)
@@ -194,8 +228,11 @@ class PostTrainingService:
             self._refuse_duplicate(request.job_uuid)
             path = _file_url_path(request.finetuned_model, "finetuned_model")
             c = request.algorithm_config
-            dpo = DPOParams(beta=c.reward_scale, reward_clip=c.reward_clip,
-                            label_smoothing=c.epsilon, gamma=c.gamma)
+            try:
+                dpo = DPOParams(beta=c.reward_scale, reward_clip=c.reward_clip,
+                                label_smoothing=c.epsilon, gamma=c.gamma)
+            except RecipeError as e:
+                raise _refused(e) from None
             if (path / ADAPTER_CONFIG_FILE).exists():  # go on training the adapter
                 try:
                     start = adapter_start(path)

@@ -11,6 +11,7 @@ from server.api.errors import APIError, ModelNotFoundError, NotFoundError, Serve
 from server.api.tool_calls import ToolCallFormat, tool_format_for
 
 if TYPE_CHECKING:  # types only: the server reaches the engine through EngineClient
+    from llama_engine.config import ModelConfig
     from llama_engine.engine.llm_engine import Request
     from llama_engine.outputs import RequestOutput
     from llama_engine.sampling_params import SamplingParams
@@ -28,6 +29,10 @@ class EngineClient(Protocol):
 
     @property
     def max_model_len(self) -> int: ...
+
+    @property
+    def model_config(self) -> "ModelConfig":
+        """The architecture (layer sizes) of the model it serves."""
 
     @property
     def is_reward_model(self) -> bool:
@@ -237,14 +242,15 @@ class ModelRegistry:
                                      param="model")
         return self._models[model_id]
 
-    def model_path(self, name: str) -> str:
-        """Where the model ``name`` (an id or alias) was loaded from. Raises
-        ModelNotFoundError, or APIError when it was not loaded from a path."""
-        model = self.resolve(name)
+    def training_base(self, name: str) -> tuple[str, "ModelConfig"]:
+        """Where the generative model ``name`` (an id or alias) was loaded from, and its
+        architecture: the base post-training fine-tunes. Raises ModelNotFoundError, or
+        APIError naming ``model`` for a reward model or one not loaded from a path."""
+        model = self.resolve_generator(name, "model")
         if model.path is None:
             raise APIError(f"model: {name!r} was not loaded from a file this server can train",
                            param="model")
-        return model.path
+        return model.path, model.engine.model_config
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())

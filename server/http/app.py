@@ -309,7 +309,7 @@ def build_app(registry: ModelRegistry, api_key: Optional[str] = None,
     routes = (inference_routes(inference, openai)
               + lora_adapter_routes(LoRAAdaptersService(registry))
               + memory_bank_routes(memory) + datasets_routes(DatasetsService(datasets))
-              + post_training_routes(PostTrainingService(jobs, datasets, registry.model_path,
+              + post_training_routes(PostTrainingService(jobs, datasets, registry.training_base,
                                                          fsdp_nproc_per_node))
               + agentic_system_routes(agents)
               + synthetic_data_routes(scoring, SyntheticDataService(registry, runner, scoring,
