@@ -2,7 +2,7 @@
 sample scored by a reward model (the default model with a seeded random reward head), on
 llama-engine with and without prefix sharing, and on HF transformers (``generate`` with
 ``num_return_sequences=k``, then ``LlamaForSequenceClassification`` on the same weights and
-head) in the same run. Reports generations/s and scored generations/s (generation plus
+head, loaded dense from an HF folder of the dequantized GGUF) in the same run. Reports generations/s and scored generations/s (generation plus
 scoring) and the ratio against transformers' faster configuration.
 
 The reward model runs at --reward-dtype, by default what ``llama-engine serve --reward-model``
@@ -24,9 +24,12 @@ so both sides do the same work.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
+import functools
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -110,13 +113,24 @@ def run_engine(args, dialogs, head_path: str, share_prefix: bool) -> dict:
             "sequences": sequences, "scores": [o.score for o in scored]}
 
 
+@functools.cache
+def _dense_hf_folder() -> str:
+    """The default GGUF dequantized once into an HF folder (safetensors), removed at exit, for
+    transformers to load dense as its users' checkpoints are: from the GGUF itself transformers
+    5 keeps the blocks packed and, in bfloat16, casts around every matmul (its own warning)."""
+    from benchmarks.training import write_hf_folder
+    from llama_engine.loader import default_model_path
+    folder = tempfile.mkdtemp(prefix="sdg-hf-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    write_hf_folder(default_model_path(), folder)
+    return folder
+
+
 def hf_models(head: torch.Tensor, dtype: torch.dtype):
     """transformers' causal LM on the default GGUF's weights (dequantized) at ``dtype``, the
     same decoder under ``LlamaForSequenceClassification`` with the reward head, and the pad id."""
     import transformers
-    from llama_engine.loader import default_model_path
-    folder, name = os.path.split(default_model_path())
-    causal = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+    causal = transformers.AutoModelForCausalLM.from_pretrained(_dense_hf_folder(),
                                                                dtype=dtype).eval()
     config = causal.config
     config.num_labels = 1
