@@ -28,9 +28,6 @@ void rope_rows(float* q, int64_t q_stride, int64_t q_heads, float* k, int64_t k_
 
 // out [rows, width] = silu(gate_up[:, :width]) * gate_up[:, width:].
 void silu_and_mul_rows(const float* gate_up, float* out, int64_t rows, int64_t width);
-// grad_gate_up [rows, 2 width] = silu_and_mul's gradient at gate_up given grad_out [rows, width].
-void silu_and_mul_backward_rows(const float* gate_up, const float* grad_out, float* grad_gate_up,
-                                int64_t rows, int64_t width);
 
 // Copies k/v rows [tokens, Hkv, D] into the paged caches at `slots` (int64 [tokens],
 // checked against the cache's capacity; negative: padding, skipped).

@@ -16,21 +16,6 @@ namespace py = pybind11;
 namespace llama_ops {
 namespace {
 
-// bfloat16 is the top half of a float32: widening is exact, narrowing rounds to nearest even.
-ALWAYS_INLINE float widen(float x) { return x; }
-ALWAYS_INLINE float widen(uint16_t b) {
-    const uint32_t bits = static_cast<uint32_t>(b) << 16;
-    float x;
-    std::memcpy(&x, &bits, sizeof x);
-    return x;
-}
-ALWAYS_INLINE void narrow(float x, float* out) { *out = x; }
-ALWAYS_INLINE void narrow(float x, uint16_t* out) {
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    *out = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
 // One row: loss = logsumexp(logits) - logits[label]; grad (when given) = scale * (softmax -
 // one_hot(label)). A negative label (ignored token) gives loss 0 and a zero gradient row.
 template <class T>

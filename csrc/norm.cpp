@@ -49,27 +49,98 @@ void rope_token(float* heads, int64_t num_heads, int64_t head_dim, const float* 
     }
 }
 
-LLAMA_SIMD_CLONES
-void silu_and_mul_row(const float* gate, const float* up, int64_t width, float* out) {
+// T: float, or uint16_t for bfloat16 (its bits): the math is float32 either way, each
+// result rounded once to T.
+template <class T>
+ALWAYS_INLINE void silu_and_mul_row_of(const T* gate, const T* up, int64_t width, T* out) {
 #pragma omp simd
     for (int64_t i = 0; i < width; ++i) {
-        const float g = gate[i];
-        out[i] = g / (1.0f + exp_f32(-g)) * up[i];
+        const float g = widen(gate[i]);
+        narrow(g / (1.0f + exp_f32(-g)) * widen(up[i]), out + i);
     }
+}
+
+LLAMA_SIMD_CLONES
+void silu_and_mul_row(const float* gate, const float* up, int64_t width, float* out) {
+    silu_and_mul_row_of(gate, up, width, out);
+}
+
+LLAMA_SIMD_CLONES
+void silu_and_mul_row(const uint16_t* gate, const uint16_t* up, int64_t width, uint16_t* out) {
+    silu_and_mul_row_of(gate, up, width, out);
 }
 
 // SwiGLU's gradient for one token: with s = sigmoid(g), silu(g) = g s and
 // silu'(g) = s (1 + g (1 - s)): d_gate = dy * up * silu'(g), d_up = dy * silu(g).
+template <class T>
+ALWAYS_INLINE void silu_and_mul_backward_row_of(const T* gate, const T* up, const T* grad_out,
+                                                int64_t width, T* grad_gate, T* grad_up) {
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) {
+        const float g = widen(gate[i]), dy = widen(grad_out[i]);
+        const float s = 1.0f / (1.0f + exp_f32(-g));
+        narrow(dy * widen(up[i]) * s * (1.0f + g * (1.0f - s)), grad_gate + i);
+        narrow(dy * g * s, grad_up + i);
+    }
+}
+
 LLAMA_SIMD_CLONES
 void silu_and_mul_backward_row(const float* gate, const float* up, const float* grad_out,
                                int64_t width, float* grad_gate, float* grad_up) {
-#pragma omp simd
-    for (int64_t i = 0; i < width; ++i) {
-        const float g = gate[i];
-        const float s = 1.0f / (1.0f + exp_f32(-g));
-        grad_gate[i] = grad_out[i] * up[i] * s * (1.0f + g * (1.0f - s));
-        grad_up[i] = grad_out[i] * g * s;
+    silu_and_mul_backward_row_of(gate, up, grad_out, width, grad_gate, grad_up);
+}
+
+LLAMA_SIMD_CLONES
+void silu_and_mul_backward_row(const uint16_t* gate, const uint16_t* up, const uint16_t* grad_out,
+                               int64_t width, uint16_t* grad_gate, uint16_t* grad_up) {
+    silu_and_mul_backward_row_of(gate, up, grad_out, width, grad_gate, grad_up);
+}
+
+template <class T>
+void silu_and_mul_rows_of(const T* gate_up, T* out, int64_t rows, int64_t width) {
+    parallel_for(rows, worth_threading(rows * width), [&](int64_t r) {
+        const T* gate = gate_up + r * 2 * width;
+        silu_and_mul_row(gate, gate + width, width, out + r * width);
+    });
+}
+
+template <class T>
+void silu_and_mul_backward_rows_of(const T* gate_up, const T* grad_out, T* grad_gate_up,
+                                   int64_t rows, int64_t width) {
+    parallel_for(rows, worth_threading(rows * width), [&](int64_t r) {
+        const T* gate = gate_up + r * 2 * width;
+        T* grad_gate = grad_gate_up + r * 2 * width;
+        silu_and_mul_backward_row(gate, gate + width, grad_out + r * width, width, grad_gate,
+                                  grad_gate + width);
+    });
+}
+
+// silu_and_mul (and its gradient, `backward`) over gate_up [..., 2F] of T, out [..., F] of T,
+// checked here before the GIL is released.
+template <class T>
+void silu_and_mul_checked(const TensorView& gate_up, const TensorView& out) {
+    const TokenRows<T> rows = dense_rows<T>(gate_up, "gate_up");
+    if (rows.width % 2 != 0) {
+        fail("gate_up: last dim must be even, got " + std::to_string(rows.width));
     }
+    const int64_t width = rows.width / 2;
+    T* out_rows = dense_like<T>(out, "out", gate_up, width);
+    py::gil_scoped_release release;
+    silu_and_mul_rows_of<T>(rows.data, out_rows, rows.tokens, width);
+}
+
+template <class T>
+void silu_and_mul_backward_checked(const TensorView& gate_up, const TensorView& grad_out,
+                                   const TensorView& grad_gate_up) {
+    const TokenRows<T> rows = dense_rows<T>(gate_up, "gate_up");
+    if (rows.width % 2 != 0) {
+        fail("gate_up: last dim must be even, got " + std::to_string(rows.width));
+    }
+    const int64_t width = rows.width / 2;
+    const T* grad = dense_like<T>(grad_out, "grad_out", gate_up, width);
+    T* grad_rows = dense_like<T>(grad_gate_up, "grad_gate_up", gate_up);
+    py::gil_scoped_release release;
+    silu_and_mul_backward_rows_of<T>(rows.data, grad, grad_rows, rows.tokens, width);
 }
 
 }  // namespace
@@ -105,20 +176,7 @@ void rope_rows(float* q, int64_t q_stride, int64_t q_heads, float* k, int64_t k_
 }
 
 void silu_and_mul_rows(const float* gate_up, float* out, int64_t rows, int64_t width) {
-    parallel_for(rows, worth_threading(rows * width), [&](int64_t r) {
-        const float* gate = gate_up + r * 2 * width;
-        silu_and_mul_row(gate, gate + width, width, out + r * width);
-    });
-}
-
-void silu_and_mul_backward_rows(const float* gate_up, const float* grad_out, float* grad_gate_up,
-                                int64_t rows, int64_t width) {
-    parallel_for(rows, worth_threading(rows * width), [&](int64_t r) {
-        const float* gate = gate_up + r * 2 * width;
-        float* grad_gate = grad_gate_up + r * 2 * width;
-        silu_and_mul_backward_row(gate, gate + width, grad_out + r * width, width, grad_gate,
-                                  grad_gate + width);
-    });
+    silu_and_mul_rows_of(gate_up, out, rows, width);
 }
 
 }  // namespace llama_ops
@@ -164,31 +222,20 @@ void register_norm(py::module_& m) {
           "Rotary embedding in place on float32 q [T, H, D] and k [T, Hkv, D] (each token's "
           "[H, D] dense, dim 0 any stride), positions int64 [T], cos_sin float32 [max_pos, D].");
     m.def("silu_and_mul", [](const TensorView& gate_up, const TensorView& out) {
-              const TokenRows<float> rows = dense_rows<float>(gate_up, "gate_up");
-              if (rows.width % 2 != 0) {
-                  fail("gate_up: last dim must be even, got " + std::to_string(rows.width));
-              }
-              const int64_t width = rows.width / 2;
-              float* out_rows = dense_like<float>(out, "out", gate_up, width);
-              py::gil_scoped_release release;
-              silu_and_mul_rows(rows.data, out_rows, rows.tokens, width);
+              if (gate_up.dtype == DType::BFloat16) return silu_and_mul_checked<uint16_t>(gate_up, out);
+              silu_and_mul_checked<float>(gate_up, out);
           },
           "gate_up"_a, "out"_a,
           "out [..., F] = silu(gate_up[..., :F]) * gate_up[..., F:] for C-contiguous float32 "
-          "gate_up [..., 2F].");
+          "or bfloat16 gate_up [..., 2F] (float32 math), out of gate_up's dtype.");
     m.def("silu_and_mul_backward", [](const TensorView& gate_up, const TensorView& grad_out,
                                       const TensorView& grad_gate_up) {
-              const TokenRows<float> rows = dense_rows<float>(gate_up, "gate_up");
-              if (rows.width % 2 != 0) {
-                  fail("gate_up: last dim must be even, got " + std::to_string(rows.width));
+              if (gate_up.dtype == DType::BFloat16) {
+                  return silu_and_mul_backward_checked<uint16_t>(gate_up, grad_out, grad_gate_up);
               }
-              const int64_t width = rows.width / 2;
-              const float* grad = dense_like<float>(grad_out, "grad_out", gate_up, width);
-              float* grad_rows = dense_like<float>(grad_gate_up, "grad_gate_up", gate_up);
-              py::gil_scoped_release release;
-              silu_and_mul_backward_rows(rows.data, grad, grad_rows, rows.tokens, width);
+              silu_and_mul_backward_checked<float>(gate_up, grad_out, grad_gate_up);
           },
           "gate_up"_a, "grad_out"_a, "grad_gate_up"_a,
           "grad_gate_up [..., 2F] = the gradient of silu_and_mul at gate_up [..., 2F] given "
-          "grad_out [..., F]; all C-contiguous float32.");
+          "grad_out [..., F]; all C-contiguous, float32 or all bfloat16 (float32 math).");
 }

@@ -33,6 +33,22 @@ namespace py = pybind11;
 // For helpers of a LLAMA_SIMD_CLONES function: inlined, they are compiled for each clone's ISA.
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+// bfloat16 travels as its bits (uint16_t): the top half of a float32, so widening is exact;
+// narrowing rounds to nearest even. For kernels templated on float / bfloat16 elements.
+ALWAYS_INLINE float widen(float x) { return x; }
+ALWAYS_INLINE float widen(uint16_t b) {
+    const uint32_t bits = static_cast<uint32_t>(b) << 16;
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    return x;
+}
+ALWAYS_INLINE void narrow(float x, float* out) { *out = x; }
+ALWAYS_INLINE void narrow(float x, uint16_t* out) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    *out = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
 // Below this much work (about 40 us on one core for the element-wise ops) an op stays on
 // one thread: waking the team, and waiting at its barrier on a busy machine, costs more.
 constexpr int64_t kMinParallelElements = 1 << 17;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "ops_common.h"
@@ -250,14 +251,33 @@ void matmul_nf4(const f32::KernelSet& k, const float* x, int M, int K, const uin
     matmul_f32_decoded(k, decode, x, M, K, w, nf4::row_bytes(K), N, y);
 }
 
-// Rows of float32 from packed rows with an exact decoder (the reference rounds alike).
-template <class DecodeFn>
+// One decoded float32 row rounded to bfloat16 (to nearest even, as torch's .to()).
+LLAMA_SIMD_CLONES
+void narrow_row(const float* row, int64_t n, uint16_t* out) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) llama_ops::narrow(row[i], out + i);
+}
+
+// Rows of float32 (T float) or bfloat16 (T uint16_t: the float32 values rounded once) from
+// packed rows with an exact decoder (the reference rounds alike).
+template <class T, class DecodeFn>
 void dequantize_rows(DecodeFn&& decode, const uint8_t* w, int64_t row_bytes, int N, int K,
-                     float* out) {
+                     T* out) {
     // embedding lookups dequantize a handful of rows: keep those on the calling thread
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * K >= kMinParallelQuantize)
-    for (int n = 0; n < N; ++n)
-        decode(w + n * row_bytes, row_bytes, 1, K, out + static_cast<int64_t>(n) * K);
+#pragma omp parallel if (static_cast<int64_t>(N) * K >= kMinParallelQuantize)
+    {
+        std::vector<float> row(std::is_same_v<T, float> ? 0 : K);  // one row per thread
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; ++n) {
+            T* dst = out + static_cast<int64_t>(n) * K;
+            if constexpr (std::is_same_v<T, float>) {
+                decode(w + n * row_bytes, row_bytes, 1, K, dst);
+            } else {
+                decode(w + n * row_bytes, row_bytes, 1, K, row.data());
+                narrow_row(row.data(), K, dst);
+            }
+        }
+    }
 }
 
 const std::string kNf4Name = "NF4";
@@ -271,9 +291,8 @@ int64_t row_bytes_for(const std::string& qtype, int K) {
     return nf4 ? nf4::row_bytes(K) : packed_row_bytes(parse_qtype(qtype), K);
 }
 
-// out [rows, cols] = the dequantized rows of a checked packed weight (views.h).
-void py_dequantize(const llama_ops::PackedWeightView& w, const llama_ops::TensorView& out) {
-    float* out_ptr = llama_ops::dense<float>(out, "out", {w.rows, w.cols});
+template <class T>
+void dequantize_to(const llama_ops::PackedWeightView& w, T* out) {
     const int N = static_cast<int>(w.rows), K = static_cast<int>(w.cols);
     const int64_t row_bytes = row_bytes_for(w.qtype, K);
     py::gil_scoped_release release;
@@ -281,14 +300,23 @@ void py_dequantize(const llama_ops::PackedWeightView& w, const llama_ops::Tensor
         // QLoRA's GEMMs dequantize every NF4 matrix up to three times a step: the vector
         // decoder gives the scalar one's values (tested) at a fraction of its cost
         const auto decode = f32::avx512::supported() ? nf4::decode_rows_avx512 : nf4::decode_rows_scalar;
-        dequantize_rows(decode, w.data, row_bytes, N, K, out_ptr);
+        dequantize_rows(decode, w.data, row_bytes, N, K, out);
     } else {
         const QType t = parse_qtype(w.qtype);
         const auto decode = [t](const uint8_t* rows, int64_t stride, int n, int cols, float* dst) {
             f32::scalar::decode_rows(t, rows, stride, n, cols, dst);
         };
-        dequantize_rows(decode, w.data, row_bytes, N, K, out_ptr);
+        dequantize_rows(decode, w.data, row_bytes, N, K, out);
     }
+}
+
+// out [rows, cols], float32 or bfloat16 = the dequantized rows of a checked packed weight
+// (views.h).
+void py_dequantize(const llama_ops::PackedWeightView& w, const llama_ops::TensorView& out) {
+    bool bf16 = false;
+    void* out_ptr = const_cast<void*>(llama_ops::dense_weights(out, "out", {w.rows, w.cols}, &bf16));
+    if (bf16) return dequantize_to(w, static_cast<uint16_t*>(out_ptr));
+    dequantize_to(w, static_cast<float*>(out_ptr));
 }
 
 }  // namespace
@@ -336,7 +364,8 @@ void register_quant(py::module_& m) {
           "activations; isa: 0 auto, 1 scalar, 2 avx2, 3 avx512.",
           "x"_a, "w"_a, "out"_a, "isa"_a = 0, "int8_activations"_a = false);
     m.def("dequantize", &quant::py_dequantize,
-          "out float32 [N, K] (C-contiguous) = the dequantized rows of a packed [N, K] weight",
+          "out float32 or bfloat16 [N, K] (C-contiguous) = the dequantized rows of a packed "
+          "[N, K] weight (bfloat16: the float32 values rounded to nearest even)",
           "w"_a, "out"_a);
     m.def("quant_isa", [](bool int8_activations) {
         return std::string(int8_activations ? quant::kernels_for(quant::Isa::Auto).name

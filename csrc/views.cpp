@@ -201,6 +201,9 @@ template int64_t* dense<int64_t>(const TensorView&, const char*, std::initialize
 template double* dense<double>(const TensorView&, const char*, std::initializer_list<int64_t>);
 template float* dense_like<float>(const TensorView&, const char*, const TensorView&, int64_t);
 template TokenRows<float> dense_rows<float>(const TensorView&, const char*);
+template uint16_t* dense<uint16_t>(const TensorView&, const char*, int);
+template uint16_t* dense_like<uint16_t>(const TensorView&, const char*, const TensorView&, int64_t);
+template TokenRows<uint16_t> dense_rows<uint16_t>(const TensorView&, const char*);
 
 template <class T>
 TokenRows<T> token_rows(const TensorView& t, const char* name, int64_t heads,

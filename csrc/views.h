@@ -32,6 +32,7 @@ template <> constexpr DType dtype_of<int32_t>() { return DType::Int32; }
 template <> constexpr DType dtype_of<int64_t>() { return DType::Int64; }
 template <> constexpr DType dtype_of<uint8_t>() { return DType::UInt8; }
 template <> constexpr DType dtype_of<double>() { return DType::Float64; }
+template <> constexpr DType dtype_of<uint16_t>() { return DType::BFloat16; }  // its bits
 
 constexpr int kMaxDims = 4;  // the widest tensor a kernel takes: a KV cache
 

@@ -141,6 +141,25 @@ def test_silu_and_mul_matches_reference(seed: int) -> None:
     torch.testing.assert_close(out, reference.silu_and_mul(gate_up), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_silu_and_mul_bfloat16_is_the_float32_result_rounded_once(seed: int) -> None:
+    """bfloat16 in and out, float32 math inside: within one bfloat16 rounding of the float32
+    reference on the same (exactly widened) inputs, forward and gradient."""
+    g = _gen(seed)
+    tokens, width = _randint(g, 1, 9), _choice(g, [8, 96, 1536, 200])
+    gate_up = _randn(g, tokens, 2 * width, scale=6.0).bfloat16()
+    grad_out = _randn(g, tokens, width).bfloat16()
+    out = ops.silu_and_mul(gate_up)
+    assert out.dtype == torch.bfloat16
+    want = reference.silu_and_mul(gate_up.float())
+    torch.testing.assert_close(out.float(), want, rtol=2 ** -8, atol=1e-6)
+    leaf = gate_up.float().requires_grad_(True)
+    reference.silu_and_mul(leaf).backward(grad_out.float())
+    grad = ops.silu_and_mul_backward(gate_up, grad_out)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), leaf.grad, rtol=2 ** -8, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- store_kv
 
 def _random_cache(g: torch.Generator, num_blocks: int, block_size: int, kv_heads: int,

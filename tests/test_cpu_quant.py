@@ -137,6 +137,9 @@ def test_dequantize_matches_reference_exactly(qtype: str, seed: int) -> None:
     n, k = random_shape(seed)
     weight = make_weight(n, k, qtype, torch.Generator().manual_seed(seed))
     assert torch.equal(cpu_quant.dequantize(weight), dequantize(weight))
+    # bfloat16 out: the reference's float32 values rounded by torch
+    assert torch.equal(cpu_quant.dequantize(weight, torch.bfloat16),
+                       dequantize(weight).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
@@ -184,6 +187,8 @@ def test_nf4_reference_round_trip_error() -> None:
 def test_nf4_dequantize_matches_reference_exactly(shape: tuple[int, int]) -> None:
     weight = quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(2)), "NF4")
     assert torch.equal(cpu_quant.dequantize(weight), dequantize(weight))
+    assert torch.equal(cpu_quant.dequantize(weight, torch.bfloat16),
+                       dequantize(weight).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("isa", [isa for isa, int8 in KERNELS if not int8], ids=lambda i: i.name)

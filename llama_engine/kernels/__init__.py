@@ -1,7 +1,8 @@
 """One dispatch point per hot op.
 
 Each function here picks the implementation for its inputs: Triton kernels for CUDA
-tensors, the C++ extension (``llama_engine._C``) for float32 CPU tensors, and the plain
+tensors, the C++ extension (``llama_engine._C``) for float32 CPU tensors (and bfloat16
+ones where its kernel takes them: ``silu_and_mul``, ``dequantize``), and the plain
 torch reference (``reference.py``) otherwise. The choice follows ``KernelOptions``
 (``options.py``): ``LLAMA_ENGINE_KERNELS=torch`` forces the reference everywhere (for
 debugging and for A/B checks). When a gradient is needed (grad mode on and an input or
@@ -45,8 +46,13 @@ def _use_triton(t: Tensor) -> bool:
     return t.is_cuda and options().backend == "auto"
 
 
-def _use_cpu(t: Tensor) -> bool:
-    if t.device.type != "cpu" or t.dtype != torch.float32 or options().backend != "auto":
+FLOAT32 = (torch.float32,)
+FLOAT32_BFLOAT16 = (torch.float32, torch.bfloat16)
+
+
+def _use_cpu(t: Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT32) -> bool:
+    """Whether t goes to the C++ kernels: a CPU tensor of one of the kernel's dtypes."""
+    if t.device.type != "cpu" or t.dtype not in dtypes or options().backend != "auto":
         return False
     if _cpu is None:
         raise RuntimeError(f"llama_engine._C cannot be imported ({_cpu_import_error}): rebuild "
@@ -88,12 +94,12 @@ def rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tens
 def silu_and_mul(gate_up: Tensor) -> Tensor:
     """SwiGLU: [..., 2F] = concat(gate, up) -> silu(gate) * up [..., F]."""
     if needs_grad(gate_up):
-        if _use_cpu(gate_up):
+        if _use_cpu(gate_up, FLOAT32_BFLOAT16):
             return _autograd.silu_and_mul(gate_up, _cpu.silu_and_mul, _cpu.silu_and_mul_backward)
         return _autograd.silu_and_mul(gate_up)
     if _use_triton(gate_up):
         return _triton().silu_and_mul(gate_up)
-    if _use_cpu(gate_up):
+    if _use_cpu(gate_up, FLOAT32_BFLOAT16):
         return _cpu.silu_and_mul(gate_up)
     return reference.silu_and_mul(gate_up)
 
@@ -221,7 +227,12 @@ def linear(x: Tensor, weight: Tensor | PackedWeight | BF16Weight,
     (``bf16_matmul_is_fast``)."""
     if isinstance(weight, BF16Weight):
         return bf16_matmul(x, weight)
-    if compute_dtype is not None and compute_dtype != x.dtype:
+    # the CPU's packed kernels multiply float32 x only: with another x, a packed W is
+    # dequantized to the GEMM's dtype a chunk at a time
+    packed_off_float32 = (isinstance(weight, PackedWeight) and x.dtype != torch.float32
+                          and not _use_triton(x))
+    if compute_dtype is not None and compute_dtype != x.dtype or packed_off_float32:
+        compute_dtype = compute_dtype or x.dtype
         if needs_grad(x):
             return MixedPrecisionLinear.apply(x, weight, compute_dtype)
         return _mixed_precision_matmul(x, weight, compute_dtype)
@@ -346,7 +357,7 @@ class PackedLinear(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
         grad_in = None
         for start, end, rows in _row_chunks(ctx.weight):
-            part = grad_out[..., start:end] @ dequantize(rows).to(grad_out.dtype)
+            part = grad_out[..., start:end] @ dequantize(rows, grad_out.dtype)
             grad_in = part if grad_in is None else grad_in.add_(part)
         return grad_in, None
 
@@ -358,7 +369,7 @@ def _mixed_precision_matmul(x: Tensor, weight: Tensor | PackedWeight, dtype: tor
         return torch.nn.functional.linear(xc, weight.to(dtype)).to(x.dtype)
     y = x.new_empty(*x.shape[:-1], weight.rows)
     for start, end, rows in _row_chunks(weight):
-        y[..., start:end] = torch.nn.functional.linear(xc, dequantize(rows).to(dtype))
+        y[..., start:end] = torch.nn.functional.linear(xc, dequantize(rows, dtype))
     return y
 
 
@@ -380,7 +391,7 @@ class MixedPrecisionLinear(torch.autograd.Function):
             return (grad @ weight.to(dtype)).to(grad_out.dtype), None, None
         grad_in = None
         for start, end, rows in _row_chunks(weight):
-            part = grad[..., start:end] @ dequantize(rows).to(dtype)
+            part = grad[..., start:end] @ dequantize(rows, dtype)
             grad_in = part.to(grad_out.dtype) if grad_in is None else grad_in.add_(part)
         return grad_in, None, None
 
@@ -488,12 +499,15 @@ def fused_decoder_layer(weights: DecoderLayerWeights) -> FusedDecoderLayer | Non
     return FusedDecoderLayer(weights)
 
 
-def dequantize(weight: PackedWeight) -> Tensor:
-    """float32 [rows, cols] of a packed weight."""
+def dequantize(weight: PackedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[rows, cols] of a packed weight: float32, or its float32 values rounded to ``dtype``
+    (bfloat16 straight from the CPU kernel, without a float32 copy)."""
     if weight.data.device.type == "cpu" and options().backend == "auto" and _cpu is not None:
-        return _cpu.dequantize(weight)
+        if dtype in FLOAT32_BFLOAT16:
+            return _cpu.dequantize(weight, dtype)
+        return _cpu.dequantize(weight).to(dtype)
     from llama_engine.quant import dequantize as torch_dequantize
-    return torch_dequantize(weight)
+    return torch_dequantize(weight).to(dtype)
 
 
 def embedding(ids: Tensor, weight: Tensor | PackedWeight) -> Tensor:

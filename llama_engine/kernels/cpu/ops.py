@@ -96,23 +96,24 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU: gate_up float32 [..., 2F] = concat(gate, up) -> silu(gate) * up, [..., F].
-    Raises ValueError for another dtype or an odd last dim."""
+    """SwiGLU: gate_up float32 or bfloat16 [..., 2F] = concat(gate, up) -> silu(gate) * up,
+    [..., F] of gate_up's dtype (float32 math, rounded once). Raises ValueError for another
+    dtype or an odd last dim."""
     rows = dense(gate_up)
     shape = rows.shape
     width = shape[-1] // 2 if shape else 0
     if len(shape) == 2:  # the usual case, and the cheapest torch.empty call
-        out = torch.empty(shape[0], width, dtype=F32)
+        out = torch.empty(shape[0], width, dtype=rows.dtype)
     else:
-        out = torch.empty(*shape[:-1], width, dtype=F32)
+        out = torch.empty(*shape[:-1], width, dtype=rows.dtype)
     _C.silu_and_mul(rows, out)
     return out
 
 
 def silu_and_mul_backward(gate_up: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """The gradient [..., 2F] of ``silu_and_mul`` at gate_up float32 [..., 2F] given
-    grad_out [..., F] (d_gate = dy up silu'(gate), d_up = dy silu(gate)). Raises ValueError
-    for a dtype or shape that does not fit."""
+    """The gradient [..., 2F] of ``silu_and_mul`` at gate_up float32 or bfloat16 [..., 2F]
+    given grad_out [..., F] of the same dtype (d_gate = dy up silu'(gate), d_up = dy
+    silu(gate)). Raises ValueError for a dtype or shape that does not fit."""
     rows = dense(gate_up)
     grad_gate_up = torch.empty_like(rows)
     _C.silu_and_mul_backward(rows, dense(grad_out), grad_gate_up)

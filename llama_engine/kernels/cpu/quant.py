@@ -64,9 +64,11 @@ def packed_view(weight: PackedWeight) -> _C.PackedWeightView:
     return _C.PackedWeightView(_packed_bytes(weight), weight.qtype, weight.rows, weight.cols)
 
 
-def dequantize(weight: PackedWeight) -> torch.Tensor:
-    """float32 [rows, cols], bit-identical to ``llama_engine.quant.dequantize``."""
-    out = torch.empty(weight.rows, weight.cols, dtype=torch.float32)
+def dequantize(weight: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float32 [rows, cols], bit-identical to ``llama_engine.quant.dequantize``; with dtype
+    torch.bfloat16, those values rounded to it (as ``.to(torch.bfloat16)``) without the
+    float32 copy."""
+    out = torch.empty(weight.rows, weight.cols, dtype=dtype)
     _C.dequantize(packed_view(weight), out)
     return out
 
