@@ -26,8 +26,9 @@ from llama_engine.training.tokenization import (DEFAULT_MAX_SEQ_LEN, PreferenceP
 FULL = "full"
 ADAPTER_ALGORITHMS = ("lora", "qlora", "dora")
 # The frozen base's precision under adapters (Llama Stack's TrainingConfig.dtype): "bf16"
-# holds it in bfloat16 and runs its matmuls there, the adapters, norms, attention, loss and
-# optimizer staying float32 (``lora.AdapterFineTune``); "fp32" keeps all in float32.
+# holds it in bfloat16 and runs its matmuls, and the adapters', there; the adapter weights,
+# norms, attention, loss and optimizer stay float32 (``lora.AdapterFineTune``); "fp32" keeps
+# all in float32.
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -174,8 +175,8 @@ def base_precision(recipe: Recipe, device: str) -> BasePrecision:
         native, unit = bf16_matmul_is_fast(), "this CPU (AMX / AVX512-BF16)"
     if native:
         return BasePrecision(torch.bfloat16, f"the default for adapters in one process: {unit} "
-                             "multiplies bfloat16 natively; adapters, norms, attention, loss "
-                             "and optimizer stay fp32")
+                             "multiplies bfloat16 natively; adapter weights, norms, attention, "
+                             "loss and optimizer stay fp32")
     return BasePrecision(torch.float32, f"the default for adapters where {unit} does not "
                          "multiply bfloat16 natively (emulated bfloat16 is slower than fp32)")
 
