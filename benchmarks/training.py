@@ -145,8 +145,9 @@ def build_ours(model_path: str, method: str, args: argparse.Namespace, adapter_f
 def build_transformers(model_path: str, method: str, args: argparse.Namespace,
                        adapter_file: str, dtype: str = "float32"):
     """transformers' (+ peft, + bitsandbytes NF4 with double quantization for QLoRA) training
-    step on batch i, as a function of i returning the loss. ``dtype`` bfloat16: the model loaded in bfloat16 (peft keeps its
-    adapters float32) or bitsandbytes' ``bnb_4bit_compute_dtype=torch.bfloat16``."""
+    step on batch i, as a function of i returning the loss. ``dtype`` bfloat16: the model
+    loaded in bfloat16 (peft keeps its adapters float32) or bitsandbytes'
+    ``bnb_4bit_compute_dtype=torch.bfloat16``."""
     import transformers
     torch_dtype = getattr(torch, dtype)
     kwargs = {"dtype": torch.float32 if method == "full" else torch_dtype}
