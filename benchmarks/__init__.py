@@ -20,7 +20,8 @@ COMMANDS = {
     "agents": ("agents", "add_arguments", "run",
                "an agent turn's step breakdown and the code interpreter's cold and warm calls"),
     "synthetic-data": ("synthetic_data", "add_arguments", "run",
-                       "prompts x k samples scored by a reward model, against transformers"),
+                       "prompts x k samples scored by a reward model, against transformers "
+                       "in interleaved rounds"),
     "lora": ("lora", "add_arguments", "run",
              "decode with 0-16 LoRA adapters per batch vs the base and transformers + peft"),
 }

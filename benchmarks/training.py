@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing
 import os
 import platform
-import resource
-import time
 
 import torch
+
+from benchmarks.sides import Side, in_child
 
 LR = 1e-5
 ADAPTER_LR = 1e-3  # adapters start at zero: a full fine-tune's lr would barely move them
@@ -82,36 +81,11 @@ def _batches(vocab: int, args: argparse.Namespace) -> list[torch.Tensor]:
             for _ in range(args.rounds * (WARMUP_STEPS + args.steps))]
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _serve_steps(build, build_args: tuple, conn) -> None:
-    """A side's process: build its step function and batches, say so, then run step i
-    whenever the parent sends i, answering (loss, seconds); None ends it with the peak RSS.
-    A failed build answers its error instead."""
-    try:
-        step, batches = build(*build_args)
-    except Exception as e:  # the peer could not run this method here: the parent says so
-        conn.send(f"{type(e).__name__}: {e}")
-        return
-    conn.send(None)
-    while (i := conn.recv()) is not None:
-        started = time.perf_counter()
-        loss = step(batches[i])
-        conn.send((loss, time.perf_counter() - started))
-    conn.send(_peak_rss_bytes())
-
-
-class _Side:
-    """One side's process (spawned fresh, so its peak RSS is its own)."""
+class _TrainingSide(Side):
+    """One side's training process; request i runs batch i's step, answering its loss."""
 
     def __init__(self, build, *build_args):
-        context = multiprocessing.get_context("spawn")
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve_steps, args=(build, build_args, child))
-        self.process.start()
-        self.error = self.conn.recv()  # None once built
+        super().__init__(build, *build_args)
         self.losses: list[float] = []
         self.times: list[float] = []
         self.warmup_times: list[float] = []
@@ -119,15 +93,12 @@ class _Side:
     def run_round(self, args: argparse.Namespace) -> None:
         """The next WARMUP_STEPS untimed and args.steps timed steps, back to back."""
         for j in range(WARMUP_STEPS + args.steps):
-            self.conn.send(len(self.losses))
-            loss, seconds = self.conn.recv()
+            loss, seconds = self(len(self.losses))
             self.losses.append(loss)
             (self.times if j >= WARMUP_STEPS else self.warmup_times).append(seconds)
 
     def finish(self, tokens: int) -> dict:
-        self.conn.send(None)
-        peak = self.conn.recv()
-        self.process.join()
+        peak = self.close()
         return {"losses": self.losses, "step_s": self.times, "warmup_s": self.warmup_times,
                 "tokens_per_s": tokens * len(self.times) / sum(self.times), "peak_rss_bytes": peak}
 
@@ -137,8 +108,9 @@ def _lr(method: str) -> float:
 
 
 def build_ours(model_path: str, method: str, args: argparse.Namespace, adapter_file: str):
-    """Our side's (step function, batches); for adapters, the initial adapter weights go to
-    ``adapter_file`` (PEFT names) so that peft starts from the same ones."""
+    """Our side's training step on batch i, as a function of i returning the loss; for
+    adapters, the initial adapter weights go to ``adapter_file`` (PEFT names) so that peft
+    starts from the same ones."""
     from safetensors.torch import save_file
 
     from llama_engine.training.batching import pack
@@ -166,14 +138,16 @@ def build_ours(model_path: str, method: str, args: argparse.Namespace, adapter_f
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step, _batches(model.config.vocab_size, args)
+    batches = _batches(model.config.vocab_size, args)
+    return lambda i: step(batches[i])
 
 
 def build_transformers(model_path: str, method: str, args: argparse.Namespace,
                        adapter_file: str, dtype: str = "float32"):
-    """transformers' (+ peft, + bitsandbytes NF4 with double quantization for QLoRA) (step
-    function, batches). ``dtype`` bfloat16: the model loaded in bfloat16 (peft keeps its
-    adapters float32) or bitsandbytes' ``bnb_4bit_compute_dtype=torch.bfloat16``."""
+    """transformers' (+ peft, + bitsandbytes NF4 with double quantization for QLoRA) training
+    step on batch i, as a function of i returning the loss. ``dtype`` bfloat16: the model
+    loaded in bfloat16 (peft keeps its adapters float32) or bitsandbytes'
+    ``bnb_4bit_compute_dtype=torch.bfloat16``."""
     import transformers
     torch_dtype = getattr(torch, dtype)
     kwargs = {"dtype": torch.float32 if method == "full" else torch_dtype}
@@ -205,7 +179,8 @@ def build_transformers(model_path: str, method: str, args: argparse.Namespace,
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step, _batches(model.config.vocab_size, args)
+    batches = _batches(model.config.vocab_size, args)
+    return lambda i: step(batches[i])
 
 
 def write_hf_folder(gguf_path: str, folder: str) -> None:
@@ -223,11 +198,6 @@ def write_hf_folder(gguf_path: str, folder: str) -> None:
         del config.quantization_config
     config.save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(folder)
-
-
-def _in_child(fn, *fn_args) -> dict:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, fn_args)
 
 
 def peer_dtypes(method: str, args: argparse.Namespace) -> list[str]:
@@ -253,11 +223,11 @@ def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
             # packed and cast around every matmul. Written in its own process so that the
             # peer's peak RSS is its own.
             peer_path = os.path.join(folder, "hf")
-            _in_child(write_hf_folder, model_path, peer_path)
-        ours_side = _Side(build_ours, model_path, method, args, adapter_file)
+            in_child(write_hf_folder, model_path, peer_path)
+        ours_side = _TrainingSide(build_ours, model_path, method, args, adapter_file)
         if ours_side.error:
             raise RuntimeError(f"[{method}] llama-engine failed: {ours_side.error}")
-        peers = {dtype: _Side(build_transformers, peer_path, method, args, adapter_file, dtype)
+        peers = {dtype: _TrainingSide(build_transformers, peer_path, method, args, adapter_file, dtype)
                  for dtype in peer_dtypes(method, args)}
         for _ in range(args.rounds):
             ours_side.run_round(args)
@@ -269,7 +239,7 @@ def compare(model_path: str, method: str, args: argparse.Namespace) -> dict:
                   "peers": {}}
         for dtype, side in peers.items():
             if side.error:
-                side.process.join()
+                side.close()
                 result["peers"][dtype] = {"error": side.error}
                 continue
             theirs = side.finish(tokens)

@@ -76,6 +76,12 @@ class LLM:
         output at its last token. Prompts sharing a prefix share its KV blocks."""
         return self.generate(prompts, SamplingParams(max_tokens=0))
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix, as vLLM's ``LLM.reset_prefix_cache``: the next prompts
+        are computed in full, as on a freshly loaded engine (to time a workload again, say).
+        Returns False, changing nothing, while a request holds KV blocks."""
+        return self.engine.block_manager.reset_prefix_cache()
+
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | None = None,
              tools: list[dict] | None = None,

@@ -131,3 +131,26 @@ def test_a_sequence_whose_next_block_is_being_computed_waits_a_step_and_shares_i
     assert second.num_cached_tokens == 2 * BLOCK
     assert second.block_table[:2] == first_blocks[:2]
     assert step.scheduled[0].num_tokens == len(shared) + 1 - 2 * BLOCK
+
+
+def _computed(bm: BlockManager, tokens: list[int]) -> Sequence:
+    """A sequence whose prompt was looked up, allocated and computed."""
+    seq = Sequence("r", 0, tokens, SamplingParams(), 0.0)
+    bm.match_prefix(seq)
+    bm.allocate(seq, seq.num_tokens - seq.num_computed_tokens)
+    seq.num_computed_tokens = seq.num_tokens
+    bm.commit(seq)
+    return seq
+
+
+def test_reset_prefix_cache_forgets_every_prefix_once_no_block_is_in_use():
+    bm = BlockManager(8, BLOCK)
+    running = _computed(bm, list(range(9)))
+    assert not bm.reset_prefix_cache()  # a running sequence's blocks stay findable
+    assert len(bm.cached) == 2  # its two full blocks
+    bm.free(running)
+    assert bm.reset_prefix_cache()
+    again = _computed(bm, list(range(9)))
+    assert again.num_cached_tokens == 0  # computed in full, as on a fresh engine
+    bm.free(again)
+    assert _computed(bm, list(range(9))).num_cached_tokens == 2 * BLOCK  # cached anew

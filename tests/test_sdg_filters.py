@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from llama_engine.synthetic_data import FilteringParams, ScoredPrompt, dataset_rows, filter_generations
+from llama_engine.synthetic_data import (FilteringParams, ScoredPrompt, dataset_rows,
+                                         filter_generations, most_kept)
 from llama_engine.synthetic_data.filters import FILTERS
 
 CASES = 50
@@ -101,6 +102,30 @@ def test_sigmoid_keeps_at_the_rate_sigmoid_of_score_minus_threshold() -> None:
     scores, threshold = [0.0] * 4000, -1.0  # sigmoid(1) = 0.731
     kept = filter_generations("sigmoid", scores, FilteringParams(threshold=threshold, seed=7))
     assert abs(len(kept) / len(scores) - 1 / (1 + math.exp(-1))) < 0.03
+
+
+@pytest.mark.parametrize("function", sorted(FILTERS))
+def test_most_kept_bounds_what_a_filter_keeps_and_is_reached(function: str) -> None:
+    """No score set makes a filter keep more than most_kept; the ones that keep a fixed
+    number (none: n, random and top_k: min(k, n)) keep exactly that, and the bound of the
+    others is reached by some scores (equal scores: top_p keeps n at p = 1, sigmoid keeps
+    all at a very low threshold)."""
+    rng = random.Random(4)
+    for _ in range(CASES):
+        scores = random_scores(rng)
+        params = FilteringParams(k=rng.randint(1, 6), p=rng.uniform(0.05, 1.0),
+                                 threshold=rng.gauss(0, 2), seed=rng.randint(0, 99))
+        kept = filter_generations(function, scores, params)
+        bound = most_kept(function, len(scores), params)
+        assert len(kept) <= bound == (min(params.k, len(scores))
+                                      if function in ("random", "top_k", "top_k_top_p")
+                                      else len(scores))
+        if function in ("none", "random", "top_k"):
+            assert len(kept) == bound
+        flat = FilteringParams(k=params.k, p=1.0, threshold=-1e6, seed=0)
+        assert len(filter_generations(function, [0.0] * len(scores), flat)) == bound
+    with pytest.raises(ValueError, match="unknown filtering function"):
+        most_kept("best", 3, FilteringParams())
 
 
 def test_bad_params_and_unknown_functions_are_refused() -> None:

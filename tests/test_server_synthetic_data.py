@@ -152,6 +152,14 @@ SCORE_BODY = {"model": "rm", "prompt_generations": [
     ("/synthetic_data_generation/generate", sdg_body(model="rm"), 400, "model"),
     ("/synthetic_data_generation/generate", sdg_body(filtering_function="best"), 400,
      "filtering_function"),
+    # a dpo dataset pairs two kept generations of a prompt: refused before generating when
+    # the request keeps at most one (top_k's filtering_params.k defaults to 1)
+    ("/synthetic_data_generation/generate", sdg_body(k=1, save_as_dataset="never-dpo",
+                                                     dataset_type="dpo"), 400, "k"),
+    ("/synthetic_data_generation/generate", sdg_body(k=3, filtering_function="top_k",
+                                                     save_as_dataset="never-dpo",
+                                                     dataset_type="dpo"), 400,
+     "filtering_params.k"),
     # a reward model is no base to fine-tune: it has no LM head
     ("/post_training/supervised_fine_tune/", sft_request("sft-on-rm", Path("/unused.jsonl"),
                                                          model="rm"), 400, "model"),
@@ -172,7 +180,7 @@ def test_generate_filter_save_and_fine_tune_end_to_end(server, reference, tmp_pa
     assert (stats["num_prompts"], stats["num_generated"], stats["num_kept"]) == (3, 9, 6)
     assert stats["tokens_generated"] > 0 and stats["generation_tokens_per_s"] > 0
     assert stats["prefix_cache_hit_rate"] > 0  # a prompt's 3 replies share its blocks
-    assert stats["dataset_id"] == "sdg-sft" and stats["dataset_rows"] == 6
+    assert stats["dataset_saved"] and stats["dataset_id"] == "sdg-sft" and stats["dataset_rows"] == 6
     for question, data in zip(QUESTIONS, result["synthetic_data"]):
         assert data["prompt"]["content"] == question
         kept = data["k_scored_generations"]
@@ -219,3 +227,21 @@ def test_save_as_a_dpo_dataset_pairs_the_best_and_worst_of_each_prompt(server, r
             expected.append({"prompt": [user(question)], "chosen": ranked[0]["message"]["content"],
                              "rejected": ranked[-1]["message"]["content"]})
     assert rows == expected and rows
+
+
+def test_saving_when_the_filter_keeps_nothing_returns_the_statistics_and_saves_nothing(server) -> None:
+    """sigmoid far above every score keeps nothing: a 200 with empty synthetic_data, the
+    statistics of every generation and why no dataset was saved; no dataset exists."""
+    response = post(server, "/synthetic_data_generation/generate", sdg_body(
+        filtering_function="sigmoid", filtering_params={"threshold": 1e6, "seed": 0},
+        save_as_dataset="sdg-nothing-kept"))
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert [d["k_scored_generations"] for d in result["synthetic_data"]] == [[]] * len(QUESTIONS)
+    stats = result["statistics"]
+    assert (stats["num_generated"], stats["num_kept"]) == (2 * len(QUESTIONS), 0)
+    assert stats["dataset_saved"] is False and stats["dataset_rows"] == 0
+    assert "sigmoid" in stats["dataset_not_saved_reason"] and "dataset_id" not in stats
+    missing = requests.get(f"{server.base_url}/datasets/get",
+                           params={"dataset_id": "sdg-nothing-kept"}, timeout=TIMEOUT_S)
+    assert missing.status_code == 404, missing.text

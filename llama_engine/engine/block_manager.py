@@ -163,6 +163,17 @@ class BlockManager:
                 self.cached[h] = block.block_id
         self._clear_in_flight(seq.seq_id)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's ``reset_prefix_cache``), so that the next
+        sequences compute all their tokens, as on a fresh engine. Only when no block is in
+        use (a running sequence's blocks stay shared); returns whether it was done."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.hash, block.token_ids = NO_HASH, ()
+        self.cached.clear()
+        return True
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent."""
         for block_id in child.block_table:

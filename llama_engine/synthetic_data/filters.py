@@ -106,6 +106,18 @@ FILTERS: dict[str, FilterFn] = {NONE: keep_all, RANDOM: keep_random, TOP_K: keep
                                 SIGMOID: keep_sigmoid}
 
 
+BOUNDED_BY_K = frozenset({RANDOM, TOP_K, TOP_K_TOP_P})  # keep at most params.k
+
+
+def most_kept(function: str, n: int, params: FilteringParams) -> int:
+    """The most of a prompt's ``n`` generations ``function`` can keep, whatever their scores:
+    min(k, n) for ``random``, ``top_k`` and ``top_k_top_p``, n for the others. Raises
+    ValueError for an unknown function."""
+    if function not in FILTERS:
+        raise ValueError(f"unknown filtering function {function!r}; known: {', '.join(FILTERS)}")
+    return min(params.k, n) if function in BOUNDED_BY_K else n
+
+
 def filter_generations(function: str, scores: Sequence[float], params: FilteringParams,
                        prompt_index: int = 0) -> list[int]:
     """Indices of the generations ``function`` keeps among one prompt's ``scores``, in

@@ -14,8 +14,9 @@ import time
 from typing import Any, Optional
 
 from llama_engine.datasets import (DatasetExistsError, DatasetNotFoundError, DatasetRegistry)
-from llama_engine.synthetic_data import (DATASET_TYPES, FilteringParams, ScoredPrompt,
-                                         dataset_rows, filter_generations, score_statistics)
+from llama_engine.synthetic_data import (DATASET_TYPES, DPO, FilteringParams, ScoredPrompt,
+                                         dataset_rows, filter_generations, most_kept,
+                                         score_statistics)
 from server.api.errors import APIError, ConflictError
 from server.api.generation import (GenerationRunner, engine_request, make_sampling_params,
                                    run_together)
@@ -43,6 +44,29 @@ def _reward_model_name(request: sd.SyntheticDataGenerationRequest) -> tuple[Opti
     return spec_name, "reward_scoring.model" if spec_name else "reward_model"
 
 
+def _filtering_params(request: sd.SyntheticDataGenerationRequest) -> FilteringParams:
+    f = request.filtering_params
+    return FilteringParams(k=f.k, p=f.p, threshold=f.threshold, seed=f.seed)
+
+
+def _refuse_unpairable(request: sd.SyntheticDataGenerationRequest) -> None:
+    """A dpo dataset pairs two kept generations of one prompt: a request whose k and filter
+    keep at most one per prompt could never save a row, so it is refused before generating
+    (400 naming the field to raise)."""
+    if request.dataset_type != DPO:
+        return
+    function = request.filtering_function.value
+    most = most_kept(function, request.k, _filtering_params(request))
+    if most >= 2:
+        return
+    need = ("save_as_dataset with dataset_type dpo pairs two kept generations of a prompt "
+            "(chosen and rejected)")
+    if request.k < 2:
+        raise APIError(f"k: {need}; k=1 samples one generation per prompt", param="k")
+    raise APIError(f"filtering_params.k: {need}; the {function} filter keeps at most "
+                   f"filtering_params.k={request.filtering_params.k}", param="filtering_params.k")
+
+
 class SyntheticDataService:
     def __init__(self, registry: ModelRegistry, runner: GenerationRunner,
                  scoring: RewardScoringService, datasets: DatasetRegistry):
@@ -54,6 +78,7 @@ class SyntheticDataService:
         policy = self.registry.resolve_generator(request.model, "model")
         reward = self.registry.resolve_reward_model(*_reward_model_name(request))
         if request.save_as_dataset is not None:
+            _refuse_unpairable(request)
             await asyncio.to_thread(self._refuse_taken_dataset, request.save_as_dataset)
         dialogs = [[{"role": m.role, "content": content_text(m.content, f"prompts[{i}].content",
                                                              policy.model_id)}]
@@ -62,8 +87,7 @@ class SyntheticDataService:
         scored = await self.scoring.score_replies(reward, [
             DialogReplies(messages, texts, [f"prompts[{i}]"] * len(texts))
             for i, (messages, texts) in enumerate(zip(dialogs, generations))], "k")
-        f = request.filtering_params
-        params = FilteringParams(k=f.k, p=f.p, threshold=f.threshold, seed=f.seed)
+        params = _filtering_params(request)
         prompts = [ScoredPrompt(messages, texts, scores, filter_generations(
                        request.filtering_function.value, scores, params, prompt_index=i))
                    for i, (messages, texts, scores) in enumerate(zip(dialogs, generations,
@@ -121,13 +145,15 @@ class SyntheticDataService:
 
     def _save(self, request: sd.SyntheticDataGenerationRequest, prompts: list[ScoredPrompt],
               policy: ServedModel, reward: ServedModel) -> dict[str, Any]:
+        """Register the kept data as the request's dataset; the statistics saying so, or why
+        nothing was saved (no row to save: the generations are still returned)."""
         rows = dataset_rows(prompts, request.dataset_type)
         if not rows:
             need = ("a prompt with two kept generations of different scores"
-                    if request.dataset_type == "dpo" else "a kept generation")
-            raise APIError(f"save_as_dataset: the {request.dataset_type} dataset needs {need}; "
-                           f"the {request.filtering_function.value} filter left none, so nothing "
-                           "was saved", param="save_as_dataset")
+                    if request.dataset_type == DPO else "a kept generation")
+            return {"dataset_saved": False, "dataset_rows": 0,
+                    "dataset_not_saved_reason": f"the {request.dataset_type} dataset needs "
+                    f"{need}; the {request.filtering_function.value} filter left none"}
         metadata = {"source": DATASET_SOURCE, "dataset_type": request.dataset_type,
                     "policy_model": policy.model_id, "reward_model": reward.model_id,
                     "filtering_function": request.filtering_function.value}
@@ -136,4 +162,5 @@ class SyntheticDataService:
                                            DATASET_TYPES[request.dataset_type], rows, metadata)
         except DatasetExistsError as exc:
             raise ConflictError(f"save_as_dataset: {exc}", param="save_as_dataset") from None
-        return {"dataset_id": request.save_as_dataset, "dataset_rows": len(rows)}
+        return {"dataset_saved": True, "dataset_id": request.save_as_dataset,
+                "dataset_rows": len(rows)}

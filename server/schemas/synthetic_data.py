@@ -121,8 +121,9 @@ class SyntheticDataGenerationResponse(StrictModel):
     tuples, and statistics: num_prompts, num_generated, num_kept; score_mean, score_std
     (population), score_min, score_max over every generation; tokens_generated,
     generation_time_s, generation_tokens_per_s; scoring_time_s; prefix_cache_hit_rate (the
-    share of the scored tokens found in the reward model's prefix cache); dataset_id and
-    dataset_rows when saved."""
+    share of the scored tokens found in the reward model's prefix cache); with
+    save_as_dataset, dataset_saved, and dataset_id and dataset_rows when saved, or
+    dataset_not_saved_reason when the filter kept nothing a row needs."""
 
     synthetic_data: list[KScoredPromptGenerations]
     statistics: Optional[dict[str, Any]] = None
