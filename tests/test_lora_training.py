@@ -357,3 +357,34 @@ def test_base_dtype_defaults_and_refusals(tmp_path: Path) -> None:
                {"algorithm": "lora", "dtype": "bf16", "fsdp": True}):
         with pytest.raises(ValueError, match="^dtype: "):
             recipe(**kw)
+
+
+def test_add_lora_over_bfloat16_inputs_keeps_db_in_float32() -> None:
+    """A bfloat16 x and a float32 y (training over a bfloat16 base): the update and every
+    gradient within bfloat16's rounding of float32 math, and dB exactly float32 math on the
+    float32 dy (only A x is rounded: a bfloat16 dy would flip the signs of small dB elements,
+    which AdamW's first step turns into whole-lr moves)."""
+    from llama_engine.training.lora import LoRALayer, add_lora
+    g = torch.Generator().manual_seed(0)
+    tokens, k, n, rank = 37, 64, 48, 4
+    spec = LoRASpec(("q_proj",), rank=rank, alpha=8)
+    adapter = LoRALayer(k, n, spec, None, g)
+    with torch.no_grad():
+        adapter.lora_B.normal_(generator=g)
+    x = torch.randn(tokens, k, generator=g).bfloat16().requires_grad_(True)
+    y0 = torch.randn(tokens, n, generator=g)
+    dy = torch.randn(tokens, n, generator=g)
+    y = add_lora(y0.clone().requires_grad_(True) * 1.0, x, [(0, n, adapter)])
+    y.backward(dy)
+    assert y.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert adapter.lora_A.grad.dtype == adapter.lora_B.grad.dtype == torch.float32
+    a, b = adapter.lora_A.detach().clone().requires_grad_(True), adapter.lora_B.detach().clone().requires_grad_(True)
+    x32 = x.detach().float().requires_grad_(True)
+    want = y0 + spec.scale * (x32 @ a.t()) @ b.t()
+    want.backward(dy)
+    for ours, theirs in ((y, want), (x.grad, x32.grad), (adapter.lora_A.grad, a.grad),
+                         (adapter.lora_B.grad, b.grad)):
+        error = (ours.float() - theirs).abs().max() / theirs.abs().max()
+        assert error < 2e-2, error  # a few bfloat16 roundings (2^-8 each)
+    h = (x.detach() @ adapter.lora_A.detach().bfloat16().t()).float()  # A x, rounded as ours
+    torch.testing.assert_close(adapter.lora_B.grad, spec.scale * dy.t() @ h, rtol=1e-5, atol=1e-5)

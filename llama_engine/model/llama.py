@@ -105,8 +105,13 @@ class Linear(nn.Module):
                                       else kernels.dequantize(self.packed))
         self.weight, self.qweight = None, None
 
-    def forward(self, x: torch.Tensor, adapters: Adapters | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapters: Adapters | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """y [..., N] of x [..., K], cast to ``out_dtype`` (None: as the matmul gives it)
+        before the adapters add their update to it."""
         y = kernels.linear(x, self.matrix, self.compute_dtype)
+        if out_dtype is not None:
+            y = y.to(out_dtype)
         return y if adapters is None else adapters(self, x, y)
 
 
@@ -156,6 +161,8 @@ class DecoderLayer(nn.Module):
         self._fused_checked = False  # asked kernels for a fused kernel yet
         # what the projections take (round_matmuls_to_bf16: bfloat16); None: x's dtype
         self.matmul_dtype: torch.dtype | None = None
+        # what they give, their adapters' update added in it; None: as their matmul gives it
+        self.projection_dtype: torch.dtype | None = None
 
     def forward(self, layer: int, x: torch.Tensor, residual: torch.Tensor | None,
                 positions: torch.Tensor, cos_sin: torch.Tensor, attend: kernels.Attention,
@@ -169,10 +176,12 @@ class DecoderLayer(nn.Module):
             if adapters is None or lora is not None:
                 return fused(layer, x, residual, positions, cos_sin, attend, lora)
         # With bfloat16 matmuls, norms, RoPE and attention stay in x's dtype; the MLP's
-        # activations stay bfloat16 between its two projections (one rounding fewer each way).
+        # activations stay bfloat16 between its two projections (one rounding fewer each way)
+        # unless projection_dtype says otherwise.
         tokens, dtype, matmul_dtype = x.shape[0], x.dtype, self.matmul_dtype or x.dtype
+        out = self.projection_dtype
         h, residual = self.input_layernorm(x, residual)
-        q, k, v = self.qkv_proj(h.to(matmul_dtype), adapters).split(
+        q, k, v = self.qkv_proj(h.to(matmul_dtype), adapters, out).split(
             [self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = kernels.rope(q.reshape(tokens, self.num_heads, self.head_dim).to(dtype).contiguous(),
                             k.reshape(tokens, self.num_kv_heads, self.head_dim).to(dtype).contiguous(),
@@ -180,9 +189,10 @@ class DecoderLayer(nn.Module):
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim).to(dtype).contiguous()
         attn = attend(layer, q, k, v)
         h, residual = self.post_attention_layernorm(
-            self.o_proj(attn.reshape(tokens, -1).to(matmul_dtype), adapters).to(dtype), residual)
-        gate_up = self.gate_up_proj(h.to(matmul_dtype), adapters)
-        return self.down_proj(kernels.silu_and_mul(gate_up), adapters).to(dtype), residual
+            self.o_proj(attn.reshape(tokens, -1).to(matmul_dtype), adapters, out).to(dtype),
+            residual)
+        gate_up = self.gate_up_proj(h.to(matmul_dtype), adapters, out)
+        return self.down_proj(kernels.silu_and_mul(gate_up), adapters, out).to(dtype), residual
 
     def round_matmuls_to_bf16(self) -> None:
         """The four projections multiply in bfloat16 (``Linear.round_to_bf16``); the layer

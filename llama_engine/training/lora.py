@@ -238,11 +238,10 @@ class _AddLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, x: torch.Tensor, scale: float,
                 spans: tuple[tuple[int, int], ...], *weights: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        a_weights, b_weights = weights[0::2], [b.to(dtype) for b in weights[1::2]]
-        a = (a_weights[0] if len(a_weights) == 1 else torch.cat(a_weights)).to(dtype)  # [P r, in]
+        a_weights, b_weights = weights[0::2], [b.to(y.dtype) for b in weights[1::2]]
+        a = (a_weights[0] if len(a_weights) == 1 else torch.cat(a_weights)).to(x.dtype)  # [P r, in]
         h = x @ a.t()                                                      # [T, P r]
-        scaled = h * scale
+        scaled = (h * scale).to(y.dtype)
         rank = a_weights[0].shape[0]
         for i, ((start, end), b) in enumerate(zip(spans, b_weights)):
             y[:, start:end].addmm_(scaled[:, i * rank:(i + 1) * rank], b.t())
@@ -257,7 +256,8 @@ class _AddLoRA(torch.autograd.Function):
         x, h, a, *b_weights = ctx.saved_tensors
         scale, rank, weight_dtype = ctx.scale, ctx.rank, ctx.weight_dtype
         grad_h = torch.cat([grad_y[:, start:end] @ b for (start, end), b
-                            in zip(ctx.spans, b_weights)], dim=1).mul_(scale)  # [T, P r]
+                            in zip(ctx.spans, b_weights)], dim=1).mul_(scale).to(x.dtype)  # [T, P r]
+        h = h.to(grad_y.dtype)
         # dB^T = (A x)^T dy: [r, T] @ [T, out] runs ~3x faster in the BLAS than dy^T (A x)
         grad_b = [(h[:, i * rank:(i + 1) * rank].t() @ grad_y[:, start:end]).t()
                   .to(weight_dtype).mul_(scale) for i, (start, end) in enumerate(ctx.spans)]
@@ -278,9 +278,14 @@ def add_lora(y: torch.Tensor, x: torch.Tensor,
     changes only the rounding. The backward gives dA = s (dy B)^T x, dB = s dy^T (A x) and
     dx = s (dy B) A, and passes dy to the base matmul unchanged.
 
-    The GEMMs run in x's (and y's) dtype: over a bfloat16 base the float32 A and B are
-    rounded to bfloat16 for them and the gradients returned in float32, the recipe of
-    ``torch.autocast`` (float32 master weights, bfloat16 matmuls summed in float32)."""
+    Precision: A x runs in x's dtype (over a bfloat16 base, x and the float32 A rounded to
+    bfloat16 as ``torch.autocast`` rounds a matmul's operands; float32 sums), the update
+    and dB in y's (float32 in training: ``DecoderLayer.projection_dtype``), dA and dx in
+    x's; the gradients are returned in the weights' float32. dB from a float32 dy matters:
+    with B at zero, AdamW's first step moves every element of B by lr times the sign of its
+    gradient, and a bfloat16 dy flips enough small ones to move the second step's loss by
+    ~0.1 on the training benchmark (SmolLM2, QLoRA, 2026-11-30), where a float32 dy keeps
+    it within 3e-3 of transformers + peft in float32."""
     if not lora:
         return y
     spans = tuple((start, end) for start, end, _ in lora)
@@ -313,11 +318,11 @@ def _lower_base_precision(model: Llama, dtype: torch.dtype) -> None:
     """The frozen projections of ``model`` (decoder layers and head) held and multiplied in
     ``dtype``; a packed (NF4) one stays packed and dequantizes to ``dtype``. A head tied to
     the embedding gets its own copy: the embedding lookup stays float32. The decoder
-    layers' projections take and give ``dtype`` (``DecoderLayer.matmul_dtype``): what
-    they multiply is rounded to it anyway, and the casts around each GEMM (forward and
-    backward) cost a tenth of a step."""
+    layers' projections take ``dtype`` (``DecoderLayer.matmul_dtype``: what they multiply
+    is rounded to it anyway, and the adapters' A x runs in it) and give float32, in which
+    the adapters add their update (``add_lora``)."""
     for layer in model.layers:
-        layer.matmul_dtype = dtype
+        layer.matmul_dtype, layer.projection_dtype = dtype, torch.float32
     projections = [linear for layer in model.layers
                    for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
     for linear in projections + ([model.lm_head] if model.lm_head is not None else []):
