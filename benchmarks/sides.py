@@ -9,7 +9,7 @@ import multiprocessing
 import time
 from typing import Any, Callable
 
-from llama_engine.training.worker import _peak_rss_bytes as peak_rss_bytes
+from llama_engine.training.worker import peak_rss_bytes
 
 Build = Callable[..., Callable[[Any], Any]]
 

@@ -337,7 +337,7 @@ def test_a_worker_reports_its_own_peak_memory_not_the_servers() -> None:
 
     import torch
     held = torch.ones(2**28)  # 1 GiB touched here, in the "server"
-    probe = "from llama_engine.training.worker import _peak_rss_bytes; print(_peak_rss_bytes())"
+    probe = "from llama_engine.training.worker import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                                check=True).stdout)
     assert child < held.numel() * held.element_size()

@@ -52,7 +52,7 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """This process's peak resident memory. Linux's ``VmHWM`` belongs to the process's own
     address space; ``getrusage``'s ru_maxrss also keeps the peak of the server the worker
     was forked from (carried over fork and exec), so every job would report the server's."""
@@ -73,7 +73,7 @@ def run_job(store: JobStore, job_uuid: str) -> None:
     recipe = Recipe.from_json(job.spec["recipe"])
     writer = _rank() == 0
     resources = {"device": default_device(), "processes": 1, "pids": [os.getpid()],
-                 "peak_memory_bytes": _peak_rss_bytes()}
+                 "peak_memory_bytes": peak_rss_bytes()}
     if writer:
         store.set_resources(job_uuid, resources)
 
@@ -92,7 +92,7 @@ def run_job(store: JobStore, job_uuid: str) -> None:
 
     def on_log(record: dict) -> None:  # rank 0 only
         store.append_log(job_uuid, record)
-        resources["peak_memory_bytes"] = _peak_rss_bytes()  # rank 0's (each rank holds a shard)
+        resources["peak_memory_bytes"] = peak_rss_bytes()  # rank 0's (each rank holds a shard)
         store.set_resources(job_uuid, resources)
 
     run(recipe, on_log, lambda step, path: store.add_checkpoint(job_uuid, step, path), on_start)
