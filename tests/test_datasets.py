@@ -212,3 +212,14 @@ def test_http_routes_and_restart(tmp_path: Path, tiny_model: str) -> None:
         assert (gone.status_code, gone.json()["error"]["param"]) == (404, "dataset_id")
         no_query = requests.get(f"{url}/datasets/get", timeout=60)
         assert (no_query.status_code, no_query.json()["error"]["param"]) == (400, "dataset_id")
+
+
+def test_file_url_path_inverts_as_uri(tmp_path: Path) -> None:
+    from llama_engine.datasets.source import file_url_path
+    path = tmp_path / "a b%c" / "d.jsonl"  # percent-encoded by as_uri
+    assert file_url_path(path.as_uri()) == path
+    assert file_url_path("file://localhost/x/y") == Path("/x/y")
+    with pytest.raises(ValueError, match="not a file:// URL"):
+        file_url_path("/x/y")
+    with pytest.raises(ValueError, match="local path"):
+        file_url_path("file://host/x/y")

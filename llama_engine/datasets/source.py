@@ -39,11 +39,22 @@ def _read_limited(stream, max_bytes: int, url: str) -> bytes:
     return b"".join(chunks)
 
 
-def _fetch_file(url: str, max_bytes: int) -> Content:
+def file_url_path(url: str) -> Path:
+    """The local path a ``file://`` URL names, percent-decoded (``Path.as_uri``'s inverse).
+    Raises ValueError for another scheme or a remote host."""
     parsed = urllib.parse.urlparse(url)
+    if parsed.scheme != "file":
+        raise ValueError(f"{url[:64]}: not a file:// URL")
     if parsed.netloc not in ("", "localhost"):
-        raise DatasetSourceError(f"{url}: file URLs must name a local path (file:///path)")
-    path = Path(urllib.parse.unquote(parsed.path))
+        raise ValueError(f"{url}: file URLs must name a local path (file:///path)")
+    return Path(urllib.parse.unquote(parsed.path))
+
+
+def _fetch_file(url: str, max_bytes: int) -> Content:
+    try:
+        path = file_url_path(url)
+    except ValueError as e:
+        raise DatasetSourceError(str(e)) from None
     try:
         if not path.is_file():
             raise DatasetSourceError(f"{url}: no such file")

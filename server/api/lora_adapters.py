@@ -3,8 +3,8 @@ that every inference route (OpenAI and Llama Stack) accepts, running on its base
 
 from __future__ import annotations
 
-import urllib.parse
-
+from llama_engine.datasets.source import file_url_path
+from server.api.errors import APIError
 from server.api.registry import ModelRegistry
 from server.schemas import openai as oa
 
@@ -20,7 +20,10 @@ class LoRAAdaptersService:
         ``Checkpoint.path``)."""
         path = request.lora_path
         if path.startswith("file://"):
-            path = urllib.parse.unquote(urllib.parse.urlparse(path).path)
+            try:
+                path = str(file_url_path(path))
+            except ValueError as e:
+                raise APIError(f"lora_path: {e}", param="lora_path") from None
         adapter = await self.registry.load_adapter(request.lora_name, path)
         return oa.LoRAAdapterResponse(id=adapter.lora_name, parent=adapter.base.model_id,
                                       status="loaded")

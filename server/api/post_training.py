@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import urllib.parse
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
@@ -14,6 +13,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 from llama_engine.datasets import (DatasetRegistry, DatasetSourceError, DatasetValidationError,
                                    detect_format, load_checked_rows)
 from llama_engine.datasets.columns import PREFERENCE, SFT as SFT_COLUMNS, check_trainer_columns
+from llama_engine.datasets.source import file_url_path
 from llama_engine.config import ModelConfig
 from llama_engine.errors import RecipeError
 from llama_engine.training.jobs import (FINISHED, JobExistsError, JobManager, JobNotFoundError,
@@ -101,9 +101,11 @@ def _checked_options(values: dict[str, Any], known: dict[str, tuple[type, Option
 
 
 def _file_url_path(url: str, field: str) -> Path:
-    if not url.startswith("file://"):
-        raise APIError(f"{field}: must be a file:// URL of a checkpoint on this server", param=field)
-    path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+    try:
+        path = file_url_path(url)
+    except ValueError:
+        raise APIError(f"{field}: must be a file:// URL of a checkpoint on this server",
+                       param=field) from None
     try:
         exists = path.exists()
     except (OSError, ValueError):  # a path the OS refuses (a NUL byte, too long)
