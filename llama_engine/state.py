@@ -28,7 +28,8 @@ def resolve_state_dir(path: str | os.PathLike | None = None) -> Path:
     """The state directory ``path`` (or the default), created if missing.
 
     Raises NotADirectoryError when ``path`` exists and is not a directory."""
-    state_dir = Path(path) if path is not None else default_state_dir()
+    # absolute: job records keep paths under it, served as file:// URLs after a restart
+    state_dir = (Path(path) if path is not None else default_state_dir()).absolute()
     if state_dir.exists() and not state_dir.is_dir():
         raise NotADirectoryError(f"state directory {state_dir} is not a directory")
     state_dir.mkdir(parents=True, exist_ok=True)

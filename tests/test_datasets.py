@@ -223,3 +223,7 @@ def test_file_url_path_inverts_as_uri(tmp_path: Path) -> None:
         file_url_path("/x/y")
     with pytest.raises(ValueError, match="local path"):
         file_url_path("file://host/x/y")
+    with pytest.raises(DatasetSourceError, match="a directory, not a file"):
+        fetch_content(tmp_path.as_uri())
+    with pytest.raises(DatasetSourceError, match="no such file"):
+        fetch_content((tmp_path / "nope.jsonl").as_uri())

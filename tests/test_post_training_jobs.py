@@ -341,3 +341,18 @@ def test_a_worker_reports_its_own_peak_memory_not_the_servers() -> None:
     child = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                                check=True).stdout)
     assert child < held.numel() * held.element_size()
+
+
+def test_worker_exits_cleanly_while_watching_its_parent() -> None:
+    """The worker's parent watch (a thread reading stdin until EOF) must not abort the
+    interpreter's exit: a thread blocked in sys.stdin's buffered reader holds its lock."""
+    import subprocess
+    import sys
+    probe = ("import time; from llama_engine.training.worker import _exit_when_parent_goes; "
+             "_exit_when_parent_goes(); time.sleep(0.2)")
+    # stdin stays open (the parent alive) while the probe exits on its own
+    with subprocess.Popen([sys.executable, "-c", probe], stdin=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as probe_process:
+        returncode = probe_process.wait(timeout=120)
+        stderr = probe_process.stderr.read()
+    assert returncode == 0 and b"Fatal Python error" not in stderr, stderr[-500:]

@@ -28,3 +28,10 @@ def test_open_database_is_wal_with_full_sync(tmp_path):
     conn.execute("INSERT INTO t VALUES (1)")  # autocommit: visible to a second connection
     other = open_database(tmp_path / "x.sqlite")
     assert other.execute("SELECT x FROM t").fetchall() == [(1,)]
+
+
+def test_resolve_state_dir_makes_a_relative_path_absolute(monkeypatch, tmp_path):
+    """Job records keep paths under it, served as file:// URLs (which must be absolute)."""
+    monkeypatch.chdir(tmp_path)
+    state = resolve_state_dir("state")
+    assert state.is_absolute() and state == tmp_path / "state" and state.is_dir()

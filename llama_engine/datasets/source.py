@@ -56,6 +56,8 @@ def _fetch_file(url: str, max_bytes: int) -> Content:
     except ValueError as e:
         raise DatasetSourceError(str(e)) from None
     try:
+        if path.is_dir():
+            raise DatasetSourceError(f"{url}: a directory, not a file")
         if not path.is_file():
             raise DatasetSourceError(f"{url}: no such file")
         if path.stat().st_size > max_bytes:

@@ -32,7 +32,10 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 def _exit_when_parent_goes() -> None:
     def watch() -> None:
-        while sys.stdin.buffer.read(1):  # the parent never writes; EOF means it is gone
+        # the parent never writes; EOF means it is gone. os.read, not sys.stdin: a thread
+        # blocked inside the buffered reader holds its lock, and the interpreter's exit
+        # aborts ("could not acquire lock ... at interpreter shutdown") on it
+        while os.read(sys.stdin.fileno(), 1):
             pass
         os._exit(EXIT_PARENT_GONE)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()

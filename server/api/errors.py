@@ -49,6 +49,16 @@ class UnsupportedContentError(APIError):
     """Content the model cannot read, such as an image sent to a text-only model."""
 
 
+class InternalServerError(APIError):
+    """A bug on the server's side (logged with its traceback), never the request's fault."""
+
+    status = 500
+    error_type = "server_error"  # OpenAI's type for its 500s
+
+    def __init__(self) -> None:
+        super().__init__("internal server error")
+
+
 class ServerBusyError(APIError):
     status = 503
     error_type = "server_busy_error"

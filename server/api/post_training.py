@@ -257,7 +257,9 @@ class PostTrainingService:
 
     @staticmethod
     def _checkpoints(job: JobRecord) -> list[pt.Checkpoint]:
-        return [pt.Checkpoint(iters=iters, path=path.as_uri()) for iters, path in job.checkpoints]
+        # absolute(): a job recorded under a relative --state-dir before it was made absolute
+        return [pt.Checkpoint(iters=iters, path=path.absolute().as_uri())
+                for iters, path in job.checkpoints]
 
     async def status(self, query: pt.JobQuery) -> pt.PostTrainingJobStatusResponse:
         job = await asyncio.to_thread(self._job, query.job_uuid)

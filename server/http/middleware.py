@@ -11,7 +11,7 @@ from typing import Awaitable, Callable, Optional
 
 from aiohttp import web
 
-from server.api.errors import APIError, ServerBusyError
+from server.api.errors import APIError, InternalServerError, ServerBusyError
 from server.http.metrics import ServerMetrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -79,7 +79,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                                        param=field, status=exc.status), kept)
     except Exception:  # a bug: log it with its traceback, answer in JSON
         ERROR_LOG.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(APIError("internal server error", status=500))
+        return error_response(InternalServerError())
 
 
 def auth_middleware(api_key: Optional[str]) -> Callable:

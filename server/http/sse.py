@@ -8,7 +8,7 @@ from typing import AsyncIterator, Optional
 from aiohttp import web
 from pydantic import BaseModel
 
-from server.api.errors import APIError
+from server.api.errors import APIError, InternalServerError
 
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
@@ -44,7 +44,7 @@ async def send_event_stream(request: web.Request, events: AsyncIterator[BaseMode
             raise
         except Exception:  # an engine failure mid-stream: log it, tell the client in-band
             ERROR_LOG.exception("stream failed on %s %s", request.method, request.path)
-            await response.write(sse_event(APIError("internal server error", status=500).to_response()))
+            await response.write(sse_event(InternalServerError().to_response()))
         if done_marker is not None:
             await response.write(done_marker)
         await response.write_eof()
