@@ -363,11 +363,11 @@ class AdapterFineTune(ShardableModel):
         LoRA and DoRA (see the module docstring). ``base_dtype`` torch.bfloat16: the frozen
         decoder projections and head are held in bfloat16 (NF4 ones dequantize to it) and
         their matmuls run in it (``kernels.linear``'s ``compute_dtype``), the decoder
-        projections taking and giving bfloat16 activations and their LoRA GEMMs running in
-        bfloat16 too (``add_lora``), while the adapter weights, norms, attention, residual
-        stream, loss and optimizer stay float32: the recipe of peft over a bfloat16 base
-        (float32 adapters, whose output is cast to the base's dtype) and of bitsandbytes'
-        ``bnb_4bit_compute_dtype=torch.bfloat16``. Raises RecipeError for DoRA over NF4 or
+        projections taking bfloat16 activations and giving float32, the adapters' A x in
+        bfloat16 (``add_lora``), while the adapter weights and their updates and gradients,
+        norms, attention, residual stream, loss and optimizer stay float32: the recipe of
+        bitsandbytes' ``bnb_4bit_compute_dtype=torch.bfloat16`` under peft (float32 adapters
+        over a float32 residual stream). Raises RecipeError for DoRA over NF4 or
         another base_dtype."""
         if quantize_base and spec.use_dora:
             raise RecipeError("algorithm", "DoRA over an NF4 base is not offered; use dora or qlora")

@@ -26,9 +26,9 @@ from llama_engine.training.tokenization import (DEFAULT_MAX_SEQ_LEN, PreferenceP
 FULL = "full"
 ADAPTER_ALGORITHMS = ("lora", "qlora", "dora")
 # The frozen base's precision under adapters (Llama Stack's TrainingConfig.dtype): "bf16"
-# holds it in bfloat16 and runs its matmuls, and the adapters', there; the adapter weights,
-# norms, attention, loss and optimizer stay float32 (``lora.AdapterFineTune``); "fp32" keeps
-# all in float32.
+# holds it in bfloat16 and runs its matmuls and the adapters' A x there; the adapter weights,
+# updates and gradients, norms, attention, loss and optimizer stay float32
+# (``lora.AdapterFineTune``); "fp32" keeps all in float32.
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 

@@ -111,8 +111,8 @@ class TrainingConfig(StrictModel):
     fsdp_cpu_offload: bool
     dtype: Optional[Literal["bf16", "fp32"]] = Field(
         default=None, description="The frozen base's precision under lora, qlora and dora: "
-        "bf16 holds it in bfloat16 and runs its matmuls, and the adapters', there (adapter "
-        "weights, norms, attention, loss and optimizer stay fp32); fp32 keeps everything in float32. Default: bf16 "
+        "bf16 holds it in bfloat16 and runs its matmuls and the adapters' A x there (adapter "
+        "weights, updates and gradients, norms, attention, loss and optimizer stay fp32); fp32 keeps everything in float32. Default: bf16 "
         "where the device multiplies bfloat16 natively (GPU, CPU with AMX or AVX512-BF16) "
         "and training runs in one process, else fp32. Full fine-tuning is fp32.")
 
