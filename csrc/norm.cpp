@@ -115,15 +115,20 @@ void silu_and_mul_backward_rows_of(const T* gate_up, const T* grad_out, T* grad_
     });
 }
 
+// F of gate_up [..., 2F] (a ValueError for an odd last dim).
+int64_t swiglu_width(int64_t gate_up_width) {
+    if (gate_up_width % 2 != 0) {
+        fail("gate_up: last dim must be even, got " + std::to_string(gate_up_width));
+    }
+    return gate_up_width / 2;
+}
+
 // silu_and_mul (and its gradient, `backward`) over gate_up [..., 2F] of T, out [..., F] of T,
 // checked here before the GIL is released.
 template <class T>
 void silu_and_mul_checked(const TensorView& gate_up, const TensorView& out) {
     const TokenRows<T> rows = dense_rows<T>(gate_up, "gate_up");
-    if (rows.width % 2 != 0) {
-        fail("gate_up: last dim must be even, got " + std::to_string(rows.width));
-    }
-    const int64_t width = rows.width / 2;
+    const int64_t width = swiglu_width(rows.width);
     T* out_rows = dense_like<T>(out, "out", gate_up, width);
     py::gil_scoped_release release;
     silu_and_mul_rows_of<T>(rows.data, out_rows, rows.tokens, width);
@@ -133,10 +138,7 @@ template <class T>
 void silu_and_mul_backward_checked(const TensorView& gate_up, const TensorView& grad_out,
                                    const TensorView& grad_gate_up) {
     const TokenRows<T> rows = dense_rows<T>(gate_up, "gate_up");
-    if (rows.width % 2 != 0) {
-        fail("gate_up: last dim must be even, got " + std::to_string(rows.width));
-    }
-    const int64_t width = rows.width / 2;
+    const int64_t width = swiglu_width(rows.width);
     const T* grad = dense_like<T>(grad_out, "grad_out", gate_up, width);
     T* grad_rows = dense_like<T>(grad_gate_up, "grad_gate_up", gate_up);
     py::gil_scoped_release release;
